@@ -1,0 +1,1 @@
+"""Model-preserving compression of torch networks with the interpolative decomposition."""
