@@ -2,7 +2,14 @@
 
 from sklearn.exceptions import NotFittedError
 
-__all__ = ["NotFittedError", "NotPrunableError"]
+__all__ = ["InvalidParameterError", "NotFittedError", "NotPrunableError"]
+
+
+class InvalidParameterError(ValueError, TypeError):
+    """A constructor parameter has a wrong type or value (checked when ``fit`` starts).
+
+    Subclasses both ValueError and TypeError, like scikit-learn's own, so either catches it.
+    """
 
 
 class NotPrunableError(ValueError):

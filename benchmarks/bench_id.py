@@ -1,0 +1,142 @@
+"""Speed and accuracy of skid's ID against SciPy and LAPACK, peers measured in the same run.
+
+For activation-like matrices ``relu(G @ W) + noise`` (n × m, k = m/4) prints, per dtype:
+time (median of rounds), relative Frobenius error, time ratio to SciPy's deterministic ID,
+the achieved rate n·m²/time in GFLOP/s and the time ratio to a same-run ``XᵀX`` (the n·m² floor
+every exact ID pays to read X once). Then peak memory of ``partial_fit`` against n.
+
+    python benchmarks/bench_id.py            # 20,000×256 and 100,000×512
+    python benchmarks/bench_id.py --quick    # 20,000×256 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+import scipy.linalg
+import scipy.linalg.interpolative as sli
+
+from skid import InterpolativeDecomposition
+
+
+def activation_like(n, m, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, m // 4), dtype=np.float32)
+    X = np.maximum(latent @ rng.standard_normal((m // 4, m), dtype=np.float32), 0)
+    X += 0.05 * rng.standard_normal((n, m), dtype=np.float32)
+    return X.astype(dtype)
+
+
+def rel_error(X, selected, T):
+    X64 = X.astype(np.float64, copy=False)
+    return float(np.linalg.norm(X64 - X64[:, selected] @ T) / np.linalg.norm(X64))
+
+
+def skid_runner(method):
+    def run(X, k):
+        est = InterpolativeDecomposition(rank=k, method=method, random_state=0).fit(X)
+        return est.selected_features_, np.asarray(est.interpolation_matrix_, dtype=np.float64)
+
+    return run
+
+
+def scipy_runner(rand):
+    def run(X, k):
+        idx, proj = sli.interp_decomp(np.asfortranarray(X, dtype=np.float64), k, rand=rand)
+        T = np.hstack([np.eye(k), proj])[:, np.argsort(idx)]
+        return idx[:k], T
+
+    return run
+
+
+def geqp3_runner(X, k):
+    R, piv = scipy.linalg.qr(X, mode="r", pivoting=True, check_finite=False)
+    T = np.zeros((k, X.shape[1]))
+    T[:, piv] = np.hstack(
+        [np.eye(k), scipy.linalg.solve_triangular(R[:k, :k], R[:k, k:])]
+    )
+    return piv[:k], T
+
+
+def timed(fn, X, k, rounds):
+    times, result = [], None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        result = fn(X, k)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def gemm_floor(X, rounds):
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        X.T @ X
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_shape(n, m, dtype, rounds, scipy_rounds):
+    X = activation_like(n, m, dtype)
+    k = m // 4
+    floor = gemm_floor(X, rounds)
+    runners = {f"skid {method}": (skid_runner(method), rounds)
+               for method in ("auto", "gram", "qr", "randomized")}
+    runners["LAPACK geqp3 on X"] = (geqp3_runner, max(1, scipy_rounds))
+    runners["scipy ID rand=True"] = (scipy_runner(True), scipy_rounds)
+    runners["scipy ID rand=False"] = (scipy_runner(False), scipy_rounds)
+    rows = {}
+    for name, (fn, r) in runners.items():
+        seconds, (selected, T) = timed(fn, X, k, r)
+        rows[name] = (seconds, rel_error(X, selected, T))
+    scipy_time = rows["scipy ID rand=False"][0]
+    flops = n * m * m
+    print(f"\n{n}×{m} {np.dtype(dtype).name}, k={k}; XᵀX floor {floor * 1e3:.1f} ms "
+          f"({flops / floor / 1e9:.1f} GFLOP/s)")
+    print(f"{'method':22s} {'time s':>9s} {'rel. error':>11s} {'× faster than SciPy':>20s} "
+          f"{'GFLOP/s':>8s} {'÷ floor':>8s}")
+    for name, (seconds, err) in rows.items():
+        print(f"{name:22s} {seconds:9.3f} {err:11.5f} {scipy_time / seconds:20.1f} "
+              f"{flops / seconds / 1e9:8.1f} {seconds / floor:8.2f}")
+
+
+def partial_fit_memory(m=256, block=2000, sizes=(20_000, 80_000, 320_000)):
+    print(f"\npartial_fit peak Python-heap memory, m={m}, blocks of {block} rows (float32)")
+    print(f"{'n_samples':>10s} {'peak MiB':>9s}")
+    X_block = activation_like(block, m, np.float32)
+    for n in sizes:
+        est = InterpolativeDecomposition(tol=1e-2)
+        tracemalloc.start()
+        for _ in range(n // block):
+            est.partial_fit(X_block)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"{n:10d} {peak / 2**20:9.1f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the 20,000×256 shape")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds for the fast methods")
+    parser.add_argument("--scipy-rounds", type=int, default=1, help="rounds for SciPy/geqp3")
+    args = parser.parse_args()
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [(i["internal_api"], i["num_threads"]) for i in threadpool_info()]
+        print("BLAS:", blas)
+    except ImportError:
+        pass
+    shapes = [(20_000, 256)] if args.quick else [(20_000, 256), (100_000, 512)]
+    for n, m in shapes:
+        for dtype in (np.float32, np.float64):
+            bench_shape(n, m, dtype, args.rounds, args.scipy_rounds)
+    partial_fit_memory()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The only module that knows NumPy from CuPy from torch: kinds, devices, dtypes, host copies.
+
+Arrays are handled in their own library and on their own device; only small (m × m) results
+travel to the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def array_kind(X) -> str:
+    """``"torch"``, ``"cupy"`` or ``"numpy"`` (anything else is treated as NumPy-convertible)."""
+    module = type(X).__module__
+    if module.startswith("torch"):
+        return "torch"
+    if module.startswith("cupy"):
+        return "cupy"
+    return "numpy"
+
+
+def is_gpu(X) -> bool:
+    """True for CuPy arrays and CUDA torch tensors."""
+    kind = array_kind(X)
+    return kind == "cupy" or (kind == "torch" and X.is_cuda)
+
+
+def to_numpy(A) -> np.ndarray:
+    """A host NumPy copy (or view, for CPU arrays) of ``A``."""
+    kind = array_kind(A)
+    if kind == "torch":
+        return A.detach().cpu().numpy()
+    if kind == "cupy":
+        return A.get()
+    return np.asarray(A)
+
+
+def dtype_name(X) -> str:
+    """The dtype as a NumPy-style name ("float32", "int64", ...), for any kind."""
+    return str(X.dtype).removeprefix("torch.")
+
+
+def from_numpy(A: np.ndarray, like, dtype: str | None = None):
+    """``A`` as an array of the same kind and device as ``like`` (dtype name optional)."""
+    kind = array_kind(like)
+    dtype = dtype or str(A.dtype)
+    if kind == "torch":
+        import torch
+
+        return torch.as_tensor(np.ascontiguousarray(A)).to(like.device, getattr(torch, dtype))
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            return cupy.asarray(A, dtype=dtype)
+    return np.asarray(A, dtype=dtype)
+
+
+def float_dtype_for(X) -> str:
+    """The floating dtype skid computes in for ``X``: float32 stays float32, the rest float64."""
+    return "float32" if dtype_name(X) in ("float32", "float16", "bfloat16") else "float64"
+
+
+def astype(X, dtype: str):
+    """``X`` cast to the dtype name, in its own library (no copy when it already is)."""
+    if array_kind(X) == "torch":
+        import torch
+
+        return X.to(getattr(torch, dtype))
+    return X.astype(dtype, copy=False)
+
+
+def all_finite(X) -> bool:
+    """True when no entry of ``X`` is NaN or infinite (evaluated on the array's device)."""
+    kind = array_kind(X)
+    if kind == "torch":
+        import torch
+
+        return bool(torch.isfinite(X).all())
+    if kind == "cupy":
+        import cupy
+
+        return bool(cupy.isfinite(X).all())
+    return bool(np.isfinite(X).all())
+
+
+def vstack(blocks, like):
+    """Row-stack blocks of the same kind as ``like``."""
+    if array_kind(like) == "torch":
+        import torch
+
+        return torch.cat(blocks, dim=0)
+    if array_kind(like) == "cupy":
+        import cupy
+
+        return cupy.vstack(blocks)
+    return np.vstack(blocks)
+
+
+def qr_r(A):
+    """The R factor of a QR factorization of ``A`` (n × m), in A's library and dtype."""
+    kind = array_kind(A)
+    if kind == "torch":
+        import torch
+
+        return torch.linalg.qr(A, mode="r")[1]
+    if kind == "cupy":
+        import cupy
+
+        return cupy.linalg.qr(A, mode="r")
+    import scipy.linalg
+
+    return scipy.linalg.qr(A, mode="r", overwrite_a=True, check_finite=False)[0]
+
+
+def zeros(shape, like, dtype: str):
+    """A zero array of the kind and device of ``like``."""
+    kind = array_kind(like)
+    if kind == "torch":
+        import torch
+
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.zeros(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def frob_norm(X) -> float:
+    """Frobenius norm as a Python float (computed in float64 on the array's device)."""
+    if array_kind(X) == "torch":
+        import torch
+
+        return float(torch.linalg.vector_norm(X.to(torch.float64)))
+    xp = _xp(X)
+    return float(xp.linalg.norm(X.astype("float64", copy=False).ravel()))
+
+
+def _xp(X):
+    if array_kind(X) == "cupy":
+        import cupy
+
+        return cupy
+    return np

@@ -1,0 +1,107 @@
+"""A small declarative parameter checker (sklearn's own is private API) and input checks.
+
+Constraints are a dict ``{param_name: [constraint, ...]}``; a value is valid when it meets any
+constraint of its list. A constraint is ``None`` (the value may be None), a type (or tuple of
+types), an :class:`Interval`, an :class:`Options` or a callable returning bool (give it a
+``description`` attribute for the message).
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .exceptions import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Numbers of ``kind`` (``numbers.Integral`` or ``numbers.Real``) in a range."""
+
+    kind: type
+    left: float | None
+    right: float | None
+    closed: str = "both"  # "both", "left", "right", "neither"
+
+    def __call__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, self.kind):
+            return False
+        if self.kind is numbers.Real and isinstance(value, numbers.Integral) is False:
+            if not np.isfinite(value):
+                return False
+        left_ok = self.left is None or (
+            value >= self.left if self.closed in ("both", "left") else value > self.left
+        )
+        right_ok = self.right is None or (
+            value <= self.right if self.closed in ("both", "right") else value < self.right
+        )
+        return left_ok and right_ok
+
+    @property
+    def description(self) -> str:
+        kind = "an int" if self.kind is numbers.Integral else "a float"
+        lo = "-inf" if self.left is None else repr(self.left)
+        hi = "inf" if self.right is None else repr(self.right)
+        lb = "[" if self.closed in ("both", "left") and self.left is not None else "("
+        rb = "]" if self.closed in ("both", "right") and self.right is not None else ")"
+        return f"{kind} in the range {lb}{lo}, {hi}{rb}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of values (strings, usually)."""
+
+    values: tuple
+
+    def __call__(self, value) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    @property
+    def description(self) -> str:
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+
+def _describe(constraint) -> str:
+    if constraint is None:
+        return "None"
+    if isinstance(constraint, type):
+        return f"an instance of {constraint.__name__}"
+    if isinstance(constraint, tuple):
+        return "an instance of " + " or ".join(t.__name__ for t in constraint)
+    return getattr(constraint, "description", getattr(constraint, "__name__", str(constraint)))
+
+
+def _meets(value, constraint) -> bool:
+    if constraint is None:
+        return value is None
+    if isinstance(constraint, (type, tuple)):
+        return isinstance(value, constraint)
+    return bool(constraint(value))
+
+
+def check_params(params: dict, constraints: dict, owner: str) -> None:
+    """Raise InvalidParameterError (a ValueError and TypeError) naming every parameter that meets none of its constraints.
+
+    >>> check_params({"rank": 0}, {"rank": [Interval(numbers.Integral, 1, None)]}, "ID")
+    Traceback (most recent call last):
+    ...
+    skid.exceptions.InvalidParameterError: ID: the 'rank' parameter must be an int in the range [1, inf); got 0.
+    """
+    errors = []
+    for name, allowed in constraints.items():
+        value = params.get(name)
+        if any(_meets(value, c) for c in allowed):
+            continue
+        wanted = " or ".join(_describe(c) for c in allowed)
+        errors.append(f"the {name!r} parameter must be {wanted}; got {value!r}")
+    if errors:
+        raise InvalidParameterError(f"{owner}: " + "; ".join(errors) + ".")
+
+
+def suggest(name: str, choices) -> str:
+    """A 'did you mean ...?' hint for a misspelled name, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,263 @@
+"""InterpolativeDecomposition and interp_decomp: properties, streaming, dtypes, bad input."""
+
+import numpy as np
+import pytest
+import scipy.linalg.interpolative as sli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skid import InterpolativeDecomposition, InvalidParameterError, interp_decomp
+
+
+def low_rank(n, m, r, seed=0, noise=0.0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, r)) @ rng.standard_normal((r, m))
+    return (X + noise * rng.standard_normal((n, m))).astype(dtype)
+
+
+def measured_error(X, est):
+    X = np.asarray(X, dtype=np.float64)
+    T = np.asarray(est.interpolation_matrix_, dtype=np.float64)
+    return np.linalg.norm(X - X[:, est.selected_features_] @ T) / np.linalg.norm(X)
+
+
+matrices = st.tuples(st.integers(2, 60), st.integers(1, 15), st.integers(0, 10_000))
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=matrices, method=st.sampled_from(["gram", "qr"]), frac=st.floats(0.05, 0.95))
+def test_interpolation_is_identity_on_selected_and_error_is_measured(shape, method, frac):
+    n, m, seed = shape
+    X = np.random.default_rng(seed).standard_normal((n, m))
+    est = InterpolativeDecomposition(rank=frac, method=method).fit(X)
+    T = est.interpolation_matrix_
+    np.testing.assert_allclose(T[:, est.selected_features_], np.eye(est.rank_), atol=1e-12)
+    assert est.error_ == pytest.approx(measured_error(X, est), rel=1e-5, abs=1e-7)
+
+
+@settings(max_examples=20, deadline=None)
+@given(r=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_exact_low_rank_is_recovered_to_rounding(r, seed):
+    X = low_rank(80, 20, r, seed=seed)
+    est = InterpolativeDecomposition(rank=r).fit(X)
+    assert est.rank_ == r
+    assert measured_error(X, est) < 1e-10
+    assert InterpolativeDecomposition().fit(X).rank_ == r
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    cuts=st.lists(st.integers(1, 119), min_size=0, max_size=6),
+    method=st.sampled_from(["auto", "gram", "qr"]),
+)
+def test_partial_fit_over_random_blocks_equals_fit(seed, cuts, method):
+    X = low_rank(120, 10, 10, seed=seed, noise=0.0)
+    whole = InterpolativeDecomposition(rank=6, method=method).fit(X)
+    streamed = InterpolativeDecomposition(rank=6, method=method)
+    for block in np.split(X, sorted(set(cuts))):
+        streamed.partial_fit(block)
+    assert streamed.n_samples_seen_ == 120
+    assert np.array_equal(whole.selected_features_, streamed.selected_features_)
+    np.testing.assert_allclose(
+        whole.interpolation_matrix_, streamed.interpolation_matrix_, atol=1e-8
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=matrices, tol=st.floats(1e-3, 0.9))
+def test_tol_gives_the_smallest_rank_meeting_it(shape, tol):
+    n, m, seed = shape
+    X = np.random.default_rng(seed).standard_normal((n, m))
+    est = InterpolativeDecomposition(tol=tol).fit(X)
+    assert measured_error(X, est) <= tol * (1 + 1e-9)
+    if est.rank_ > 1:
+        smaller = InterpolativeDecomposition(rank=est.rank_ - 1, method="qr").fit(X)
+        assert smaller.error_ > tol
+
+
+def test_same_random_state_same_result():
+    X = low_rank(3000, 1024, 1024, seed=1)
+    a = InterpolativeDecomposition(rank=64, random_state=3).fit(X)
+    b = InterpolativeDecomposition(rank=64, random_state=3).fit(X)
+    assert a.method_ == "randomized"
+    assert np.array_equal(a.selected_features_, b.selected_features_)
+    np.testing.assert_array_equal(a.interpolation_matrix_, b.interpolation_matrix_)
+
+
+@pytest.mark.parametrize("method", ["gram", "qr", "randomized"])
+def test_error_not_worse_than_scipy_deterministic_id(method):
+    rng = np.random.default_rng(0)
+    X = np.maximum(rng.standard_normal((2000, 32)) @ rng.standard_normal((32, 96)), 0)
+    X += 0.01 * rng.standard_normal(X.shape)
+    k = 24
+    idx, proj = sli.interp_decomp(X.copy(order="F"), k, rand=False)
+    P = np.hstack([np.eye(k), proj])[:, np.argsort(idx)]
+    scipy_error = np.linalg.norm(X - X[:, idx[:k]] @ P) / np.linalg.norm(X)
+    ours = InterpolativeDecomposition(rank=k, method=method, random_state=0).fit(X)
+    slack = 1.15 if method == "randomized" else 1 + 1e-8
+    assert ours.error_ <= scipy_error * slack
+
+
+def test_auto_rule_table():
+    X64 = low_rank(400, 40, 40, seed=0)
+    X32 = X64.astype(np.float32)
+    wide = low_rank(2000, 1024, 50, seed=0, noise=1e-2)
+    cases = [
+        (X64, dict(tol=1e-2), "gram"),
+        (X64, dict(tol=1e-6), "qr"),
+        (X64, dict(), "qr"),
+        (X32, dict(), "gram"),
+        (X64, dict(rank=10), "gram"),
+        (wide, dict(rank=100), "randomized"),
+        (wide, dict(rank=300), "gram"),
+    ]
+    for X, params, expected in cases:
+        assert InterpolativeDecomposition(**params).fit(X).method_ == expected, params
+
+
+def test_auto_escalates_to_qr_when_gram_cannot_resolve_the_error():
+    X = low_rank(300, 30, 5, seed=2)
+    est = InterpolativeDecomposition(rank=5).fit(X)
+    assert est.method_ == "qr"
+    assert measured_error(X, est) < 1e-12
+
+
+def test_float32_stays_float32_and_is_accurate():
+    X = low_rank(500, 30, 30, seed=3, dtype=np.float32)
+    est = InterpolativeDecomposition(rank=10).fit(X)
+    assert est.interpolation_matrix_.dtype == np.float32
+    assert est.transform(X).dtype == np.float32
+    assert est.inverse_transform(est.transform(X)).dtype == np.float32
+    ref = InterpolativeDecomposition(rank=10).fit(X.astype(np.float64))
+    assert np.array_equal(est.selected_features_, ref.selected_features_)
+    assert est.error_ == pytest.approx(ref.error_, rel=1e-4)
+
+
+def test_integer_and_float16_data_are_documented_upcasts():
+    Xi = np.arange(60).reshape(12, 5) % 7
+    est = InterpolativeDecomposition(rank=2).fit(Xi)
+    assert est.interpolation_matrix_.dtype == np.float64
+    est16 = InterpolativeDecomposition(rank=2).fit(Xi.astype(np.float16))
+    assert est16.interpolation_matrix_.dtype == np.float64
+
+
+def test_inputs_are_never_modified():
+    X = low_rank(100, 10, 10, seed=4)
+    X_copy = X.copy()
+    est = InterpolativeDecomposition(rank=4).fit(X)
+    est.partial_fit(X)
+    Xk = est.transform(X)
+    Xk_copy = Xk.copy()
+    est.inverse_transform(Xk)
+    est.score(X)
+    np.testing.assert_array_equal(X, X_copy)
+    np.testing.assert_array_equal(Xk, Xk_copy)
+
+
+def test_transform_inverse_and_support_agree():
+    X = low_rank(50, 8, 3, seed=5, noise=1e-3)
+    est = InterpolativeDecomposition(rank=3).fit(X)
+    np.testing.assert_array_equal(est.transform(X), X[:, est.get_support(indices=True)])
+    assert est.get_support().sum() == 3
+    assert np.array_equal(np.flatnonzero(est.get_support()), np.sort(est.selected_features_))
+    assert list(est.get_feature_names_out()) == [f"x{i}" for i in est.selected_features_]
+    expected_score = 1 - measured_error(X, est)
+    assert est.score(X) == pytest.approx(expected_score, rel=1e-9)
+
+
+def test_dataframe_names_and_set_output():
+    pd = pytest.importorskip("pandas")
+    X = low_rank(40, 5, 2, seed=6)
+    df = pd.DataFrame(X, columns=list("abcde"))
+    est = InterpolativeDecomposition(rank=2).set_output(transform="pandas").fit(df)
+    out = est.transform(df)
+    assert list(out.columns) == list(np.array(list("abcde"))[est.selected_features_])
+    assert list(est.feature_names_in_) == list("abcde")
+
+
+def test_torch_cpu_tensor_stays_a_tensor():
+    torch = pytest.importorskip("torch")
+    X = torch.as_tensor(low_rank(60, 9, 3, seed=7, dtype=np.float32))
+    est = InterpolativeDecomposition(rank=3).fit(X)
+    assert isinstance(est.interpolation_matrix_, torch.Tensor)
+    assert est.interpolation_matrix_.dtype == torch.float32
+    Xk = est.transform(X)
+    assert isinstance(Xk, torch.Tensor) and Xk.shape == (60, 3)
+    assert float(torch.linalg.norm(est.inverse_transform(Xk) - X) / torch.linalg.norm(X)) < 1e-4
+
+
+def test_zero_matrix_keeps_one_column_with_zero_error():
+    est = InterpolativeDecomposition().fit(np.zeros((6, 4)))
+    assert est.rank_ == 1 and est.error_ == 0.0
+    assert est.score(np.zeros((6, 4))) == 1.0
+
+
+def test_fewer_samples_than_features():
+    X = low_rank(5, 20, 5, seed=8)
+    est = InterpolativeDecomposition().fit(X)
+    assert est.rank_ == 5
+    assert measured_error(X, est) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "params, X, match",
+    [
+        (dict(rank=3, tol=0.1), np.ones((4, 4)), "not both"),
+        (dict(rank=10), np.ones((4, 6)), r"rank=10 exceeds min\(n_samples, n_features\)"),
+        (dict(rank=0), np.ones((4, 4)), "'rank' parameter"),
+        (dict(rank=1.5), np.ones((4, 4)), "'rank' parameter"),
+        (dict(tol=1.0), np.ones((4, 4)), "'tol' parameter"),
+        (dict(method="svd"), np.ones((4, 4)), "'method' parameter must be one of"),
+        (dict(), np.array([[1.0, np.nan], [2.0, 3.0]]), "NaN"),
+        (dict(), np.array([[1.0, np.inf], [2.0, 3.0]]), "infinity"),
+        (dict(), np.ones(5), "2D array"),
+        (dict(), np.ones((0, 3)), "0 sample"),
+        (dict(), np.ones((3, 2)) * 1j, "[Cc]omplex"),
+    ],
+)
+def test_bad_input_raises_clearly(params, X, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        InterpolativeDecomposition(**params).fit(X)
+
+
+def test_invalid_parameter_error_is_value_and_type_error():
+    with pytest.raises(InvalidParameterError):
+        InterpolativeDecomposition(rank="ten").fit(np.ones((3, 3)))
+    assert issubclass(InvalidParameterError, ValueError)
+    assert issubclass(InvalidParameterError, TypeError)
+
+
+def test_partial_fit_with_changed_width_raises():
+    est = InterpolativeDecomposition(rank=2).partial_fit(np.ones((5, 4)))
+    with pytest.raises(ValueError, match="X has 3 features"):
+        est.partial_fit(np.ones((5, 3)))
+
+
+def test_partial_fit_randomized_raises():
+    with pytest.raises(ValueError, match="cannot stream"):
+        InterpolativeDecomposition(rank=2, method="randomized").partial_fit(np.ones((5, 4)))
+
+
+def test_inverse_transform_checks_width():
+    est = InterpolativeDecomposition(rank=2).fit(low_rank(10, 5, 5))
+    with pytest.raises(ValueError, match=r"shape \(n_samples, 2\)"):
+        est.inverse_transform(np.ones((3, 5)))
+
+
+def test_interp_decomp_function_matches_estimator():
+    X = low_rank(70, 12, 12, seed=9)
+    selected, T = interp_decomp(X, 5)
+    est = InterpolativeDecomposition(rank=5).fit(X)
+    assert np.array_equal(selected, est.selected_features_)
+    np.testing.assert_allclose(T, est.interpolation_matrix_)
+
+
+def test_cupy_backend_without_cupy_says_how_to_install():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="skid\\[cupy\\]"):
+            InterpolativeDecomposition(rank=1, backend="cupy").fit(np.ones((3, 3)))
+    else:
+        pytest.skip("CuPy is installed")
