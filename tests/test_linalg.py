@@ -137,3 +137,11 @@ def test_rank_for_tol_is_the_smallest_rank_meeting_tol(n, m, tol, seed):
     k = fac.rank_for_tol(tol)
     assert fac.errors[k] <= tol
     assert k == 1 or fac.errors[k - 1] > tol
+
+
+def test_native_precision_gram_sums_float32_products_in_float64():
+    X = low_rank(10_000, 32, 32, seed=8).astype(np.float32)
+    exact = X.astype(np.float64).T @ X.astype(np.float64)
+    native = _linalg.GramAccumulator("native").update(X).gram
+    assert native.dtype == np.float64
+    np.testing.assert_allclose(native, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
