@@ -1,0 +1,500 @@
+"""Find the prunable units of a torch model by following one forward pass.
+
+Offers :func:`find_units`, which records the executed dataflow graph of one forward pass on
+a small example batch (:mod:`skid.nn._trace`) and follows the output channels of every
+``Linear``/``Conv`` layer: it returns the :class:`~skid.nn._plan.Unit` records (producer →
+per-channel ops → consumer) in forward order, and a :class:`~skid.nn._plan.Skipped` record
+with the reason for every other candidate. An op skid does not know is never assumed to
+preserve channels; it stops the unit and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .._validation import suggest
+from ._plan import Skipped, Unit
+from ._trace import (
+    CONCAT_OPS,
+    ELEMENTWISE_OPS,
+    NORM_OPS,
+    REDUCE_OPS,
+    RESHAPE_OPS,
+    TRANSPOSE_OPS,
+    Graph,
+    Node,
+    module_kind,
+    pool_dims,
+    record,
+)
+
+__all__ = ["find_units"]
+
+# ----------------------------------------------------------------------------------------
+# Following the channels of one producer.
+
+@dataclass(frozen=True)
+class _Channels:
+    """Where the producer's channels are: value, axis, and channel-major positions per channel."""
+
+    value: int
+    axis: int
+    width: int
+    positions: int = 1
+
+
+class _Blocked(Exception):
+    """The channels cannot be followed to a consumer; the message says why."""
+
+
+def _follow(graph: Graph, node: Node) -> Unit:
+    """Follow a producer's output to its consumer; raise _Blocked with the reason otherwise."""
+    module = graph.modules[node.module]
+    width = module.out_features if node.kind == "linear" else module.out_channels
+    out = node.outputs[0]
+    ndim = len(graph.values[out].shape)
+    if node.kind == "conv" and ndim != _conv_dims(module) + 2:
+        raise _Blocked("unbatched convolution input is not supported")
+    state = _Channels(out, ndim - 1 if node.kind == "linear" else 1, width)
+    passthroughs = []
+    while True:
+        exit_value, user = _elementwise_region(graph, state)
+        state = dataclasses.replace(state, value=exit_value)
+        result = _step(graph, state, graph.nodes[user])
+        if isinstance(result, Unit):
+            return dataclasses.replace(result, producer=node.module, width=width,
+                                       passthroughs=tuple(passthroughs))
+        state, passthrough = result
+        if passthrough is not None:
+            passthroughs.append(passthrough)
+
+
+def _conv_dims(conv: nn.Module) -> int:
+    return len(conv.kernel_size)
+
+
+def _elementwise_region(graph: Graph, state: _Channels) -> tuple[int, int]:
+    """Absorb the elementwise ops after ``state.value``; return its single exit (value, user).
+
+    The region is every value computed from the channels by elementwise ops whose other
+    operands do not vary along the channel axis (``0.5 * x * (1 + tanh(x))`` is one region).
+    Exactly one op outside the region may use it; none of its values may be a model output.
+    """
+    region, absorbed = {state.value}, set()
+    changed = True
+    while changed:
+        changed = False
+        for value in list(region):
+            for user in graph.values[value].users:
+                if user not in absorbed and _is_elementwise(graph, graph.nodes[user], region,
+                                                            state):
+                    absorbed.add(user)
+                    region.update(graph.nodes[user].outputs)
+                    changed = True
+    if region & graph.outputs:
+        raise _Blocked("its channels reach the model output")
+    exits = [(v, u) for v in sorted(region) for u in graph.values[v].users if u not in absorbed]
+    if not exits:
+        raise _Blocked("its output is never used")
+    if len(exits) > 1:
+        users = ", ".join(graph.nodes[u].describe() for _, u in exits)
+        raise _Blocked(f"its channels are used by {len(exits)} operations ({users})")
+    return exits[0]
+
+
+def _is_elementwise(graph: Graph, node: Node, region: set, state: _Channels) -> bool:
+    """Whether ``node`` acts on each element of the channels alone (region-internal op)."""
+    if node.kind == "function":
+        known = node.name in ELEMENTWISE_OPS
+    else:
+        known = node.kind == "elementwise" or (
+            node.kind == "prelu" and _prelu_parameters(graph, node) == 1)
+    if not known or len(node.outputs) != 1:
+        return False
+    shape = graph.values[state.value].shape
+    if graph.values[node.outputs[0]].shape != shape:
+        return False
+    return all(v in region or _constant_along_channels(graph.values[v].shape, shape, state.axis)
+               for v in node.inputs)
+
+
+def _prelu_parameters(graph: Graph, node: Node) -> int:
+    return graph.modules[node.module].num_parameters
+
+
+def _constant_along_channels(other: tuple, shape: tuple, axis: int) -> bool:
+    """Whether a tensor of shape ``other`` broadcast against ``shape`` is constant per channel."""
+    if len(other) > len(shape):
+        return False
+    offset = axis - (len(shape) - len(other))  # the channel axis in ``other``, right-aligned
+    return offset < 0 or other[offset] == 1
+
+
+def _step(graph: Graph, state: _Channels, node: Node):
+    """One op after the elementwise region: a Unit, or (new state, passthrough name or None)."""
+    if node.kind == "function":
+        return _step_function(graph, state, node), None
+    if node.first != state.value or node.inputs.count(state.value) != 1:
+        raise _Blocked(f"its channels are a secondary input of {node.describe()}")
+    module = graph.modules[node.module]
+    out_state = dataclasses.replace(state, value=node.outputs[0]) if node.outputs else None
+    ndim = len(graph.values[state.value].shape)
+    if node.kind == "linear":
+        return _linear_consumer(module, node, state, ndim)
+    if node.kind == "conv":
+        return _conv_step(module, node, state, ndim, out_state)
+    if node.kind in ("norm", "prelu"):
+        return _per_channel_module(module, node, state, ndim, out_state)
+    if node.kind == "pool":
+        _check_pool(graph, node, state, pool_dims(type(module).__name__))
+        return out_state, None
+    if node.kind == "reshape":
+        return _reshape(graph, state, node), None
+    raise _Blocked(f"its channels enter {node.describe()}, which mixes channels")
+
+
+def _linear_consumer(module: nn.Linear, node: Node, state: _Channels, ndim: int) -> Unit:
+    if state.axis != ndim - 1:
+        raise _Blocked(f"{node.describe()} does not act on the channel axis")
+    if module.in_features != state.width * state.positions:
+        raise _Blocked(
+            f"{node.describe()} has in_features={module.in_features}, not "
+            f"{state.width} channels x {state.positions} positions")
+    return Unit(producer="", consumer=node.module, width=state.width, positions=state.positions)
+
+
+def _conv_step(module: nn.Module, node: Node, state: _Channels, ndim: int, out_state):
+    """A conv after the channels: the consumer (groups == 1) or a depthwise passthrough."""
+    if state.positions != 1 or state.axis != 1 or ndim != _conv_dims(module) + 2:
+        raise _Blocked(f"its channels do not reach {node.describe()} on its channel axis")
+    if module.in_channels != state.width:
+        raise _Blocked(f"{node.describe()} expects {module.in_channels} input channels")
+    if module.groups == 1:
+        return Unit(producer="", consumer=node.module, width=state.width)
+    if module.groups == module.in_channels == module.out_channels:
+        return out_state, node.module
+    raise _Blocked(
+        f"its channels enter the grouped convolution {node.module!r} (groups={module.groups}, "
+        f"out_channels={module.out_channels}), which mixes channels within each group")
+
+
+def _per_channel_module(module: nn.Module, node: Node, state: _Channels, ndim: int,
+                        out_state):
+    """BatchNorm/InstanceNorm/PReLU with one parameter set per channel: a passthrough."""
+    size = module.num_parameters if node.kind == "prelu" else module.num_features
+    batched = True  # BatchNorm checks its input rank itself
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # (C, L) input: unbatched
+        batched = ndim == module._get_no_batch_dim() + 1
+    if state.positions != 1 or state.axis != 1 or not batched or size != state.width:
+        raise _Blocked(f"{node.describe()} does not act on its channels one by one")
+    return out_state, node.module
+
+
+def _check_pool(graph: Graph, node: Node, state: _Channels, dims: int) -> None:
+    """A pooling op keeps the channels when it pools only trailing spatial axes."""
+    shape = graph.values[state.value].shape
+    if len(node.outputs) != 1 or state.positions != 1 or dims == 0:
+        raise _Blocked(f"its channels enter {node.describe()}, which skid cannot follow")
+    if state.axis >= len(shape) - dims:
+        raise _Blocked(f"{node.describe()} pools over the channel axis")
+    if graph.values[node.outputs[0]].shape[state.axis] != state.width:
+        raise _Blocked(f"{node.describe()} changes the number of channels")
+
+
+def _step_function(graph: Graph, state: _Channels, node: Node) -> _Channels:
+    """Follow the channels through a functional op, or raise _Blocked saying why not."""
+    name = node.name
+    others = [v for v in node.inputs if v != state.value]
+    if name in CONCAT_OPS:
+        raise _Blocked(f"its channels are concatenated with other tensors (`{name}`)")
+    if others and name in ELEMENTWISE_OPS:
+        raise _Blocked(f"its channels enter `{name}` with another tensor that varies along the "
+                       "channels (a residual connection or a gate)")
+    if name in NORM_OPS:
+        raise _Blocked(f"its channels enter `{name}`, a normalization that mixes values along "
+                       "an axis (channels are not followed through it)")
+    if others or node.first != state.value:
+        raise _Blocked(f"its channels enter `{name}` together with another tensor")
+    if name in RESHAPE_OPS:
+        return _reshape(graph, state, node)
+    if name in TRANSPOSE_OPS:
+        return _transpose(graph, state, node)
+    if name in REDUCE_OPS:
+        return _reduce(graph, state, node)
+    if pool_dims(name):
+        _check_pool(graph, node, state, pool_dims(name))
+        return dataclasses.replace(state, value=node.outputs[0])
+    raise _Blocked(f"its channels enter `{name}`, which skid does not know to preserve "
+                   "channels")
+
+
+def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
+    """Follow the channels through a row-major reshape (view, flatten, squeeze ...).
+
+    The channel axis (length ``width * positions``) either stays one axis, or is merged with
+    all the axes after it into the last axis, channel-major (a flatten before a Linear), or a
+    flattened axis is split back into channels and positions (an unflatten).
+    """
+    shape_in = graph.values[state.value].shape
+    shape_out = graph.values[node.outputs[0]].shape
+    length = state.width * state.positions
+    before, after = math.prod(shape_in[:state.axis]), math.prod(shape_in[state.axis + 1:])
+    running = 1
+    for axis, size in enumerate(shape_out):
+        if running == before:
+            rest = math.prod(shape_out[axis + 1:])
+            if size == length and rest == after:
+                return _Channels(node.outputs[0], axis, state.width, state.positions)
+            if size == state.width and rest == state.positions * after:  # unflatten
+                return _Channels(node.outputs[0], axis, state.width)
+            if size == length * after and axis == len(shape_out) - 1:
+                return _Channels(node.outputs[0], axis, state.width, state.positions * after)
+        running *= size
+    raise _Blocked(f"{node.describe()} reshapes {tuple(shape_in)} to {tuple(shape_out)}, which "
+                   f"is not a channel-major flatten of the channel axis {state.axis}")
+
+
+def _transpose(graph: Graph, state: _Channels, node: Node) -> _Channels:
+    """Follow the channel axis through transpose/permute/movedim."""
+    ndim = len(graph.values[state.value].shape)
+    order = _axis_order(node, ndim)
+    return dataclasses.replace(state, value=node.outputs[0], axis=order.index(state.axis))
+
+
+def _axis_order(node: Node, ndim: int) -> list[int]:
+    """For each output axis, the input axis it comes from."""
+    params = list(node.args[1:]) + list(node.kwargs.values())
+    if node.name == "t":
+        params = [0, 1] if ndim == 2 else [0, 0]
+    if node.name == "permute":
+        dims = params[0] if len(params) == 1 and isinstance(params[0], (list, tuple)) else params
+        return [d % ndim for d in dims]
+    order = list(range(ndim))
+    if node.name == "movedim":
+        src, dst = (_as_list(p, ndim) for p in params[:2])
+        rest = [d for d in order if d not in src]
+        result = [None] * ndim
+        for s, d in zip(src, dst, strict=True):
+            result[d] = s
+        filler = iter(rest)
+        return [r if r is not None else next(filler) for r in result]
+    a, b = (int(p) % ndim for p in params[:2])
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _as_list(dims, ndim: int) -> list[int]:
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [int(d) % ndim for d in dims]
+
+
+def _reduce(graph: Graph, state: _Channels, node: Node) -> _Channels:
+    """Follow the channels through mean/sum/amax over other axes (global pooling)."""
+    shape = graph.values[state.value].shape
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        raise _Blocked(f"`{node.name}` reduces over every axis, the channels included")
+    dims = _as_list(dim, len(shape))
+    if state.axis in dims or state.positions != 1:
+        raise _Blocked(f"`{node.name}` reduces over the channel axis")
+    axis = state.axis if keepdim else state.axis - sum(d < state.axis for d in dims)
+    return dataclasses.replace(state, value=node.outputs[0], axis=axis)
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point.
+
+def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="auto",
+               exclude=()) -> tuple[list[Unit], list[Skipped]]:
+    """Find the prunable units of ``model`` by following one forward pass.
+
+    A unit is a producer (``nn.Linear`` or ``nn.Conv{1,2,3}d`` with ``groups=1``) whose
+    output channels reach exactly one consuming ``Linear``/``Conv`` (``groups=1``), possibly
+    through a channel-major flatten into a ``Linear``, only through per-channel operations:
+    BatchNorm/InstanceNorm, elementwise activations, dropout, pooling and reductions over other
+    axes, reshapes and transposes that keep the channel axis, PReLU and depthwise
+    convolutions. Every intermediate tensor must have no other user.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; it is run once in eval mode under ``no_grad`` and its training flags are
+        restored afterwards. Its parameters are not modified.
+    example_args : torch.Tensor or tuple or list
+        Positional inputs of one small batch (a couple of samples is enough); a tensor is
+        the single positional input, a tuple or list holds all of them.
+    example_kwargs : dict, default=None
+        Keyword inputs of the same batch (e.g. ``input_ids``, ``attention_mask``).
+    layers : "auto" or list of str or (str, str), default="auto"
+        Restrict the result to these producers, or ``(producer, consumer)`` pairs.
+    exclude : iterable of str, default=()
+        Modules never to prune: a unit is dropped if its producer, its consumer or one of
+        its passthroughs is named here or lies inside a named module.
+
+    Returns
+    -------
+    units : list of Unit
+        Prunable units in forward order.
+    skipped : list of Skipped
+        Every other ``Linear``/``Conv`` producer candidate, with the reason.
+
+    Raises
+    ------
+    ValueError
+        If a name in ``layers``/``exclude`` is not a module of ``model`` (with a did-you-mean
+        hint), if a producer in ``layers`` is not a ``Linear``/``Conv`` module, or if the
+        forward pass fails on the example input.
+    """
+    modules = dict(model.named_modules())
+    wanted = _check_layers(layers, modules)
+    excluded = _check_names(exclude, modules, "exclude")
+    args = example_args if isinstance(example_args, (tuple, list)) else (example_args,)
+    graph = record(model, tuple(args), dict(example_kwargs or {}))
+    units, skipped = _restrict(*_all_units(graph, model), wanted, excluded)
+    first_call = {}
+    for index, node in enumerate(graph.nodes):
+        first_call.setdefault(node.module, index)
+    skipped.sort(key=lambda s: first_call.get(s.producer, len(graph.nodes)))  # forward order
+    return units, skipped
+
+
+def _all_units(graph: Graph, model: nn.Module):
+    """Units and skip records for every Linear/Conv producer candidate, in forward order."""
+    units, skipped, seen = [], [], set()
+    shared = _shared_parameter_owners(model)
+    used_directly = _parameters_used_by_ops(graph)
+    for node in graph.nodes:
+        if node.kind not in ("linear", "conv") or node.module in seen:
+            continue
+        seen.add(node.module)
+        if not _is_candidate(graph.modules[node.module]):
+            continue
+        try:
+            unit = _follow(graph, node)
+            _check_single_use(graph, unit, shared, used_directly)
+            units.append(unit)
+        except _Blocked as reason:
+            skipped.append(Skipped(node.module, str(reason)))
+        except Exception as error:  # unknown means blocked, even for an op skid misreads
+            skipped.append(Skipped(node.module, f"skid could not follow its channels ({error})"))
+    for name, module in graph.modules.items():
+        if _is_candidate(module) and name not in seen:
+            skipped.append(Skipped(name, "it is not called in the forward pass"))
+    return units, skipped
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    kind = module_kind(module)
+    return kind == "linear" or (kind == "conv" and module.groups == 1)
+
+
+def _check_single_use(graph: Graph, unit: Unit, shared: dict, used_directly: set) -> None:
+    """Every module of the unit runs once and owns its weights alone."""
+    for name in (unit.producer, *unit.passthroughs, unit.consumer):
+        role = "it" if name == unit.producer else repr(name)
+        calls = graph.calls.get(name, 0)
+        if calls != 1:
+            raise _Blocked(f"{role} is called {calls} times (shared weights)")
+        if name in shared:
+            raise _Blocked(f"{role} shares parameters with {shared[name]!r}")
+        if name in used_directly:
+            raise _Blocked(f"{role} has parameters that other operations use directly")
+
+
+def _shared_parameter_owners(model: nn.Module) -> dict[str, str]:
+    """Module name -> another module holding one of its parameters (tied weights)."""
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    shared = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            other, owner = owners.setdefault(id(param), (name, module))
+            if owner is not module:  # one module under two names is not sharing
+                shared[name] = other
+                shared.setdefault(other, name)
+    return shared
+
+
+def _parameters_used_by_ops(graph: Graph) -> set[str]:
+    """Names of modules whose parameters feed a recorded op (e.g. ``F.linear(x, m.weight)``)."""
+    used = {id(t) for value_id, t in graph.source_tensors() if graph.values[value_id].users}
+    return {name for name, module in graph.modules.items()
+            if any(id(p) in used for p in module.parameters(recurse=False))}
+
+
+def _check_names(names, modules: dict, what: str) -> set[str]:
+    """Validate module names; raise ValueError with a did-you-mean hint for unknown ones."""
+    if names is None:
+        return set()
+    if isinstance(names, str):
+        names = [names]
+    checked = set()
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{what} must hold module names (str); got {name!r}")
+        if name not in modules:
+            raise ValueError(f"{what}: the model has no module {name!r}"
+                             f"{suggest(name, [n for n in modules if n])}")
+        checked.add(name)
+    return checked
+
+
+def _check_layers(layers, modules: dict):
+    """None for "auto", else (producer names, (producer, consumer) pairs)."""
+    if layers is None or (isinstance(layers, str) and layers == "auto"):
+        return None
+    if isinstance(layers, str):
+        layers = [layers]
+    producers, pairs = set(), set()
+    for entry in layers:
+        if isinstance(entry, (tuple, list)) and len(entry) == 2:
+            _check_names(list(entry), modules, "layers")
+            pairs.add(tuple(entry))
+        elif isinstance(entry, str):
+            producers |= _check_names([entry], modules, "layers")
+        else:
+            raise TypeError("layers must be 'auto' or a list of module names or "
+                            f"(producer, consumer) pairs; got {entry!r}")
+    for name in producers | {p for p, _ in pairs}:
+        if not _is_candidate(modules[name]):
+            raise ValueError(f"layers: {name!r} is a {type(modules[name]).__name__}, not a "
+                             "Linear or Conv (groups=1) module that can produce channels")
+    return producers, pairs
+
+
+def _restrict(units, skipped, wanted, excluded):
+    """Apply ``layers`` and ``exclude`` to the units found."""
+    kept = []
+    for unit in units:
+        reason = _exclusion(unit, excluded) or _not_wanted(unit, wanted)
+        if reason:
+            skipped.append(Skipped(unit.producer, reason))
+        else:
+            kept.append(unit)
+    return kept, skipped
+
+
+def _exclusion(unit: Unit, excluded: set) -> str | None:
+    """Why the unit is excluded (one of its modules is in, or inside, ``exclude``), or None."""
+    for name in (unit.producer, *unit.passthroughs, unit.consumer):
+        if name in excluded:
+            return f"excluded: {name!r} is in `exclude`"
+        inside = [e for e in excluded if e == "" or name.startswith(e + ".")]
+        if inside:
+            return f"excluded: {name!r} is inside {inside[0]!r}, which is in `exclude`"
+    return None
+
+
+def _not_wanted(unit: Unit, wanted) -> str | None:
+    if wanted is None:
+        return None
+    producers, pairs = wanted
+    if unit.producer in producers or (unit.producer, unit.consumer) in pairs:
+        return None
+    if any(p == unit.producer for p, _ in pairs):
+        return f"its channels feed {unit.consumer!r}, not the consumer named in `layers`"
+    return "not listed in `layers`"

@@ -1,0 +1,357 @@
+"""Channel surgery: slice producers and per-channel ops, fold the interpolation into consumers.
+
+Offers one registry of small, stateless entries, one per layer kind, looked up along
+``type(module).__mro__``, and the verbs the ID needs:
+
+- :func:`slice_out` — keep some output channels of a producer (``Linear``, ``Conv``);
+- :func:`slice_channels` — keep the same channels of a per-channel op in between
+  (``BatchNorm``, ``InstanceNorm``, depthwise ``Conv``, ``PReLU``);
+- :func:`fold_in` — fold ``T`` into a consumer's input channels, ``W ← W Tᵀ`` (``Linear``,
+  ``Conv`` of any kernel size; for flatten → ``Linear`` the weight is viewed as
+  ``(out, channels, positions)`` and contracted over the channel axis — no Kronecker product);
+- :func:`as_samples` — view a consumer's input as the ``(rows, channels)`` matrix ``Z`` of
+  the ID ``Z ≈ Z[:, keep] @ T``;
+- :func:`apply_selection` — apply one :class:`~skid.nn._plan.Selection` to a model by name.
+
+Every verb updates the module's metadata (``out_features``, ``in_channels``,
+``num_features``, ``groups`` ...) together with its tensors, and builds the new tensors with
+the weight's dtype and device. A new layer kind is one decorated class::
+
+    @register_surgery(MyLinear)
+    class _MyLinearSurgery:
+        def slice_out(self, module, keep): ...
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._plan import Selection
+
+__all__ = [
+    "apply_selection",
+    "as_samples",
+    "fold_in",
+    "register_surgery",
+    "slice_channels",
+    "slice_out",
+    "surgery_for",
+]
+
+_REGISTRY: dict[type, object] = {}
+_VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples")
+_WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
+
+
+def register_surgery(*types: type):
+    """Class decorator: register one stateless instance of the class for these module types.
+
+    The class implements any of the verbs ``slice_out(module, keep)``,
+    ``slice_channels(module, keep)``, ``fold_in(module, T, positions)`` and
+    ``as_samples(module, x, positions)``; the verbs it has are the roles the kind can play.
+    Producers and passthroughs also give ``out_width(module)`` (None: any width), consumers
+    ``in_width(module, positions)``, so a plan is checked before anything changes.
+    """
+    def decorate(cls):
+        if not any(callable(getattr(cls, verb, None)) for verb in _VERBS):
+            raise TypeError(f"{cls.__name__} implements none of the verbs {_VERBS}")
+        entry = cls()
+        for module_type in types:
+            _REGISTRY[module_type] = entry
+        return cls
+    return decorate
+
+
+def surgery_for(module: nn.Module, verb: str | None = None):
+    """The registry entry for ``module`` (nearest registered class in its MRO).
+
+    Raises TypeError when no entry exists or the entry lacks ``verb``.
+    """
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            entry = _REGISTRY[cls]
+            if verb is not None and not callable(getattr(entry, verb, None)):
+                raise TypeError(f"{type(module).__name__} does not support `{verb}`; it can "
+                                f"do: {', '.join(v for v in _VERBS if hasattr(entry, v))}")
+            return entry
+    raise TypeError(f"skid has no surgery for {type(module).__name__}; supported kinds: "
+                    f"{', '.join(sorted(t.__name__ for t in _REGISTRY))}")
+
+
+def slice_out(module: nn.Module, keep) -> None:
+    """Keep the output channels ``keep`` of a producer, in place."""
+    surgery_for(module, "slice_out").slice_out(module, _index(keep, module))
+
+
+def slice_channels(module: nn.Module, keep) -> None:
+    """Keep the channels ``keep`` of a per-channel op (BatchNorm, depthwise conv ...)."""
+    surgery_for(module, "slice_channels").slice_channels(module, _index(keep, module))
+
+
+def fold_in(module: nn.Module, T, positions: int = 1) -> None:
+    """Make a consumer take the kept channels: ``W ← W Tᵀ`` over its input-channel axis.
+
+    Parameters
+    ----------
+    module : nn.Linear or nn.Conv{1,2,3}d (groups=1)
+        The consumer, changed in place; ``in_features``/``in_channels`` becomes ``k``.
+    T : array-like of shape (k, m)
+        Interpolation matrix (NumPy or torch, any float dtype, any device): the consumer's
+        input channels ``z`` (m,) are replaced by ``T.T @ z[keep]``. The contraction runs in
+        float64 on the weight's device and is cast back to the weight's dtype.
+    positions : int, default=1
+        For a Linear after a channel-major flatten: positions per channel. The weight is
+        viewed as ``(out, m, positions)`` and contracted over ``m`` (no Kronecker product).
+    """
+    surgery_for(module, "fold_in").fold_in(module, T, positions)
+
+
+def as_samples(module: nn.Module, x: torch.Tensor, positions: int = 1) -> torch.Tensor:
+    """View a consumer's input as the matrix ``Z`` of the ID ``Z ≈ Z[:, keep] @ T``.
+
+    Parameters
+    ----------
+    module : nn.Linear or nn.Conv{1,2,3}d (groups=1)
+        The consumer.
+    x : torch.Tensor
+        Its input: ``(..., in_features)`` for a Linear, ``(N, C, *spatial)`` for a conv.
+    positions : int, default=1
+        Positions per channel of a flattened Linear input (``in_features = m · positions``).
+
+    Returns
+    -------
+    Z : torch.Tensor of shape (rows, m)
+        One row per sample and position (leading axes, then spatial positions or flattened
+        positions, in row-major order), one column per channel; same dtype and device as
+        ``x``, a view where the layout allows.
+    """
+    return surgery_for(module, "as_samples").as_samples(module, x, positions)
+
+
+# ----------------------------------------------------------------------------------------
+# Tensor helpers
+
+def _index(keep, module: nn.Module) -> torch.Tensor:
+    """``keep`` as a 1-D int64 tensor on the module's device."""
+    keep = torch.as_tensor(np.asarray(keep) if not torch.is_tensor(keep) else keep)
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    return keep.to(device=device, dtype=torch.int64).reshape(-1)
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a parameter (keeping ``requires_grad``) or a buffer of ``module``."""
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, value)
+
+
+def _take(module: nn.Module, names, keep: torch.Tensor, dim: int = 0) -> None:
+    """Keep the entries ``keep`` along ``dim`` of every named tensor that is not None."""
+    for name in names:
+        tensor = getattr(module, name, None)
+        if tensor is not None:
+            _set_tensor(module, name, tensor.detach().index_select(dim, keep).contiguous())
+
+
+def _interpolation(T, weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``T`` as a float64 tensor on the weight's device; check it has ``m`` columns."""
+    T = torch.as_tensor(np.asarray(T) if not torch.is_tensor(T) else T)
+    T = T.detach().to(device=weight.device, dtype=torch.float64)
+    if T.ndim != 2 or T.shape[1] != m:
+        raise ValueError(f"T must have shape (k, {m}); got {tuple(T.shape)}")
+    return T
+
+
+def _check_positions(in_features: int, positions: int) -> int:
+    """Channels of a flattened input: ``in_features / positions``, which must be exact."""
+    if positions < 1 or in_features % positions:
+        raise ValueError(f"in_features={in_features} is not a multiple of "
+                         f"positions={positions}")
+    return in_features // positions
+
+
+# ----------------------------------------------------------------------------------------
+# Registry entries
+
+@register_surgery(nn.Linear)
+class _LinearSurgery:
+    """Producer (rows of W and b) and consumer (columns of W, flattened or not)."""
+
+    def out_width(self, module: nn.Linear):
+        return module.out_features
+
+    def in_width(self, module: nn.Linear, positions=1):
+        return _check_positions(module.in_features, positions)
+
+    def slice_out(self, module: nn.Linear, keep):
+        _take(module, ("weight", "bias"), keep)
+        module.out_features = len(keep)
+
+    def fold_in(self, module: nn.Linear, T, positions=1):
+        weight = module.weight.detach()
+        m = _check_positions(module.in_features, positions)
+        T = _interpolation(T, weight, m)
+        w = weight.to(torch.float64).reshape(module.out_features, m, positions)
+        folded = torch.einsum("omp,km->okp", w, T).reshape(module.out_features, -1)
+        _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
+        module.in_features = folded.shape[1]
+
+    def as_samples(self, module: nn.Linear, x, positions=1):
+        m = _check_positions(module.in_features, positions)
+        if positions == 1:
+            return x.reshape(-1, m)
+        return x.reshape(-1, m, positions).transpose(1, 2).reshape(-1, m)
+
+
+@register_surgery(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class _ConvSurgery:
+    """Producer and consumer when ``groups == 1``; depthwise (one filter per channel):
+    a per-channel passthrough."""
+
+    def out_width(self, module):
+        return module.out_channels
+
+    def in_width(self, module, positions=1):
+        return module.in_channels
+
+    def slice_out(self, module, keep):
+        _require_groups(module, dense=True, verb="slice_out")
+        _take(module, ("weight", "bias"), keep)
+        module.out_channels = len(keep)
+
+    def slice_channels(self, module, keep):
+        _require_groups(module, dense=False, verb="slice_channels")
+        _take(module, ("weight", "bias"), keep)
+        module.in_channels = module.out_channels = module.groups = len(keep)
+
+    def fold_in(self, module, T, positions=1):
+        _require_groups(module, dense=True, verb="fold_in")
+        if positions != 1:
+            raise ValueError(f"a convolution consumer takes positions=1; got {positions}")
+        weight = module.weight.detach()
+        T = _interpolation(T, weight, module.in_channels)
+        folded = torch.einsum("om...,km->ok...", weight.to(torch.float64), T)
+        _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
+        module.in_channels = folded.shape[1]
+
+    def as_samples(self, module, x, positions=1):
+        _require_groups(module, dense=True, verb="as_samples")
+        channel_axis = x.ndim - len(module.kernel_size) - 1  # 0 for unbatched input
+        return x.movedim(channel_axis, -1).reshape(-1, module.in_channels)
+
+
+def _require_groups(conv: nn.Module, dense: bool, verb: str) -> None:
+    """Dense verbs need ``groups == 1``; slice_channels needs a depthwise conv."""
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    if (conv.groups == 1) if dense else depthwise:
+        return
+    wanted = "groups=1" if dense else "groups == in_channels == out_channels (depthwise)"
+    raise TypeError(f"`{verb}` needs a convolution with {wanted}; got groups={conv.groups}, "
+                    f"in_channels={conv.in_channels}, out_channels={conv.out_channels}")
+
+
+@register_surgery(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class _ChannelNormSurgery:
+    """Per-channel affine parameters and running statistics."""
+
+    def out_width(self, module):
+        return module.num_features
+
+    def slice_channels(self, module, keep):
+        _take(module, ("weight", "bias", "running_mean", "running_var"), keep)
+        module.num_features = len(keep)
+
+
+@register_surgery(nn.PReLU)
+class _PReLUSurgery:
+    """One slope per channel (``num_parameters > 1``); a shared slope needs no slicing."""
+
+    def out_width(self, module):
+        return module.num_parameters if module.num_parameters > 1 else None
+
+    def slice_channels(self, module, keep):
+        if module.num_parameters > 1:
+            _take(module, ("weight",), keep)
+            module.num_parameters = len(keep)
+
+
+# ----------------------------------------------------------------------------------------
+# Applying a plan
+
+def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
+    """Apply one unit's selection to ``model`` in place, looking modules up by name.
+
+    The producer keeps the output channels ``selection.keep``, every passthrough keeps the
+    same channels, and ``selection.interpolation`` is folded into the consumer. Kept channels
+    stay in their original order (``keep`` is sorted and the rows of ``T`` permuted to
+    match). Everything is checked before any module is changed.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to change (the compressor passes its own deep copy).
+    selection : Selection
+        ``keep`` of shape (k,) in pivot order, ``interpolation`` of shape (k, unit.width).
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The same object, narrower.
+
+    Raises
+    ------
+    TypeError
+        If a module of the unit has no surgery for its role.
+    ValueError
+        If ``keep``/``interpolation`` do not fit the unit or the modules' widths.
+    """
+    unit = selection.unit
+    keep, T = _sorted_selection(selection)
+    producer = _module(model, unit.producer, "slice_out", unit)
+    passthroughs = [_module(model, name, "slice_channels", unit) for name in unit.passthroughs]
+    consumer = _module(model, unit.consumer, "fold_in", unit)
+    slice_out(producer, keep)
+    for module in passthroughs:
+        slice_channels(module, keep)
+    fold_in(consumer, T, unit.positions)
+    return model
+
+
+def _sorted_selection(selection: Selection) -> tuple[np.ndarray, torch.Tensor]:
+    """Validated ``keep`` (ascending) and ``T`` with its rows permuted to match."""
+    width = selection.unit.width
+    keep = np.asarray(selection.keep.cpu() if torch.is_tensor(selection.keep)
+                      else selection.keep).reshape(-1)
+    if keep.size == 0 or not np.issubdtype(keep.dtype, np.integer):
+        raise ValueError(f"keep must be a non-empty array of channel indices; got {keep!r}")
+    if keep.min() < 0 or keep.max() >= width or np.unique(keep).size != keep.size:
+        raise ValueError(f"keep must hold distinct channel indices in [0, {width}); got {keep}")
+    T = selection.interpolation
+    T = T.detach().cpu() if torch.is_tensor(T) else torch.as_tensor(np.asarray(T))
+    if tuple(T.shape) != (keep.size, width):
+        raise ValueError(f"interpolation must have shape ({keep.size}, {width}) for "
+                         f"{keep.size} kept channels; got {tuple(T.shape)}")
+    order = np.argsort(keep, kind="stable")
+    return keep[order], T[torch.as_tensor(order)]
+
+
+def _module(model: nn.Module, name: str, verb: str, unit) -> nn.Module:
+    """``model.get_submodule(name)``, checked to support ``verb`` on ``unit.width`` channels."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as error:
+        raise ValueError(f"the model has no module {name!r}") from error
+    entry = surgery_for(module, verb)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        _require_groups(module, dense=verb != "slice_channels", verb=verb)
+    getter = getattr(entry, _WIDTH_OF[verb])
+    width = getter(module, unit.positions) if verb == "fold_in" else getter(module)
+    if width is not None and width != unit.width:
+        raise ValueError(f"{name!r} ({type(module).__name__}) has {width} channels where the "
+                         f"unit has {unit.width}; was the plan made for another model?")
+    return module
