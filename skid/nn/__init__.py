@@ -1,1 +1,5 @@
 """Model-preserving compression of torch networks with the interpolative decomposition."""
+
+from ._compressor import NetworkCompressor
+
+__all__ = ["NetworkCompressor"]

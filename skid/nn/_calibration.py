@@ -1,0 +1,438 @@
+"""Calibration: stream batches through a model and accumulate every unit's ID statistics.
+
+One forward pass per batch, with a forward pre-hook on each unit's consumer: the consumer's
+input, viewed as (rows, channels) by :func:`skid.nn._surgery.as_samples`, goes into that unit's
+streaming accumulator (``XᵀX`` or a TSQR factor, on the model's device). Memory depends on the
+widths, never on the amount of calibration data. The factorizations that come out are small
+host NumPy objects, which :class:`StatisticsCache` stores with ``joblib.Memory`` under a key made
+of the model's weights, the data and the settings — never of object identities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from collections.abc import Iterable, Mapping
+
+import joblib
+import numpy as np
+import torch
+from torch import nn
+
+from .._linalg import GramAccumulator, QRAccumulator
+from ._surgery import as_samples
+
+__all__ = [
+    "Batches",
+    "StatisticsCache",
+    "calibration_passes",
+    "example_inputs",
+    "model_device_dtype",
+    "model_fingerprint",
+    "run_model",
+    "to_inputs",
+    "unit_statistics",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+_passes = 0  # calibration forward passes (one per batch) run in this process
+
+
+def calibration_passes() -> int:
+    """Number of calibration forward passes (batches through a hooked model) so far."""
+    return _passes
+
+
+# --------------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """The calibration data as a re-iterable sequence of raw batches.
+
+    Parameters
+    ----------
+    X : tensor, ndarray, dict of those, or iterable of batches
+        A tensor or array (n_samples, ...) or a dict of them (e.g. tokenized text) is cut into
+        ``batch_size`` chunks along the first axis; any other iterable yields batches as they
+        are. A one-shot iterator (a generator) is read once; with ``reusable=True`` its batches
+        are kept so that it can be read again (several passes, or hashing for the cache).
+    batch_size : int
+    reusable : bool, default=False
+    """
+
+    def __init__(self, X, batch_size: int, *, reusable: bool = False):
+        self.batch_size = batch_size
+        self._sliceable = _is_array(X) or isinstance(X, Mapping)
+        if self._sliceable:
+            self.n_samples = _check_sliceable(X)
+            self._source = X
+            self.first = _slice(X, 0, batch_size)
+            self.n_batches = -(-self.n_samples // batch_size)
+            return
+        if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
+            raise TypeError(
+                "X must be a torch tensor, a NumPy array, a dict of those, or an iterable of "
+                f"batches (e.g. a DataLoader); got {type(X).__name__}."
+            )
+        iterator = iter(X)
+        one_shot = iterator is X
+        try:
+            self.first = next(iterator)
+        except StopIteration:
+            raise ValueError("X is empty: it yielded no calibration batch.") from None
+        if one_shot:
+            rest = list(iterator) if reusable else iterator
+            self._source = [self.first, *rest] if reusable else itertools.chain([self.first], rest)
+            self._spent = False
+        else:
+            self._source = X
+        self._one_shot = one_shot and not reusable
+        self.n_batches = len(X) if hasattr(X, "__len__") and not one_shot else None
+        if isinstance(self._source, list):
+            self.n_batches = len(self._source)
+
+    def __iter__(self):
+        if self._sliceable:
+            for start in range(0, self.n_samples, self.batch_size):
+                yield _slice(self._source, start, self.batch_size)
+            return
+        if self._one_shot:
+            if self._spent:
+                raise RuntimeError("This one-shot iterator of batches was already consumed.")
+            self._spent = True
+        yield from self._source
+
+    def fingerprint(self) -> str:
+        """A hash of every batch's content (the inputs only: labels do not change statistics)."""
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(f"batch_size={self.batch_size}".encode())
+        for batch in self:
+            _hash_value(digest, _inputs_of(batch))
+        return digest.hexdigest()
+
+
+def _is_array(X) -> bool:
+    """A torch tensor or a NumPy array."""
+    return isinstance(X, (torch.Tensor, np.ndarray))
+
+
+def _check_sliceable(X) -> int:
+    """Number of samples of an array or a dict of arrays (at least 2-D, not empty)."""
+    arrays = [X] if _is_array(X) else [v for v in X.values() if _is_array(v)]
+    if not arrays:
+        raise ValueError("X is a dict without any tensor or array value.")
+    for array in arrays:
+        if array.ndim < 2:
+            raise ValueError(
+                f"X must have shape (n_samples, ...) with at least 2 dimensions; got an array of "
+                f"shape {tuple(array.shape)}. Reshape a single sample with x[None]."
+            )
+    n_samples = {int(a.shape[0]) for a in arrays}
+    if len(n_samples) > 1:
+        raise ValueError(
+            f"The arrays of X have different numbers of samples: {sorted(n_samples)}."
+        )
+    if n_samples == {0}:
+        raise ValueError("X is empty: it has 0 samples.")
+    return n_samples.pop()
+
+
+def _slice(X, start: int, size: int):
+    """Rows ``start:start+size`` of an array, or of every array value of a dict."""
+    if _is_array(X):
+        return X[start : start + size]
+    return {k: v[start : start + size] if _is_array(v) else v for k, v in X.items()}
+
+
+def _inputs_of(batch):
+    """The part of a raw batch the model sees: ``batch[0]`` of an (inputs, labels) pair."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("A calibration batch is an empty tuple/list.")
+        return batch[0]
+    return batch
+
+
+def _hash_value(digest, value) -> None:
+    """Feed a tensor, array, dict, sequence or scalar into a hash, structure included."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"A{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            digest.update(f"K{key!r}".encode())
+            _hash_value(digest, value[key])
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"S{len(value)}".encode())
+        for item in value:
+            _hash_value(digest, item)
+    else:
+        digest.update(f"V{value!r}".encode())
+
+
+# ----------------------------------------------------------------------------- model inputs
+
+
+def model_device_dtype(model: nn.Module):
+    """The device and floating dtype of a model's first parameter (or buffer)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    device = None
+    for tensor in tensors:
+        device = device or tensor.device
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return device or torch.device("cpu"), torch.get_default_dtype()
+
+
+def to_inputs(batch, device, dtype):
+    """``(args, kwargs)`` for ``model(batch)``, ``model(**batch)`` or ``model(batch[0])``.
+
+    Tensors and arrays go to ``device``; floating ones take the model's ``dtype``, integer ones
+    (token ids) stay integer.
+    """
+    if isinstance(batch, Mapping):
+        return (), {k: _to_tensor(v, device, dtype) for k, v in batch.items()}
+    if _is_array(batch):
+        return (_to_tensor(batch, device, dtype),), {}
+    if isinstance(batch, (tuple, list)):
+        return to_inputs(_inputs_of(batch), device, dtype)
+    raise TypeError(
+        "A calibration batch must be a tensor, an array, a dict (passed as model(**batch)) or "
+        f"a tuple/list whose first item is the input; got {type(batch).__name__}."
+    )
+
+
+def _to_tensor(value, device, dtype):
+    """A tensor on ``device``; floating values cast to ``dtype``; non-arrays unchanged."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise TypeError("A calibration batch holds a NumPy array of dtype object.")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device=device)
+
+
+def example_inputs(batch, device, dtype, n_samples: int = 2):
+    """The first ``n_samples`` samples of a batch as ``(args, kwargs)``, for the graph walk."""
+    args, kwargs = to_inputs(batch, device, dtype)
+    size = batch_size_of(args, kwargs)
+
+    def head(value):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size:
+            return value[:n_samples]
+        return value
+
+    return tuple(head(a) for a in args), {k: head(v) for k, v in kwargs.items()}
+
+
+def batch_size_of(args, kwargs) -> int:
+    """The first dimension of the first tensor among the model's inputs."""
+    for value in itertools.chain(args, kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+    raise ValueError("The calibration batch holds no tensor with a batch dimension.")
+
+
+def run_model(model: nn.Module, args, kwargs, what: str = "calibration batch"):
+    """``model(*args, **kwargs)``, with the model's own failure reworded to point at X."""
+    try:
+        return model(*args, **kwargs)
+    except _StopForward:
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"the model could not run on the {what} {_describe(args, kwargs)}; "
+            f"check that X is batched like the model's input: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _describe(args, kwargs) -> str:
+    """Shapes and dtypes of the model inputs, for error messages."""
+
+    def one(value):
+        if isinstance(value, torch.Tensor):
+            return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+        return type(value).__name__
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+class _StopForward(BaseException):
+    """Raised by the last hook of a batch: the rest of the forward pass is not needed.
+
+    A BaseException so that a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+def unit_statistics(model, units, batches, *, method="gram", verbose=False):
+    """One streamed pass over ``batches``; a factorization per unit and the number of samples.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode, on the device where calibration runs; not modified (hooks are removed).
+    units : list of Unit
+    batches : Batches
+    method : {"gram", "qr"}
+        ``XᵀX`` + pivoted Cholesky (one GEMM per batch), or TSQR (accurate to rounding).
+    verbose : bool
+        Show a tqdm progress bar over the batches.
+
+    Returns
+    -------
+    factorizations : list of PivotedFactorization, one per unit
+    n_samples : int
+    """
+    global _passes
+    device, dtype = model_device_dtype(model)
+    modules = dict(model.named_modules())
+    accumulators = [GramAccumulator() if method == "gram" else QRAccumulator() for _ in units]
+    state = _HookState(len({u.consumer for u in units}))
+    handles = []
+    n_samples = 0
+    try:
+        for unit, acc in zip(units, accumulators, strict=True):
+            hook = _accumulating_hook(unit, acc, state)
+            handles.append(modules[unit.consumer].register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for batch in _progress(batches, verbose):
+                args, kwargs = to_inputs(batch, device, dtype)
+                n_samples += batch_size_of(args, kwargs)
+                state.start(kwargs.get("attention_mask"))
+                _passes += 1
+                try:
+                    run_model(model, args, kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [_factorize(u, acc) for u, acc in zip(units, accumulators, strict=True)], n_samples
+
+
+class _HookState:
+    """Per-batch state shared by the hooks: the padding mask and which consumers have run."""
+
+    def __init__(self, n_consumers: int):
+        self.n_consumers = n_consumers
+        self.mask = None
+        self.seen = set()
+
+    def start(self, mask) -> None:
+        """Reset for a new batch; keep a (batch, sequence) attention mask if there is one."""
+        is_mask = isinstance(mask, torch.Tensor) and mask.ndim == 2
+        self.mask = mask.bool() if is_mask else None
+        self.seen = set()
+
+
+def _accumulating_hook(unit, accumulator, state: _HookState):
+    """A forward pre-hook that feeds the consumer's input rows into ``accumulator``."""
+
+    def hook(module, args):
+        x = _drop_padding(module, args[0], state.mask)
+        rows = as_samples(module, x, unit.positions)
+        if rows.dtype in _HALF:
+            rows = rows.float()  # statistics of half-precision models in float32 or better
+        accumulator.update(rows)
+        state.seen.add(unit.consumer)
+        if len(state.seen) == state.n_consumers:
+            raise _StopForward  # every consumer has been seen: the rest is not needed
+
+    return hook
+
+
+def _drop_padding(module, x, mask):
+    """Rows of a (batch, sequence, channels) Linear input where the attention mask is 1."""
+    if (
+        mask is not None
+        and isinstance(module, nn.Linear)
+        and x.ndim == 3
+        and tuple(x.shape[:2]) == tuple(mask.shape)
+    ):
+        return x[mask.to(x.device)]
+    return x
+
+
+def _factorize(unit, accumulator):
+    """The accumulator's factorization, with errors that name the unit."""
+    if accumulator.n_features is None:
+        raise ValueError(
+            f"No calibration data reached {unit.consumer!r} (the consumer of "
+            f"{unit.producer!r}): the forward pass never called it."
+        )
+    try:
+        return accumulator.factorize()
+    except ValueError as exc:
+        raise ValueError(
+            f"The activations entering {unit.consumer!r} (the output channels of "
+            f"{unit.producer!r}) hold NaN or infinite values; check the model and X "
+            f"for non-finite values ({exc})"
+        ) from exc
+
+
+def _progress(batches, verbose: bool):
+    """Batches, wrapped in a tqdm bar when verbose."""
+    if not verbose:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=batches.n_batches, desc="calibration", unit="batch")
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of a model's architecture (``repr``) and of every tensor of its ``state_dict``."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(repr(model).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        _hash_value(digest, tensor)
+    return digest.hexdigest()
+
+
+def fingerprint(*parts) -> str:
+    """A hash of strings, arrays and nested sequences of them."""
+    digest = hashlib.blake2b(digest_size=20)
+    _hash_value(digest, list(parts))
+    return digest.hexdigest()
+
+
+class StatisticsCache:
+    """Unit statistics, computed by :func:`unit_statistics` or read back from ``memory``.
+
+    Parameters
+    ----------
+    memory : None, str, path-like or joblib.Memory
+        Where to cache; None computes every time.
+    """
+
+    def __init__(self, memory):
+        if isinstance(memory, (str, os.PathLike)):
+            memory = joblib.Memory(os.fspath(memory), verbose=0)
+        self.memory = memory
+
+    def get(self, key: str, model, units, batches, *, method, verbose):
+        """Statistics of ``units`` on ``model``; ``key`` must identify model, data and settings."""
+        if self.memory is None:
+            return unit_statistics(model, units, batches, method=method, verbose=verbose)
+        cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
+        return cached(key, units, method, model=model, batches=batches, verbose=verbose)
+
+
+def _keyed_statistics(key, units, method, *, model, batches, verbose):
+    """:func:`unit_statistics` with a content key as the cache's argument (joblib hashes it)."""
+    return unit_statistics(model, list(units), batches, method=method, verbose=verbose)
