@@ -276,7 +276,7 @@ class _StopForward(BaseException):
     """
 
 
-def unit_statistics(model, units, batches, *, method="gram", verbose=False):
+def unit_statistics(model, units, batches, *, method="gram", precision="float64", verbose=False):
     """One streamed pass over ``batches``; a factorization per unit and the number of samples.
 
     Parameters
@@ -287,6 +287,8 @@ def unit_statistics(model, units, batches, *, method="gram", verbose=False):
     batches : Batches
     method : {"gram", "qr"}
         ``XᵀX`` + pivoted Cholesky (one GEMM per batch), or TSQR (accurate to rounding).
+    precision : {"float64", "native"}
+        Products of the Gram route (see :class:`skid._linalg.GramAccumulator`).
     verbose : bool
         Show a tqdm progress bar over the batches.
 
@@ -298,7 +300,9 @@ def unit_statistics(model, units, batches, *, method="gram", verbose=False):
     global _passes
     device, dtype = model_device_dtype(model)
     modules = dict(model.named_modules())
-    accumulators = [GramAccumulator() if method == "gram" else QRAccumulator() for _ in units]
+    accumulators = [
+        GramAccumulator(precision) if method == "gram" else QRAccumulator() for _ in units
+    ]
     state = _HookState(len({u.consumer for u in units}))
     handles = []
     n_samples = 0
@@ -425,14 +429,17 @@ class StatisticsCache:
             memory = joblib.Memory(os.fspath(memory), verbose=0)
         self.memory = memory
 
-    def get(self, key: str, model, units, batches, *, method, verbose):
+    def get(self, key: str, model, units, batches, *, method, precision, verbose):
         """Statistics of ``units`` on ``model``; ``key`` must identify model, data and settings."""
+        settings = dict(method=method, precision=precision, verbose=verbose)
         if self.memory is None:
-            return unit_statistics(model, units, batches, method=method, verbose=verbose)
+            return unit_statistics(model, units, batches, **settings)
         cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
-        return cached(key, units, method, model=model, batches=batches, verbose=verbose)
+        return cached(key, units, method, precision, model=model, batches=batches, verbose=verbose)
 
 
-def _keyed_statistics(key, units, method, *, model, batches, verbose):
+def _keyed_statistics(key, units, method, precision, *, model, batches, verbose):
     """:func:`unit_statistics` with a content key as the cache's argument (joblib hashes it)."""
-    return unit_statistics(model, list(units), batches, method=method, verbose=verbose)
+    return unit_statistics(
+        model, list(units), batches, method=method, precision=precision, verbose=verbose
+    )

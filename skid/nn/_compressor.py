@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import metrics
-from .._linalg import GRAM_RELIABLE_ERROR
+from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
 from . import _budget
@@ -225,6 +225,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         example = example_inputs(batches.first, device, dtype)
         units = self._find_units(work, example)
         self.method_ = self._resolve_method()
+        self._gram_precision = self._resolve_precision()
         flops_before, module_flops = count_flops(work, *example)
         params_before = count_params(work)
         passes_before = calibration_passes()
@@ -285,6 +286,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         uses_tol = self.rank is None and self.target_flops is None
         return "qr" if uses_tol and self.tol < GRAM_RELIABLE_ERROR else "gram"
 
+    def _resolve_precision(self) -> str:
+        """Gram of float32 products (summed in float64) unless ``tol`` asks for finer errors.
+
+        Widths from ``rank``/``target_flops`` land where errors matter (>= 1e-3); a float64
+        model's activations are multiplied in float64 either way.
+        """
+        uses_tol = self.rank is None and self.target_flops is None
+        fine = uses_tol and self.tol < FLOAT32_GRAM_RELIABLE_ERROR
+        return "float64" if fine else "native"
+
     def _find_units(self, work, example):
         """Units of the work copy; NotPrunableError listing every skipped layer if none."""
         args, kwargs = example
@@ -307,7 +318,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _cache_key(self, model, batches: Batches, units) -> str:
         """Content key of the statistics: weights, architecture, data, units and method."""
         return fingerprint(
-            model_fingerprint(model), batches.fingerprint(), [repr(u) for u in units], self.method_
+            model_fingerprint(model),
+            batches.fingerprint(),
+            [repr(u) for u in units],
+            self.method_,
+            self._gram_precision,
         )
 
     # ----------------------------------------------------------------------------- plan
@@ -319,7 +334,13 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             self.target_flops is not None and self.calibration == "sequential"
         ):
             facs, self.n_calibration_samples_ = cache.get(
-                key, work, units, batches, method=self.method_, verbose=self.verbose
+                key,
+                work,
+                units,
+                batches,
+                method=self.method_,
+                precision=self._gram_precision,
+                verbose=self.verbose,
             )
             widths = self._widths(facs, units, flops_info)
             if self.calibration == "original":
@@ -336,7 +357,13 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         for i, unit in enumerate(units):
             step_key = None if key is None else fingerprint(key, i, _plan_content(plan))
             (fac,), self.n_calibration_samples_ = cache.get(
-                step_key, work, [unit], batches, method=self.method_, verbose=self.verbose
+                step_key,
+                work,
+                [unit],
+                batches,
+                method=self.method_,
+                precision=self._gram_precision,
+                verbose=self.verbose,
             )
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
             selection = _selection(unit, fac, k)

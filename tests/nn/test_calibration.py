@@ -264,7 +264,7 @@ def test_cache_skips_the_forward_passes_for_the_same_content(tmp_path):
     def get(m, data):
         batches = Batches(data, 8)
         key = fingerprint(model_fingerprint(m), batches.fingerprint(), [repr(u) for u in units])
-        return cache.get(key, m, units, batches, method="gram", verbose=False)
+        return cache.get(key, m, units, batches, method="gram", precision="float64", verbose=False)
 
     passes = calibration_passes()
     first, _ = get(model, X)
