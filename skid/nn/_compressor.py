@@ -77,9 +77,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``"sequential"``: units in forward order, each from the model compressed so far (one
         pass per unit; with ``target_flops`` the widths come from a first, original pass).
     method : {"auto", "gram", "qr"}, default="auto"
-        Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` in float64, then pivoted Cholesky:
-        the fastest, errors resolved down to about 1e-4), ``"qr"`` (TSQR factor: accurate to
-        the data's rounding, 2-4× the work). ``"auto"`` uses ``"qr"`` only for ``tol`` below
+        Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
+        Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
+        multiplied in float32 unless ``tol < 1e-3``), ``"qr"`` (TSQR factor: accurate to the
+        data's rounding, 2-4× the work). ``"auto"`` uses ``"qr"`` only for ``tol`` below
         1e-4.
     batch_size : int, default=256
         Rows per batch when ``X`` is a tensor or an array.
