@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FlopsModel", "widths_for_flops", "widths_for_rank", "widths_for_tol"]
+__all__ = [
+    "FlopsModel",
+    "flops_candidates",
+    "widths_for_flops",
+    "widths_for_rank",
+    "widths_for_tol",
+]
 
 
 def widths_for_tol(errors, tol: float) -> np.ndarray:
@@ -132,6 +138,20 @@ def widths_for_flops(errors, flops: FlopsModel, target: float) -> np.ndarray:
     ValueError
         If the target is below the FLOPs of keeping one channel in every unit.
     """
+    return flops_candidates(errors, flops, target)[0]
+
+
+def flops_candidates(errors, flops: FlopsModel, target: float) -> list[np.ndarray]:
+    """The greedy and the uniform allocation within budget, best sum of squared errors first.
+
+    One entry when both are the same. The caller may measure which one preserves the
+    model's outputs better (the squared-error sum is a proxy for that, not a guarantee).
+
+    Raises
+    ------
+    ValueError
+        If the target is below the FLOPs of keeping one channel in every unit.
+    """
     errors = [np.asarray(e, dtype=float) for e in errors]
     budget = target * flops.total
     smallest = flops(np.ones_like(flops.widths))
@@ -143,7 +163,11 @@ def widths_for_flops(errors, flops: FlopsModel, target: float) -> np.ndarray:
         )
     greedy = _refill(_greedy(errors, flops, budget), errors, flops, budget)
     uniform = _refill(_uniform(flops, budget), errors, flops, budget)
-    return greedy if _objective(errors, greedy) <= _objective(errors, uniform) else uniform
+    if np.array_equal(greedy, uniform):
+        return [greedy]
+    if _objective(errors, greedy) <= _objective(errors, uniform):
+        return [greedy, uniform]
+    return [uniform, greedy]
 
 
 def _objective(errors, kept) -> float:

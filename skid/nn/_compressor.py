@@ -343,7 +343,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 precision=self._gram_precision,
                 verbose=self.verbose,
             )
-            widths = self._widths(facs, units, flops_info)
+            widths = self._widths(facs, units, flops_info, work, batches)
             if self.calibration == "original":
                 plan = [_selection(u, f, k) for u, f, k in zip(units, facs, widths, strict=True)]
                 for selection in plan:
@@ -372,13 +372,21 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             plan.append(selection)
         return plan
 
-    def _widths(self, facs, units, flops_info) -> np.ndarray:
-        """Kept width per unit from ``tol``, ``rank`` or ``target_flops``."""
+    def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
+        """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.
+
+        For ``target_flops`` the greedy and the uniform allocation are both tried on the first
+        calibration batch, and the one whose outputs stay closer to the model's wins: the
+        error-per-FLOP greedy is a proxy, and must never do worse than a uniform cut.
+        """
         errors = [fac.errors for fac in facs]
         if self.target_flops is not None:
             module_flops, total = flops_info
             model = _budget.FlopsModel.from_units(units, module_flops, total)
-            return _budget.widths_for_flops(errors, model, self.target_flops)
+            candidates = _budget.flops_candidates(errors, model, self.target_flops)
+            if len(candidates) == 1:
+                return candidates[0]
+            return _most_faithful(work, units, facs, candidates, batches.first)
         if self.rank is not None:
             return _budget.widths_for_rank([u.width for u in units], self.rank)
         return _budget.widths_for_tol(errors, self.tol)
@@ -445,6 +453,23 @@ def _selection(unit, fac, k) -> Selection:
         interpolation=torch.as_tensor(T),
         error=float(fac.errors[int(k)]),
     )
+
+
+def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:
+    """The candidate widths whose compressed model's outputs on ``batch`` stay closest."""
+    device, dtype = model_device_dtype(work)
+    args, kwargs = to_inputs(batch, device, dtype)
+    with torch.no_grad():
+        reference = _first_tensor(run_model(work, args, kwargs)).double()
+
+        def output_error(widths) -> float:
+            trial = copy.deepcopy(work)
+            for unit, fac, k in zip(units, facs, widths, strict=True):
+                apply_selection(trial, _selection(unit, fac, k))
+            outputs = _first_tensor(run_model(trial, args, kwargs)).double()
+            return float(torch.linalg.vector_norm(outputs - reference))
+
+        return min(candidates, key=output_error)
 
 
 def _plan_content(plan) -> list:

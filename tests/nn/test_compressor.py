@@ -117,6 +117,34 @@ def test_half_the_flops_of_a_trained_cnn(digits):
     assert any(row["width_after"] < row["width_before"] for row in nc.layers_)
 
 
+def uniform_at_most(model, X, flops_kept):
+    """The widest uniform cut (``rank``) whose FLOPs stay within ``flops_kept``."""
+    for percent in range(100, 0, -1):
+        nc = NetworkCompressor(model, rank=percent / 100).fit(X)
+        if nc.flops_["after"] <= flops_kept * nc.flops_["before"] + 1e-9:
+            return nc
+    raise AssertionError("no uniform cut is that small")
+
+
+@pytest.mark.parametrize("target", [0.25, 0.1, 0.05])
+def test_flops_target_never_worse_than_a_uniform_cut(digits, target):
+    model, data = digits
+    nc = NetworkCompressor(model, target_flops=target).fit(data.X_calib)
+    kept = nc.flops_["after"] / nc.flops_["before"]
+    uniform = uniform_at_most(model, data.X_calib, kept)
+    first = data.X_calib[:256]
+    reference = nc._original_outputs(first)
+
+    def output_error(est):
+        return np.linalg.norm(est.transform(first) - reference)
+
+    # On the batch that decides, by construction; on held-out digits, measured with margin
+    # (0.25: 0.977 vs 0.972; 0.1: 0.798 vs 0.798; 0.05: 0.426 vs 0.300 on this CNN; the
+    # greedy alone gave 0.962 at 0.25 before the output check was added).
+    assert output_error(nc) <= output_error(uniform) * (1 + 1e-9)
+    assert nc.score(data.X_test) >= uniform.score(data.X_test) - 0.005
+
+
 def test_tighter_tolerance_keeps_more(digits):
     model, data = digits
     kept = [
