@@ -64,9 +64,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     rank : float in (0, 1], default=None
         Keep ``ceil(rank * width)`` channels of every unit instead of using ``tol``.
     target_flops : float in (0, 1), default=None
-        Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen by
-        the increase of the squared relative ID error per FLOP saved, and never do worse (in
-        total squared error) than the same fraction of every unit.
+        Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen
+        greedily by the increase of the squared relative ID error per FLOP saved. That
+        allocation and a uniform cut at the same FLOPs are both tried on the first calibration
+        batch, and the one whose outputs stay closer to the model's is kept, so it never does
+        worse there than keeping the same fraction of every unit.
     layers : "auto" or list of str or (str, str), default="auto"
         Restrict pruning to these producers (qualified names as in ``model.named_modules()``)
         or ``(producer, consumer)`` pairs.
