@@ -378,7 +378,6 @@ def _compress(args):
     model = files.load_model(args.model, device)
     inputs = files.load_calibration(args.data, args.data_key, model, device)
     compressor = _make_compressor(args, device)
-    _check_module_names(compressor.exclude, model)
     _fit(compressor, model, inputs, args)
     files.save_model(compressor.compressed_model_, args.out)
     report = compression_report(compressor, args)
@@ -427,19 +426,6 @@ def _make_compressor(args, device):
         **width, exclude=exclude, calibration=args.calibration, batch_size=args.batch_size,
         device=device, verbose=not args.quiet,
     )
-
-
-def _check_module_names(names, model):
-    """Unknown ``--exclude`` names are a usage error (exit 2), with a did-you-mean hint."""
-    from ._validation import suggest
-
-    modules = [name for name, _ in model.named_modules() if name]
-    for name in names:
-        if name not in modules:
-            raise CommandError(
-                f"--exclude: the model has no module {name!r}{suggest(name, modules)}",
-                EXIT_USAGE,
-            )
 
 
 def _fit(compressor, model, inputs, args):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .._validation import suggest
+from ..exceptions import InvalidParameterError
 from ._plan import Skipped, Unit
 from ._trace import (
     CONCAT_OPS,
@@ -427,7 +428,7 @@ def _parameters_used_by_ops(graph: Graph) -> set[str]:
 
 
 def _check_names(names, modules: dict, what: str) -> set[str]:
-    """Validate module names; raise ValueError with a did-you-mean hint for unknown ones."""
+    """Validate module names; InvalidParameterError with a did-you-mean hint for unknown ones."""
     if names is None:
         return set()
     if isinstance(names, str):
@@ -437,8 +438,10 @@ def _check_names(names, modules: dict, what: str) -> set[str]:
         if not isinstance(name, str):
             raise TypeError(f"{what} must hold module names (str); got {name!r}")
         if name not in modules:
-            raise ValueError(f"{what}: the model has no module {name!r}"
-                             f"{suggest(name, [n for n in modules if n])}")
+            raise InvalidParameterError(
+                f"{what}: the model has no module {name!r}"
+                f"{suggest(name, [n for n in modules if n])}"
+            )
         checked.add(name)
     return checked
 
