@@ -1,0 +1,180 @@
+"""Models, data and timing helpers shared by the benchmarks (not part of skid).
+
+The trained digits CNN comes from ``tests/nn/digits.py`` (the one the tests use), so the
+repository root is put on ``sys.path``: the benchmarks run as scripts from a checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.nn.digits import DigitsData, digits_data, train_digits_cnn  # noqa: E402
+
+__all__ = [
+    "REPO",
+    "DigitsData",
+    "digits_data",
+    "digits_images",
+    "forward_pass",
+    "make_digits_mlp",
+    "make_vgg32",
+    "median_time",
+    "print_table",
+    "set_threads",
+    "stopwatch",
+    "train_digits_cnn",
+    "train_digits_mlp",
+]
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def make_vgg32(channels=(32, 64, 128), hidden=256, n_classes=10, seed=0) -> nn.Module:
+    """VGG-style CNN for 3×32×32 inputs, random init, eval mode.
+
+    Per block two ``Conv3×3 → BN → ReLU`` then ``MaxPool2d(2)``; after the last block
+    ``Flatten → Linear(c·4·4, hidden) → ReLU → Linear(hidden, n_classes)``. BatchNorm gets
+    random running statistics so that eval-mode activations are not degenerate.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers, c_in = [], 3
+    for c_out in channels:
+        for c in (c_in, c_out):
+            layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.MaxPool2d(2))
+        c_in = c_out
+    side = 32 // 2 ** len(channels)
+    layers += [nn.Flatten(), nn.Linear(c_in * side * side, hidden), nn.ReLU(),
+               nn.Linear(hidden, n_classes)]
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+    return model.eval()
+
+
+def make_digits_mlp(hidden=(128, 64)) -> nn.Sequential:
+    """MLP on the flattened 8×8 digits: 64 → 128 → ReLU → 64 → ReLU → 10."""
+    sizes = (64, *hidden)
+    layers = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
+
+
+def train_digits_mlp(seed=0, epochs=30) -> tuple[nn.Module, DigitsData]:
+    """The MLP trained with Adam on the digits training split (a second or two on a CPU).
+
+    Returns the model (eval mode) and the split, with inputs of shape (n, 1, 8, 8): flatten
+    them with ``.flatten(1)``.
+    """
+    data = digits_data(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = make_digits_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = data.X_train.flatten(1), data.y_train
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(order), 50):
+            idx = order[start : start + 50]
+            optimizer.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            optimizer.step()
+    return model.eval(), data
+
+
+def digits_images(n, seed=0) -> torch.Tensor:
+    """``n`` digit images (n, 1, 8, 8) in [0, 1]: the 1,797 digits drawn with replacement,
+    plus a little noise so that repeated draws are not identical rows."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float32) / 16.0
+    rng = np.random.default_rng(seed)
+    picked = images[rng.integers(0, len(images), n)]
+    picked += 0.01 * rng.standard_normal(picked.shape, dtype=np.float32)
+    return torch.from_numpy(picked[:, None])
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def set_threads(threads) -> int:
+    """Limit torch's intra-op threads and the BLAS pools (NumPy/SciPy) to ``threads`` when it
+    is not 0; return torch's number of threads.
+
+    On a loaded machine an idle-waiting second thread costs a scheduler time slice per call:
+    a 64×64 triangular solve takes 8 ms with 2 OpenBLAS threads against 0.1 ms with one.
+    """
+    if threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+    return torch.get_num_threads()
+
+
+def forward_pass(model, X, batch_size=256) -> None:
+    """One plain inference pass over ``X`` in batches (eval, no_grad), outputs discarded."""
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(X), batch_size):
+            model(X[start : start + batch_size])
+
+
+def median_time(fn, rounds) -> float:
+    """Median wall time of ``rounds`` calls of ``fn()``, in seconds."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def stopwatch(store: dict, key: str):
+    """Add the wall time of the ``with`` body to ``store[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = store.get(key, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------- tables
+
+
+def print_table(title, header, rows, formats) -> None:
+    """Print a Markdown table: ``formats`` holds one format spec per column (``"s"``: text,
+    left-aligned; ``".3f"``, ``"d"`` ...: numbers, right-aligned)."""
+    cells = [[format(v, f) if not isinstance(v, str) else v for v, f in zip(row, formats,
+                                                                          strict=True)]
+             for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print(f"\n{title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        padded = [c.ljust(w) if f == "s" else c.rjust(w)
+                  for c, w, f in zip(row, widths, formats, strict=True)]
+        print("| " + " | ".join(padded) + " |")
+    sys.stdout.flush()

@@ -1,0 +1,249 @@
+"""Fidelity of ID compression against magnitude and random channel pruning, no fine-tuning.
+
+On the trained digits CNN (``tests/nn/digits.py``) and an MLP trained here on the flattened
+digits (64 → 128 → 64 → 10), calibrated on the 400 calibration digits and scored on the 397
+held-out ones: top-1 agreement with the original model and accuracy against the labels, as the
+FLOPs kept go from 1.0 down to 0.2, for
+
+- ID, ``tol`` sweep, ``target_flops`` sweep and, for reference, a ``rank`` sweep (the same
+  fraction of every layer) (``NetworkCompressor``);
+- at the SAME per-layer widths as each ID setting, through skid's own surgery
+  (``apply_selection`` with ``T`` = the identity rows of the kept channels, i.e. the consumer
+  just drops the other input channels):
+
+  - L1: keep the producer's output channels with the largest L1 norm of their weights;
+  - random: random channels (median over seeds);
+  - ID without T: the ID's own channels, consumer sliced — the fold is what makes the method.
+
+Prints one table per model and sweep, a summary at 50 % and 25 % of the FLOPs, and saves
+agreement vs FLOPs kept (both models, one panel each) to ``docs/images/fidelity_digits.png``.
+
+    python benchmarks/bench_fidelity.py            # full sweep + plot (under a minute)
+    python benchmarks/bench_fidelity.py --quick    # 2 settings per sweep, no plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import numpy as np
+import torch
+from _models import REPO, print_table, set_threads, train_digits_cnn, train_digits_mlp
+
+from skid import NetworkCompressor
+from skid.metrics import top1_agreement
+from skid.nn._calibration import Batches, unit_statistics
+from skid.nn._graph import find_units
+from skid.nn._plan import Selection
+from skid.nn._surgery import apply_selection
+
+TOLS = (0.01, 0.02, 0.04, 0.06, 0.09, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
+TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
+RANKS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3)
+SUMMARY_AT = (0.5, 0.25)
+METHODS = ("ID", "ID without T", "L1", "random")
+MIN_PLOTTED_FLOPS = 0.1
+LABELS = {"tol": "ID, tol sweep (same error per layer)",
+          "rank": "ID, rank sweep (same fraction per layer)"}
+PLOT = REPO / "docs" / "images" / "fidelity_digits.png"
+
+
+class Case:
+    """A trained model with its calibration and test data, its units and ID statistics."""
+
+    def __init__(self, name, model, X_calib, X_test, y_test):
+        self.name, self.model = name, model
+        self.X_calib, self.X_test, self.y_test = X_calib, X_test, y_test
+        with torch.no_grad():
+            self.reference = model(X_test).numpy()
+        self.units, _ = find_units(copy.deepcopy(model), X_calib[:2])
+        # the statistics NetworkCompressor uses for tol >= 1e-3 and target_flops: Gram of
+        # float32 products, so the channels and errors match the fitted compressor's
+        self.factorizations, _ = unit_statistics(
+            copy.deepcopy(model), self.units, Batches(X_calib, 256), method="gram",
+            precision="native")
+
+    def score(self, model) -> tuple[float, float]:
+        """(agreement with the original, accuracy) on the held-out data."""
+        with torch.no_grad():
+            outputs = model(self.X_test).numpy()
+        accuracy = float(np.mean(outputs.argmax(1) == self.y_test.numpy()))
+        return top1_agreement(outputs, self.reference), accuracy
+
+
+def cases() -> list[Case]:
+    """The trained digits CNN and the digits MLP."""
+    cnn, data = train_digits_cnn()
+    mlp, _ = train_digits_mlp()
+    return [
+        Case("digits CNN", cnn, data.X_calib, data.X_test, data.y_test),
+        Case("digits MLP", mlp, data.X_calib.flatten(1), data.X_test.flatten(1), data.y_test),
+    ]
+
+
+# ------------------------------------------------------------------------------- baselines
+
+
+def sliced(model, units, keeps) -> torch.nn.Module:
+    """A deep copy keeping channels ``keeps[i]`` of unit ``i``; consumers drop the others."""
+    pruned = copy.deepcopy(model)
+    for unit, keep in zip(units, keeps, strict=True):
+        keep = torch.as_tensor(np.sort(keep), dtype=torch.int64)
+        identity_rows = torch.eye(unit.width, dtype=torch.float64)[keep]
+        apply_selection(pruned, Selection(unit, keep, identity_rows, float("nan")))
+    return pruned.eval()
+
+
+def l1_channels(model, unit, k) -> np.ndarray:
+    """The ``k`` output channels of the producer with the largest L1 norm of their weights."""
+    weight = dict(model.named_modules())[unit.producer].weight.detach()
+    norms = weight.abs().flatten(1).sum(1).numpy()
+    return np.argsort(-norms, kind="stable")[:k]
+
+
+def baseline_scores(case, widths, seeds) -> dict:
+    """``{method: (agreement, accuracy)}`` of the baselines at these per-unit widths."""
+    id_keeps = [fac.select(k)[0] for fac, k in zip(case.factorizations, widths, strict=True)]
+    l1_keeps = [l1_channels(case.model, u, k) for u, k in zip(case.units, widths, strict=True)]
+    scores = {
+        "ID without T": case.score(sliced(case.model, case.units, id_keeps)),
+        "L1": case.score(sliced(case.model, case.units, l1_keeps)),
+    }
+    random = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        keeps = [rng.choice(u.width, k, replace=False) for u, k in zip(case.units, widths,
+                                                                        strict=True)]
+        random.append(case.score(sliced(case.model, case.units, keeps)))
+    scores["random"] = tuple(statistics.median(s[i] for s in random) for i in range(2))
+    return scores
+
+
+# ----------------------------------------------------------------------------------- sweeps
+
+
+def evaluate(case, setting, seeds) -> dict:
+    """One ID setting and the baselines at its widths: a row of the results."""
+    nc = NetworkCompressor(case.model, **setting).fit(case.X_calib)
+    if [row["producer"] for row in nc.layers_] != [u.producer for u in case.units]:
+        raise RuntimeError("NetworkCompressor found other units than find_units.")
+    widths = [row["width_after"] for row in nc.layers_]
+    for fac, row in zip(case.factorizations, nc.layers_, strict=True):
+        if abs(fac.errors[row["width_after"]] - row["error"]) > 1e-6:
+            raise RuntimeError("The benchmark's statistics differ from the compressor's.")
+    scores = {"ID": case.score(nc.compressed_model_), **baseline_scores(case, widths, seeds)}
+    return {"setting": setting, "widths": widths,
+            "flops": nc.flops_["after"] / nc.flops_["before"], "scores": scores}
+
+
+def sweep(case, settings, seeds) -> list[dict]:
+    """Rows for a list of ID settings, plus the uncompressed model as the first row."""
+    full = [u.width for u in case.units]
+    rows = [{"setting": {}, "widths": full, "flops": 1.0,
+             "scores": dict.fromkeys(METHODS, case.score(case.model))}]
+    return rows + [evaluate(case, setting, seeds) for setting in settings]
+
+
+def print_sweep(case, title, rows) -> None:
+    """One table: setting, FLOPs kept, widths, agreement and accuracy per method (%)."""
+    table = []
+    for row in rows:
+        setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items()) or "original"
+        cells = [f"{100 * row['scores'][m][0]:.1f} / {100 * row['scores'][m][1]:.1f}"
+                 for m in METHODS]
+        table.append((setting, row["flops"], "-".join(map(str, row["widths"])), *cells))
+    print_table(
+        f"{case.name}, {title}: top-1 agreement / accuracy on {len(case.y_test)} held-out "
+        f"digits (%), no fine-tuning; baselines at the ID's per-layer widths",
+        ["ID setting", "FLOPs kept", "widths", *METHODS],
+        table, ["s", ".3f", "s", *["s"] * len(METHODS)],
+    )
+
+
+def print_summary(results) -> None:
+    """Agreement of every method near each FLOPs fraction of SUMMARY_AT, per ID sweep."""
+    table = []
+    for name, sweeps in results.items():
+        for fraction in SUMMARY_AT:
+            for rows in sweeps.values():
+                row = min(rows[1:], key=lambda r: abs(r["flops"] - fraction))  # noqa: B023
+                if abs(row["flops"] - fraction) > 0.05:
+                    continue
+                agreement = [100 * row["scores"][m][0] for m in METHODS]
+                setting = ", ".join(f"{k}={v:g}" for k, v in row["setting"].items())
+                table.append((name, setting, row["flops"], *agreement,
+                              agreement[0] - max(agreement[1:])))
+    print_table(
+        f"summary: top-1 agreement with the original (%) near {', '.join(map(str, SUMMARY_AT))}"
+        " of the FLOPs, every method at the ID setting's widths",
+        ["model", "ID setting", "FLOPs kept", *METHODS, "ID − best other (points)"],
+        table, ["s", "s", ".3f", *[".1f"] * len(METHODS), "+.1f"],
+    )
+
+
+def plot(results, path) -> None:
+    """Agreement vs FLOPs kept, one panel per model, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), sharey=True)
+    styles = {"ID": ("C0", "o", "-"), "ID without T": ("C3", "s", "--"),
+              "L1": ("C1", "^", "--"), "random": ("C7", "v", ":")}
+    for ax, (name, sweeps) in zip(np.atleast_1d(axes), results.items(), strict=True):
+        for kind, color, marker in (("tol", "C2", "x"), ("rank", "C4", "+")):
+            rows = sweeps[kind]
+            rows = [r for r in rows if r["flops"] >= MIN_PLOTTED_FLOPS]
+            ax.plot([r["flops"] for r in rows], [100 * r["scores"]["ID"][0] for r in rows],
+                    color=color, marker=marker, linestyle="-", label=LABELS[kind])
+        for method, (color, marker, line) in styles.items():
+            rows = sweeps["target_flops"]
+            label = "ID, target_flops sweep" if method == "ID" else method
+            ax.plot([r["flops"] for r in rows], [100 * r["scores"][method][0] for r in rows],
+                    color=color, marker=marker, linestyle=line, label=label)
+        ax.set_title(f"{name}: no fine-tuning")
+        ax.set_xlabel("FLOPs kept (fraction of the original)")
+        ax.set_xlim(1.03, MIN_PLOTTED_FLOPS - 0.03)  # inverted: compression grows rightwards
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("top-1 agreement with the original (%)")
+    np.atleast_1d(axes)[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("Same per-layer widths for every method (those of the ID's target_flops "
+                 "sweep); random: median of seeds", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"\nplot saved to {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 settings per sweep, 1 random seed, no plot")
+    parser.add_argument("--seeds", type=int, default=5, help="random-pruning seeds")
+    parser.add_argument("--plot", default=None,
+                        help=f"where to save the plot (default {PLOT.relative_to(REPO)}; "
+                             "none in --quick mode unless given)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    grids = {"tol": TOLS, "target_flops": TARGETS, "rank": RANKS}
+    if args.quick:
+        grids = {"tol": (0.05, 0.2), "target_flops": (0.5, 0.25), "rank": (0.5,)}
+    seeds = 1 if args.quick else args.seeds
+    results = {}
+    for case in cases():
+        results[case.name] = {kind: sweep(case, [{kind: v} for v in values], seeds)
+                              for kind, values in grids.items()}
+        for kind, rows in results[case.name].items():
+            print_sweep(case, f"{kind} sweep", rows)
+    print_summary(results)
+    path = args.plot or (None if args.quick else PLOT)
+    if path:
+        plot(results, REPO / path if not str(path).startswith("/") else path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Smoke runs of the benchmarks' ``--quick`` modes: each must finish and print its tables."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# Not deselected by CI (which runs plain `pytest`); about 30 s together on one core.
+pytestmark = pytest.mark.slow
+
+
+def run_quick(script: str) -> str:
+    """stdout of ``python benchmarks/<script> --quick``; fails the test on a non-zero exit."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        capture_output=True, text=True, timeout=180, cwd=BENCHMARKS.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(stdout: str, title: str) -> list[str]:
+    """The data rows of the Markdown table printed under the line starting with ``title``."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows[2:]  # after the header and the separator
+
+
+def test_bench_compress_quick():
+    out = run_quick("bench_compress.py")
+    fit_rows = table_rows(out, "fit time ÷ one plain forward pass")
+    assert len(fit_rows) == 4  # 2 models × {original, sequential}
+    assert sum("original" in row for row in fit_rows) == 2
+    assert len(table_rows(out, "where fit's time goes")) == 4
+    if "needs Linux's /proc/self/clear_refs" not in out:
+        assert len(table_rows(out, "peak memory vs calibration size")) == 2
+    grid_rows = table_rows(out, "GridSearchCV over 10 tolerances")
+    assert len(grid_rows) == 2
+    # with memory=, the search runs the calibration twice (its split and the refit), not 11×
+    for row in grid_rows:
+        one_fit, search = (int(c) for c in row.strip("|").split("|")[8:10])
+        assert search <= 2 * one_fit + 2
+
+
+def test_bench_fidelity_quick():
+    out = run_quick("bench_fidelity.py")
+    for model in ("digits CNN", "digits MLP"):
+        for sweep in ("tol", "target_flops", "rank"):
+            assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
+    summary = table_rows(out, "summary: top-1 agreement")
+    assert any("target_flops=0.25" in row for row in summary)
