@@ -427,9 +427,20 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         return metrics.accuracy(self, X, y)
 
     def _original_outputs(self, X) -> np.ndarray:
-        """The original model's outputs on ``X``, like :meth:`transform`."""
+        """The original model's outputs on ``X``, like :meth:`transform`.
+
+        With ``memory`` they are cached by content, so the candidates of a grid search
+        (clones, one per setting) run the original model over a test fold once.
+        """
         check_is_fitted(self, "compressed_model_")
-        return model_outputs(self._original_model, X, self.batch_size)
+        if self.memory is None:
+            return model_outputs(self._original_model, X, self.batch_size)
+        batches = Batches(X, self.batch_size, reusable=True)
+        key = fingerprint(model_fingerprint(self._original_model), batches.fingerprint())
+        cached = StatisticsCache(self.memory).memory.cache(
+            _keyed_outputs, ignore=["model", "batches", "batch_size"]
+        )
+        return cached(key, model=self._original_model, batches=batches, batch_size=self.batch_size)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -488,6 +499,11 @@ def _layer_report(selection: Selection) -> dict:
         "width_after": int(selection.keep.numel()),
         "error": float(selection.error),
     }
+
+
+def _keyed_outputs(key, *, model, batches, batch_size) -> np.ndarray:
+    """:func:`model_outputs` with a content key as the cache's argument (joblib hashes it)."""
+    return model_outputs(model, batches, batch_size)
 
 
 def model_outputs(model: nn.Module, X, batch_size: int) -> np.ndarray:

@@ -246,6 +246,20 @@ def test_memory_skips_forward_passes_on_refits(tmp_path):
     assert cached.layers_ == reference.layers_
 
 
+def test_memory_caches_the_original_outputs_for_scoring(tmp_path):
+    model, X = make_mlp(), torch.randn(40, 8)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))  # copied into every deep copy
+    first = NetworkCompressor(model, tol=0.1, memory=tmp_path, batch_size=10).fit(X)
+    second = clone(first).set_params(tol=0.3).fit(X)
+    start = len(calls)
+    agreement = first.score(X)  # compressed + original: 4 + 4 batches
+    middle = len(calls)
+    second.score(X)  # compressed only: the original outputs come from memory
+    assert (middle - start, len(calls) - middle) == (8, 4)
+    assert agreement == NetworkCompressor(model, tol=0.1, batch_size=10).fit(X).score(X)
+
+
 def test_memory_with_sequential_calibration(tmp_path):
     model, X = make_mlp(), torch.randn(30, 8)
     params = dict(calibration="sequential", memory=tmp_path, batch_size=10)
