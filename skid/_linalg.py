@@ -19,6 +19,7 @@ so one factorization gives the exact error curve for all ranks at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -39,6 +40,27 @@ FLOAT32_GRAM_RELIABLE_ERROR = 1e-3
 _NATIVE_BLOCK_ROWS = 4096
 
 _BLOCK_ELEMENTS = 1 << 22  # a float64 row block of about 32 MB
+
+
+_SMALL_FACTOR = 2048  # m × m steps up to this size run on one BLAS thread
+_controller = None
+
+
+def _small_step(m: int):
+    """Context for an m × m step on the host: one BLAS thread when m is small.
+
+    After the big product, the idle workers of NumPy's OpenBLAS keep spinning on the cores for
+    a while; a multi-threaded SciPy LAPACK call started then competes with them and was
+    measured 10× slower (≈130 ms instead of 11 ms for a 512 × 512 pivoted Cholesky).
+    """
+    global _controller
+    if m > _SMALL_FACTOR:
+        return contextlib.nullcontext()
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
 
 
 def row_blocks(n_rows: int, n_cols: int, max_elements: int = _BLOCK_ELEMENTS):
@@ -95,9 +117,10 @@ class PivotedFactorization:
         T_pivoted = np.zeros((k, m))
         T_pivoted[:, :k] = np.eye(k)
         if k_solve > 0 and k < m:
-            T_pivoted[:k_solve, k:] = scipy.linalg.solve_triangular(
-                self.U[:k_solve, :k_solve], self.U[:k_solve, k:], check_finite=False
-            )
+            with _small_step(m):
+                T_pivoted[:k_solve, k:] = scipy.linalg.solve_triangular(
+                    self.U[:k_solve, :k_solve], self.U[:k_solve, k:], check_finite=False
+                )
         T = np.empty_like(T_pivoted)
         T[:, self.perm] = T_pivoted
         return self.perm[:k].copy(), T
@@ -122,7 +145,8 @@ def factorize_gram(gram: np.ndarray) -> PivotedFactorization:
         )
     m = gram.shape[0]
     sq_norm = float(np.trace(gram))
-    factor, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=-1.0)
+    with _small_step(m):
+        factor, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=-1.0)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     perm = piv[:m].astype(np.int64) - 1
@@ -140,7 +164,8 @@ def factorize_triangular(R: np.ndarray, dtype_eps: float) -> PivotedFactorizatio
     if not np.isfinite(R).all():
         raise ValueError("The data contain NaN or infinite values; remove or impute them.")
     p, m = R.shape
-    U, perm = scipy.linalg.qr(R, mode="r", pivoting=True, check_finite=False)
+    with _small_step(m):
+        U, perm = scipy.linalg.qr(R, mode="r", pivoting=True, check_finite=False)
     U = U[: min(p, m)]
     row_sq = np.einsum("ij,ij->i", U, U)
     sq_norm = float(row_sq.sum())
@@ -253,7 +278,8 @@ def randomized_factorization(X, k: int, rng: np.random.Generator, oversample: in
         sketch += _array.to_numpy(_array.from_numpy(omega, block, dtype) @ block)
     if not np.isfinite(sketch).all():
         raise ValueError("The data contain NaN or infinite values; remove or impute them.")
-    _, piv = scipy.linalg.qr(sketch, mode="r", pivoting=True, check_finite=False)
+    with _small_step(m):
+        _, piv = scipy.linalg.qr(sketch, mode="r", pivoting=True, check_finite=False)
     selected = piv[:k].astype(np.int64)
     cross, sq_norm = _cross_products(X, selected)
     T = _normal_equations(cross, selected)

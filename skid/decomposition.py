@@ -165,7 +165,9 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         self : InterpolativeDecomposition
         """
         self._check_params()
-        X = self._check_data(X, reset=True)
+        # Non-finite data show up in the statistic (checked when it is factorized), so fit
+        # spares the extra pass; partial_fit checks, not to poison what it has accumulated.
+        X = self._check_data(X, reset=True, finite=False)
         k = self._requested_rank(X.shape)
         self.method_ = self._resolve_method(X, k, streaming=False)
         if self.method_ == "randomized":
@@ -175,8 +177,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             self._set_result(X, selected, T, error)
         else:
             self._gram_precision = self._resolve_precision(X, streaming=False)
-            self._accumulator = self._new_accumulator().update(X)
-            self._finalize(X)
+            self._finalize(X, self._new_accumulator().update(X))
             self._refit_if_inaccurate(X)
         self.n_samples_seen_ = X.shape[0]
         return self
@@ -210,10 +211,9 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         if first:
             self.method_ = self._resolve_method(X, self._requested_rank(X.shape, True), True)
             self._gram_precision = self._resolve_precision(X, streaming=True)
-            self._accumulator = self._new_accumulator()
-        self._accumulator.update(X)
-        self.n_samples_seen_ = self._accumulator.n_samples
-        self._finalize(X)
+        accumulator = self._new_accumulator() if first else self._accumulator
+        self._finalize(X, accumulator.update(X))
+        self.n_samples_seen_ = accumulator.n_samples
         return self
 
     def _new_accumulator(self):
@@ -221,10 +221,14 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             return _linalg.GramAccumulator(self._gram_precision)
         return _linalg.QRAccumulator()
 
-    def _finalize(self, X):
-        """Factorize the statistic, choose k, compute T and set the fitted attributes."""
-        fac = self._accumulator.factorize()
-        n_seen = self._accumulator.n_samples
+    def _finalize(self, X, accumulator):
+        """Factorize the statistic, choose k, compute T and set the fitted attributes.
+
+        Nothing is set when the factorization fails (non-finite data in ``fit``).
+        """
+        fac = accumulator.factorize()
+        self._accumulator = accumulator
+        n_seen = accumulator.n_samples
         if self.tol is not None:
             k = fac.rank_for_tol(self.tol)
         elif self.rank is not None:
@@ -251,12 +255,10 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             return
         if self._gram_precision == "native" and self.error_ < _linalg.FLOAT32_GRAM_RELIABLE_ERROR:
             self._gram_precision = "float64"
-            self._accumulator = self._new_accumulator().update(X)
-            self._finalize(X)
+            self._finalize(X, self._new_accumulator().update(X))
         if self.method == "auto" and self.error_ < _linalg.GRAM_RELIABLE_ERROR:
             self.method_ = "qr"
-            self._accumulator = self._new_accumulator().update(X)
-            self._finalize(X)
+            self._finalize(X, self._new_accumulator().update(X))
 
     def _resolve_precision(self, X, streaming):
         """Float32 products for float32 data when the error asked for is within their reach."""
@@ -313,14 +315,19 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             return "qr"
         return "gram"
 
-    def _check_data(self, X, reset):
+    def _check_data(self, X, reset, finite=True):
         """Validate X, keep it in its own library; NumPy-convertible input via sklearn."""
         X = self._move_to_backend(X)
         if _array.array_kind(X) == "numpy":
             return validate_data(
-                self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_features=1
+                self,
+                X,
+                reset=reset,
+                dtype=[np.float64, np.float32],
+                ensure_min_features=1,
+                ensure_all_finite=finite,
             )
-        return _check_device_array(self, X, reset)
+        return _check_device_array(self, X, reset, finite)
 
     def _move_to_backend(self, X):
         kind = _array.array_kind(X)
@@ -461,7 +468,7 @@ def _input_feature_names(estimator, input_features):
     return names
 
 
-def _check_device_array(estimator, X, reset):
+def _check_device_array(estimator, X, reset, finite=True):
     """Checks for CuPy arrays and torch tensors, done in their own library."""
     dtype = _array.dtype_name(X)
     if "complex" in dtype:
@@ -475,7 +482,7 @@ def _check_device_array(estimator, X, reset):
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"Found an empty array of shape {tuple(X.shape)}; need at least 1x1.")
     X = _array.astype(X, _array.float_dtype_for(X))
-    if not _array.all_finite(X):
+    if finite and not _array.all_finite(X):
         raise ValueError("Input X contains NaN or infinity; remove or impute those entries.")
     if reset:
         estimator.n_features_in_ = X.shape[1]

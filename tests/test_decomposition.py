@@ -210,7 +210,8 @@ def test_fewer_samples_than_features():
         (dict(tol=1.0), np.ones((4, 4)), "'tol' parameter"),
         (dict(method="svd"), np.ones((4, 4)), "'method' parameter must be one of"),
         (dict(), np.array([[1.0, np.nan], [2.0, 3.0]]), "NaN"),
-        (dict(), np.array([[1.0, np.inf], [2.0, 3.0]]), "infinity"),
+        (dict(), np.array([[1.0, np.inf], [2.0, 3.0]]), "infinit"),
+        (dict(rank=1, method="randomized"), np.array([[1.0, np.inf], [2.0, 3.0]]), "infinit"),
         (dict(), np.ones(5), "2D array"),
         (dict(), np.ones((0, 3)), "0 sample"),
         (dict(), np.ones((3, 2)) * 1j, "[Cc]omplex"),
@@ -232,6 +233,19 @@ def test_partial_fit_with_changed_width_raises():
     est = InterpolativeDecomposition(rank=2).partial_fit(np.ones((5, 4)))
     with pytest.raises(ValueError, match="X has 3 features"):
         est.partial_fit(np.ones((5, 3)))
+
+
+def test_a_bad_block_does_not_poison_partial_fit():
+    X = low_rank(60, 6, 6, seed=11)
+    est = InterpolativeDecomposition(rank=3).partial_fit(X[:30])
+    bad = X[30:].copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.partial_fit(bad)
+    est.partial_fit(X[30:])
+    whole = InterpolativeDecomposition(rank=3).fit(X)
+    assert est.n_samples_seen_ == 60
+    assert np.array_equal(est.selected_features_, whole.selected_features_)
 
 
 def test_partial_fit_randomized_raises():
