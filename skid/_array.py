@@ -108,9 +108,8 @@ def qr_r(A):
         import cupy
 
         return cupy.linalg.qr(A, mode="r")
-    import scipy.linalg
-
-    return scipy.linalg.qr(A, mode="r", overwrite_a=True, check_finite=False)[0]
+    # NumPy's geqrf wrapper: SciPy's qr(mode="r") was measured 3-12× slower on row blocks.
+    return np.linalg.qr(A, mode="r")
 
 
 def zeros(shape, like, dtype: str):
