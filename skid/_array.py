@@ -70,6 +70,15 @@ def astype(X, dtype: str):
     return X.astype(dtype, copy=False)
 
 
+def exact_float32_matmul(X) -> bool:
+    """False when torch may multiply float32 in reduced precision (TF32 or bf16 allowed)."""
+    if array_kind(X) != "torch":
+        return True
+    import torch
+
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 def all_finite(X) -> bool:
     """True when no entry of ``X`` is NaN or infinite (evaluated on the array's device)."""
     kind = array_kind(X)

@@ -206,6 +206,8 @@ class GramAccumulator:
             self.n_features = X.shape[1]
             self.gram = _array.zeros((X.shape[1], X.shape[1]), X, "float64")
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
+        if dtype == "float32" and not _array.exact_float32_matmul(X):
+            dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
         max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
         for rows in row_blocks(X.shape[0], X.shape[1], max_elements):
             block = _array.astype(X[rows], dtype)

@@ -145,3 +145,16 @@ def test_native_precision_gram_sums_float32_products_in_float64():
     native = _linalg.GramAccumulator("native").update(X).gram
     assert native.dtype == np.float64
     np.testing.assert_allclose(native, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
+
+
+def test_native_precision_falls_back_to_float64_when_torch_allows_tf32():
+    torch = pytest.importorskip("torch")
+    X = torch.as_tensor(low_rank(5000, 16, 16, seed=9).astype(np.float32))
+    exact = (X.double().T @ X.double()).numpy()
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        gram = _linalg.GramAccumulator("native").update(X).gram.numpy()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    np.testing.assert_allclose(gram, exact, rtol=1e-12)
