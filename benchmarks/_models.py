@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from skid._demo import fit_classifier  # noqa: E402
 from tests.nn.digits import DigitsData, digits_data, train_digits_cnn  # noqa: E402
 
 __all__ = [
@@ -86,20 +87,11 @@ def train_digits_mlp(seed=0, epochs=30) -> tuple[nn.Module, DigitsData]:
     """
     data = digits_data(seed)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = make_digits_mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    X, y = data.X_train.flatten(1), data.y_train
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(order), 50):
-            idx = order[start : start + 50]
-            optimizer.zero_grad()
-            loss_fn(model(X[idx]), y[idx]).backward()
-            optimizer.step()
-    return model.eval(), data
+    model = fit_classifier(
+        make_digits_mlp(), data.X_train.flatten(1), data.y_train, epochs=epochs, batch_size=50,
+        seed=seed,
+    )
+    return model, data
 
 
 def digits_images(n, seed=0) -> torch.Tensor:

@@ -56,8 +56,36 @@ def make_digits_cnn(*, channels=(32, 64), hidden=128, seed=0):
     )
 
 
+def fit_classifier(model, X, y, *, epochs=10, batch_size=128, lr=3e-3, seed=0):
+    """Adam on cross-entropy over minibatches in a seeded random order (deterministic).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Initialized by the caller (seed its initialization for reproducible weights).
+    X : ndarray or tensor of shape (n, ...)
+    y : ndarray or tensor of shape (n,), int64 labels
+    epochs, batch_size, lr, seed : training settings; ``seed`` fixes the batch order.
+
+    Returns
+    -------
+    model : the same module, trained, in eval mode.
+    """
+    inputs, targets = torch.as_tensor(X), torch.as_tensor(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    shuffle = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(inputs), generator=shuffle).split(batch_size):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 def train_digits_cnn(X, y, *, epochs=10, batch_size=128, lr=3e-3, seed=0, **model_params):
-    """Train :func:`make_digits_cnn` with Adam; the same seed gives the same weights.
+    """Train :func:`make_digits_cnn` with :func:`fit_classifier`; same seed, same weights.
 
     Parameters
     ----------
@@ -71,17 +99,7 @@ def train_digits_cnn(X, y, *, epochs=10, batch_size=128, lr=3e-3, seed=0, **mode
     model : nn.Sequential in eval mode, on the CPU, float32.
     """
     model = make_digits_cnn(seed=seed, **model_params)
-    inputs, targets = torch.as_tensor(X), torch.as_tensor(y)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    shuffle = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(inputs), generator=shuffle).split(batch_size):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return fit_classifier(model, X, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
 
 
 def predict_labels(model, X, *, batch_size=512):

@@ -14,6 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from skid._demo import fit_classifier
+
 __all__ = ["DigitsData", "digits_data", "make_digits_cnn", "train_digits_cnn"]
 
 
@@ -65,22 +67,13 @@ def _trained_state(seed: int, epochs: int):
 
 
 def _train(seed: int, epochs: int):
-    """Adam on the training split; the state dict of the result."""
+    """Adam on the training split (batches of 50); the state dict of the result."""
     data = digits_data(seed)
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = make_digits_cnn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(data.y_train), generator=generator)
-        for start in range(0, len(order), 50):
-            idx = order[start : start + 50]
-            optimizer.zero_grad()
-            loss_fn(model(data.X_train[idx]), data.y_train[idx]).backward()
-            optimizer.step()
-    return copy.deepcopy(model.eval().state_dict())
+    model = fit_classifier(
+        make_digits_cnn(), data.X_train, data.y_train, epochs=epochs, batch_size=50, seed=seed
+    )
+    return copy.deepcopy(model.state_dict())
 
 
 def train_digits_cnn(seed: int = 0, epochs: int = 8) -> tuple[nn.Module, DigitsData]:
