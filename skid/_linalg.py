@@ -208,6 +208,10 @@ class GramAccumulator:
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
         if dtype == "float32" and not _array.exact_float32_matmul(X):
             dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
+        if dtype == "float64" and _array.dtype_name(X) == "float64":
+            self.gram += X.T @ X  # nothing to upcast: one product, no block copies
+            self.n_samples += X.shape[0]
+            return self
         max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
         for rows in row_blocks(X.shape[0], X.shape[1], max_elements):
             block = _array.astype(X[rows], dtype)
