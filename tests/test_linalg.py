@@ -158,3 +158,12 @@ def test_native_precision_falls_back_to_float64_when_torch_allows_tf32():
     finally:
         torch.set_float32_matmul_precision(previous)
     np.testing.assert_allclose(gram, exact, rtol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["float64", "native"])
+def test_half_precision_blocks_are_upcast_inside_the_accumulator(precision):
+    torch = pytest.importorskip("torch")
+    X = torch.as_tensor(low_rank(300, 8, 8, seed=10).astype(np.float32)).to(torch.bfloat16)
+    exact = (X.double().T @ X.double()).numpy()
+    gram = _linalg.GramAccumulator(precision).update(X).gram.numpy()
+    np.testing.assert_allclose(gram, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())

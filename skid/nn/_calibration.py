@@ -35,7 +35,6 @@ __all__ = [
     "unit_statistics",
 ]
 
-_HALF = (torch.float16, torch.bfloat16)
 _passes = 0  # calibration forward passes (one per batch) run in this process
 
 
@@ -346,10 +345,8 @@ def _accumulating_hook(unit, accumulator, state: _HookState):
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
-        rows = as_samples(module, x, unit.positions)
-        if rows.dtype in _HALF:
-            rows = rows.float()  # statistics of half-precision models in float32 or better
-        accumulator.update(rows)
+        # Half-precision rows are upcast block by block inside the accumulator.
+        accumulator.update(as_samples(module, x, unit.positions))
         state.seen.add(unit.consumer)
         if len(state.seen) == state.n_consumers:
             raise _StopForward  # every consumer has been seen: the rest is not needed
