@@ -31,3 +31,4 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert namespace["nc"].flops_["after"] <= 0.5 * namespace["nc"].flops_["before"] * 1.02
     assert namespace["search"].best_estimator_.score(namespace["X"]) >= 0.99
     assert (tmp_path / "small.pt").exists()
+    assert (tmp_path / "small" / "skid_plan.json").exists()
