@@ -167,3 +167,66 @@ def test_half_precision_blocks_are_upcast_inside_the_accumulator(precision):
     exact = (X.double().T @ X.double()).numpy()
     gram = _linalg.GramAccumulator(precision).update(X).gram.numpy()
     np.testing.assert_allclose(gram, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+# ------------------------------------------------------------------------- block pivoting
+
+
+def _head_blocks(n_heads, head_dim):
+    return [np.arange(h * head_dim, (h + 1) * head_dim) for h in range(n_heads)]
+
+
+def _block_error(X, columns, T):
+    return np.linalg.norm(X - X[:, columns] @ T) / np.linalg.norm(X)
+
+
+def test_block_pivoting_errors_are_exact_for_every_number_of_blocks():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 24)) @ rng.standard_normal((24, 24))
+    fac = _linalg.BlockPivotedFactorization(X.T @ X, _head_blocks(6, 4))
+    assert sorted(fac.order) == list(range(6))
+    assert np.all(np.diff(fac.errors) <= 1e-12) and fac.errors[0] == 1 and fac.errors[-1] == 0
+    for k in range(1, 7):
+        blocks, columns, T = fac.select(k)
+        assert list(blocks) == list(fac.order[:k]) and T.shape == (4 * k, 24)
+        assert _block_error(X, columns, T) == pytest.approx(fac.errors[k], abs=1e-9)
+
+
+def test_block_pivoting_takes_the_best_block_first_and_finds_exact_spans():
+    rng = np.random.default_rng(1)
+    basis = rng.standard_normal((300, 8))  # heads 1 and 4 span everything
+    X = np.empty((300, 24))
+    X[:, 4:8], X[:, 16:20] = basis[:, :4], basis[:, 4:]
+    for h in (0, 2, 3, 5):
+        X[:, 4 * h : 4 * h + 4] = basis @ rng.standard_normal((8, 4))
+    blocks = _head_blocks(6, 4)
+    fac = _linalg.BlockPivotedFactorization(X.T @ X, blocks)
+    singles = [
+        _block_error(X, b, np.linalg.lstsq(X[:, b], X, rcond=None)[0]) for b in blocks
+    ]
+    assert fac.order[0] == int(np.argmin(singles))
+    assert fac.errors[2] < 1e-7  # two heads reconstruct all of them
+    _, columns, T = fac.select(2)
+    assert _block_error(X, columns, T) < 1e-7
+
+
+def test_block_pivoting_in_rounds_keeps_equal_counts_per_group():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((100, 8)) @ rng.standard_normal((8, 32))  # rank 8: one group wins
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]  # 8 query heads in 2 key/value groups
+    fac = _linalg.BlockPivotedFactorization(X.T @ X, _head_blocks(8, 4), partition=groups)
+    for rounds in range(1, 5):
+        kept = fac.order[: 2 * rounds]
+        assert np.bincount(np.asarray(groups)[kept], minlength=2).tolist() == [rounds] * 2
+
+
+def test_block_pivoting_rejects_bad_input():
+    G = np.eye(8)
+    with pytest.raises(ValueError, match="partition the Gram's columns"):
+        _linalg.BlockPivotedFactorization(G, [np.arange(4), np.arange(3, 8)])
+    with pytest.raises(ValueError, match="one label per block"):
+        _linalg.BlockPivotedFactorization(G, _head_blocks(2, 4), partition=[0])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _linalg.BlockPivotedFactorization(np.full((8, 8), np.nan), _head_blocks(2, 4))
+    with pytest.raises(ValueError, match="k must be in"):
+        _linalg.BlockPivotedFactorization(G, _head_blocks(2, 4)).select(3)
