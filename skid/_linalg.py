@@ -110,6 +110,13 @@ class PivotedFactorization:
             return 1
         return max(1, int(np.count_nonzero(diag > rel_tol * diag[0])))
 
+    def gram(self) -> np.ndarray:
+        """The Gram ``XᵀX`` (m × m, original column order) as the factor holds it (``UᵀU``)."""
+        U = self.U[: self.trusted_rank]
+        gram = np.empty((self.n_features, self.n_features))
+        gram[np.ix_(self.perm, self.perm)] = U.T @ U
+        return gram
+
     def select(self, k: int):
         """Selected columns (pivot order) and the interpolation matrix T of shape (k, m)."""
         m = self.n_features
@@ -124,6 +131,104 @@ class PivotedFactorization:
         T = np.empty_like(T_pivoted)
         T[:, self.perm] = T_pivoted
         return self.perm[:k].copy(), T
+
+
+
+def factorize_for_outputs(fac: PivotedFactorization, weight_gram, how: str = "scaled"):
+    """Re-pivot a factorization so the kept columns best reconstruct a consumer's outputs.
+
+    With ``Z`` the data (the consumer's input) and ``W`` the consumer's weights, the output
+    error of keeping columns ``J`` with the least-squares ``T`` is
+    ``‖(Z − Z_J T) Wᵀ‖_F² = tr(W S_J Wᵀ)``, ``S_J`` the residual Gram. ``T`` stays the
+    least-squares fit on ``Z``; only the order of the pivots changes, and ``errors`` become
+    the relative output errors ``sqrt(tr(W S_J Wᵀ) / tr(W ZᵀZ Wᵀ))``.
+
+    Parameters
+    ----------
+    fac : PivotedFactorization
+        Of ``Z`` (its ``UᵀU`` is the Gram).
+    weight_gram : ndarray of shape (m, m)
+        ``WᵀW`` summed over the consumer's other axes (output channels, kernel positions).
+    how : {"scaled", "greedy"}
+        ``"scaled"``: pivoted Cholesky of ``D G D`` with ``D`` the consumer's column norms
+        (one LAPACK call). ``"greedy"``: each step keeps the column that removes the most
+        output error (``O(m²)`` per pivot).
+
+    Returns
+    -------
+    PivotedFactorization
+    """
+    gram = fac.gram()
+    m = gram.shape[0]
+    weight_gram = np.asarray(weight_gram, dtype=np.float64)
+    if weight_gram.shape != (m, m):
+        raise ValueError(f"weight_gram must be {m} x {m}; got {weight_gram.shape}.")
+    cutoff = np.finfo(np.float64).eps * m * max(float(np.trace(gram)), np.finfo(float).tiny)
+    if how == "scaled":
+        scale = np.sqrt(np.maximum(np.diag(weight_gram), 0.0))
+        order, rank = _pivots(gram * np.outer(scale, scale))
+    elif how == "greedy":
+        order, rank = _output_greedy_order(gram, weight_gram, cutoff)
+    else:
+        raise ValueError(f"how must be 'scaled' or 'greedy'; got {how!r}.")
+    rank = min(rank, fac.trusted_rank)
+    U = _cholesky_in_order(gram, order, rank)
+    gw = weight_gram[np.ix_(order, order)]
+    per_row = ((U @ gw) * U).sum(axis=1)  # output energy each pivot explains
+    sq_norm = float(np.einsum("ij,ji->", weight_gram, gram))
+    sq_tail = np.zeros(m + 1)
+    sq_tail[0] = sq_norm
+    sq_tail[1 : rank + 1] = sq_norm - np.cumsum(per_row)
+    return PivotedFactorization(order, U, sq_norm, _relative_errors(sq_tail, sq_norm), rank)
+
+
+def _pivots(gram):
+    """Pivot order and rank of LAPACK's pivoted Cholesky."""
+    m = gram.shape[0]
+    with _small_step(m):
+        _, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=-1.0)
+    if info < 0:
+        raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
+    return piv[:m].astype(np.int64) - 1, int(rank)
+
+
+def _output_greedy_order(gram, weight_gram, cutoff):
+    """Greedy pivots by output error removed: ``(S G_W S)_jj / S_jj`` for the residual S."""
+    S = gram.copy()
+    m = S.shape[0]
+    gain = np.einsum("ij,ji->i", S, weight_gram @ S)
+    order, free = [], np.ones(m, dtype=bool)
+    with _small_step(m):
+        for _ in range(m):
+            diag = np.diag(S)
+            score = np.where(free & (diag > cutoff), gain / np.where(diag > 0, diag, 1), -1.0)
+            p = int(np.argmax(score))
+            if score[p] < 0:
+                break
+            s, sigma = S[:, p].copy(), diag[p]
+            a = S @ (weight_gram @ s)
+            gain += -2 * a * s / sigma + s * s * float(s @ weight_gram @ s) / sigma**2
+            S -= np.outer(s, s) / sigma
+            order.append(p)
+            free[p] = False
+    rank = len(order)
+    rest = np.flatnonzero(free)
+    return np.concatenate([np.asarray(order, dtype=np.int64), rest]), rank
+
+
+def _cholesky_in_order(gram, order, rank):
+    """Upper factor ``U`` (rank × m) with ``UᵀU = G[order][:, order]`` on the first ``rank``."""
+    g = gram[np.ix_(order, order)]
+    m = g.shape[0]
+    U = np.zeros((rank, m))
+    if rank:
+        with _small_step(m):
+            U11 = scipy.linalg.cholesky(g[:rank, :rank], lower=False, check_finite=False)
+            U[:, :rank] = U11
+            U[:, rank:] = scipy.linalg.solve_triangular(
+                U11, g[:rank, rank:], trans="T", check_finite=False
+            )
+    return U
 
 
 def _relative_errors(sq_tail: np.ndarray, sq_norm: float) -> np.ndarray:
@@ -337,6 +442,10 @@ class BlockPivotedFactorization:
         A group label per block. When given, blocks are kept in rounds that take one block from
         every group, so after ``r`` rounds each group keeps ``r`` (grouped-query attention:
         the same number of query heads per key/value group).
+    weight_gram : ndarray of shape (m, m), optional
+        ``WᵀW`` of the consumer's weights: blocks are then kept by the output error they remove,
+        ``tr(W S Wᵀ)``, and ``errors`` are relative output errors (``T`` stays the
+        least-squares fit on ``X``).
 
     Attributes
     ----------
@@ -347,8 +456,9 @@ class BlockPivotedFactorization:
         ``order``.
     """
 
-    def __init__(self, gram, blocks, partition=None):
+    def __init__(self, gram, blocks, partition=None, weight_gram=None):
         gram = np.asarray(gram, dtype=np.float64)
+        self.weight_gram = None if weight_gram is None else np.asarray(weight_gram, float)
         if not np.isfinite(gram).all():
             raise ValueError("The statistics hold NaN or infinite values; check the data.")
         self.gram = gram
@@ -367,8 +477,9 @@ class BlockPivotedFactorization:
 
     def _greedy(self, labels, rounds: bool):
         S = self.gram.copy()
-        sq_norm = float(np.trace(S))
-        cutoff = np.finfo(np.float64).eps * S.shape[0] * max(sq_norm, np.finfo(float).tiny)
+        sq_norm = self._energy(S)
+        scale = max(float(np.trace(S)), np.finfo(float).tiny)
+        cutoff = np.finfo(np.float64).eps * S.shape[0] * scale
         remaining = list(range(self.n_blocks))
         order, sq_tail = [], [sq_norm]
         served = set()
@@ -378,17 +489,23 @@ class BlockPivotedFactorization:
                     served = set()  # every group has had its turn this round
                 eligible = [b for b in remaining if not rounds or labels[b] not in served]
                 halves = [self._half(S, self.blocks[b], cutoff) for b in eligible]
-                gains = [np.einsum("ij,ij->", h, h) for h in halves]
+                gains = [self._energy(h.T @ h) for h in halves]
                 best_at = int(np.argmax(gains))
                 best = eligible[best_at]
                 S -= halves[best_at].T @ halves[best_at]
                 order.append(best)
                 remaining.remove(best)
                 served.add(labels[best])
-                sq_tail.append(float(np.trace(S)))
+                sq_tail.append(self._energy(S))
         sq_tail = np.asarray(sq_tail)
         sq_tail[-1] = 0.0  # every column kept: nothing left, whatever the rounding says
         return np.asarray(order, dtype=np.int64), _relative_errors(sq_tail, sq_norm)
+
+    def _energy(self, S) -> float:
+        """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights."""
+        if self.weight_gram is None:
+            return float(np.trace(S))
+        return float(np.einsum("ij,ji->", self.weight_gram, S))
 
     @staticmethod
     def _half(S, cols, cutoff):

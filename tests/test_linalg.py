@@ -230,3 +230,60 @@ def test_block_pivoting_rejects_bad_input():
         _linalg.BlockPivotedFactorization(np.full((8, 8), np.nan), _head_blocks(2, 4))
     with pytest.raises(ValueError, match="k must be in"):
         _linalg.BlockPivotedFactorization(G, _head_blocks(2, 4)).select(3)
+
+
+# ---------------------------------------------------------------- output-aware selection
+
+
+def _output_error(X, W, selected, T):
+    return np.linalg.norm((X - X[:, selected] @ T) @ W.T) / np.linalg.norm(X @ W.T)
+
+
+@pytest.mark.parametrize("how", ["scaled", "greedy"])
+def test_output_aware_errors_are_exact_output_errors(how):
+    X = low_rank(400, 30, 30, seed=3)
+    W = np.random.default_rng(4).standard_normal((7, 30)) * np.linspace(0.01, 3, 30)
+    fac = _linalg.factorize_gram(X.T @ X)
+    out = _linalg.factorize_for_outputs(fac, W.T @ W, how=how)
+    assert sorted(out.perm) == list(range(30)) and out.errors[0] == 1 and out.errors[-1] == 0
+    for k in (1, 4, 11, 29):
+        selected, T = out.select(k)
+        np.testing.assert_allclose(T[:, selected], np.eye(k), atol=1e-10)
+        # T is still the least-squares fit on X: the activation error of the same columns.
+        lsq = np.linalg.lstsq(X[:, selected], X, rcond=None)[0]
+        np.testing.assert_allclose(T, lsq, atol=1e-7)
+        assert _output_error(X, W, selected, T) == pytest.approx(out.errors[k], abs=1e-8)
+
+
+def test_output_aware_selection_ignores_columns_the_consumer_ignores():
+    X = low_rank(300, 12, 12, seed=5)
+    X[:, 0] *= 100  # the largest column, but the consumer never reads it
+    W = np.random.default_rng(9).standard_normal((20, 12))  # full column rank
+    W[:, 0] = 0
+    fac = _linalg.factorize_gram(X.T @ X)
+    assert fac.perm[0] == 0
+    for how in ("scaled", "greedy"):
+        out = _linalg.factorize_for_outputs(fac, W.T @ W, how=how)
+        assert 0 not in out.perm[:11]
+
+
+def test_output_greedy_never_worse_than_activation_pivots_on_outputs():
+    X = low_rank(300, 20, 20, seed=6, noise=0.1)
+    W = np.random.default_rng(7).standard_normal((5, 20)) ** 3
+    fac = _linalg.factorize_gram(X.T @ X)
+    greedy = _linalg.factorize_for_outputs(fac, W.T @ W, how="greedy")
+    first = greedy.select(1)
+    plain = fac.select(1)
+    assert _output_error(X, W, *first) <= _output_error(X, W, *plain) + 1e-12
+
+
+def test_block_pivoting_with_consumer_weights_reports_output_errors():
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((200, 16))
+    W = rng.standard_normal((5, 16))
+    W[:, :4] = 0  # head 0 is never read
+    fac = _linalg.BlockPivotedFactorization(X.T @ X, _head_blocks(4, 4), weight_gram=W.T @ W)
+    assert fac.order[-1] == 0
+    for k in range(1, 5):
+        _, columns, T = fac.select(k)
+        assert _output_error(X, W, columns, T) == pytest.approx(fac.errors[k], abs=1e-9)

@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import metrics
-from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
+from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR, factorize_for_outputs
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
 from . import _budget
@@ -39,9 +39,12 @@ from ._calibration import (
 from ._flops import count_flops, count_params
 from ._graph import find_units
 from ._plan import Selection
-from ._surgery import apply_selection
+from ._surgery import apply_selection, weight_gram
 
 __all__ = ["NetworkCompressor"]
+
+#: Pivot rule of ``objective="outputs"`` (see :func:`skid._linalg.factorize_for_outputs`).
+_OUTPUT_PIVOTS = "scaled"
 
 
 class NetworkCompressor(TransformerMixin, BaseEstimator):
@@ -74,6 +77,14 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
+    objective : {"activations", "outputs"}, default="activations"
+        What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
+        input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
+        ``"outputs"``: what the consumer computes from it, ``Z Wᵀ`` (its weights enter the
+        pivoting: columns are scaled by the norms of the consumer weights that read them);
+        ``tol`` and the errors are then ``‖(Z − Z_J T) Wᵀ‖_F / ‖Z Wᵀ‖_F`` (for convolutions
+        and flattened inputs, without the cross terms between kernel positions). ``T`` is
+        the least-squares fit on ``Z`` either way.
     calibration : {"original", "sequential"}, default="original"
         ``"original"``: every unit's ID from the original model's activations, one pass.
         ``"sequential"``: units in forward order, each from the model compressed so far (one
@@ -157,6 +168,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "target_flops": [None, Interval(numbers.Real, 0, 1, "neither")],
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
+        "objective": [Options(("activations", "outputs"))],
         "calibration": [Options(("original", "sequential"))],
         "method": [Options(("auto", "gram", "qr"))],
         "batch_size": [Interval(numbers.Integral, 1, None)],
@@ -174,6 +186,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         target_flops=None,
         layers="auto",
         exclude=(),
+        objective="activations",
         calibration="original",
         method="auto",
         batch_size=256,
@@ -187,6 +200,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.target_flops = target_flops
         self.layers = layers
         self.exclude = exclude
+        self.objective = objective
         self.calibration = calibration
         self.method = method
         self.batch_size = batch_size
@@ -345,6 +359,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 precision=self._gram_precision,
                 verbose=self.verbose,
             )
+            facs = self._for_objective(work, units, facs)
             widths = self._widths(facs, units, flops_info, work, batches)
             if self.calibration == "original":
                 plan = [_selection(u, f, k) for u, f, k in zip(units, facs, widths, strict=True)]
@@ -368,11 +383,28 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 precision=self._gram_precision,
                 verbose=self.verbose,
             )
+            (fac,) = self._for_objective(work, [unit], [fac])
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
             selection = _selection(unit, fac, k)
             apply_selection(work, selection)
             plan.append(selection)
         return plan
+
+    def _for_objective(self, work, units, facs) -> list:
+        """The factorizations re-pivoted for the consumers' outputs when ``objective`` says so.
+
+        Two pivot rules were measured (``benchmarks/bench_fidelity.py``): scaling each column
+        by the norm of the consumer weights that read it, and a greedy on the output error;
+        the scaling was kept (see ``_OUTPUT_PIVOTS``).
+        """
+        if self.objective == "activations":
+            return facs
+        return [
+            factorize_for_outputs(
+                fac, weight_gram(work.get_submodule(u.consumer), u.positions), _OUTPUT_PIVOTS
+            )
+            for u, fac in zip(units, facs, strict=True)
+        ]
 
     def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.

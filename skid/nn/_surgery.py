@@ -38,10 +38,11 @@ __all__ = [
     "slice_channels",
     "slice_out",
     "surgery_for",
+    "weight_gram",
 ]
 
 _REGISTRY: dict[type, object] = {}
-_VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples")
+_VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples", "weight_gram")
 _WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
 
 
@@ -108,6 +109,17 @@ def fold_in(module: nn.Module, T, positions: int = 1) -> None:
     surgery_for(module, "fold_in").fold_in(module, T, positions)
 
 
+def weight_gram(module: nn.Module, positions: int = 1) -> np.ndarray:
+    """``WᵀW`` of a consumer over its input channels (m × m, float64 NumPy).
+
+    Summed over output channels and kernel or flattened positions. For a Linear on
+    unflattened input the output error of replacing each row ``z`` of ``Z`` by ``ẑ`` is exactly
+    ``Σ (z − ẑ)ᵀ WᵀW (z − ẑ)``; for convolutions and flattened inputs, where one output mixes
+    several rows, this leaves out the cross terms between kernel/flattened positions.
+    """
+    return surgery_for(module, "weight_gram").weight_gram(module, positions)
+
+
 def as_samples(module: nn.Module, x: torch.Tensor, positions: int = 1) -> torch.Tensor:
     """View a consumer's input as the matrix ``Z`` of the ID ``Z ≈ Z[:, keep] @ T``.
 
@@ -166,6 +178,12 @@ def _interpolation(T, weight: torch.Tensor, m: int) -> torch.Tensor:
     return T
 
 
+def _weight_gram(w: torch.Tensor) -> np.ndarray:
+    """``Σ WᵀW`` over the output and spatial axes of a weight viewed as (out, m, rest)."""
+    w = w.detach().to(torch.float64)
+    return torch.einsum("omr,onr->mn", w, w).cpu().numpy()
+
+
 def _check_positions(in_features: int, positions: int) -> int:
     """Channels of a flattened input: ``in_features / positions``, which must be exact."""
     if positions < 1 or in_features % positions:
@@ -199,6 +217,10 @@ class _LinearSurgery:
         folded = torch.einsum("omp,km->okp", w, T).reshape(module.out_features, -1)
         _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_features = folded.shape[1]
+
+    def weight_gram(self, module: nn.Linear, positions=1):
+        m = _check_positions(module.in_features, positions)
+        return _weight_gram(module.weight.reshape(module.out_features, m, positions))
 
     def as_samples(self, module: nn.Linear, x, positions=1):
         m = _check_positions(module.in_features, positions)
@@ -237,6 +259,10 @@ class _ConvSurgery:
         folded = torch.einsum("om...,km->ok...", weight.to(torch.float64), T)
         _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_channels = folded.shape[1]
+
+    def weight_gram(self, module, positions=1):
+        _require_groups(module, dense=True, verb="weight_gram")
+        return _weight_gram(module.weight.reshape(module.out_channels, module.in_channels, -1))
 
     def as_samples(self, module, x, positions=1):
         _require_groups(module, dense=True, verb="as_samples")

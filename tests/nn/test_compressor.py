@@ -450,6 +450,7 @@ def test_non_finite_activations_name_the_layer():
         ({"rank": 0.0}, "rank"),
         ({"tol": 1.0}, "tol"),
         ({"calibration": "both"}, "calibration"),
+        ({"objective": "logits"}, "objective"),
         ({"method": "svd"}, "method"),
         ({"batch_size": 0}, "batch_size"),
         ({"layers": "features.0"}, "layers"),
