@@ -38,6 +38,7 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
+from ._model_checks import check_model
 from ._plan import Selection
 from ._surgery import apply_selection
 
@@ -248,7 +249,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _fit_arguments(self, args, kwargs):
         """``(model, X)`` from ``fit(model, X[, y])``, ``fit(X[, y])`` or keywords."""
         args = list(args)
-        model = args.pop(0) if args and isinstance(args[0], nn.Module) else None
+        # data is never callable: a callable first argument was meant as the model
+        model = args.pop(0) if args and callable(args[0]) else None
         model = kwargs.pop("model", None) if model is None else model
         X = args.pop(0) if args else kwargs.pop("X", None)
         if args:
@@ -265,8 +267,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 "No model to compress: pass it to the constructor, NetworkCompressor(model), "
                 "or to fit(model, X)."
             )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        check_model(model)
         if X is None:
             raise ValueError("fit needs calibration data X: fit(model, X) or fit(X).")
         return model, X
