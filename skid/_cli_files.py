@@ -96,7 +96,10 @@ def load_model(path, device, *, trust_pickle=False):
             "one) and try again"
         ) from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise InputFileError(f"cannot load {path}: {error}") from None
+        raise InputFileError(
+            f"cannot load {path}: is it a model saved with torch.save? "
+            f"({type(error).__name__}: {error})"
+        ) from None
     return _check_model(model, path)
 
 
@@ -123,10 +126,17 @@ def _torch_nn_allowed():
 def _refused_message(path, error):
     """Why a weights-only load refused ``path``, and the flag that loads it anyway."""
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-    what = f"{found.group(1)}, which is" if found else "an object"
+    if found:
+        return (
+            f"{path} needs {found.group(1)}, which is not part of torch.nn, to load, and "
+            "unpickling it could run code from the file. If you trust the file, pass "
+            "--trust-pickle"
+        )
+    reason = re.search(r"WeightsUnpickler error: *(\S.*)", str(error))
     return (
-        f"{path} needs {what} not part of torch.nn to load, and unpickling it could run code "
-        "from the file. If you trust the file, pass --trust-pickle"
+        f"cannot load {path}: a weights-only load cannot read it "
+        f"({reason.group(1) if reason else 'it is not a model saved with torch.save'}). If it "
+        "is a full pickle you trust, pass --trust-pickle"
     )
 
 

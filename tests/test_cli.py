@@ -288,6 +288,15 @@ def test_files_that_are_not_eager_models_exit_3(files, tmp_path, payload, messag
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [b"not a model", np.arange(3).tobytes() * 40])
+def test_a_file_that_is_no_torch_save_says_so(files, tmp_path, content, capsys):
+    (tmp_path / "m.pt").write_bytes(content)
+    argv = ["compress", str(tmp_path / "m.pt"), "--data", str(files / "calib.npy"), "--out",
+            str(tmp_path / "o.pt")]
+    assert cli.main(argv) == cli.EXIT_INPUT
+    assert re.search(r"cannot load .*m\.pt", capsys.readouterr().err)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_cuda_device_without_cuda_exits_2(files, capsys):
     assert compress(files, "--device", "cuda") == cli.EXIT_USAGE
