@@ -100,3 +100,11 @@ def test_memory_does_not_reuse_statistics_or_outputs_across_an_edited_forward(tm
     assert cached.score(X_test) == fresh.score(X_test)
     again = NetworkCompressor(copy.deepcopy(tanh), memory=tmp_path, **params).fit(X)
     assert again.n_calibration_passes_ == 0  # the same code and weights still hit the cache
+
+
+def test_memory_set_after_fit_keys_the_outputs_on_the_code_too(tmp_path):
+    relu, tanh = twins((torch.relu,), (torch.tanh,))
+    X = torch.randn(16, 8)
+    for model in (relu, tanh):
+        nc = NetworkCompressor(model, rank=0.5).fit(X).set_params(memory=tmp_path)
+        np.testing.assert_array_equal(nc._original_outputs(X), model_outputs(model, X, 256))
