@@ -6,13 +6,18 @@ wrong and what to do; the command line prints it and exits with code 3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import re
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class InputFileError(Exception):
@@ -31,11 +36,41 @@ def check_folder_exists(path):
         raise InputFileError(f"the folder of {path} does not exist")
 
 
-def load_model(path, device):
-    """Unpickle a whole ``nn.Module`` saved with ``torch.save(model, path)``.
+def check_writable(path, option):
+    """Raise unless a file can be written at ``path`` (checked before any work is done)."""
+    if path.is_dir():
+        raise InputFileError(
+            f"{option} {path} is a directory; give the path of a file in it, e.g. "
+            f"{path / 'compressed.pt'}"
+        )
+    check_folder_exists(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputFileError(f"cannot write {path}: the file is read-only")
+    folder = path.resolve().parent
+    try:  # os.access is not enough: root, ACLs, read-only mounts
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise InputFileError(
+            f"cannot write {path}: cannot create a file in {folder} ({error.strerror})"
+        ) from None
 
-    Only for files you trust: this is ``torch.load(path, weights_only=False)``, which can run
-    arbitrary code. The current directory is importable, as with ``python -m``.
+
+def same_file(a, b):
+    """Whether two paths name one file: the same path, a symbolic or a hard link."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.normcase(a.resolve()) == os.path.normcase(b.resolve())
+
+
+def load_model(path, device, *, trust_pickle=False):
+    """Load a whole ``nn.Module`` saved with ``torch.save(model, path)``.
+
+    By default with ``torch.load(path, weights_only=True)``, which runs no code from the file,
+    the torch.nn module classes allowed: a model built from them (``nn.Sequential`` of
+    ``Linear``, ``Conv2d``, ``BatchNorm2d``, activations ...) loads. ``trust_pickle=True``
+    unpickles with ``weights_only=False`` (any class, and any code the file holds); the current
+    directory is then importable, searched after everything else on ``sys.path``.
     """
     kind = _archive_kind(path)
     if kind is not None:
@@ -43,10 +78,17 @@ def load_model(path, device):
             f"{path} is a {kind} archive, which skid cannot rewrite layer by layer; save the "
             "eager model with torch.save(model, path) instead"
         )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # model classes defined next to the user
     try:
-        model = torch.load(path, map_location=device, weights_only=False)
+        if trust_pickle:
+            with _current_directory_importable():
+                model = torch.load(path, map_location=device, weights_only=False)
+        else:
+            with _torch_nn_allowed():
+                model = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if trust_pickle or "weights_only" not in str(error).lower().replace(" ", "_"):
+            raise InputFileError(f"cannot load {path}: {error}") from None
+        raise InputFileError(_refused_message(path, error)) from None
     except (ImportError, AttributeError) as error:
         raise InputFileError(
             f"cannot unpickle {path}: {error}. The model's classes must be importable: if "
@@ -54,8 +96,64 @@ def load_model(path, device):
             "one) and try again"
         ) from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise InputFileError(f"cannot load {path}: {error}") from None
+        raise InputFileError(
+            f"cannot load {path}: is it a model saved with torch.save? "
+            f"({type(error).__name__}: {error})"
+        ) from None
     return _check_model(model, path)
+
+
+# torch.nn functions that modules keep as attributes (TransformerEncoderLayer's activation)
+_NN_FUNCTIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "elu", "selu", "celu", "leaky_relu",
+                 "hardswish", "hardsigmoid", "mish", "softplus", "relu6")
+
+
+def _torch_nn_allowed():
+    """A context in which a weights-only ``torch.load`` accepts the torch.nn module classes."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: only tensors and containers load weights-only
+        return contextlib.nullcontext()
+    classes, pending = [], [torch.nn.Module]
+    while pending:
+        cls = pending.pop()
+        if cls.__module__.startswith("torch.nn.modules"):
+            classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    functions = [getattr(F, name) for name in _NN_FUNCTIONS if hasattr(F, name)]
+    return safe_globals(list(dict.fromkeys(classes)) + functions)
+
+
+def _refused_message(path, error):
+    """Why a weights-only load refused ``path``, and the flag that loads it anyway."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if found:
+        return (
+            f"{path} needs {found.group(1)}, which is not part of torch.nn, to load, and "
+            "unpickling it could run code from the file. If you trust the file, pass "
+            "--trust-pickle"
+        )
+    reason = re.search(r"WeightsUnpickler error: *(\S.*)", str(error))
+    return (
+        f"cannot load {path}: a weights-only load cannot read it "
+        f"({reason.group(1) if reason else 'it is not a model saved with torch.save'}). If it "
+        "is a full pickle you trust, pass --trust-pickle"
+    )
+
+
+@contextlib.contextmanager
+def _current_directory_importable():
+    """The working directory at the END of sys.path while loading, so that model classes
+    defined next to the user import, but a stray ``shlex.py`` there cannot shadow the
+    standard library."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _archive_kind(path):
@@ -140,16 +238,30 @@ def _pick_npz_array(archive, key, path):
 
 
 def save_model(model, path):
-    """``torch.save`` the whole model."""
-    try:
-        torch.save(model, path)
-    except OSError as error:
-        raise InputFileError(f"cannot write {path}: {error}") from None
+    """``torch.save`` the whole model (all or nothing: the old file stays if this fails)."""
+    _write_atomically(path, lambda file: torch.save(model, file))
 
 
 def write_json(data, path):
-    """Write ``data`` as indented JSON."""
+    """Write ``data`` as indented JSON (all or nothing)."""
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    _write_atomically(path, lambda file: file.write(text))
+
+
+def _write_atomically(path, write):
+    """``write(file)`` into a new file next to ``path``, then rename it onto ``path``.
+
+    A failure leaves no half-written file, and an existing ``path`` is replaced as a whole:
+    other hard links to the old file keep their content. A symbolic link is written through.
+    """
+    target = path.resolve()
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        with open(temporary, "xb") as file:
+            write(file)
+        os.replace(temporary, target)
     except OSError as error:
         raise InputFileError(f"cannot write {path}: {error}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the compression itself failed (e.g. the model rejects the data)
-EXIT_USAGE = 2  # bad or conflicting options (argparse uses 2 as well)
-EXIT_INPUT = 3  # a file is missing, unreadable, or not what was expected
+EXIT_USAGE = 2  # bad or conflicting options, an output that is an input (argparse uses 2 too)
+EXIT_INPUT = 3  # a file is missing, unreadable, unwritable, or not what was expected
 EXIT_NOT_PRUNABLE = 4  # the model has nothing that can be pruned
 
 EXIT_CODES_HELP = """\
 exit codes:
   0  success
   1  the compression failed (for example the model rejects the calibration data)
-  2  bad or conflicting options
-  3  a file is missing, unreadable or not a model / an array
+  2  bad or conflicting options, or an output that would overwrite an input
+  3  a file is missing, unreadable, not a model / an array, or an output is unwritable
   4  the model has nothing prunable (the message lists every candidate and why)
 """
 
@@ -136,12 +136,17 @@ def _add_compress_parser(commands):
         "run the unlabeled calibration\ninputs through it, keep the channels that "
         "reconstruct each layer's output best, fold the\ncorrection into the next layer, "
         "and save the narrower model (no fine-tuning).\n\n"
-        "MODEL is a whole model saved with torch.save(model, MODEL). It is unpickled with\n"
-        "torch.load(MODEL, weights_only=False), which can run arbitrary code: ONLY LOAD FILES\n"
-        "YOU TRUST. The model's classes must be importable (an installed package or a module\n"
-        "in the current directory); torch.nn containers such as nn.Sequential always are.\n"
+        "MODEL is a whole model saved with torch.save(model, MODEL). It is loaded with\n"
+        "torch.load(MODEL, weights_only=True), which runs no code from the file and accepts\n"
+        "models built from torch.nn classes (nn.Sequential of Linear, Conv2d, BatchNorm2d,\n"
+        "activations, ...). A model of your own classes needs --trust-pickle, which unpickles\n"
+        "it with weights_only=False: that can run arbitrary code, so ONLY USE IT FOR FILES YOU\n"
+        "TRUST. Its classes must then be importable (an installed package, or a module in the\n"
+        "current directory, which is searched after the standard library and packages).\n"
         "TorchScript and torch.export archives are not supported: their code cannot be\n"
-        "rewritten layer by layer.",
+        "rewritten layer by layer.\n\n"
+        "No output may be an input or the other output (also through links), and --out and\n"
+        "--report must be writable files: both are checked before any work.",
         epilog=EXIT_CODES_HELP,
     )
     compress.add_argument("model", type=Path, metavar="MODEL", help="the model file (.pt)")
@@ -187,6 +192,11 @@ def _add_compress_parser(commands):
     compress.add_argument(
         "--device", metavar="DEVICE",
         help="torch device to load the model on and calibrate with, e.g. cuda (default: cpu)",
+    )
+    compress.add_argument(
+        "--trust-pickle", action="store_true",
+        help="load MODEL as a full pickle (torch.load with weights_only=False), for models of "
+        "your own classes: it can run any code in the file, so only for files you trust",
     )
     compress.add_argument(
         "--report", type=Path, metavar="PATH", help="also write the report as JSON there"
@@ -375,7 +385,13 @@ def _compress(args):
 
     _check_paths(args)
     device = _parse_device(args.device)
-    model = files.load_model(args.model, device)
+    if args.trust_pickle:
+        print(
+            f"skid compress: warning: --trust-pickle: unpickling {args.model} with "
+            "weights_only=False runs any code it holds; use it only for files you trust",
+            file=sys.stderr,
+        )
+    model = files.load_model(args.model, device, trust_pickle=args.trust_pickle)
     inputs = files.load_calibration(args.data, args.data_key, model, device)
     compressor = _make_compressor(args, device)
     _fit(compressor, model, inputs, args)
@@ -388,16 +404,25 @@ def _compress(args):
 
 
 def _check_paths(args):
-    """Inputs exist, the output would not overwrite the model, output folders exist."""
+    """Before any work: the inputs exist, no output is an input or the other output (exit 2),
+    and every output can be written (exit 3)."""
     from . import _cli_files as files
 
     files.check_exists(args.model, "model")
     files.check_exists(args.data, "calibration data")
-    if args.out.resolve() == args.model.resolve():
-        raise CommandError("--out is the input model; choose another path", EXIT_USAGE)
-    for path in (args.out, args.report):
-        if path is not None:
-            files.check_folder_exists(path)
+    inputs = {"the input model": args.model, "--data": args.data}
+    outputs = {"--out": args.out, "--report": args.report}
+    outputs = {option: path for option, path in outputs.items() if path is not None}
+    for i, (option, path) in enumerate(outputs.items()):
+        others = {**inputs, **dict(list(outputs.items())[:i])}
+        for other, other_path in others.items():
+            if files.same_file(path, other_path):
+                raise CommandError(
+                    f"{option} {path} is the same file as {other} ({other_path}); writing "
+                    "it would destroy that file: choose another path", EXIT_USAGE,
+                )
+    for option, path in outputs.items():
+        files.check_writable(path, option)
 
 
 def _parse_device(name):

@@ -29,7 +29,7 @@ def test_sphinx_build_has_no_warnings(tmp_path):
         assert (html / f"{page}.html").is_file(), page
     gallery = (html / "auto_examples" / "plot_compress_digits_cnn.html").read_text()
     assert re.search(r"<img [^>]*sphx_glr_plot_compress_digits_cnn_001", gallery)
-    assert "ONLY LOAD FILES" in (html / "cli.html").read_text()
+    assert "ONLY USE IT FOR FILES YOU" in (html / "cli.html").read_text()
 
 
 def python_blocks(rst):

@@ -5,7 +5,7 @@ input, viewed as (rows, channels) by :func:`skid.nn._surgery.as_samples`, goes i
 streaming accumulator (``XᵀX`` or a TSQR factor, on the model's device). Memory depends on the
 widths, never on the amount of calibration data. The factorizations that come out are small
 host NumPy objects, which :class:`StatisticsCache` stores with ``joblib.Memory`` under a key made
-of the model's weights, the data and the settings — never of object identities.
+of the model's weights and executed ops, the data and the settings — never of object identities.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._linalg import GramAccumulator, QRAccumulator
+from ._fingerprint import describe_execution
 from ._surgery import as_samples
 
 __all__ = [
@@ -395,10 +396,18 @@ def _progress(batches, verbose: bool):
 # ------------------------------------------------------------------------------------ cache
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of a model's architecture (``repr``) and of every tensor of its ``state_dict``."""
+def model_fingerprint(model: nn.Module, args: tuple, kwargs: dict | None = None) -> str:
+    """A hash of what a model computes: the ops it runs on ``(args, kwargs)``, its tensors.
+
+    The ops come from one recorded forward pass on the example inputs (``repr`` would miss an
+    edited ``forward``); the versions of skid and torch are part of it, as they decide the
+    statistics too.
+    """
+    from .. import __version__
+
     digest = hashlib.blake2b(digest_size=20)
-    digest.update(repr(model).encode())
+    digest.update(f"skid {__version__} torch {torch.__version__}\n".encode())
+    digest.update(describe_execution(model, args, kwargs).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         _hash_value(digest, tensor)

@@ -38,6 +38,7 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
+from ._model_checks import check_model
 from ._plan import Selection
 from ._surgery import apply_selection, weight_gram
 
@@ -101,8 +102,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Where calibration runs (default: the model's device). The compressed model is returned
         on the model's own device.
     memory : str, path-like or joblib.Memory, default=None
-        Cache of the calibration statistics, keyed on the model's weights, the data and the
-        settings: refits with another ``tol``/``rank``/``target_flops`` skip the forward passes.
+        Cache of the calibration statistics, keyed on the model's weights, the ops its forward
+        pass runs, skid's and torch's versions, the data and the settings: refits with another
+        ``tol``/``rank``/``target_flops`` skip the forward passes.
         A one-shot iterator of batches is read into memory when this is set.
     verbose : bool, default=False
         Show a progress bar over the calibration batches and list the skipped layers.
@@ -246,7 +248,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         flops_before, module_flops = count_flops(work, *example)
         params_before = count_params(work)
         passes_before = calibration_passes()
-        key = self._cache_key(model, batches, units) if self.memory is not None else None
+        # the model's weights and the code it runs, keyed once per fit
+        self._model_key = None if self.memory is None else model_fingerprint(work, *example)
+        key = None if self.memory is None else self._cache_key(self._model_key, batches, units)
         plan = self._plan(work, units, batches, key, (module_flops, flops_before))
         self.n_calibration_passes_ = calibration_passes() - passes_before
         self.flops_ = {"before": int(flops_before), "after": int(count_flops(work, *example)[0])}
@@ -259,7 +263,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _fit_arguments(self, args, kwargs):
         """``(model, X)`` from ``fit(model, X[, y])``, ``fit(X[, y])`` or keywords."""
         args = list(args)
-        model = args.pop(0) if args and isinstance(args[0], nn.Module) else None
+        # data is never callable: a callable first argument was meant as the model
+        model = args.pop(0) if args and callable(args[0]) else None
         model = kwargs.pop("model", None) if model is None else model
         X = args.pop(0) if args else kwargs.pop("X", None)
         if args:
@@ -276,8 +281,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 "No model to compress: pass it to the constructor, NetworkCompressor(model), "
                 "or to fit(model, X)."
             )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        check_model(model)
         if X is None:
             raise ValueError("fit needs calibration data X: fit(model, X) or fit(X).")
         return model, X
@@ -332,10 +336,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             )
         return units
 
-    def _cache_key(self, model, batches: Batches, units) -> str:
-        """Content key of the statistics: weights, architecture, data, units and method."""
+    def _cache_key(self, model_key: str, batches: Batches, units) -> str:
+        """Content key of the statistics: the model's key, the data, the units and method."""
         return fingerprint(
-            model_fingerprint(model),
+            model_key,
             batches.fingerprint(),
             [repr(u) for u in units],
             self.method_,
@@ -468,7 +472,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         if self.memory is None:
             return model_outputs(self._original_model, X, self.batch_size)
         batches = Batches(X, self.batch_size, reusable=True)
-        key = fingerprint(model_fingerprint(self._original_model), batches.fingerprint())
+        model_key = getattr(self, "_model_key", None)
+        if model_key is None:  # memory was set after fit
+            example = example_inputs(batches.first, *model_device_dtype(self._original_model))
+            model_key = model_fingerprint(self._original_model, *example)
+        key = fingerprint(model_key, batches.fingerprint())
         cached = StatisticsCache(self.memory).memory.cache(
             _keyed_outputs, ignore=["model", "batches", "batch_size"]
         )

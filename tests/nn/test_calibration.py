@@ -246,13 +246,14 @@ def test_progress_bar_when_verbose(capsys):
 
 
 def test_model_fingerprint_is_content_based():
-    model = make_mlp()
+    model, x = make_mlp(), torch.randn(2, 8)
     twin = copy.deepcopy(model)
-    assert model_fingerprint(model) == model_fingerprint(twin)
+    assert model_fingerprint(model, (x,)) == model_fingerprint(twin, (x.clone(),))
     with torch.no_grad():
         twin[0].bias[0] += 1e-4
-    assert model_fingerprint(model) != model_fingerprint(twin)
-    assert model_fingerprint(make_mlp()) != model_fingerprint(nn.Sequential(*make_mlp()[:3]))
+    assert model_fingerprint(model, (x,)) != model_fingerprint(twin, (x,))
+    shorter = nn.Sequential(*make_mlp()[:3])
+    assert model_fingerprint(make_mlp(), (x,)) != model_fingerprint(shorter, (x,))
 
 
 def test_cache_skips_the_forward_passes_for_the_same_content(tmp_path):
@@ -263,7 +264,8 @@ def test_cache_skips_the_forward_passes_for_the_same_content(tmp_path):
 
     def get(m, data):
         batches = Batches(data, 8)
-        key = fingerprint(model_fingerprint(m), batches.fingerprint(), [repr(u) for u in units])
+        key = fingerprint(model_fingerprint(m, (data[:2],)), batches.fingerprint(),
+                          [repr(u) for u in units])
         return cache.get(key, m, units, batches, method="gram", precision="float64", verbose=False)
 
     passes = calibration_passes()
