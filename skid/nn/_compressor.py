@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .. import metrics
+from .. import _corrective, metrics
 from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
@@ -74,10 +74,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
-    calibration : {"original", "sequential"}, default="original"
+    calibration : {"original", "sequential", "corrective"}, default="original"
         ``"original"``: every unit's ID from the original model's activations, one pass.
         ``"sequential"``: units in forward order, each from the model compressed so far (one
         pass per unit; with ``target_flops`` the widths come from a first, original pass).
+        ``"corrective"``: units in forward order; channels chosen from the compressed model's
+        consumer input ``Z_c`` and ``T`` fitted by least squares to the *original* model's
+        ``Z_o`` (``min ‖Z_o − Z_c[:, J] T‖_F``), so each consumer sees what the original fed
+        it, upstream errors included. Two truncated passes per unit (the original and the
+        compressed model on the same batches; one for the first unit) and a second copy of
+        the model on ``device``. Widths as ``"sequential"``; ``tol`` is then met against
+        ``Z_o`` (a unit whose upstream error alone exceeds it keeps its full width).
     method : {"auto", "gram", "qr"}, default="auto"
         Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
@@ -103,8 +110,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         dtype.
     layers_ : list of dict
         One per pruned unit: ``producer``, ``consumer`` (qualified names), ``width_before``,
-        ``width_after``, ``error`` (relative ID error). ``pandas.DataFrame(layers_)`` is the
-        report.
+        ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is the report. ``error`` is
+        the relative error on the calibration data of what the consumer sees: the ID error
+        ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of its input ``Z`` in the model it was calibrated on
+        (the original, or for ``"sequential"`` the model compressed so far); for
+        ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
+        input ``Z_o``, upstream units' errors included.
     skipped_ : list of dict
         ``producer`` and ``reason`` for every Linear/Conv layer left alone.
     flops_ : dict
@@ -157,7 +168,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "target_flops": [None, Interval(numbers.Real, 0, 1, "neither")],
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
-        "calibration": [Options(("original", "sequential"))],
+        "calibration": [Options(("original", "sequential", "corrective"))],
         "method": [Options(("auto", "gram", "qr"))],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
@@ -222,7 +233,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self._check_params()
         home, dtype = model_device_dtype(model)
         device = home if self.device is None else torch.device(self.device)
-        multi_pass = self.memory is not None or self.calibration == "sequential"
+        multi_pass = self.memory is not None or self.calibration != "original"
         batches = Batches(X, self.batch_size, reusable=multi_pass)
         work = _working_copy(model, device)
         example = example_inputs(batches.first, device, dtype)
@@ -333,6 +344,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _plan(self, work, units, batches, key, flops_info):
         """Statistics → widths → selections, applied to ``work``; returns the selections."""
         cache = StatisticsCache(self.memory)
+        if self.calibration == "corrective":
+            return self._corrective(work, units, batches, key, cache, flops_info)
         if self.calibration == "original" or (
             self.target_flops is not None and self.calibration == "sequential"
         ):
@@ -368,6 +381,33 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 precision=self._gram_precision,
                 verbose=self.verbose,
             )
+            k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
+            selection = _selection(unit, fac, k)
+            apply_selection(work, selection)
+            plan.append(selection)
+        return plan
+
+    def _corrective(self, work, units, batches, key, cache, flops_info):
+        """Units in forward order, each ``T`` fitted to the original model's activations.
+
+        ``target_flops`` widths come from the one-pass (original) error curves, as for
+        ``"sequential"``; ``tol``/``rank`` widths from each step's corrective error curve.
+        """
+        settings = dict(method=self.method_, precision=self._gram_precision,
+                        verbose=self.verbose)
+        widths = None
+        if self.target_flops is not None:
+            facs, self.n_calibration_samples_ = cache.get(key, work, units, batches, **settings)
+            widths = self._widths(facs, units, flops_info, work, batches)
+        reference = copy.deepcopy(work)  # the original, on the calibration device
+        plan = []
+        for i, unit in enumerate(units):
+            step_key = None if key is None else fingerprint(
+                key, "corrective", i, _plan_content(plan))
+            # nothing compressed yet: the consumer's input is the original's (one pass)
+            stats, self.n_calibration_samples_ = cache.corrective(
+                step_key, work, reference if plan else None, unit, batches, **settings)
+            fac = stats.factorize(_corrective.DEFAULT_SELECTION)
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
             selection = _selection(unit, fac, k)
             apply_selection(work, selection)
