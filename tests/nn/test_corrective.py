@@ -190,3 +190,13 @@ def test_padding_rows_are_left_out():
 def test_bad_calibration_names_the_options():
     with pytest.raises(InvalidParameterError, match="calibration.*'corrective'"):
         NetworkCompressor(make_mlp(), calibration="corective").fit(torch.randn(10, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_corrective_on_cuda_matches_the_cpu():
+    X = torch.randn(64, 3, 16, 16)
+    cpu = NetworkCompressor(make_vgg(), rank=0.5, calibration="corrective").fit(X)
+    gpu = NetworkCompressor(make_vgg(), rank=0.5, calibration="corrective", device="cuda").fit(X)
+    assert [r["width_after"] for r in gpu.layers_] == [r["width_after"] for r in cpu.layers_]
+    assert all(not p.is_cuda for p in gpu.compressed_model_.parameters())
+    assert relative_gap(gpu.transform(X), cpu.transform(X)) < 1e-3
