@@ -69,6 +69,15 @@ def test_full_rank_reproduces_the_model_in_every_mode(name, calibration):
     assert relative_gap(nc.transform(held_out), nc._original_outputs(held_out)) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["mlp", "vgg", "bert"])
+def test_qr_route_at_zero_tolerance_reproduces_the_calibration_outputs(name):
+    factory, make_input = ARCHITECTURES[name]
+    X = make_input(48, seed=1)
+    nc = NetworkCompressor(factory(), tol=0.0, calibration="corrective", batch_size=16).fit(X)
+    assert nc.method_ == "qr"
+    assert relative_gap(nc.transform(X), nc._original_outputs(X)) < 1e-5
+
+
 def test_float64_model_and_the_callers_model_untouched():
     model = make_mlp().double()
     before = copy.deepcopy(model.state_dict())
