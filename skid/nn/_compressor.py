@@ -126,7 +126,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Calibration samples seen.
     n_calibration_passes_ : int
         Batches run through the model for the statistics in this ``fit`` (0 when every
-        statistic came from ``memory``).
+        statistic came from ``memory``); ``"corrective"`` counts the original's and the
+        compressed model's run of a batch as two.
     method_ : str
         ``"gram"`` or ``"qr"``, what ``method="auto"`` resolved to.
 
