@@ -209,3 +209,17 @@ def test_corrective_on_cuda_matches_the_cpu():
     assert [r["width_after"] for r in gpu.layers_] == [r["width_after"] for r in cpu.layers_]
     assert all(not p.is_cuda for p in gpu.compressed_model_.parameters())
     assert relative_gap(gpu.transform(X), cpu.transform(X)) < 1e-3
+
+
+def test_command_line_and_verbose(tmp_path, capsys):
+    from skid import cli
+
+    torch.save(deep_mlp(), tmp_path / "model.pt")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((40, 6)))
+    code = cli.main(["compress", str(tmp_path / "model.pt"), "--data", str(tmp_path / "calib.npy"),
+                     "--tol", "0.1", "--calibration", "corrective",
+                     "--out", str(tmp_path / "small.pt"), "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    assert '"calibration": "corrective"' in (tmp_path / "r.json").read_text()
+    NetworkCompressor(deep_mlp(), calibration="corrective", verbose=True).fit(torch.randn(20, 6))
+    assert "calibration" in capsys.readouterr().err  # one progress bar per step
