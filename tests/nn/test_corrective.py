@@ -89,6 +89,16 @@ def test_float64_model_and_the_callers_model_untouched():
     assert not any(m.training for m in nc.compressed_model_.modules())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model, X = make_vgg().to(dtype), torch.randn(32, 3, 16, 16)
+    exact = NetworkCompressor(model, rank=1.0, calibration="corrective", batch_size=16).fit(X)
+    assert relative_gap(exact.transform(X), exact._original_outputs(X)) == 0.0
+    half = NetworkCompressor(model, rank=0.5, calibration="corrective", batch_size=16).fit(X)
+    assert next(half.compressed_model_.parameters()).dtype == dtype
+    assert np.isfinite(half.transform(X)).all()
+
+
 # ----------------------------------------------------------------- least-squares property
 
 
