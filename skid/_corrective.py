@@ -108,6 +108,65 @@ class CrossStatistics:
             V[:, perm] = U
         return CorrectiveFactorization(perm, U, V, self.sq_norm)
 
+    def fit(self, keep):
+        """``T`` for channels chosen elsewhere (e.g. one selection shared by a channel group
+        whose consumers each have their own statistics).
+
+        Parameters
+        ----------
+        keep : array-like of int, shape (k,)
+            Kept channels.
+
+        Returns
+        -------
+        keep : ndarray of shape (k,)
+            The same channels, reordered by a pivoting within them (the rows of ``T``).
+        T : ndarray of shape (k, m)
+            Least-squares fit of ``Z_o`` from ``Z_c[:, keep]`` (numerically dependent kept
+            channels keep identity rows, as in :meth:`CorrectiveFactorization.select`).
+        error : float
+            ``‖Z_o − Z_c[:, keep] T‖_F / ‖Z_o‖_F``.
+        """
+        keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+        m = self.n_features
+        distinct = np.unique(keep).size == keep.size
+        if keep.size == 0 or keep.min() < 0 or keep.max() >= m or not distinct:
+            raise ValueError(f"keep must hold distinct channel indices in [0, {m}); got {keep}.")
+        if self.method == "gram":
+            sub = factorize_gram(self.first[np.ix_(keep, keep)])
+            r = _trusted(np.diag(sub.U), _gram_ratio(self.eps))
+            keep = keep[sub.perm]
+            U_kk = sub.U[:r, :r]
+            U = scipy.linalg.solve_triangular(U_kk, self.first[keep[:r]], trans="T",
+                                              check_finite=False)
+            V = scipy.linalg.solve_triangular(U_kk, self.cross[keep[:r]], trans="T",
+                                              check_finite=False)
+        else:
+            Q, U_kk, p = scipy.linalg.qr(self.first[:, keep], pivoting=True, check_finite=False)
+            r = _trusted(np.diag(U_kk), m * self.eps)
+            keep, U_kk = keep[p], U_kk[:r, :r]
+            U, V = Q[:, :r].T @ self.first, Q[:, :r].T @ self.cross
+        if self.unchanged:
+            V = U
+        T = np.zeros((keep.size, m))
+        T[np.arange(keep.size), keep] = 1.0
+        if r:
+            B = V - np.where(np.isin(np.arange(m), keep), U, 0.0)
+            T[:r] += scipy.linalg.solve_triangular(U_kk, B, check_finite=False)
+        return keep, T, self._relative_error(keep, T)
+
+    def _relative_error(self, keep, T) -> float:
+        """``‖Z_o − Z_c[:, keep] T‖_F / ‖Z_o‖_F`` from the statistics."""
+        if self.sq_norm <= 0:
+            return 0.0
+        if self.method == "gram":
+            G, C = self.first[np.ix_(keep, keep)], self.cross[keep]
+            sq = self.sq_norm - 2 * np.vdot(T, C) + np.vdot(T, G @ T)
+        else:  # Z_c = Q R11, Z_o = Q R12 + (the rest, orthogonal to Q)
+            R11, R12 = self.first, self.cross
+            sq = np.sum((R12 - R11[:, keep] @ T) ** 2) + self.sq_norm - np.sum(R12**2)
+        return float(np.sqrt(max(sq, 0.0) / self.sq_norm))
+
 
 def _trusted(diag: np.ndarray, ratio: float) -> int:
     """Leading pivots whose triangular-factor diagonal exceeds ``ratio`` times the first."""

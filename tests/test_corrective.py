@@ -100,3 +100,22 @@ def test_bad_blocks_and_selection():
         acc.statistics().factorize("random")
     with pytest.raises(ValueError, match="No data"):
         CrossAccumulator().statistics()
+
+
+@pytest.mark.parametrize("method", ["gram", "qr"])
+def test_fit_for_channels_chosen_elsewhere(method):
+    Zc, Zo = paired(seed=5)
+    stats = statistics(Zc, Zo, method)
+    for chosen in ([3], [7, 0, 11], [1, 2, 4, 5, 6, 8, 9]):
+        keep, T, error = stats.fit(chosen)
+        assert sorted(keep.tolist()) == sorted(chosen)
+        best = np.linalg.lstsq(Zc[:, keep], Zo, rcond=None)[0]
+        np.testing.assert_allclose(T, best, atol=1e-8)
+        assert error == pytest.approx(relative(Zc, Zo, keep, T), rel=1e-6)
+    fac = stats.factorize()
+    keep, T, error = stats.fit(fac.perm[:4])
+    select_keep, select_T = fac.select(4)
+    np.testing.assert_allclose(T[np.argsort(keep)], select_T[np.argsort(select_keep)], atol=1e-8)
+    assert error == pytest.approx(fac.errors[4], rel=1e-6)
+    with pytest.raises(ValueError, match="distinct channel indices"):
+        stats.fit([0, 0])
