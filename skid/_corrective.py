@@ -33,7 +33,13 @@ import numpy as np
 import scipy.linalg
 
 from . import _array
-from ._linalg import QRAccumulator, factorize_gram, row_blocks
+from ._linalg import (  # the Gram route blocks rows as GramAccumulator does
+    _BLOCK_ELEMENTS,
+    _NATIVE_BLOCK_ROWS,
+    QRAccumulator,
+    factorize_gram,
+    row_blocks,
+)
 
 __all__ = [
     "DEFAULT_SELECTION",
@@ -47,9 +53,6 @@ __all__ = [
 #: benchmarks/README.md, bench_fidelity.py) and ``"greedy"`` (greedy on the cross statistic).
 SELECTIONS = ("gram", "greedy")
 DEFAULT_SELECTION = "gram"
-
-_NATIVE_BLOCK_ROWS = 4096  # float32 products summed in float64 every this many rows
-_BLOCK_ELEMENTS = 1 << 22  # a float64 row block of about 32 MB
 
 
 @dataclass(frozen=True)
