@@ -18,6 +18,10 @@ FLOPs kept go from 1.0 down to 0.2, for
 Prints one table per model and sweep, a summary at 50 % and 25 % of the FLOPs, and saves
 agreement vs FLOPs kept (both models, one panel each) to ``docs/images/fidelity_digits.png``.
 
+Then the three ``calibration`` modes at the same per-layer widths (a ``target_flops`` and a
+``rank`` sweep): ``"original"``, ``"sequential"``, ``"corrective"`` with its default choice of
+channels (from the compressed Gram) and with the alternative (greedy on the cross statistic).
+
     python benchmarks/bench_fidelity.py            # full sweep + plot (under a minute)
     python benchmarks/bench_fidelity.py --quick    # 2 settings per sweep, no plot
 """
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from _models import REPO, print_table, set_threads, train_digits_cnn, train_digits_mlp
 
-from skid import NetworkCompressor
+from skid import NetworkCompressor, _corrective
 from skid.metrics import top1_agreement
 from skid.nn._calibration import Batches, unit_statistics
 from skid.nn._graph import find_units
@@ -43,6 +47,10 @@ TOLS = (0.01, 0.02, 0.04, 0.06, 0.09, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
 TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
 RANKS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3)
 SUMMARY_AT = (0.5, 0.25)
+MODE_TARGETS = (0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+MODE_RANKS = (0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
+MODES = (("original", "gram"), ("sequential", "gram"), ("corrective", "gram"),
+         ("corrective", "greedy"))
 METHODS = ("ID", "ID without T", "L1", "random")
 MIN_PLOTTED_FLOPS = 0.1
 LABELS = {"tol": "ID, tol sweep (same error per layer)",
@@ -183,6 +191,58 @@ def print_summary(results) -> None:
     )
 
 
+# ------------------------------------------------------------------------ calibration modes
+
+
+def fit_mode(case, calibration, selection, setting) -> NetworkCompressor:
+    """A compressor fitted with ``calibration``; ``selection`` picks corrective's channels."""
+    default = _corrective.DEFAULT_SELECTION
+    _corrective.DEFAULT_SELECTION = selection
+    try:
+        return NetworkCompressor(case.model, calibration=calibration, **setting).fit(
+            case.X_calib)
+    finally:
+        _corrective.DEFAULT_SELECTION = default
+
+
+def mode_label(calibration, selection) -> str:
+    if calibration != "corrective":
+        return calibration
+    return f"corrective ({'Gram J' if selection == 'gram' else 'greedy J'})"
+
+
+def mode_sweep(case, settings) -> list[tuple]:
+    """Per setting: FLOPs kept, widths, and (agreement, accuracy) of every mode."""
+    rows = []
+    for setting in settings:
+        fits = [fit_mode(case, c, s, setting) for c, s in MODES]
+        widths = {tuple(r["width_after"] for r in nc.layers_) for nc in fits}
+        if len(widths) != 1:
+            raise RuntimeError(f"The modes chose different widths at {setting}: {widths}")
+        kept = fits[0].flops_["after"] / fits[0].flops_["before"]
+        rows.append((setting, kept, widths.pop(),
+                     [case.score(nc.compressed_model_) for nc in fits]))
+    return rows
+
+
+def print_modes(case, title, rows) -> None:
+    """Agreement / accuracy of each calibration mode at the same widths (%)."""
+    labels = [mode_label(c, s) for c, s in MODES]
+    table = []
+    for setting, kept, widths, scores in rows:
+        name = ", ".join(f"{k}={v:g}" for k, v in setting.items())
+        best_other = max(scores[0][0], scores[1][0])
+        table.append((name, kept, "-".join(map(str, widths)),
+                      *[f"{100 * a:.1f} / {100 * b:.1f}" for a, b in scores],
+                      100 * (scores[2][0] - best_other)))
+    print_table(
+        f"{case.name}, calibration modes, {title}: top-1 agreement / accuracy on "
+        f"{len(case.y_test)} held-out digits (%), same widths for every mode",
+        ["setting", "FLOPs kept", "widths", *labels, "corrective − best other (points)"],
+        table, ["s", ".3f", "s", *["s"] * len(labels), "+.1f"],
+    )
+
+
 def plot(results, path) -> None:
     """Agreement vs FLOPs kept, one panel per model, one line per method."""
     import matplotlib
@@ -234,7 +294,8 @@ def main():
         grids = {"tol": (0.05, 0.2), "target_flops": (0.5, 0.25), "rank": (0.5,)}
     seeds = 1 if args.quick else args.seeds
     results = {}
-    for case in cases():
+    all_cases = cases()
+    for case in all_cases:
         results[case.name] = {kind: sweep(case, [{kind: v} for v in values], seeds)
                               for kind, values in grids.items()}
         for kind, rows in results[case.name].items():
@@ -242,7 +303,12 @@ def main():
     print_summary(results)
     path = args.plot or (None if args.quick else PLOT)
     if path:
-        plot(results, REPO / path if not str(path).startswith("/") else path)
+        plot(results, REPO / path)  # an absolute path replaces REPO
+    targets, ranks = ((0.5, 0.1), (0.3,)) if args.quick else (MODE_TARGETS, MODE_RANKS)
+    for case in all_cases:
+        print_modes(case, "target_flops sweep",
+                    mode_sweep(case, [{"target_flops": t} for t in targets]))
+        print_modes(case, "rank sweep", mode_sweep(case, [{"rank": r} for r in ranks]))
 
 
 if __name__ == "__main__":

@@ -181,9 +181,11 @@ def _add_compress_parser(commands):
         "(repeatable or comma-separated)",
     )
     compress.add_argument(
-        "--calibration", choices=("original", "sequential"), default="original",
-        help="statistics from the original model in one pass, or recomputed from the model "
-        "compressed so far (default: original)",
+        "--calibration", choices=("original", "sequential", "corrective"),
+        default="original",
+        help="statistics from the original model in one pass, recomputed from the model "
+        "compressed so far, or corrective: each fold fitted to the original model's "
+        "activations from the compressed model's (default: original)",
     )
     compress.add_argument(
         "--batch-size", type=_positive_int, default=256, metavar="N",

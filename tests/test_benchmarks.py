@@ -37,9 +37,10 @@ def table_rows(stdout: str, title: str) -> list[str]:
 def test_bench_compress_quick():
     out = run_quick("bench_compress.py")
     fit_rows = table_rows(out, "fit time ÷ one plain forward pass")
-    assert len(fit_rows) == 4  # 2 models × {original, sequential}
+    assert len(fit_rows) == 6  # 2 models × {original, sequential, corrective}
     assert sum("original" in row for row in fit_rows) == 2
-    assert len(table_rows(out, "where fit's time goes")) == 4
+    assert sum("corrective" in row for row in fit_rows) == 2
+    assert len(table_rows(out, "where fit's time goes")) == 6
     if "needs Linux's /proc/self/clear_refs" not in out:
         assert len(table_rows(out, "peak memory vs calibration size")) == 2
     grid_rows = table_rows(out, "GridSearchCV over 10 tolerances")
@@ -57,3 +58,7 @@ def test_bench_fidelity_quick():
             assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
     summary = table_rows(out, "summary: top-1 agreement")
     assert any("target_flops=0.25" in row for row in summary)
+    for model in ("digits CNN", "digits MLP"):
+        for sweep in ("target_flops", "rank"):
+            rows = table_rows(out, f"{model}, calibration modes, {sweep} sweep")
+            assert rows and all(row.count("/") == 4 for row in rows)  # 4 modes scored

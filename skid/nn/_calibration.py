@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, QRAccumulator
 from ._fingerprint import describe_execution
 from ._surgery import as_samples
@@ -28,6 +29,7 @@ __all__ = [
     "Batches",
     "StatisticsCache",
     "calibration_passes",
+    "corrective_statistics",
     "example_inputs",
     "model_device_dtype",
     "model_fingerprint",
@@ -367,6 +369,88 @@ def _drop_padding(module, x, mask):
     return x
 
 
+def corrective_statistics(model, reference, unit, batches, *, method="gram",
+                          precision="float64", verbose=False):
+    """The corrective statistics of one unit: its consumer's input in ``model`` against the
+    same tensor in ``reference``, both run on every batch (two truncated passes).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model compressed so far (eval mode, on the calibration device); not modified.
+    reference : nn.Module or None
+        The original model, same device; ``None`` when the consumer's input is known to be
+        unchanged (nothing upstream compressed yet): one pass, ``Z_o = Z_c``.
+    unit : Unit
+    batches : Batches
+    method, precision, verbose
+        As :func:`unit_statistics`.
+
+    Returns
+    -------
+    statistics : skid._corrective.CrossStatistics
+    n_samples : int
+    """
+    global _passes
+    device, dtype = model_device_dtype(model)
+    accumulator = CrossAccumulator(method, precision)
+    n_samples = 0
+    with torch.no_grad():
+        for batch in _progress(batches, verbose):
+            args, kwargs = to_inputs(batch, device, dtype)
+            n_samples += batch_size_of(args, kwargs)
+            mask = _padding_mask(kwargs)
+            original = None
+            if reference is not None:
+                original = _consumer_input(reference, unit, args, kwargs, mask)
+            compressed = _consumer_input(model, unit, args, kwargs, mask)
+            _passes += 1 + (reference is not None)
+            if compressed is None or (reference is not None and original is None):
+                raise ValueError(
+                    f"No calibration data reached {unit.consumer!r} (the consumer of "
+                    f"{unit.producer!r}): the forward pass never called it.")
+            try:
+                accumulator.update(compressed, original)
+            except ValueError as exc:
+                raise ValueError(
+                    f"The inputs of {unit.consumer!r} in the compressed and the original "
+                    f"model do not pair up row for row ({exc}); corrective calibration "
+                    "needs the consumer to see the same rows in both.") from exc
+    statistics = accumulator.statistics()
+    if not (np.isfinite(statistics.first).all() and np.isfinite(statistics.cross).all()):
+        raise ValueError(
+            f"The activations entering {unit.consumer!r} (the output channels of "
+            f"{unit.producer!r}) hold NaN or infinite values; check the model and X "
+            "for non-finite values.")
+    return statistics, n_samples
+
+
+def _padding_mask(kwargs):
+    """The (batch, sequence) attention mask of a dict batch, as booleans, or None."""
+    mask = kwargs.get("attention_mask")
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+
+
+def _consumer_input(model, unit, args, kwargs, mask):
+    """``Z`` (rows × channels) entering ``unit.consumer`` on its first call, padding dropped;
+    the forward pass stops there. None if the consumer never runs."""
+    captured = []
+
+    def hook(module, inputs):
+        x = _drop_padding(module, inputs[0], mask)
+        captured.append(as_samples(module, x, unit.positions))
+        raise _StopForward
+
+    handle = model.get_submodule(unit.consumer).register_forward_pre_hook(hook)
+    try:
+        run_model(model, args, kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0] if captured else None
+
+
 def _factorize(unit, accumulator):
     """The accumulator's factorization, with errors that name the unit."""
     if accumulator.n_features is None:
@@ -442,6 +526,22 @@ class StatisticsCache:
             return unit_statistics(model, units, batches, **settings)
         cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
         return cached(key, units, method, precision, model=model, batches=batches, verbose=verbose)
+
+    def corrective(self, key, model, reference, unit, batches, *, method, precision, verbose):
+        """:func:`corrective_statistics`; ``key`` must identify both models, data, settings."""
+        settings = dict(method=method, precision=precision, verbose=verbose)
+        if self.memory is None:
+            return corrective_statistics(model, reference, unit, batches, **settings)
+        cached = self.memory.cache(
+            _keyed_corrective, ignore=["model", "reference", "batches", "verbose"])
+        return cached(key, unit, method, precision, model=model, reference=reference,
+                      batches=batches, verbose=verbose)
+
+
+def _keyed_corrective(key, unit, method, precision, *, model, reference, batches, verbose):
+    """:func:`corrective_statistics` with a content key as the cache's argument."""
+    return corrective_statistics(
+        model, reference, unit, batches, method=method, precision=precision, verbose=verbose)
 
 
 def _keyed_statistics(key, units, method, precision, *, model, batches, verbose):

@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .. import metrics
+from .. import _corrective, metrics
 from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR, factorize_for_outputs
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
@@ -86,10 +86,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``tol`` and the errors are then ``‖(Z − Z_J T) Wᵀ‖_F / ‖Z Wᵀ‖_F`` (for convolutions
         and flattened inputs, without the cross terms between kernel positions). ``T`` is
         the least-squares fit on ``Z`` either way.
-    calibration : {"original", "sequential"}, default="original"
+    calibration : {"original", "sequential", "corrective"}, default="original"
         ``"original"``: every unit's ID from the original model's activations, one pass.
         ``"sequential"``: units in forward order, each from the model compressed so far (one
         pass per unit; with ``target_flops`` the widths come from a first, original pass).
+        ``"corrective"``: units in forward order; channels chosen from the compressed model's
+        consumer input ``Z_c`` and ``T`` fitted by least squares to the *original* model's
+        ``Z_o`` (``min ‖Z_o − Z_c[:, J] T‖_F``), so each consumer sees what the original fed
+        it, upstream errors included. Two truncated passes per unit (the original and the
+        compressed model on the same batches; one for the first unit) and a second copy of
+        the model on ``device``. Widths as ``"sequential"``; ``tol`` is then met against
+        ``Z_o`` (a unit whose upstream error alone exceeds it keeps its full width).
     method : {"auto", "gram", "qr"}, default="auto"
         Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
@@ -116,8 +123,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         dtype.
     layers_ : list of dict
         One per pruned unit: ``producer``, ``consumer`` (qualified names), ``width_before``,
-        ``width_after``, ``error`` (relative ID error). ``pandas.DataFrame(layers_)`` is the
-        report.
+        ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is the report. ``error`` is
+        the relative error on the calibration data of what the consumer sees: the ID error
+        ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of its input ``Z`` in the model it was calibrated on
+        (the original, or for ``"sequential"`` the model compressed so far); for
+        ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
+        input ``Z_o``, upstream units' errors included.
     skipped_ : list of dict
         ``producer`` and ``reason`` for every Linear/Conv layer left alone.
     flops_ : dict
@@ -128,7 +139,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Calibration samples seen.
     n_calibration_passes_ : int
         Batches run through the model for the statistics in this ``fit`` (0 when every
-        statistic came from ``memory``).
+        statistic came from ``memory``); ``"corrective"`` counts the original's and the
+        compressed model's run of a batch as two.
     method_ : str
         ``"gram"`` or ``"qr"``, what ``method="auto"`` resolved to.
 
@@ -171,7 +183,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
         "objective": [Options(("activations", "outputs"))],
-        "calibration": [Options(("original", "sequential"))],
+        "calibration": [Options(("original", "sequential", "corrective"))],
         "method": [Options(("auto", "gram", "qr"))],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
@@ -238,7 +250,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self._check_params()
         home, dtype = model_device_dtype(model)
         device = home if self.device is None else torch.device(self.device)
-        multi_pass = self.memory is not None or self.calibration == "sequential"
+        multi_pass = self.memory is not None or self.calibration != "original"
         batches = Batches(X, self.batch_size, reusable=multi_pass)
         work = _working_copy(model, device)
         example = example_inputs(batches.first, device, dtype)
@@ -293,6 +305,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"Give rank or target_flops, not both (got rank={self.rank!r}, "
                 f"target_flops={self.target_flops!r}); either replaces tol."
+            )
+        if self.objective == "outputs" and self.calibration == "corrective":
+            raise ValueError(
+                "objective='outputs' is not supported with calibration='corrective' yet: use "
+                "calibration='original' or 'sequential' with it, or objective='activations'."
             )
         if self.device is not None:
             try:
@@ -351,6 +368,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _plan(self, work, units, batches, key, flops_info):
         """Statistics → widths → selections, applied to ``work``; returns the selections."""
         cache = StatisticsCache(self.memory)
+        if self.calibration == "corrective":
+            return self._corrective(work, units, batches, key, cache, flops_info)
         if self.calibration == "original" or (
             self.target_flops is not None and self.calibration == "sequential"
         ):
@@ -409,6 +428,33 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             )
             for u, fac in zip(units, facs, strict=True)
         ]
+
+    def _corrective(self, work, units, batches, key, cache, flops_info):
+        """Units in forward order, each ``T`` fitted to the original model's activations.
+
+        ``target_flops`` widths come from the one-pass (original) error curves, as for
+        ``"sequential"``; ``tol``/``rank`` widths from each step's corrective error curve.
+        """
+        settings = dict(method=self.method_, precision=self._gram_precision,
+                        verbose=self.verbose)
+        widths = None
+        if self.target_flops is not None:
+            facs, self.n_calibration_samples_ = cache.get(key, work, units, batches, **settings)
+            widths = self._widths(facs, units, flops_info, work, batches)
+        reference = copy.deepcopy(work)  # the original, on the calibration device
+        plan = []
+        for i, unit in enumerate(units):
+            step_key = None if key is None else fingerprint(
+                key, "corrective", i, _plan_content(plan))
+            # nothing compressed yet: the consumer's input is the original's (one pass)
+            stats, self.n_calibration_samples_ = cache.corrective(
+                step_key, work, reference if plan else None, unit, batches, **settings)
+            fac = stats.factorize(_corrective.DEFAULT_SELECTION)
+            k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
+            selection = _selection(unit, fac, k)
+            apply_selection(work, selection)
+            plan.append(selection)
+        return plan
 
     def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.

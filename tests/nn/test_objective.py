@@ -86,3 +86,10 @@ def test_outputs_objective_with_sequential_calibration(calibration):
         with torch.no_grad():
             assert nc.compressed_model_(*args, **kwargs).shape == model(*args, **kwargs).shape
         assert np.all([row["error"] <= 1 for row in nc.layers_])
+
+
+def test_outputs_objective_with_corrective_calibration_is_refused():
+    factory, make_input = ARCHITECTURES["mlp"]
+    with pytest.raises(ValueError, match="not supported with calibration='corrective'"):
+        NetworkCompressor(factory(), objective="outputs", calibration="corrective").fit(
+            make_input(n=8))
