@@ -56,6 +56,16 @@ def check_writable(path, option):
         ) from None
 
 
+def check_folder_writable(path, option):
+    """Raise unless ``path`` is, or can be created as, a folder (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise InputFileError(
+            f"{option} {path} is a file; --format safetensors writes a folder: give a folder "
+            "path (it is created if missing)"
+        )
+    check_folder_exists(path)
+
+
 def same_file(a, b):
     """Whether two paths name one file: the same path, a symbolic or a hard link."""
     if a.exists() and b.exists():
@@ -240,6 +250,16 @@ def _pick_npz_array(archive, key, path):
 def save_model(model, path):
     """``torch.save`` the whole model (all or nothing: the old file stays if this fails)."""
     _write_atomically(path, lambda file: torch.save(model, file))
+
+
+def save_folder(compressor, folder):
+    """:func:`skid.nn.save_compressed` into ``folder`` (created if missing)."""
+    from .nn import save_compressed
+
+    try:
+        save_compressed(compressor, folder)
+    except (OSError, ImportError) as error:
+        raise InputFileError(f"cannot write {folder}: {error}") from None
 
 
 def write_json(data, path):

@@ -160,7 +160,15 @@ def _add_compress_parser(commands):
     )
     compress.add_argument(
         "--out", type=Path, required=True, metavar="SMALL",
-        help="where to save the compressed model (torch.save of the whole model)",
+        help="where to save the compressed model: a file (torch.save of the whole model) or, "
+        "with --format safetensors, a folder",
+    )
+    compress.add_argument(
+        "--format", choices=("pt", "safetensors"), default="pt",
+        help="pt: torch.save of the whole model (loading it unpickles classes); safetensors: "
+        "a folder with the weights (model.safetensors) and the kept widths (skid_plan.json), "
+        "loaded without pickles by skid.nn.load_compressed(fresh_model, folder) "
+        "(default: pt)",
     )
     width = compress.add_mutually_exclusive_group()
     width.add_argument(
@@ -397,7 +405,10 @@ def _compress(args):
     inputs = files.load_calibration(args.data, args.data_key, model, device)
     compressor = _make_compressor(args, device)
     _fit(compressor, model, inputs, args)
-    files.save_model(compressor.compressed_model_, args.out)
+    if args.format == "safetensors":
+        files.save_folder(compressor, args.out)
+    else:
+        files.save_model(compressor.compressed_model_, args.out)
     report = compression_report(compressor, args)
     if not args.quiet:
         print(format_compress_report(report))
@@ -415,6 +426,16 @@ def _check_paths(args):
     inputs = {"the input model": args.model, "--data": args.data}
     outputs = {"--out": args.out, "--report": args.report}
     outputs = {option: path for option, path in outputs.items() if path is not None}
+    writable = list(outputs.items())
+    if args.format == "safetensors":  # --out is a folder: compare and check the files in it
+        from .nn._io import PLAN_FILE, WEIGHTS_FILE
+
+        files.check_folder_writable(args.out, "--out")
+        folder_files = {"--out": args.out / WEIGHTS_FILE, "--out (plan)": args.out / PLAN_FILE}
+        # an existing folder is checked file by file, a new one as a new entry of its parent
+        writable = [(o, p) for o, p in writable if o != "--out"]
+        writable += list(folder_files.items()) if args.out.is_dir() else [("--out", args.out)]
+        outputs = {**folder_files, **{o: p for o, p in outputs.items() if o != "--out"}}
     for i, (option, path) in enumerate(outputs.items()):
         others = {**inputs, **dict(list(outputs.items())[:i])}
         for other, other_path in others.items():
@@ -423,7 +444,7 @@ def _check_paths(args):
                     f"{option} {path} is the same file as {other} ({other_path}); writing "
                     "it would destroy that file: choose another path", EXIT_USAGE,
                 )
-    for option, path in outputs.items():
+    for option, path in writable:
         files.check_writable(path, option)
 
 
@@ -481,7 +502,7 @@ def compression_report(compressor, args):
     """What was done, as plain JSON-ready data: settings, per-layer widths, FLOPs, params."""
     settings = {
         "model": str(args.model), "data": str(args.data), "out": str(args.out),
-        "tol": args.tol, "rank": args.rank, "target_flops": args.target_flops,
+        "format": args.format, "tol": args.tol, "rank": args.rank, "target_flops": args.target_flops,
         "calibration": args.calibration,
     }
     return {

@@ -194,6 +194,33 @@ def test_compress_accepts_npz_and_pt_data(files, digits, capsys):
         assert cli.main(argv + common) == 0, capsys.readouterr().err
 
 
+def test_compress_to_a_safetensors_folder_reloads_without_pickles(files, model, digits, capsys):
+    pytest.importorskip("safetensors")
+    from skid.nn import load_compressed
+
+    out = files / "small_folder"
+    assert compress(files, "--rank", "0.5", "--format", "safetensors", "--out", out) == 0, (
+        capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "skid_plan.json"]
+    expected = NetworkCompressor(rank=0.5).fit(model, torch.as_tensor(digits[0]))
+    loaded = load_compressed(make_digits_cnn(), out)
+    X_test = torch.as_tensor(digits[1])
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(X_test).numpy(),
+                                   expected.compressed_model_(X_test).numpy(), atol=2e-4)
+
+
+def test_a_safetensors_output_that_is_a_file_or_clashes_is_refused(files, tmp_path, capsys):
+    passes = calibration_passes()
+    (tmp_path / "file").write_text("x")
+    code = compress(files, "--format", "safetensors", "--out", tmp_path / "file")
+    assert code == cli.EXIT_INPUT and "writes a folder" in capsys.readouterr().err
+    code = compress(files, "--format", "safetensors", "--out", tmp_path / "dir", "--report",
+                    tmp_path / "dir" / "skid_plan.json")
+    assert code == cli.EXIT_USAGE
+    assert "--report" in capsys.readouterr().err and calibration_passes() == passes
+
+
 # --------------------------------------------------------------------------- errors
 
 
