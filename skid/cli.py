@@ -502,8 +502,8 @@ def compression_report(compressor, args):
     """What was done, as plain JSON-ready data: settings, per-layer widths, FLOPs, params."""
     settings = {
         "model": str(args.model), "data": str(args.data), "out": str(args.out),
-        "format": args.format, "tol": args.tol, "rank": args.rank, "target_flops": args.target_flops,
-        "calibration": args.calibration,
+        "format": args.format, "tol": args.tol, "rank": args.rank,
+        "target_flops": args.target_flops, "calibration": args.calibration,
     }
     return {
         "settings": settings,
