@@ -72,14 +72,14 @@ class FlopsModel:
 
     @classmethod
     def from_units(cls, units, module_flops: dict, total: float) -> FlopsModel:
-        """Build the model from units (``producer``, ``consumer``, ``passthroughs`` names).
+        """Build the model from channel groups (their producers, passthroughs, consumers).
 
-        A module's FLOPs scale with the unit it produces or passes through (output channels)
-        and with the unit it consumes (input channels); modules not in ``module_flops`` cost 0.
+        A module's FLOPs scale with the group it produces or passes through (output channels)
+        and with the group it consumes (input channels); modules not in ``module_flops`` cost 0.
         """
         touched: dict[str, set] = {}
         for i, unit in enumerate(units):
-            for name in (unit.producer, unit.consumer, *unit.passthroughs):
+            for name in unit.modules():
                 touched.setdefault(name, set()).add(i)
         terms = tuple(
             (float(module_flops[name]), tuple(sorted(idx)))

@@ -38,6 +38,7 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
+from ._joint import interpolations_for
 from ._plan import Selection
 from ._surgery import apply_selection
 
@@ -460,11 +461,14 @@ def _selection(unit, fac, k) -> Selection:
             f"channels, the unit {unit.width}."
         )
     keep, T = fac.select(int(k))
+    per_consumer = interpolations_for(unit, fac, keep, T)
     return Selection(
         unit=unit,
         keep=torch.as_tensor(keep, dtype=torch.int64),
-        interpolation=torch.as_tensor(T),
+        interpolation=torch.as_tensor(T if per_consumer is None else per_consumer[0]),
         error=float(fac.errors[int(k)]),
+        interpolations=None if per_consumer is None else tuple(
+            torch.as_tensor(t) for t in per_consumer),
     )
 
 
@@ -487,14 +491,18 @@ def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:
 
 def _plan_content(plan) -> list:
     """What the selections applied so far changed, for a content key."""
-    return [[repr(s.unit), s.keep, s.interpolation] for s in plan]
+    return [[repr(s.unit), s.keep, s.interpolation, list(s.interpolations or ())] for s in plan]
 
 
 def _layer_report(selection: Selection) -> dict:
     """One row of ``layers_``."""
+    unit = selection.unit
     return {
-        "producer": selection.unit.producer,
-        "consumer": selection.unit.consumer,
+        "producer": unit.producer,
+        "consumer": unit.consumer,
+        "kind": unit.kind,
+        "producers": list(unit.producers),
+        "consumers": [c.name for c in unit.consumers],
         "width_before": int(selection.unit.width),
         "width_after": int(selection.keep.numel()),
         "error": float(selection.error),

@@ -284,10 +284,10 @@ class _PReLUSurgery:
 # Applying a plan
 
 def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
-    """Apply one unit's selection to ``model`` in place, looking modules up by name.
+    """Apply one group's selection to ``model`` in place, looking modules up by name.
 
-    The producer keeps the output channels ``selection.keep``, every passthrough keeps the
-    same channels, and ``selection.interpolation`` is folded into the consumer. Kept channels
+    Every producer keeps the output channels ``selection.keep``, every passthrough keeps the
+    same channels, and each consumer gets its interpolation matrix folded in. Kept channels
     stay in their original order (``keep`` is sorted and the rows of ``T`` permuted to
     match). Everything is checked before any module is changed.
 
@@ -296,7 +296,8 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
     model : torch.nn.Module
         The model to change (the compressor passes its own deep copy).
     selection : Selection
-        ``keep`` of shape (k,) in pivot order, ``interpolation`` of shape (k, unit.width).
+        ``keep`` of shape (k,) in pivot order, interpolation matrices of shape
+        (k, unit.width).
 
     Returns
     -------
@@ -306,24 +307,30 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
     Raises
     ------
     TypeError
-        If a module of the unit has no surgery for its role.
+        If a module of the group has no surgery for its role.
     ValueError
-        If ``keep``/``interpolation`` do not fit the unit or the modules' widths.
+        If ``keep``/``interpolation`` do not fit the group or the modules' widths.
     """
     unit = selection.unit
-    keep, T = _sorted_selection(selection)
-    producer = _module(model, unit.producer, "slice_out", unit)
-    passthroughs = [_module(model, name, "slice_channels", unit) for name in unit.passthroughs]
-    consumer = _module(model, unit.consumer, "fold_in", unit)
-    slice_out(producer, keep)
+    keep, order = _sorted_keep(selection)
+    folds = [_sorted_interpolation(selection.interpolation_for(i), keep, order, unit.width)
+             for i in range(len(unit.consumers))]
+    producers = [_module(model, name, "slice_out", unit.width) for name in unit.producers]
+    passthroughs = [_module(model, name, "slice_channels", unit.width)
+                    for name in unit.passthroughs]
+    consumers = [_module(model, c.name, "fold_in", unit.width, c.positions)
+                 for c in unit.consumers]
+    for module in producers:
+        slice_out(module, keep)
     for module in passthroughs:
         slice_channels(module, keep)
-    fold_in(consumer, T, unit.positions)
+    for module, consumer, T in zip(consumers, unit.consumers, folds, strict=True):
+        fold_in(module, T, consumer.positions)
     return model
 
 
-def _sorted_selection(selection: Selection) -> tuple[np.ndarray, torch.Tensor]:
-    """Validated ``keep`` (ascending) and ``T`` with its rows permuted to match."""
+def _sorted_keep(selection: Selection) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``keep`` (ascending) and the order that sorts it."""
     width = selection.unit.width
     keep = np.asarray(selection.keep.cpu() if torch.is_tensor(selection.keep)
                       else selection.keep).reshape(-1)
@@ -331,17 +338,22 @@ def _sorted_selection(selection: Selection) -> tuple[np.ndarray, torch.Tensor]:
         raise ValueError(f"keep must be a non-empty array of channel indices; got {keep!r}")
     if keep.min() < 0 or keep.max() >= width or np.unique(keep).size != keep.size:
         raise ValueError(f"keep must hold distinct channel indices in [0, {width}); got {keep}")
-    T = selection.interpolation
+    order = np.argsort(keep, kind="stable")
+    return keep[order], order
+
+
+def _sorted_interpolation(T, keep: np.ndarray, order: np.ndarray, width: int) -> torch.Tensor:
+    """``T`` checked to be (k, width), its rows permuted to match the sorted ``keep``."""
     T = T.detach().cpu() if torch.is_tensor(T) else torch.as_tensor(np.asarray(T))
     if tuple(T.shape) != (keep.size, width):
         raise ValueError(f"interpolation must have shape ({keep.size}, {width}) for "
                          f"{keep.size} kept channels; got {tuple(T.shape)}")
-    order = np.argsort(keep, kind="stable")
-    return keep[order], T[torch.as_tensor(order)]
+    return T[torch.as_tensor(order)]
 
 
-def _module(model: nn.Module, name: str, verb: str, unit) -> nn.Module:
-    """``model.get_submodule(name)``, checked to support ``verb`` on ``unit.width`` channels."""
+def _module(model: nn.Module, name: str, verb: str, width: int,
+            positions: int = 1) -> nn.Module:
+    """``model.get_submodule(name)``, checked to support ``verb`` on ``width`` channels."""
     try:
         module = model.get_submodule(name)
     except AttributeError as error:
@@ -350,8 +362,8 @@ def _module(model: nn.Module, name: str, verb: str, unit) -> nn.Module:
     if isinstance(module, nn.modules.conv._ConvNd):
         _require_groups(module, dense=verb != "slice_channels", verb=verb)
     getter = getattr(entry, _WIDTH_OF[verb])
-    width = getter(module, unit.positions) if verb == "fold_in" else getter(module)
-    if width is not None and width != unit.width:
-        raise ValueError(f"{name!r} ({type(module).__name__}) has {width} channels where the "
-                         f"unit has {unit.width}; was the plan made for another model?")
+    found = getter(module, positions) if verb == "fold_in" else getter(module)
+    if found is not None and found != width:
+        raise ValueError(f"{name!r} ({type(module).__name__}) has {found} channels where the "
+                         f"group has {width}; was the plan made for another model?")
     return module

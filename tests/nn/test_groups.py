@@ -1,0 +1,247 @@
+"""Channel groups: fan-outs, gated MLPs and SE gates found, calibrated and applied exactly."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from skid.nn import NetworkCompressor
+from skid.nn._calibration import Batches, unit_statistics
+from skid.nn._graph import find_units
+from skid.nn._joint import JointFactorization
+from skid.nn._plan import ChannelGroup, Consumer, Unit
+
+from .blocks import BLOCKS, make_block
+
+
+def _reasons(skipped):
+    return {s.producer: s.reason for s in skipped}
+
+
+def _names(units):
+    return [(u.producers, tuple((c.name, c.reads) for c in u.consumers)) for u in units]
+
+
+def relative_gap(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+_EXPECTED = {
+    "resnet50_stem": [
+        (("conv1",), (("layer1.0.downsample.0", 0), ("layer1.0.conv1", 0))),
+        (("layer1.0.conv1",), (("layer1.0.conv2", 0),)),
+        (("layer1.0.conv2",), (("layer1.0.conv3", 0),)),
+        (("fc.0",), (("fc.2", 0),))],
+    "resnext": [
+        (("conv1",), (("layer1.0.downsample.0", 0), ("layer1.0.conv1", 0))),
+        (("fc.0",), (("fc.2", 0),))],
+    "mbconv_se": [
+        (("expand.0", "se.fc2"), (("se.fc1", 0), ("project.0", 1))),
+        (("se.fc1",), (("se.fc2", 0),)),
+        (("head.0",), (("head.5", 0),))],
+    "densenet": [
+        (("layer1.conv1",), (("layer1.conv2", 0),)),
+        (("layer2.conv1",), (("layer2.conv2", 0),)),
+        (("transition.2",), (("classifier", 0),))],
+    "inception": [
+        (("stem.0",), (("branch1.0", 0), ("branch2.0", 0), ("branch3.0", 0), ("branch4.1", 1))),
+        (("branch2.0",), (("branch2.3", 0),)),
+        (("branch3.0",), (("branch3.3", 0),))],
+    "fire": [
+        (("stem.0",), (("squeeze", 0),)),
+        (("squeeze",), (("expand1x1", 0), ("expand3x3", 0)))],
+    "gated_mlp": [(("gate_proj", "up_proj"), (("down_proj", 0),))],
+}
+
+_SKIPPED = {
+    "resnet50_stem": {"layer1.0.downsample.0": "residual", "layer1.0.conv3": "residual",
+                      "fc.2": "model output"},
+    "resnext": {"layer1.0.conv1": "grouped convolution", "layer1.0.conv3": "residual"},
+    "mbconv_se": {"stem.0": "residual", "project.0": "residual"},
+    "densenet": {"conv0": "concatenated", "layer1.conv2": "concatenated"},
+    "inception": {"branch1.0": "concatenated", "branch4.1": "concatenated"},
+    "fire": {"expand1x1": "concatenated"},
+    "gated_mlp": {"embed": "RMSNorm 'norm', which mixes channels", "down_proj": "residual"},
+}
+
+
+def test_every_block_has_expectations():
+    assert set(_EXPECTED) == set(BLOCKS) == set(_SKIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_groups_found(name):
+    units, skipped = find_units(make_block(name), BLOCKS[name][1]())
+    assert _names(units) == _EXPECTED[name]
+    reasons = _reasons(skipped)
+    for producer, reason in _SKIPPED[name].items():
+        assert reason in reasons[producer], reasons[producer]
+    grouped = {p for u in units for p in u.producers}
+    assert not grouped & set(reasons)  # a producer is in one group or skipped, never both
+
+
+def test_group_record_details():
+    """The SE group slices the expand conv's BN and the depthwise conv with the channels."""
+    units, _ = find_units(make_block("mbconv_se"), BLOCKS["mbconv_se"][1]())
+    se = units[0]
+    assert se.width == 32 and se.n_readings == 2
+    assert se.passthroughs == ("expand.1", "depthwise.0", "depthwise.1")
+    assert (se.producer, se.consumer) == ("expand.0", "se.fc1")
+
+
+def test_unit_is_the_one_producer_one_consumer_group():
+    assert Unit("a", "b", 4, ("bn",), positions=3) == ChannelGroup(
+        ("a",), (Consumer("b", 3, 0),), 4, ("bn",))
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+@pytest.mark.parametrize("options", [{"rank": 1.0}, {"tol": 0.0}])
+def test_full_rank_reproduces_every_block(name, options):
+    make_input = BLOCKS[name][1]
+    nc = NetworkCompressor(make_block(name), batch_size=16, **options).fit(make_input(48, seed=1))
+    held_out = make_input(16, seed=2)
+    assert relative_gap(nc.transform(held_out), nc._original_outputs(held_out)) < 1e-5
+
+
+def test_layers_rows_name_every_producer_and_consumer():
+    nc = NetworkCompressor(make_block("mbconv_se"), rank=0.5).fit(BLOCKS["mbconv_se"][1](32))
+    row = nc.layers_[0]
+    assert row["kind"] == "channels"
+    assert row["producers"] == ["expand.0", "se.fc2"]
+    assert row["consumers"] == ["se.fc1", "project.0"]
+    assert (row["producer"], row["consumer"]) == ("expand.0", "se.fc1")
+    assert (row["width_before"], row["width_after"]) == (32, 16)
+    model = nc.compressed_model_
+    assert model.expand[0].out_channels == model.se.fc2.out_channels == 16
+    assert model.depthwise[0].groups == model.expand[1].num_features == 16
+    assert model.se.fc1.in_channels == model.project[0].in_channels == 16
+
+
+def test_fan_out_shares_one_statistic():
+    """Two consumers of one tensor: one statistic, the same T folded into both."""
+    model = make_block("fire")
+    X = BLOCKS["fire"][1](24)
+    units, _ = find_units(model, X[:2])
+    (fac,), _ = unit_statistics(model, units[1:], Batches(X, 8))
+    assert not isinstance(fac, JointFactorization)
+    nc = NetworkCompressor(model, rank=0.5).fit(X)
+    small = nc.compressed_model_
+    assert small.squeeze.out_channels == small.expand1x1.in_channels == 3
+    assert small.expand3x3.in_channels == 3
+
+
+def _consumer_inputs(model, names, X):
+    """The inputs of the named modules on X, as (rows, channels) matrices."""
+    from skid.nn._surgery import as_samples
+
+    seen = {}
+    modules = dict(model.named_modules())
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = as_samples(module, args[0]).double()
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(keep(n)) for n in names]
+    with torch.no_grad():
+        model(X)
+    for handle in handles:
+        handle.remove()
+    return [seen[n] for n in names]
+
+
+def test_each_consumer_gets_its_own_least_squares_fold():
+    """SE gate: fc1 reads the pooled tensor, the projection the gated one; each T_c is the
+    least-squares fit of its own input from the kept channels, and J serves both."""
+    model = make_block("mbconv_se")
+    X = BLOCKS["mbconv_se"][1](64, seed=3)
+    units, _ = find_units(model, X[:2])
+    se = units[0]
+    (fac,), _ = unit_statistics(model, [se], Batches(X, 16), method="qr")
+    assert isinstance(fac, JointFactorization)
+    keep, _ = fac.select(12)
+    T_fc1, T_project = fac.interpolations(keep)
+    Z_fc1, Z_project = _consumer_inputs(model, ["se.fc1", "project.0"], X)
+    for Z, T in ((Z_fc1, T_fc1), (Z_project, T_project)):
+        Zk = Z[:, torch.as_tensor(keep)]
+        best = torch.linalg.lstsq(Zk, Z).solution
+        ours = torch.as_tensor(T)
+        assert torch.linalg.norm(Z - Zk @ ours) <= torch.linalg.norm(Z - Zk @ best) * (1 + 1e-6)
+    assert not np.allclose(T_fc1, T_project)
+    # the error curve is the RMS of the readings' relative errors with one shared T
+    _, T = fac.select(12)
+    T = torch.as_tensor(T)
+    shared = [float(torch.linalg.norm(Z - Z[:, torch.as_tensor(keep)] @ T) / torch.linalg.norm(Z))
+              for Z in (Z_fc1, Z_project)]
+    assert fac.errors[12] == pytest.approx(np.sqrt(np.mean(np.square(shared))), rel=1e-6)
+
+
+def test_gate_with_a_foreign_tensor_is_blocked():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.scale = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)) * torch.tanh(self.scale * x.sum()))
+
+    units, skipped = find_units(Gate().eval(), torch.randn(3, 4))
+    assert units == []
+    assert "not made by a Linear/Conv layer" in _reasons(skipped)["fc1"]
+
+
+def test_blocked_gate_blocks_both_producers():
+    """A gated MLP whose product also reaches the output: both producers are skipped."""
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.gate(x)) * self.up(x)
+            return self.down(h), h
+
+    units, skipped = find_units(Leaky().eval(), torch.randn(3, 4))
+    assert units == []
+    assert "model output" in _reasons(skipped)["gate"]
+    assert "model output" in _reasons(skipped)["up"]
+
+
+def test_residual_sum_of_two_producers_stays_blocked():
+    """``add`` of two producers' channels is a residual connection: left for a later step."""
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.a(x) + self.b(x)))
+
+    units, skipped = find_units(TwoBranches().eval(), torch.randn(3, 4))
+    assert units == []
+    assert "residual" in _reasons(skipped)["a"]
+
+
+def test_compressed_block_saves_and_loads():
+    nc = NetworkCompressor(make_block("mbconv_se"), rank=0.5).fit(BLOCKS["mbconv_se"][1](32))
+    buffer = io.BytesIO()
+    torch.save(nc.compressed_model_, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = BLOCKS["mbconv_se"][1](4, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), nc.compressed_model_(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mbconv_se", "inception", "gated_mlp"])
+def test_compressed_block_exports(name):
+    make_input = BLOCKS[name][1]
+    nc = NetworkCompressor(make_block(name), rank=0.5).fit(make_input(32))
+    x = make_input(2, seed=5)
+    exported = torch.export.export(nc.compressed_model_, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), nc.compressed_model_(x))

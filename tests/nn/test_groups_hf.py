@@ -1,0 +1,167 @@
+"""Channel groups in Hugging Face ``transformers`` models built from tiny configs (CPU only)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from skid.nn import NetworkCompressor
+from skid.nn._graph import find_units
+
+transformers = pytest.importorskip("transformers")
+
+_VOCAB, _HIDDEN, _INNER = 64, 16, 24
+
+
+def _decoder(config_class, model_class, **extra):
+    config = config_class(vocab_size=_VOCAB, hidden_size=_HIDDEN, intermediate_size=_INNER,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=32, **extra)
+    return model_class(config)
+
+
+def _llama():
+    return _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM)
+
+
+def _qwen2():
+    return _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+
+
+def _mistral():
+    return _decoder(transformers.MistralConfig, transformers.MistralForCausalLM,
+                    sliding_window=16)
+
+
+def _t5():
+    config = transformers.T5Config(vocab_size=_VOCAB, d_model=_HIDDEN, d_kv=4, d_ff=_INNER,
+                                   num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
+    return transformers.T5EncoderModel(config)
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=_VOCAB, n_embd=_HIDDEN, n_layer=2, n_head=4,
+                                     n_positions=32, n_inner=_INNER)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _vit():
+    config = transformers.ViTConfig(hidden_size=_HIDDEN, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=_INNER,
+                                    image_size=8, patch_size=4, num_channels=3)
+    return transformers.ViTModel(config)
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=_VOCAB, hidden_size=_HIDDEN,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=_INNER, max_position_embeddings=32)
+    return transformers.BertModel(config)
+
+
+def _text(n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, _VOCAB, (n, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[-1, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pixels(n=2, seed=0):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _layers(pattern):
+    return [pattern.format(i) for i in range(2)]
+
+
+_GATED = "model.layers.{}.mlp."
+_MODELS = {
+    # name: (factory, make_input, expected groups (producers, consumers), skipped reasons)
+    "llama": (_llama, _text, [
+        ((_GATED + "gate_proj", _GATED + "up_proj"), (_GATED + "down_proj",))],
+        {"model.layers.0.self_attn.q_proj": "attention heads",
+         "model.layers.0.self_attn.k_proj": "attention heads",
+         "model.layers.0.mlp.down_proj": "residual", "lm_head": "model output"}),
+    "qwen2": (_qwen2, _text, [
+        ((_GATED + "gate_proj", _GATED + "up_proj"), (_GATED + "down_proj",))],
+        {"model.layers.1.self_attn.v_proj": "attention heads",
+         "model.layers.1.self_attn.o_proj": "residual"}),
+    "mistral": (_mistral, _text, [
+        ((_GATED + "gate_proj", _GATED + "up_proj"), (_GATED + "down_proj",))],
+        {"model.layers.0.self_attn.q_proj": "attention heads"}),
+    "t5_gated": (_t5, _text, [
+        (("encoder.block.{}.layer.1.DenseReluDense.wi_0",
+          "encoder.block.{}.layer.1.DenseReluDense.wi_1"),
+         ("encoder.block.{}.layer.1.DenseReluDense.wo",))],
+        {"encoder.block.0.layer.0.SelfAttention.q": "attention heads",
+         "encoder.block.0.layer.1.DenseReluDense.wo": "residual"}),
+    "vit": (_vit, _pixels, [
+        (("layers.{}.mlp.fc1",), ("layers.{}.mlp.fc2",))],
+        {"embeddings.patch_embeddings.projection": "concatenated",
+         "layers.0.attention.q_proj": "attention heads", "pooler.dense": "model output"}),
+    "bert": (_bert, _text, [
+        (("encoder.layer.{}.intermediate.dense",), ("encoder.layer.{}.output.dense",))],
+        {"encoder.layer.0.attention.self.query": "attention heads",
+         "encoder.layer.0.output.dense": "residual"}),
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return _MODELS[name][0]().eval()
+
+
+def _call(batch):
+    return ((batch,), {}) if isinstance(batch, torch.Tensor) else ((), batch)
+
+
+def _expected(name):
+    return [(tuple(p.format(i) for p in producers), tuple(c.format(i) for c in consumers))
+            for i in range(2) for producers, consumers in _MODELS[name][2]]
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+def test_groups_found(name):
+    units, skipped = find_units(_model(name), *_call(_MODELS[name][1]()))
+    assert [(u.producers, tuple(c.name for c in u.consumers)) for u in units] == _expected(name)
+    reasons = {s.producer: s.reason for s in skipped}
+    for producer, reason in _MODELS[name][3].items():
+        assert reason in reasons[producer], reasons[producer]
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+@pytest.mark.parametrize("options", [{"rank": 1.0}, {"tol": 0.0}])
+def test_full_rank_reproduces(name, options):
+    make_input = _MODELS[name][1]
+    nc = NetworkCompressor(_model(name), batch_size=16, **options).fit(make_input(32, seed=1))
+    held_out = make_input(8, seed=2)
+    ours, original = nc.transform(held_out), nc._original_outputs(held_out)
+    assert np.abs(ours - original).max() <= 1e-5 * np.abs(original).max()
+
+
+@pytest.mark.parametrize("name", ["llama", "t5_gated"])
+def test_half_width_result_saves_and_runs(name):
+    make_input = _MODELS[name][1]
+    nc = NetworkCompressor(_model(name), rank=0.5).fit(make_input(16, seed=1))
+    assert all(row["width_after"] == _INNER // 2 for row in nc.layers_)
+    assert nc.flops_["after"] < nc.flops_["before"]
+    buffer = io.BytesIO()
+    torch.save(nc.compressed_model_.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    assert any(t.shape[0] == _INNER // 2 or t.shape[-1] == _INNER // 2 for t in state.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama"])
+def test_half_width_result_exports(name):
+    nc = NetworkCompressor(_model(name), rank=0.5).fit(_text(16, seed=1))
+    batch = _text(2, seed=3)
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    exported = torch.export.export(nc.compressed_model_, (), inputs)
+    with torch.no_grad():
+        ours = exported.module()(**inputs)
+        eager = nc.compressed_model_(**inputs)
+    torch.testing.assert_close(ours.logits if hasattr(ours, "logits") else ours[0], eager.logits)
