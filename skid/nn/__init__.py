@@ -1,5 +1,6 @@
 """Model-preserving compression of torch networks with the interpolative decomposition."""
 
 from ._compressor import NetworkCompressor
+from ._kinds import register_layer_kind
 
-__all__ = ["NetworkCompressor"]
+__all__ = ["NetworkCompressor", "register_layer_kind"]

@@ -24,6 +24,7 @@ from torch import nn
 from .._linalg import GramAccumulator, QRAccumulator
 from ._joint import JointFactorization
 from ._surgery import as_samples
+from ._trace import module_kind
 
 __all__ = [
     "Batches",
@@ -373,7 +374,7 @@ def _drop_padding(module, x, mask):
     """Rows of a (batch, sequence, channels) Linear input where the attention mask is 1."""
     if (
         mask is not None
-        and isinstance(module, nn.Linear)
+        and module_kind(module) == "linear"
         and x.ndim == 3
         and tuple(x.shape[:2]) == tuple(mask.shape)
     ):

@@ -19,6 +19,7 @@ from torch import nn
 from .._validation import suggest
 from ..exceptions import InvalidParameterError
 from ._plan import ChannelGroup, Consumer, Skipped
+from ._surgery import surgery_for
 from ._trace import (
     CONCAT_OPS,
     ELEMENTWISE_OPS,
@@ -244,7 +245,7 @@ class _GroupWalk:
 
 
 def _out_width(module: nn.Module, kind: str) -> int:
-    return module.out_features if kind == "linear" else module.out_channels
+    return surgery_for(module, "slice_out").out_width(module)
 
 
 def _conv_dims(conv: nn.Module) -> int:
@@ -276,9 +277,10 @@ def _constant_along_channels(other: tuple, shape: tuple, axis: int) -> bool:
 def _check_linear_consumer(module: nn.Linear, node: Node, state: _Channels, ndim: int) -> None:
     if state.axis != ndim - 1:
         raise _Blocked(f"{node.describe()} does not act on the channel axis")
-    if module.in_features != state.width * state.positions:
+    in_features = surgery_for(module, "fold_in").in_width(module, 1)
+    if in_features != state.width * state.positions:
         raise _Blocked(
-            f"{node.describe()} has in_features={module.in_features}, not "
+            f"{node.describe()} has in_features={in_features}, not "
             f"{state.width} channels x {state.positions} positions")
 
 

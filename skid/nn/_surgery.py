@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 _REGISTRY: dict[type, object] = {}
+# Kinds of optional packages, by ``f"{cls.__module__}.{cls.__qualname__}"`` (never imported).
+_BY_NAME: dict[str, object] = {}
 _VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples")
 _WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
 
@@ -70,14 +72,22 @@ def surgery_for(module: nn.Module, verb: str | None = None):
     Raises TypeError when no entry exists or the entry lacks ``verb``.
     """
     for cls in type(module).__mro__:
-        if cls in _REGISTRY:
-            entry = _REGISTRY[cls]
+        entry = registered(cls)
+        if entry is not None:
             if verb is not None and not callable(getattr(entry, verb, None)):
                 raise TypeError(f"{type(module).__name__} does not support `{verb}`; it can "
                                 f"do: {', '.join(v for v in _VERBS if hasattr(entry, v))}")
             return entry
     raise TypeError(f"skid has no surgery for {type(module).__name__}; supported kinds: "
                     f"{', '.join(sorted(t.__name__ for t in _REGISTRY))}")
+
+
+def registered(cls: type):
+    """The entry registered for exactly this class (by type, or by qualified name), or None."""
+    entry = _REGISTRY.get(cls)
+    if entry is None:
+        entry = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return entry
 
 
 def slice_out(module: nn.Module, keep) -> None:
@@ -181,6 +191,8 @@ def _check_positions(in_features: int, positions: int) -> int:
 class _LinearSurgery:
     """Producer (rows of W and b) and consumer (columns of W, flattened or not)."""
 
+    walk = "linear"
+
     def out_width(self, module: nn.Linear):
         return module.out_features
 
@@ -211,6 +223,8 @@ class _LinearSurgery:
 class _ConvSurgery:
     """Producer and consumer when ``groups == 1``; depthwise (one filter per channel):
     a per-channel passthrough."""
+
+    walk = "conv"
 
     def out_width(self, module):
         return module.out_channels
@@ -259,6 +273,8 @@ def _require_groups(conv: nn.Module, dense: bool, verb: str) -> None:
 class _ChannelNormSurgery:
     """Per-channel affine parameters and running statistics."""
 
+    walk = "norm"
+
     def out_width(self, module):
         return module.num_features
 
@@ -270,6 +286,8 @@ class _ChannelNormSurgery:
 @register_surgery(nn.PReLU)
 class _PReLUSurgery:
     """One slope per channel (``num_parameters > 1``); a shared slope needs no slicing."""
+
+    walk = "prelu"
 
     def out_width(self, module):
         return module.num_parameters if module.num_parameters > 1 else None

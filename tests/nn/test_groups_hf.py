@@ -97,6 +97,10 @@ _MODELS = {
          ("encoder.block.{}.layer.1.DenseReluDense.wo",))],
         {"encoder.block.0.layer.0.SelfAttention.q": "attention heads",
          "encoder.block.0.layer.1.DenseReluDense.wo": "residual"}),
+    "gpt2": (_gpt2, _text, [
+        (("transformer.h.{}.mlp.c_fc",), ("transformer.h.{}.mlp.c_proj",))],
+        {"transformer.h.0.attn.c_attn": "`split`", "transformer.h.0.mlp.c_proj": "residual",
+         "lm_head": "model output"}),
     "vit": (_vit, _pixels, [
         (("layers.{}.mlp.fc1",), ("layers.{}.mlp.fc2",))],
         {"embeddings.patch_embeddings.projection": "concatenated",
@@ -141,7 +145,7 @@ def test_full_rank_reproduces(name, options):
     assert np.abs(ours - original).max() <= 1e-5 * np.abs(original).max()
 
 
-@pytest.mark.parametrize("name", ["llama", "t5_gated"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5_gated"])
 def test_half_width_result_saves_and_runs(name):
     make_input = _MODELS[name][1]
     nc = NetworkCompressor(_model(name), rank=0.5).fit(make_input(16, seed=1))
@@ -155,7 +159,7 @@ def test_half_width_result_saves_and_runs(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_half_width_result_exports(name):
     nc = NetworkCompressor(_model(name), rank=0.5).fit(_text(16, seed=1))
     batch = _text(2, seed=3)

@@ -155,7 +155,9 @@ def _verbs_used(model: nn.Module, units, kind: type) -> set:
 
 
 def test_every_registry_entry_has_cases():
-    assert set(_surgery._REGISTRY) == set(_CASES)
+    """Every built-in (torch) kind; kinds users register are tested where they are made."""
+    builtin = {t for t in _surgery._REGISTRY if t.__module__.startswith("torch.")}
+    assert builtin == set(_CASES)
 
 
 @pytest.mark.parametrize("kind", list(_CASES), ids=lambda t: t.__name__)
