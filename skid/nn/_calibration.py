@@ -23,6 +23,7 @@ from torch import nn
 
 from .._linalg import GramAccumulator, QRAccumulator
 from ._joint import JointFactorization
+from ._plan import offset_of
 from ._surgery import as_samples
 from ._trace import module_kind
 
@@ -309,13 +310,14 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
         [GramAccumulator(precision) if method == "gram" else QRAccumulator() for _ in unit_readers]
         for unit_readers in readings
     ]
-    state = _HookState(len({c.name for r in readings for c in r}))
+    state = _HookState(sum(len(r) for r in readings))  # several groups may hook one module
     handles = []
     n_samples = 0
     try:
-        for unit_readers, unit_accs in zip(readings, accumulators, strict=True):
+        for unit, unit_readers, unit_accs in zip(units, readings, accumulators, strict=True):
             for consumer, acc in zip(unit_readers, unit_accs, strict=True):
-                hook = _accumulating_hook(consumer, acc, state)
+                columns = _columns(model, consumer, unit)
+                hook = _accumulating_hook(consumer, acc, state, columns, key=len(handles))
                 handles.append(modules[consumer.name].register_forward_pre_hook(hook))
         with torch.no_grad():
             for batch in _progress(batches, verbose):
@@ -356,14 +358,22 @@ class _HookState:
         self.seen = set()
 
 
-def _accumulating_hook(consumer, accumulator, state: _HookState):
+def _columns(model, consumer, unit):
+    """The group's channels in the consumer's input: all, or a slice of a concatenation."""
+    if not consumer.before:
+        return slice(None)
+    offset = offset_of(model, consumer.before)
+    return slice(offset, offset + unit.width)
+
+
+def _accumulating_hook(consumer, accumulator, state: _HookState, columns=slice(None), key=None):
     """A forward pre-hook that feeds the consumer's input rows into ``accumulator``."""
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
         # Half-precision rows are upcast block by block inside the accumulator.
-        accumulator.update(as_samples(module, x, consumer.positions))
-        state.seen.add(consumer.name)
+        accumulator.update(as_samples(module, x, consumer.positions)[:, columns])
+        state.seen.add(consumer.name if key is None else key)
         if len(state.seen) == state.n_consumers:
             raise _StopForward  # every consumer has been seen: the rest is not needed
 

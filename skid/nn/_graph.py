@@ -47,6 +47,11 @@ class _Channels:
     axis: int
     width: int
     positions: int = 1
+    before: tuple = ()  # what precedes the group's channels on the axis (a concatenation)
+
+    def length(self, graph: Graph) -> int:
+        """Size of the channel axis: the group's channels and any concatenated with them."""
+        return graph.values[self.value].shape[self.axis]
 
 
 class _Blocked(Exception):
@@ -73,8 +78,9 @@ class _GroupWalk:
         self.width = _out_width(graph.modules[node.module], node.kind)
         self.members: dict[int, _Channels] = {}
         self.producers: dict[str, int] = {}
-        self.passthroughs: dict[str, int] = {}
-        self.consumers: dict[str, tuple[int, int, int]] = {}  # name -> (node, positions, value)
+        self.passthroughs: dict[str, tuple[int, tuple]] = {}  # name -> (node, before)
+        # name -> (node, positions, value read, before)
+        self.consumers: dict[str, tuple[int, int, int, tuple]] = {}
         self.joins: list[tuple[int, int]] = []  # (node index, output channel axis)
         self.handled: set[int] = set()
         self.queue: list[int] = []
@@ -134,13 +140,17 @@ class _GroupWalk:
         order = sorted(self.consumers.items(), key=lambda item: item[1][0])
         readings: dict[tuple[int, int], int] = {}
         consumers = tuple(
-            Consumer(name, positions, readings.setdefault((value, positions), len(readings)))
-            for name, (_, positions, value) in order)
+            Consumer(name, positions, readings.setdefault((value, positions), len(readings)),
+                     before)
+            for name, (_, positions, value, before) in order)
+        passthroughs = sorted(self.passthroughs, key=lambda name: self.passthroughs[name][0])
         return ChannelGroup(
             producers=tuple(sorted(self.producers, key=self.producers.get)),
             consumers=consumers,
             width=self.width,
-            passthroughs=tuple(sorted(self.passthroughs, key=self.passthroughs.get)),
+            passthroughs=tuple(passthroughs),
+            offsets=tuple((name, self.passthroughs[name][1]) for name in passthroughs
+                          if self.passthroughs[name][1]),
         )
 
     # -- one op using a member ------------------------------------------------------------
@@ -152,7 +162,10 @@ class _GroupWalk:
             self.elementwise(state, index)
             return
         if node.kind == "function":
-            self.add_member(_step_function(graph, state, node))
+            if node.name in _CAT_OPS:
+                self.add_member(_concatenate(graph, state, node))
+            else:
+                self.add_member(_step_function(graph, state, node))
             return
         if node.first != state.value or node.inputs.count(state.value) != 1:
             raise _Blocked(f"its channels are a secondary input of {node.describe()}")
@@ -160,17 +173,17 @@ class _GroupWalk:
         out_state = dataclasses.replace(state, value=node.outputs[0]) if node.outputs else None
         ndim = len(graph.values[state.value].shape)
         if node.kind == "linear":
-            _check_linear_consumer(module, node, state, ndim)
-            self.consumers[node.module] = (index, state.positions, state.value)
+            _check_linear_consumer(graph, module, node, state, ndim)
+            self.consumers[node.module] = (index, state.positions, state.value, state.before)
         elif node.kind == "conv":
-            if _conv_step(module, node, state, ndim):
-                self.consumers[node.module] = (index, 1, state.value)
+            if _conv_step(graph, module, node, state, ndim):
+                self.consumers[node.module] = (index, 1, state.value, state.before)
             else:
-                self.passthroughs[node.module] = index
+                self.passthroughs[node.module] = (index, state.before)
                 self.add_member(out_state)
         elif node.kind in ("norm", "prelu"):
-            _check_per_channel_module(module, node, state, ndim)
-            self.passthroughs[node.module] = index
+            _check_per_channel_module(graph, module, node, state, ndim)
+            self.passthroughs[node.module] = (index, state.before)
             self.add_member(out_state)
         elif node.kind == "pool":
             _check_pool(graph, node, state, pool_dims(type(module).__name__))
@@ -197,6 +210,8 @@ class _GroupWalk:
             self.deferred.append((index, state))
             return
         if others:
+            if state.before:
+                raise _Blocked(f"`{node.name}` joins concatenated channels with another tensor")
             if node.kind != "function" or node.name not in _GATE_OPS:
                 raise _Blocked(
                     f"its channels enter `{node.name}` with another tensor that varies along "
@@ -206,7 +221,7 @@ class _GroupWalk:
             self.joins.append((index, axis))
         if out_shape != shape and not any(graph.values[v].shape == out_shape for v in varying):
             raise _Blocked(f"{node.describe()} broadcasts its channels over new axes")
-        self.add_member(_Channels(node.outputs[0], axis, state.width, state.positions))
+        self.add_member(dataclasses.replace(state, value=node.outputs[0], axis=axis))
 
     def gate_producer(self, join: Node, value: int) -> int:
         """The producer whose channels reach ``value`` through per-channel ops only."""
@@ -239,7 +254,8 @@ class _GroupWalk:
                 continue
             state = self.members.get(value)
             offset = len(out_shape) - len(graph.values[value].shape)
-            if state is None or state.axis + offset != axis or state.positions != 1:
+            if (state is None or state.axis + offset != axis or state.positions != 1
+                    or state.before):
                 raise _Blocked(f"`{node.name}` joins its channels with a tensor whose channels "
                                "are not the same")
 
@@ -274,21 +290,23 @@ def _constant_along_channels(other: tuple, shape: tuple, axis: int) -> bool:
     return offset < 0 or other[offset] == 1
 
 
-def _check_linear_consumer(module: nn.Linear, node: Node, state: _Channels, ndim: int) -> None:
+def _check_linear_consumer(graph: Graph, module: nn.Module, node: Node, state: _Channels,
+                           ndim: int) -> None:
     if state.axis != ndim - 1:
         raise _Blocked(f"{node.describe()} does not act on the channel axis")
     in_features = surgery_for(module, "fold_in").in_width(module, 1)
-    if in_features != state.width * state.positions:
+    if in_features != state.length(graph):
         raise _Blocked(
             f"{node.describe()} has in_features={in_features}, not "
             f"{state.width} channels x {state.positions} positions")
 
 
-def _conv_step(module: nn.Module, node: Node, state: _Channels, ndim: int) -> bool:
+def _conv_step(graph: Graph, module: nn.Module, node: Node, state: _Channels,
+               ndim: int) -> bool:
     """A conv after the channels: True for a consumer (groups == 1), False for depthwise."""
     if state.positions != 1 or state.axis != 1 or ndim != _conv_dims(module) + 2:
         raise _Blocked(f"its channels do not reach {node.describe()} on its channel axis")
-    if module.in_channels != state.width:
+    if module.in_channels != state.length(graph):
         raise _Blocked(f"{node.describe()} expects {module.in_channels} input channels")
     if module.groups == 1:
         return True
@@ -299,14 +317,14 @@ def _conv_step(module: nn.Module, node: Node, state: _Channels, ndim: int) -> bo
         f"out_channels={module.out_channels}), which mixes channels within each group")
 
 
-def _check_per_channel_module(module: nn.Module, node: Node, state: _Channels,
+def _check_per_channel_module(graph: Graph, module: nn.Module, node: Node, state: _Channels,
                               ndim: int) -> None:
     """BatchNorm/InstanceNorm/PReLU with one parameter set per channel: a passthrough."""
     size = module.num_parameters if node.kind == "prelu" else module.num_features
     batched = True  # BatchNorm checks its input rank itself
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # (C, L) input: unbatched
         batched = ndim == module._get_no_batch_dim() + 1
-    if state.positions != 1 or state.axis != 1 or not batched or size != state.width:
+    if state.positions != 1 or state.axis != 1 or not batched or size != state.length(graph):
         raise _Blocked(f"{node.describe()} does not act on its channels one by one")
 
 
@@ -317,7 +335,7 @@ def _check_pool(graph: Graph, node: Node, state: _Channels, dims: int) -> None:
         raise _Blocked(f"its channels enter {node.describe()}, which skid cannot follow")
     if state.axis >= len(shape) - dims:
         raise _Blocked(f"{node.describe()} pools over the channel axis")
-    if graph.values[node.outputs[0]].shape[state.axis] != state.width:
+    if graph.values[node.outputs[0]].shape[state.axis] != state.length(graph):
         raise _Blocked(f"{node.describe()} changes the number of channels")
 
 
@@ -348,6 +366,62 @@ def _step_function(graph: Graph, state: _Channels, node: Node) -> _Channels:
                    "channels")
 
 
+_CAT_OPS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _concatenate(graph: Graph, state: _Channels, node: Node) -> _Channels:
+    """Follow the channels into a concatenation along their axis, at an offset.
+
+    What precedes them is recorded by source (see :func:`_sources`), so that the offset can
+    be recomputed on a model whose other concatenated widths were pruned already.
+    """
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim",
+                                                                  node.kwargs.get("axis", 0))
+    ndim = len(graph.values[state.value].shape)
+    if not isinstance(tensors, (list, tuple)) or node.inputs.count(state.value) != 1:
+        raise _Blocked(f"its channels are concatenated with themselves (`{node.name}`)")
+    if int(dim) % ndim != state.axis or state.positions != 1:
+        raise _Blocked(f"its channels are concatenated with other tensors (`{node.name}`) "
+                       "along another axis")
+    position = node.inputs.index(state.value)
+    before = tuple(source for value in node.inputs[:position]
+                   for source in _sources(graph, value, state.axis))
+    # (0,) at the start of a concatenation: the axis holds more than the group's channels
+    return dataclasses.replace(state, value=node.outputs[0],
+                               before=before + state.before or (0,))
+
+
+def _sources(graph: Graph, value: int, axis: int) -> tuple:
+    """What sets the width of a tensor's channel axis ``axis`` (as concatenated).
+
+    The nearest module upstream whose output width is the tensor's (its name), through ops
+    that keep that axis's length; the sources of each part of a concatenation; the width
+    itself for a model input or a parameter. Anything else blocks: an offset that could not
+    follow the pruning of what precedes it would corrupt the fold.
+    """
+    length = graph.values[value].shape[axis]
+    while True:
+        index = graph.values[value].producer
+        if index is None:
+            return (length,)
+        node = graph.nodes[index]
+        if node.module is not None and node.kind in ("linear", "conv", "norm", "prelu"):
+            entry = surgery_for(graph.modules[node.module])
+            if entry.out_width(graph.modules[node.module]) == length:
+                return (node.module,)
+        if node.kind == "function" and node.name in _CAT_OPS:
+            return tuple(source for v in node.inputs for source in _sources(graph, v, axis))
+        first = node.first
+        if (len(node.outputs) == 1 and first is not None
+                and len(graph.values[first].shape) == len(graph.values[value].shape)
+                and graph.values[first].shape[axis] == length):
+            value = first
+            continue
+        raise _Blocked(f"skid cannot tell what sets the width of the tensors concatenated "
+                       f"before its channels ({node.describe()})")
+
+
 def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
     """Follow the channels through a row-major reshape (view, flatten, squeeze ...).
 
@@ -357,6 +431,8 @@ def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
     """
     shape_in = graph.values[state.value].shape
     shape_out = graph.values[node.outputs[0]].shape
+    if state.before or shape_in[state.axis] != state.width * state.positions:
+        raise _Blocked(f"{node.describe()} reshapes channels concatenated with others")
     length = state.width * state.positions
     before, after = math.prod(shape_in[:state.axis]), math.prod(shape_in[state.axis + 1:])
     running = 1

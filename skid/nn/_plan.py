@@ -27,11 +27,16 @@ class Consumer:
         first reading. Consumers with the same number see the same rows and share one
         statistic; a group whose consumers read several tensors (the SE gate's ``fc1`` reads
         the pooled activations, the projection the gated ones) has one statistic per number.
+    before : tuple of (str or int)
+        When the consumer reads a concatenation, what precedes the group's channels in it:
+        module names (whose current output width counts) and fixed widths. Their sum is the
+        offset of the group's channels in the consumer's input (see :func:`offset_of`).
     """
 
     name: str
     positions: int = 1
     reads: int = 0
+    before: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class ChannelGroup:
     passthroughs : tuple of str
         Modules between them with per-channel state that is sliced with the kept channels
         (BatchNorm, depthwise conv, PReLU), in forward order.
+    offsets : tuple of (str, tuple)
+        ``(passthrough, before)`` for passthroughs acting on a concatenation: what precedes
+        the group's channels there, as in :attr:`Consumer.before`.
     kind : str
         What a unit of ``width`` is: ``"channels"``.
     """
@@ -63,6 +71,7 @@ class ChannelGroup:
     consumers: tuple[Consumer, ...]
     width: int
     passthroughs: tuple[str, ...] = ()
+    offsets: tuple = ()
     kind: str = "channels"
 
     @property
@@ -84,6 +93,13 @@ class ChannelGroup:
     def n_readings(self) -> int:
         """Number of distinct member tensors read by consumers (one statistic each)."""
         return 1 + max(c.reads for c in self.consumers)
+
+    def before(self, name: str) -> tuple:
+        """What precedes the group's channels in module ``name``'s channels (() at 0)."""
+        for consumer in self.consumers:
+            if consumer.name == name:
+                return consumer.before
+        return dict(self.offsets).get(name, ())
 
     def modules(self) -> tuple[str, ...]:
         """Every module the group changes: producers, passthroughs, consumers."""
@@ -126,3 +142,22 @@ class Selection:
         if self.interpolations is None:
             return self.interpolation
         return self.interpolations[index]
+
+
+def offset_of(model, before: tuple) -> int:
+    """The current offset of a group's channels in a concatenation, on ``model``.
+
+    ``before`` lists what precedes them (see :attr:`Consumer.before`): a module name counts
+    its current output width (so the offset follows the pruning of the other parts), an int
+    counts itself.
+    """
+    from ._surgery import surgery_for  # the surgery registry knows every kind's widths
+
+    total = 0
+    for source in before:
+        if isinstance(source, str):
+            module = model.get_submodule(source)
+            total += int(surgery_for(module).out_width(module))
+        else:
+            total += int(source)
+    return total

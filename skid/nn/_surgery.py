@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._plan import Selection
+from ._plan import Selection, offset_of
 
 __all__ = [
     "apply_selection",
@@ -334,17 +334,45 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
     folds = [_sorted_interpolation(selection.interpolation_for(i), keep, order, unit.width)
              for i in range(len(unit.consumers))]
     producers = [_module(model, name, "slice_out", unit.width) for name in unit.producers]
-    passthroughs = [_module(model, name, "slice_channels", unit.width)
-                    for name in unit.passthroughs]
-    consumers = [_module(model, c.name, "fold_in", unit.width, c.positions)
+    passthroughs = [_module(model, name, "slice_channels", unit.width,
+                            before=unit.before(name)) for name in unit.passthroughs]
+    consumers = [_module(model, c.name, "fold_in", unit.width, c.positions, c.before)
                  for c in unit.consumers]
+    offsets = {name: offset_of(model, unit.before(name))
+               for name in (*unit.passthroughs, *(c.name for c in unit.consumers))}
     for module in producers:
         slice_out(module, keep)
-    for module in passthroughs:
-        slice_channels(module, keep)
+    for name, module in zip(unit.passthroughs, passthroughs, strict=True):
+        slice_channels(module, _around(keep, offsets[name], unit.width, _width(module)))
     for module, consumer, T in zip(consumers, unit.consumers, folds, strict=True):
-        fold_in(module, T, consumer.positions)
+        total = surgery_for(module).in_width(module, consumer.positions)
+        fold_in(module, _embed(T, offsets[consumer.name], total), consumer.positions)
     return model
+
+
+def _width(module: nn.Module) -> int:
+    """Current channels of a per-channel module (None: any; then the kept ones suffice)."""
+    return surgery_for(module).out_width(module)
+
+
+def _around(keep: np.ndarray, offset: int, width: int, total) -> np.ndarray:
+    """``keep`` shifted to ``offset`` in an axis of ``total`` channels, the others all kept."""
+    if not offset and (total is None or total == width):
+        return keep
+    return np.concatenate([np.arange(offset), offset + keep, np.arange(offset + width, total)])
+
+
+def _embed(T: torch.Tensor, offset: int, total: int) -> torch.Tensor:
+    """``T`` (k, m) acting on channels ``offset:offset+m`` of ``total``; identity elsewhere."""
+    k, m = T.shape
+    if not offset and total == m:
+        return T
+    full = torch.zeros(total - m + k, total, dtype=T.dtype)
+    full[:offset, :offset] = torch.eye(offset, dtype=T.dtype)
+    full[offset:offset + k, offset:offset + m] = T
+    rest = total - offset - m
+    full[offset + k:, offset + m:] = torch.eye(rest, dtype=T.dtype)
+    return full
 
 
 def _sorted_keep(selection: Selection) -> tuple[np.ndarray, np.ndarray]:
@@ -370,8 +398,12 @@ def _sorted_interpolation(T, keep: np.ndarray, order: np.ndarray, width: int) ->
 
 
 def _module(model: nn.Module, name: str, verb: str, width: int,
-            positions: int = 1) -> nn.Module:
-    """``model.get_submodule(name)``, checked to support ``verb`` on ``width`` channels."""
+            positions: int = 1, before: tuple = ()) -> nn.Module:
+    """``model.get_submodule(name)``, checked to support ``verb`` on ``width`` channels.
+
+    With ``before`` (a concatenation), the module holds more channels: they must include the
+    group's at its current offset.
+    """
     try:
         module = model.get_submodule(name)
     except AttributeError as error:
@@ -381,7 +413,12 @@ def _module(model: nn.Module, name: str, verb: str, width: int,
         _require_groups(module, dense=verb != "slice_channels", verb=verb)
     getter = getattr(entry, _WIDTH_OF[verb])
     found = getter(module, positions) if verb == "fold_in" else getter(module)
-    if found is not None and found != width:
+    if before:
+        needed = offset_of(model, before) + width
+        if found is not None and found < needed:
+            raise ValueError(f"{name!r} ({type(module).__name__}) has {found} channels, fewer "
+                             f"than the {needed} the group's offset needs")
+    elif found is not None and found != width:
         raise ValueError(f"{name!r} ({type(module).__name__}) has {found} channels where the "
                          f"group has {width}; was the plan made for another model?")
     return module

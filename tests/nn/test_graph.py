@@ -110,6 +110,26 @@ class Concat(nn.Module):
         return self.c(torch.cat([F.relu(self.a(x)), self.b(x)], dim=1))
 
 
+class ConcatOtherAxis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.token = nn.Parameter(torch.randn(1, 4, 1, 4))
+
+    def forward(self, x):
+        return self.c(torch.cat([self.token.expand(len(x), -1, -1, -1), self.a(x)], dim=2))
+
+
+class ConcatTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(torch.cat([h, h], dim=1))
+
+
 class SharedModule(nn.Module):
     def __init__(self):
         super().__init__()
@@ -210,8 +230,8 @@ def _seq(*layers):
 
 
 @pytest.mark.parametrize("model, x, producer, reason", [
-    (Concat(), torch.randn(2, 3, 4, 4), "a", "concatenated"),
-    (Concat(), torch.randn(2, 3, 4, 4), "b", "concatenated"),
+    (ConcatOtherAxis(), torch.randn(2, 3, 4, 4), "a", "concatenated with other tensors"),
+    (ConcatTwice(), torch.randn(2, 3, 4, 4), "a", "concatenated with themselves"),
     (SharedModule(), torch.randn(2, 8), "fc", "called 2 times"),
     (TiedWeights(), torch.randn(2, 8), "fc1", "shares parameters with 'fc2'"),
     (TiedWeights(), torch.randn(2, 8), "fc2", "shares parameters with 'fc1'"),
@@ -298,6 +318,11 @@ def test_unknown_op_blocks():
 def test_followed_through(model, args, expected):
     units, _ = find_units(model.eval(), args)
     assert units[0] == expected
+
+
+def test_concatenated_parts_are_groups_at_their_offsets():
+    units, _ = find_units(Concat().eval(), torch.randn(2, 3, 4, 4))
+    assert [(u.producer, u.consumers[0].before) for u in units] == [("a", (0,)), ("b", ("a",))]
 
 
 def test_in_place_activation_and_functional_residual():
