@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._linalg import GramAccumulator, QRAccumulator
-from ._joint import JointFactorization
+from ._joint import BlockFactorization, JointFactorization
 from ._plan import offset_of
 from ._surgery import as_samples
 from ._trace import module_kind
@@ -401,6 +401,8 @@ def _factorize(unit, accumulators):
                 f"{unit.producer!r}): the forward pass never called it."
             )
     try:
+        if unit.blocks > 1:
+            return BlockFactorization.from_accumulators(accumulators, unit.blocks)
         if len(accumulators) == 1:
             return accumulators[0].factorize()
         return JointFactorization.from_accumulators(accumulators)

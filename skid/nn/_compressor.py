@@ -466,7 +466,7 @@ def _selection(unit, fac, k) -> Selection:
         unit=unit,
         keep=torch.as_tensor(keep, dtype=torch.int64),
         interpolation=torch.as_tensor(T if per_consumer is None else per_consumer[0]),
-        error=float(fac.errors[int(k)]),
+        error=float(fac.errors[len(keep)]),  # a grouped width may round k down
         interpolations=None if per_consumer is None else tuple(
             torch.as_tensor(t) for t in per_consumer),
     )

@@ -85,6 +85,7 @@ class _GroupWalk:
         self.handled: set[int] = set()
         self.queue: list[int] = []
         self.deferred: list[tuple[int, _Channels]] = []
+        self.blocks: dict[int, str] = {}  # groups of a grouped conv -> its name
         self.add_producer(seed)
 
     # -- building -------------------------------------------------------------------------
@@ -101,6 +102,11 @@ class _GroupWalk:
         ndim = len(graph.values[out].shape)
         if node.kind == "conv" and ndim != _conv_dims(module) + 2:
             raise _Blocked("unbatched convolution input is not supported")
+        if node.kind == "conv" and module.groups > 1:
+            if module.out_channels == module.groups:
+                raise _Blocked(f"the grouped convolution {node.module!r} has one output "
+                               "channel per group")
+            self.blocks.setdefault(module.groups, node.module)
         self.producers[node.module] = index
         self.handled.add(index)
         self.add_member(_Channels(out, ndim - 1 if node.kind == "linear" else 1, width))
@@ -144,6 +150,14 @@ class _GroupWalk:
                      before)
             for name, (_, positions, value, before) in order)
         passthroughs = sorted(self.passthroughs, key=lambda name: self.passthroughs[name][0])
+        if len(self.blocks) > 1:
+            names = " and ".join(repr(n) for n in self.blocks.values())
+            raise _Blocked(f"grouped convolutions with different groups share its channels "
+                           f"({names})")
+        blocks = next(iter(self.blocks), 1)
+        if blocks > 1 and (any(c[3] for c in self.consumers.values())
+                           or any(p[1] for p in self.passthroughs.values())):
+            raise _Blocked("its channels are concatenated and enter a grouped convolution")
         return ChannelGroup(
             producers=tuple(sorted(self.producers, key=self.producers.get)),
             consumers=consumers,
@@ -151,6 +165,7 @@ class _GroupWalk:
             passthroughs=tuple(passthroughs),
             offsets=tuple((name, self.passthroughs[name][1]) for name in passthroughs
                           if self.passthroughs[name][1]),
+            blocks=blocks,
         )
 
     # -- one op using a member ------------------------------------------------------------
@@ -177,6 +192,8 @@ class _GroupWalk:
             self.consumers[node.module] = (index, state.positions, state.value, state.before)
         elif node.kind == "conv":
             if _conv_step(graph, module, node, state, ndim):
+                if module.groups > 1:
+                    self.blocks.setdefault(module.groups, node.module)
                 self.consumers[node.module] = (index, 1, state.value, state.before)
             else:
                 self.passthroughs[node.module] = (index, state.before)
@@ -312,9 +329,12 @@ def _conv_step(graph: Graph, module: nn.Module, node: Node, state: _Channels,
         return True
     if module.groups == module.in_channels == module.out_channels:
         return False
-    raise _Blocked(
-        f"its channels enter the grouped convolution {node.module!r} (groups={module.groups}, "
-        f"out_channels={module.out_channels}), which mixes channels within each group")
+    if module.groups == module.in_channels:
+        raise _Blocked(
+            f"its channels enter the grouped convolution {node.module!r} (groups="
+            f"{module.groups}, out_channels={module.out_channels}), whose groups read one "
+            "channel each")
+    return True  # a grouped consumer: selection within each group
 
 
 def _check_per_channel_module(graph: Graph, module: nn.Module, node: Node, state: _Channels,
@@ -602,8 +622,10 @@ def _skip_all(walk, seed: str, reason: str, seen: set) -> list[Skipped]:
 
 
 def _is_candidate(module: nn.Module) -> bool:
+    """A dense layer, or a grouped (not depthwise) convolution: it creates channels."""
     kind = module_kind(module)
-    return kind == "linear" or (kind == "conv" and module.groups == 1)
+    depthwise = kind == "conv" and module.groups == module.in_channels == module.out_channels
+    return kind == "linear" or (kind == "conv" and not depthwise)
 
 
 def _check_single_use(graph: Graph, unit: ChannelGroup, shared: dict, used_directly: set) -> None:

@@ -19,7 +19,7 @@ import scipy.linalg
 from .. import _array
 from .._linalg import PivotedFactorization, factorize_triangular
 
-__all__ = ["JointFactorization", "interpolations_for"]
+__all__ = ["BlockFactorization", "JointFactorization", "interpolations_for"]
 
 
 class JointFactorization:
@@ -44,15 +44,7 @@ class JointFactorization:
     @classmethod
     def from_accumulators(cls, accumulators) -> JointFactorization:
         """From streamed ``GramAccumulator``/``QRAccumulator`` statistics, one per reading."""
-        factors, eps = [], float(np.finfo(np.float64).eps)
-        for acc in accumulators:
-            if hasattr(acc, "gram"):
-                factors.append(_gram_root(_array.to_numpy(acc.gram)))
-                eps = max(eps, float(np.sqrt(np.finfo(np.float64).eps)))
-            else:
-                factors.append(_array.to_numpy(acc.R))
-                eps = max(eps, float(np.finfo(acc.dtype).eps))
-        return cls(factors, eps)
+        return cls(*_roots(accumulators))
 
     @property
     def n_features(self) -> int:
@@ -93,7 +85,98 @@ def _gram_root(gram: np.ndarray) -> np.ndarray:
 
 def interpolations_for(unit, fac, keep, T):
     """Per-consumer interpolation matrices of a group, or None when all share ``T``."""
-    if not isinstance(fac, JointFactorization):
+    if unit.n_readings == 1 or not hasattr(fac, "interpolations"):
         return None
     per_reading = fac.interpolations(keep)
     return tuple(per_reading[c.reads] for c in unit.consumers)
+
+
+class BlockFactorization:
+    """Selection within each of ``blocks`` equal channel blocks (a grouped convolution).
+
+    A grouped convolution reading (or producing) the channels sees each block on its own, so
+    every block keeps the same number of channels ``j`` (``groups`` stays valid) chosen by its
+    own pivoted ID, and ``T`` is block-diagonal. The readings are weighted as in
+    :class:`JointFactorization`. ``errors[k]`` is the relative error of keeping ``k // blocks``
+    channels per block (the width is rounded down to a multiple of ``blocks``, at least one
+    per block).
+
+    Parameters
+    ----------
+    factors : list of ndarray of shape (p_c, m)
+        A square-root factor per reading.
+    dtype_eps : float
+    blocks : int
+        Number of channel blocks; divides ``m``.
+    """
+
+    def __init__(self, factors, dtype_eps: float, blocks: int):
+        self.factors = [np.asarray(f, dtype=np.float64) for f in factors]
+        m = self.factors[0].shape[1]
+        if m % blocks:
+            raise ValueError(f"{m} channels cannot form {blocks} equal blocks")
+        self.blocks, self.size = blocks, m // blocks
+        weights = [1 / n if (n := float(np.linalg.norm(f))) > 0 else 1.0 for f in self.factors]
+        self.parts = []
+        for b in range(blocks):
+            columns = np.arange(b * self.size, (b + 1) * self.size)
+            stacked = np.vstack([w * f[:, columns] for w, f in zip(weights, self.factors,
+                                                                    strict=True)])
+            self.parts.append((columns, factorize_triangular(stacked, dtype_eps)))
+        sq_norms = np.array([fac.sq_norm for _, fac in self.parts])
+        tails = sum(fac.errors ** 2 * sq for (_, fac), sq in zip(self.parts, sq_norms,
+                                                                  strict=True))
+        total = float(sq_norms.sum())
+        per_block = np.sqrt(tails / total) if total > 0 else np.zeros(self.size + 1)
+        self.errors = per_block[np.arange(m + 1) // blocks]
+
+    @classmethod
+    def from_accumulators(cls, accumulators, blocks: int) -> BlockFactorization:
+        factors, eps = _roots(accumulators)
+        return cls(factors, eps, blocks)
+
+    @property
+    def n_features(self) -> int:
+        return self.blocks * self.size
+
+    def kept_per_block(self, k: int) -> int:
+        return max(1, int(k) // self.blocks)
+
+    def select(self, k: int):
+        """Kept channels (block by block, pivot order within) and the block-diagonal T."""
+        j = self.kept_per_block(k)
+        keep = np.concatenate([columns[fac.perm[:j]] for columns, fac in self.parts])
+        T = np.zeros((j * self.blocks, self.n_features))
+        for b, (columns, fac) in enumerate(self.parts):
+            T[b * j:(b + 1) * j, columns] = fac.select(j)[1]
+        return keep, T
+
+    def interpolations(self, keep) -> list[np.ndarray]:
+        """Each reading's least-squares block-diagonal ``T_c`` for the kept channels."""
+        keep = np.asarray(keep, dtype=np.int64)
+        j = keep.size // self.blocks
+        result = []
+        for factor in self.factors:
+            T = np.zeros((keep.size, self.n_features))
+            for b, (columns, _) in enumerate(self.parts):
+                rows = slice(b * j, (b + 1) * j)
+                kept = keep[rows]
+                block, *_ = scipy.linalg.lstsq(factor[:, kept], factor[:, columns],
+                                               check_finite=False)
+                block[:, kept - columns[0]] = np.eye(j)
+                T[rows, columns] = block
+            result.append(T)
+        return result
+
+
+def _roots(accumulators):
+    """Square-root factors of streamed statistics and the rounding unit of their accuracy."""
+    factors, eps = [], float(np.finfo(np.float64).eps)
+    for acc in accumulators:
+        if hasattr(acc, "gram"):
+            factors.append(_gram_root(_array.to_numpy(acc.gram)))
+            eps = max(eps, float(np.sqrt(np.finfo(np.float64).eps)))
+        else:
+            factors.append(_array.to_numpy(acc.R))
+            eps = max(eps, float(np.finfo(acc.dtype).eps))
+    return factors, eps

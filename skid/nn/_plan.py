@@ -63,6 +63,9 @@ class ChannelGroup:
     offsets : tuple of (str, tuple)
         ``(passthrough, before)`` for passthroughs acting on a concatenation: what precedes
         the group's channels there, as in :attr:`Consumer.before`.
+    blocks : int
+        Equal channel blocks of a grouped convolution producing or consuming the channels:
+        each block keeps the same number of channels, and ``T`` is block-diagonal.
     kind : str
         What a unit of ``width`` is: ``"channels"``.
     """
@@ -72,6 +75,7 @@ class ChannelGroup:
     width: int
     passthroughs: tuple[str, ...] = ()
     offsets: tuple = ()
+    blocks: int = 1
     kind: str = "channels"
 
     @property

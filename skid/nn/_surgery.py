@@ -233,7 +233,7 @@ class _ConvSurgery:
         return module.in_channels
 
     def slice_out(self, module, keep):
-        _require_groups(module, dense=True, verb="slice_out")
+        _equal_per_group(keep, module.out_channels, module.groups, "output")
         _take(module, ("weight", "bias"), keep)
         module.out_channels = len(keep)
 
@@ -243,19 +243,49 @@ class _ConvSurgery:
         module.in_channels = module.out_channels = module.groups = len(keep)
 
     def fold_in(self, module, T, positions=1):
-        _require_groups(module, dense=True, verb="fold_in")
+        """``W ← W Tᵀ``; for ``groups > 1``, ``T`` is block-diagonal and folds group by group."""
         if positions != 1:
             raise ValueError(f"a convolution consumer takes positions=1; got {positions}")
         weight = module.weight.detach()
         T = _interpolation(T, weight, module.in_channels)
-        folded = torch.einsum("om...,km->ok...", weight.to(torch.float64), T)
+        blocks = _diagonal_blocks(T, module.groups)
+        outputs = module.out_channels // module.groups
+        folded = torch.cat([
+            torch.einsum("om...,km->ok...", weight[g * outputs:(g + 1) * outputs].double(), block)
+            for g, block in enumerate(blocks)])
         _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
-        module.in_channels = folded.shape[1]
+        module.in_channels = T.shape[0]
 
     def as_samples(self, module, x, positions=1):
-        _require_groups(module, dense=True, verb="as_samples")
         channel_axis = x.ndim - len(module.kernel_size) - 1  # 0 for unbatched input
         return x.movedim(channel_axis, -1).reshape(-1, module.in_channels)
+
+
+def _equal_per_group(keep: torch.Tensor, width: int, groups: int, side: str) -> None:
+    """A grouped conv keeps the same number of channels in each group."""
+    if groups == 1:
+        return
+    counts = torch.bincount(keep.cpu() // (width // groups), minlength=groups)
+    if len(keep) % groups or not bool((counts == len(keep) // groups).all()):
+        raise ValueError(f"keep must hold an equal number of {side} channels in each of the "
+                         f"{groups} groups of the convolution; got {counts.tolist()}")
+
+
+def _diagonal_blocks(T: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """The ``groups`` diagonal blocks of a block-diagonal ``T`` (rows sorted by channel)."""
+    k, m = T.shape
+    if groups == 1:
+        return [T]
+    if k % groups or m % groups:
+        raise ValueError(f"T of shape {(k, m)} does not split into {groups} groups")
+    rows, cols = k // groups, m // groups
+    blocks = [T[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols] for g in range(groups)]
+    mask = torch.block_diag(*[torch.ones_like(b) for b in blocks]).bool()
+    outside = T.masked_select(~mask)
+    if outside.numel() and bool(outside.abs().max() > 0):
+        raise ValueError(f"T must be block-diagonal over the {groups} groups of the "
+                         "convolution it is folded into")
+    return blocks
 
 
 def _require_groups(conv: nn.Module, dense: bool, verb: str) -> None:
@@ -409,8 +439,8 @@ def _module(model: nn.Module, name: str, verb: str, width: int,
     except AttributeError as error:
         raise ValueError(f"the model has no module {name!r}") from error
     entry = surgery_for(module, verb)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        _require_groups(module, dense=verb != "slice_channels", verb=verb)
+    if isinstance(module, nn.modules.conv._ConvNd) and verb == "slice_channels":
+        _require_groups(module, dense=False, verb=verb)
     getter = getattr(entry, _WIDTH_OF[verb])
     found = getter(module, positions) if verb == "fold_in" else getter(module)
     if before:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skid.nn._graph import find_units
-from skid.nn._plan import Unit
+from skid.nn._plan import ChannelGroup, Consumer, Unit
 
 from .models import ARCHITECTURES, call_args, make_bert_layer, make_text_input, make_unprunable
 
@@ -237,8 +237,6 @@ def _seq(*layers):
     (TiedWeights(), torch.randn(2, 8), "fc2", "shares parameters with 'fc1'"),
     (WeightUsedDirectly(), torch.randn(2, 8), "fc1", "use directly"),
     (ChannelsLastFlatten(), torch.randn(2, 3, 4, 4), "conv", "not a channel-major flatten"),
-    (_seq(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2)), torch.randn(2, 3, 4, 4),
-     "0", "grouped convolution"),
     (_seq(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 2, 1)),
      torch.randn(2, 3, 4, 4), "0", "grouped convolution"),
     (_seq(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), torch.randn(2, 4), "0",
@@ -310,6 +308,8 @@ def test_unknown_op_blocks():
     (_seq(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 2)), (torch.randn(2, 4),), Unit("0", "2", 8)),
     (_seq(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True), nn.Conv1d(4, 2, 1)),
      (torch.randn(2, 2, 6),), Unit("0", "2", 4, ("1",))),
+    (_seq(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten()),
+     (torch.randn(2, 3, 4, 4),), ChannelGroup(("0",), (Consumer("2"),), 4, blocks=2)),
     (_seq(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), (torch.randn(3, 4),),
      Unit("0", "3", 8, ("1",))),
     (_seq(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (4, 4)), nn.Flatten(),

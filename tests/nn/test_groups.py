@@ -36,6 +36,8 @@ _EXPECTED = {
         (("fc.0",), (("fc.2", 0),))],
     "resnext": [
         (("conv1",), (("layer1.0.downsample.0", 0), ("layer1.0.conv1", 0))),
+        (("layer1.0.conv1",), (("layer1.0.conv2", 0),)),
+        (("layer1.0.conv2",), (("layer1.0.conv3", 0),)),
         (("fc.0",), (("fc.2", 0),))],
     "mbconv_se": [
         (("expand.0", "se.fc2"), (("se.fc1", 0), ("project.0", 1))),
@@ -67,7 +69,7 @@ _EXPECTED = {
 _SKIPPED = {
     "resnet50_stem": {"layer1.0.downsample.0": "residual", "layer1.0.conv3": "residual",
                       "fc.2": "model output"},
-    "resnext": {"layer1.0.conv1": "grouped convolution", "layer1.0.conv3": "residual"},
+    "resnext": {"layer1.0.conv3": "residual", "layer1.0.downsample.0": "residual"},
     "mbconv_se": {"stem.0": "residual", "project.0": "residual"},
     "densenet": {"classifier": "model output"},
     "inception": {"fc": "model output"},
@@ -287,3 +289,37 @@ def test_concatenations_compress_in_any_order(name, options):
         assert model.layer2.norm1.num_features == widths["conv0"] + widths["layer1.conv2"]
         assert model.transition[2].in_channels == (
             widths["conv0"] + widths["layer1.conv2"] + widths["layer2.conv2"])
+
+
+@pytest.mark.parametrize("options", [{"rank": 0.5}, {"rank": 0.3}, {"tol": 0.05},
+                                     {"target_flops": 0.6}, {"calibration": "sequential",
+                                                             "rank": 0.5}])
+def test_grouped_convolution_keeps_equal_counts_per_group(options):
+    """ResNeXt: into and out of a grouped conv, each of its 4 groups keeps as many channels."""
+    make_input = BLOCKS["resnext"][1]
+    X = make_input(48, seed=1)
+    nc = NetworkCompressor(make_block("resnext"), batch_size=16, **options).fit(X)
+    rows = {row["producer"]: row for row in nc.layers_}
+    block = nc.compressed_model_.layer1[0]
+    for name in ("layer1.0.conv1", "layer1.0.conv2"):
+        assert rows[name]["width_after"] % 4 == 0
+    assert block.conv2.groups == 4
+    assert block.conv2.in_channels == block.conv1.out_channels == rows["layer1.0.conv1"][
+        "width_after"]
+    assert block.conv2.out_channels == block.conv3.in_channels == rows["layer1.0.conv2"][
+        "width_after"]
+    nc.transform(make_input(4, seed=2))  # the narrower grouped conv runs
+
+
+def test_grouped_selection_is_per_group_and_block_diagonal():
+    model = make_block("resnext")
+    X = BLOCKS["resnext"][1](32, seed=1)
+    units, _ = find_units(model, X[:2])
+    into = units[1]
+    assert into.blocks == 4 and units[2].blocks == 4
+    (fac,), _ = unit_statistics(model, [into], Batches(X, 8), method="qr")
+    keep, T = fac.select(5)  # rounded down to one channel per group
+    assert sorted(k // 2 for k in keep) == [0, 1, 2, 3]
+    mask = np.kron(np.eye(4), np.ones((1, 2))).astype(bool)
+    assert np.all(T[~mask] == 0)
+    assert fac.errors[5] == fac.errors[4] >= fac.errors[8] == 0

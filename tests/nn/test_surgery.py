@@ -386,7 +386,9 @@ def test_register_needs_a_verb():
 @pytest.mark.parametrize("call, error, match", [
     (lambda: slice_channels(nn.LayerNorm(4), [0]), TypeError, "no surgery for LayerNorm"),
     (lambda: slice_out(nn.BatchNorm2d(4), [0]), TypeError, "does not support `slice_out`"),
-    (lambda: slice_out(nn.Conv2d(4, 4, 1, groups=2), [0]), TypeError, "groups=1"),
+    (lambda: slice_out(nn.Conv2d(4, 4, 1, groups=2), [0]), ValueError, "equal number"),
+    (lambda: fold_in(nn.Conv2d(4, 4, 1, groups=2), torch.ones(2, 4)), ValueError,
+     "block-diagonal"),
     (lambda: slice_channels(nn.Conv2d(4, 8, 1, groups=4), [0]), TypeError, "depthwise"),
     (lambda: fold_in(nn.Linear(4, 2), np.eye(2, 3)), ValueError, r"shape \(k, 4\)"),
     (lambda: fold_in(nn.Linear(10, 2), np.eye(2, 3), positions=3), ValueError,
