@@ -48,12 +48,17 @@ __all__ = ["NetworkCompressor"]
 class NetworkCompressor(TransformerMixin, BaseEstimator):
     """Compress a trained torch model with the interpolative decomposition, without fine-tuning.
 
-    Unlabeled calibration inputs are run through the model. For every *unit* — a ``Linear`` or
-    ``Conv`` layer whose output channels reach exactly one following ``Linear``/``Conv`` only
-    through per-channel operations — the activations ``Z`` as the following layer consumes them
-    (rows: samples, and spatial positions for convolutions; columns: channels) get a column ID
-    ``Z ≈ Z[:, J] T``. The producer keeps channels ``J`` (and so does every per-channel op in
-    between) and ``T`` is folded into the consumer, so the consumer sees ``Z[:, J] T ≈ Z``.
+    Unlabeled calibration inputs are run through the model. For every *channel group* — the
+    output channels of one or more ``Linear``/``Conv`` producers (several when joined by an
+    elementwise product: a gated MLP ``down(act(gate(x)) * up(x))``, a squeeze-excitation gate),
+    passed through per-channel operations and read only by following ``Linear``/``Conv``
+    consumers (one or several, possibly at an offset of a concatenation, or group by group in a
+    grouped convolution) — the activations ``Z`` as a consumer reads them (rows: samples, and
+    spatial positions for convolutions; columns: channels) get a column ID ``Z ≈ Z[:, J] T``.
+    Every producer keeps channels ``J`` (and so does every per-channel op in between) and each
+    consumer gets its own least-squares ``T`` folded in, so it sees ``Z[:, J] T ≈ Z``. When the
+    consumers read different tensors (the SE gate's pooled input and the gated activations),
+    ``J`` is the ID of their activations stacked, each scaled to unit Frobenius norm.
 
     Parameters
     ----------
@@ -63,7 +68,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Relative ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` allowed in every unit: each keeps the
         fewest channels that meet it (a different width per unit).
     rank : float in (0, 1], default=None
-        Keep ``ceil(rank * width)`` channels of every unit instead of using ``tol``.
+        Keep ``ceil(rank * width)`` channels of every group instead of using ``tol`` (rounded
+        down to a multiple of a grouped convolution's groups).
     target_flops : float in (0, 1), default=None
         Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen
         greedily by the increase of the squared relative ID error per FLOP saved. That
@@ -71,8 +77,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         batch, and the one whose outputs stay closer to the model's is kept, so it never does
         worse there than keeping the same fraction of every unit.
     layers : "auto" or list of str or (str, str), default="auto"
-        Restrict pruning to these producers (qualified names as in ``model.named_modules()``)
-        or ``(producer, consumer)`` pairs.
+        Restrict pruning to the groups of these producers (qualified names as in
+        ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
     calibration : {"original", "sequential"}, default="original"
@@ -103,9 +109,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned unit: ``producer``, ``consumer`` (qualified names), ``width_before``,
-        ``width_after``, ``error`` (relative ID error). ``pandas.DataFrame(layers_)`` is the
-        report.
+        One per pruned channel group: ``kind`` (``"channels"``), ``producers`` and
+        ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
+        each), ``width_before``, ``width_after``, ``error`` (relative ID error; for consumers
+        reading different tensors, the root mean square over them with a shared ``T``).
+        ``pandas.DataFrame(layers_)`` is the report.
     skipped_ : list of dict
         ``producer`` and ``reason`` for every Linear/Conv layer left alone.
     flops_ : dict
@@ -314,8 +322,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             reasons = "".join(f"\n  - {s.producer!r}: {s.reason}" for s in skipped)
             raise NotPrunableError(
                 f"No prunable unit in this {type(work).__name__}: no Linear/Conv layer's output "
-                f"channels reach exactly one following Linear/Conv through per-channel "
-                f"operations only.{reasons or ' The model has no Linear/Conv layer.'}"
+                f"channels reach only following Linear/Conv layers through per-channel "
+                f"operations and gates.{reasons or ' The model has no Linear/Conv layer.'}"
             )
         return units
 

@@ -470,8 +470,12 @@ def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
     split = shape_out[state.axis:state.axis + 2]
     if (len(shape_out) == len(shape_in) + 1 and tuple(shape_out[:state.axis]) ==
             tuple(shape_in[:state.axis]) and len(split) == 2 and math.prod(split) == length):
-        heads = (f"; it splits the channels into {split[0]} attention heads of {split[1]} "
-                 "(heads are not channels: left alone)")
+        if state.axis == len(shape_in) - 1:
+            heads = (f"; it splits the channels into {split[0]} attention heads of "
+                     f"{split[1]} (heads are not channels: left alone)")
+        else:
+            heads = (f"; it splits the channels into {split[0]} groups of {split[1]} (a "
+                     "channel shuffle or a grouped view: left alone)")
     raise _Blocked(f"{node.describe()} reshapes {tuple(shape_in)} to {tuple(shape_out)}, which "
                    f"is not a channel-major flatten of the channel axis {state.axis}{heads}")
 
