@@ -323,3 +323,31 @@ def test_grouped_selection_is_per_group_and_block_diagonal():
     mask = np.kron(np.eye(4), np.ones((1, 2))).astype(bool)
     assert np.all(T[~mask] == 0)
     assert fac.errors[5] == fac.errors[4] >= fac.errors[8] == 0
+
+
+class _Shuffle(nn.Module):
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.shuffle = nn.ChannelShuffle(2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        if self.functional:  # ShuffleNet's channel_shuffle
+            b, c, height, width = h.shape
+            h = h.view(b, 2, c // 2, height, width).transpose(1, 2).contiguous()
+            h = h.view(b, c, height, width)
+        else:
+            h = self.shuffle(h)
+        return self.conv2(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("functional, reason", [
+    (True, "splits the channels into 2 groups of 4 (a channel shuffle"),
+    (False, "ChannelShuffle 'shuffle', which mixes channels"),
+])
+def test_channel_shuffle_is_skipped(functional, reason):
+    units, skipped = find_units(_Shuffle(functional).eval(), torch.randn(2, 3, 4, 4))
+    assert units == []
+    assert reason in _reasons(skipped)["conv1"]
