@@ -9,68 +9,13 @@ import torch
 from skid.nn import NetworkCompressor
 from skid.nn._graph import find_units
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-_VOCAB, _HIDDEN, _INNER = 64, 16, 24
+from .hf_models import HF_MODELS, INNER  # noqa: E402
 
-
-def _decoder(config_class, model_class, **extra):
-    config = config_class(vocab_size=_VOCAB, hidden_size=_HIDDEN, intermediate_size=_INNER,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=32, **extra)
-    return model_class(config)
-
-
-def _llama():
-    return _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM)
-
-
-def _qwen2():
-    return _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
-
-
-def _mistral():
-    return _decoder(transformers.MistralConfig, transformers.MistralForCausalLM,
-                    sliding_window=16)
-
-
-def _t5():
-    config = transformers.T5Config(vocab_size=_VOCAB, d_model=_HIDDEN, d_kv=4, d_ff=_INNER,
-                                   num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
-    return transformers.T5EncoderModel(config)
-
-
-def _gpt2():
-    config = transformers.GPT2Config(vocab_size=_VOCAB, n_embd=_HIDDEN, n_layer=2, n_head=4,
-                                     n_positions=32, n_inner=_INNER)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _vit():
-    config = transformers.ViTConfig(hidden_size=_HIDDEN, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=_INNER,
-                                    image_size=8, patch_size=4, num_channels=3)
-    return transformers.ViTModel(config)
-
-
-def _bert():
-    config = transformers.BertConfig(vocab_size=_VOCAB, hidden_size=_HIDDEN,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=_INNER, max_position_embeddings=32)
-    return transformers.BertModel(config)
-
-
-def _text(n=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, _VOCAB, (n, 6), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[-1, 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _pixels(n=2, seed=0):
-    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
+_NAMES = ("llama", "qwen2", "mistral", "t5_gated", "gpt2", "vit", "bert")
+_llama, _qwen2, _mistral, _t5, _gpt2, _vit, _bert = (HF_MODELS[name][0] for name in _NAMES)
+_text, _pixels = HF_MODELS["llama"][1], HF_MODELS["vit"][1]
 
 def _layers(pattern):
     return [pattern.format(i) for i in range(2)]
@@ -149,13 +94,13 @@ def test_full_rank_reproduces(name, options):
 def test_half_width_result_saves_and_runs(name):
     make_input = _MODELS[name][1]
     nc = NetworkCompressor(_model(name), rank=0.5).fit(make_input(16, seed=1))
-    assert all(row["width_after"] == _INNER // 2 for row in nc.layers_)
+    assert all(row["width_after"] == INNER // 2 for row in nc.layers_)
     assert nc.flops_["after"] < nc.flops_["before"]
     buffer = io.BytesIO()
     torch.save(nc.compressed_model_.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer)
-    assert any(t.shape[0] == _INNER // 2 or t.shape[-1] == _INNER // 2 for t in state.values())
+    assert any(t.shape[0] == INNER // 2 or t.shape[-1] == INNER // 2 for t in state.values())
 
 
 @pytest.mark.slow
