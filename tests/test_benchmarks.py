@@ -57,3 +57,10 @@ def test_bench_fidelity_quick():
             assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
     summary = table_rows(out, "summary: top-1 agreement")
     assert any("target_flops=0.25" in row for row in summary)
+
+
+def test_bench_coverage_quick():
+    out = run_quick("bench_coverage.py")
+    rows = table_rows(out, "share of FLOPs in prunable widths")
+    assert rows[0].startswith("| mlp ")
+    assert len(rows) in (2, 3)  # hf_llama needs transformers
