@@ -18,6 +18,11 @@ FLOPs kept go from 1.0 down to 0.2, for
 Prints one table per model and sweep, a summary at 50 % and 25 % of the FLOPs, and saves
 agreement vs FLOPs kept (both models, one panel each) to ``docs/images/fidelity_digits.png``.
 
+Then (with ``transformers`` installed) a small LLaMA-shaped causal LM trained here on CPython's
+standard-library sources (``benchmarks/_llm.py``): held-out perplexity at half its SwiGLU MLP
+width for ID, ID without T and magnitude pruning (Torch-Pruning's group L2 importance) at the
+same widths.
+
     python benchmarks/bench_fidelity.py            # full sweep + plot (under a minute)
     python benchmarks/bench_fidelity.py --quick    # 2 settings per sweep, no plot
 """
@@ -242,7 +247,27 @@ def main():
     print_summary(results)
     path = args.plot or (None if args.quick else PLOT)
     if path:
-        plot(results, REPO / path if not str(path).startswith("/") else path)
+        plot(results, REPO / path)  # an absolute path stays as it is
+    print_llm(steps=20 if args.quick else 800, n_calib=32 if args.quick else 128,
+              n_test=32 if args.quick else 512)
+
+
+def print_llm(steps: int, n_calib: int, n_test: int) -> None:
+    """Held-out perplexity of the stdlib-trained LLaMA at half MLP width, per method."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("\n(transformers is not installed: no causal-LM table)")
+        return
+    from _llm import SEQ, half_mlp_table
+
+    rows, facts = half_mlp_table(steps, n_calib, n_test)
+    print_table(
+        f"LLaMA-shaped causal LM ({facts['steps']} steps on {facts['train tokens']:,} bytes of "
+        f"CPython's Lib/*.py; {n_calib}×{SEQ} calibration tokens): held-out perplexity on "
+        f"{n_test}×{SEQ} tokens of other files, both MLPs at half width, no fine-tuning",
+        ["method", "MLP width", "FLOPs kept", "perplexity", "÷ original"],
+        rows, ["s", "d", ".3f", ".3f", ".3f"])
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def test_bench_fidelity_quick():
             assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
     summary = table_rows(out, "summary: top-1 agreement")
     assert any("target_flops=0.25" in row for row in summary)
+    if "transformers is not installed" not in out:
+        methods = [row.split("|")[1].strip() for row in table_rows(out, "LLaMA-shaped causal LM")]
+        assert methods == ["original", "ID", "ID without T", "magnitude"]
 
 
 def test_bench_coverage_quick():
