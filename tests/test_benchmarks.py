@@ -67,3 +67,9 @@ def test_bench_coverage_quick():
     rows = table_rows(out, "share of FLOPs in prunable widths")
     assert rows[0].startswith("| mlp ")
     assert len(rows) in (2, 3)  # hf_llama needs transformers
+
+
+def test_bench_joint_quick():
+    out = run_quick("bench_joint.py")
+    rows = table_rows(out, "SE-gated expanded width")
+    assert len(rows) == 5 and rows[0].startswith("| stack, unit norm each (skid)")
