@@ -351,3 +351,15 @@ def test_channel_shuffle_is_skipped(functional, reason):
     units, skipped = find_units(_Shuffle(functional).eval(), torch.randn(2, 3, 4, 4))
     assert units == []
     assert reason in _reasons(skipped)["conv1"]
+
+
+@pytest.mark.parametrize("name", ["mbconv_se", "resnext", "densenet"])
+def test_joint_and_grouped_statistics_are_cached(name, tmp_path):
+    make_input = BLOCKS[name][1]
+    X = make_input(32, seed=1)
+    first = NetworkCompressor(make_block(name), rank=0.5, memory=tmp_path).fit(X)
+    second = NetworkCompressor(make_block(name), rank=0.5, memory=tmp_path).fit(X)
+    assert first.n_calibration_passes_ > 0 and second.n_calibration_passes_ == 0
+    assert first.layers_ == second.layers_
+    held_out = make_input(4, seed=2)
+    np.testing.assert_array_equal(first.transform(held_out), second.transform(held_out))
