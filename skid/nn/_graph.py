@@ -132,9 +132,13 @@ class _GroupWalk:
                         self.visit(self.members[value], user)
             if not self.deferred:
                 break
-            # An elementwise op whose other operand is not (yet) a member: once every member
-            # is known, it is either inside the group (``x + 0.04 * x**3``) or a gate.
-            index, state = self.deferred.pop(0)
+            # Elementwise ops whose other operand was not a member yet: those whose operands
+            # all are now lie inside the group (``x + 0.04 * x**3``); if none, the first gate
+            # brings in its other producer (or, not being a product, blocks the group).
+            ready = [(i, st) for i, st in self.deferred if self.others(i, st) == []]
+            gates = [(i, st) for i, st in self.deferred if self.graph.nodes[i].name in _GATE_OPS]
+            index, state = (ready or gates or self.deferred)[0]
+            self.deferred.remove((index, state))
             self.elementwise(state, index, final=True)
         for index, axis in self.joins:
             self.check_join(index, axis)
@@ -222,7 +226,7 @@ class _GroupWalk:
             raise _Blocked(f"{node.describe()} broadcasts its channels to another axis")
         varying = [v for v in node.inputs
                    if not _constant_along_channels(graph.values[v].shape, out_shape, axis)]
-        others = [v for v in varying if v not in self.members]
+        others = self.others(index, state)
         if others and not final:
             self.deferred.append((index, state))
             return
@@ -239,6 +243,15 @@ class _GroupWalk:
         if out_shape != shape and not any(graph.values[v].shape == out_shape for v in varying):
             raise _Blocked(f"{node.describe()} broadcasts its channels over new axes")
         self.add_member(dataclasses.replace(state, value=node.outputs[0], axis=axis))
+
+    def others(self, index: int, state: _Channels) -> list[int]:
+        """The operands of an elementwise op that vary along the channels but are not members."""
+        graph = self.graph
+        node = graph.nodes[index]
+        out_shape = graph.values[node.outputs[0]].shape
+        axis = state.axis + len(out_shape) - len(graph.values[state.value].shape)
+        return [v for v in node.inputs if v not in self.members
+                and not _constant_along_channels(graph.values[v].shape, out_shape, axis)]
 
     def gate_producer(self, join: Node, value: int) -> int:
         """The producer whose channels reach ``value`` through per-channel ops only."""

@@ -363,3 +363,22 @@ def test_joint_and_grouped_statistics_are_cached(name, tmp_path):
     assert first.layers_ == second.layers_
     held_out = make_input(4, seed=2)
     np.testing.assert_array_equal(first.transform(held_out), second.transform(held_out))
+
+
+def test_gate_resolved_before_a_sum_inside_the_group():
+    """``g + relu(g) * up(x)``: the sum waits until the gate has made its operand a member."""
+    class GatedSum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            g = torch.tanh(self.gate(x))
+            return self.down(g + torch.relu(g) * self.up(x))
+
+    model = GatedSum().eval()
+    units, _ = find_units(model, torch.randn(3, 4))
+    assert _names(units) == [(("gate", "up"), (("down", 0),))]
+    X = torch.randn(64, 4)
+    nc = NetworkCompressor(model, rank=1.0).fit(X)
+    np.testing.assert_allclose(nc.transform(X), model(X).detach().numpy(), atol=1e-5)
