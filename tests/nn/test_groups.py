@@ -236,19 +236,20 @@ def test_residual_sum_of_two_producers_stays_blocked():
     assert "residual" in _reasons(skipped)["a"]
 
 
-def test_compressed_block_saves_and_loads():
-    nc = NetworkCompressor(make_block("mbconv_se"), rank=0.5).fit(BLOCKS["mbconv_se"][1](32))
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_compressed_block_saves_and_loads(name):
+    nc = NetworkCompressor(make_block(name), rank=0.5).fit(BLOCKS[name][1](32))
     buffer = io.BytesIO()
     torch.save(nc.compressed_model_, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    x = BLOCKS["mbconv_se"][1](4, seed=5)
+    x = BLOCKS[name][1](4, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), nc.compressed_model_(x))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mbconv_se", "inception", "gated_mlp"])
+@pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_compressed_block_exports(name):
     make_input = BLOCKS[name][1]
     nc = NetworkCompressor(make_block(name), rank=0.5).fit(make_input(32))
