@@ -40,7 +40,7 @@ from ._flops import count_flops, count_params
 from ._graph import find_units
 from ._joint import interpolations_for
 from ._plan import Selection
-from ._surgery import apply_selection
+from ._surgery import apply_selection, concat_widths
 
 __all__ = ["NetworkCompressor"]
 
@@ -393,7 +393,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         errors = [fac.errors for fac in facs]
         if self.target_flops is not None:
             module_flops, total = flops_info
-            model = _budget.FlopsModel.from_units(units, module_flops, total)
+            model = _budget.FlopsModel.from_units(units, module_flops, total,
+                                                  concat_widths(work, units))
             candidates = _budget.flops_candidates(errors, model, self.target_flops)
             if len(candidates) == 1:
                 return candidates[0]

@@ -33,6 +33,7 @@ from ._plan import Selection, offset_of
 __all__ = [
     "apply_selection",
     "as_samples",
+    "concat_widths",
     "fold_in",
     "register_surgery",
     "slice_channels",
@@ -378,6 +379,19 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
         total = surgery_for(module).in_width(module, consumer.positions)
         fold_in(module, _embed(T, offsets[consumer.name], total), consumer.positions)
     return model
+
+
+def concat_widths(model: nn.Module, units) -> dict[str, int]:
+    """Channels of every module that reads or passes through a group inside a concatenation."""
+    widths = {}
+    for unit in units:
+        for consumer in unit.consumers:
+            if consumer.before:
+                module = model.get_submodule(consumer.name)
+                widths[consumer.name] = surgery_for(module).in_width(module, consumer.positions)
+        for name, _ in unit.offsets:
+            widths[name] = _width(model.get_submodule(name))
+    return widths
 
 
 def _width(module: nn.Module) -> int:

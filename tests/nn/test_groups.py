@@ -383,3 +383,24 @@ def test_gate_resolved_before_a_sum_inside_the_group():
     X = torch.randn(64, 4)
     nc = NetworkCompressor(model, rank=1.0).fit(X)
     np.testing.assert_allclose(nc.transform(X), model(X).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_flops_model_of_groups_is_exact(name):
+    """The budget's FLOPs model predicts the compressed model's FLOPs: products over groups,
+    sums over the parts of a concatenation, grouped convolutions."""
+    from skid.nn._budget import FlopsModel
+    from skid.nn._flops import count_flops
+    from skid.nn._surgery import concat_widths
+
+    make_input = BLOCKS[name][1]
+    model = make_block(name)
+    x = make_input(2)
+    units, _ = find_units(model, x)
+    total, per_module = count_flops(model, x)
+    flops = FlopsModel.from_units(units, per_module, total, concat_widths(model, units))
+    nc = NetworkCompressor(model, target_flops=0.4).fit(make_input(32, seed=1))
+    assert [row["producers"] for row in nc.layers_] == [list(u.producers) for u in units]
+    kept = [row["width_after"] for row in nc.layers_]
+    assert flops(kept) == pytest.approx(nc.flops_["after"], rel=1e-9)
+    assert nc.flops_["after"] <= 0.4 * nc.flops_["before"] * (1 + 1e-9)
