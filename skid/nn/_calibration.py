@@ -4,9 +4,9 @@ One forward pass per batch, with a forward pre-hook on one consumer per distinct
 group's consumers read (one *reading*): the consumer's input, viewed as (rows, channels) by
 :func:`skid.nn._surgery.as_samples`, goes into that reading's streaming accumulator (``XᵀX``
 or a TSQR factor, on the model's device). Memory depends on the widths, never on the amount of
-calibration data. The factorizations that come out are small
-host NumPy objects, which :class:`StatisticsCache` stores with ``joblib.Memory`` under a key made
-of the model's weights, the data and the settings — never of object identities.
+calibration data. The factorizations that come out are small host NumPy objects, which
+:class:`StatisticsCache` stores with ``joblib.Memory`` under a key made of the model's weights,
+the data and the settings — never of object identities.
 """
 
 from __future__ import annotations
@@ -298,8 +298,11 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     Returns
     -------
     factorizations : list, one per group
-        A ``PivotedFactorization`` when every consumer reads the same tensor, else a
-        :class:`~skid.nn._joint.JointFactorization` over the readings.
+        A ``PivotedFactorization`` when every consumer reads the same tensor, a
+        :class:`~skid.nn._joint.JointFactorization` over the readings when they read several,
+        a :class:`~skid.nn._joint.BlockFactorization` when a grouped convolution makes or
+        reads the channels. All have ``errors``, ``n_features`` and ``select(k)``; the last
+        two also ``interpolations(keep)``, one ``T`` per reading.
     n_samples : int
     """
     global _passes
