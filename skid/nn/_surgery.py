@@ -1,17 +1,24 @@
 """Channel surgery: slice producers and per-channel ops, fold the interpolation into consumers.
 
 Offers one registry of small, stateless entries, one per layer kind, looked up along
-``type(module).__mro__``, and the verbs the ID needs:
+``type(module).__mro__`` (by class, or by qualified class name for optional packages' kinds,
+see :mod:`skid.nn._kinds`). An entry's ``walk`` attribute (``"linear"``, ``"conv"``, ``"norm"``,
+``"prelu"``) is the kind's role in the graph walk, so the walk, the FLOP attribution and the
+calibration all read the kind from here. The verbs the ID needs:
 
-- :func:`slice_out` — keep some output channels of a producer (``Linear``, ``Conv``);
+- :func:`slice_out` — keep some output channels of a producer (``Linear``, ``Conv``; a grouped
+  conv keeps the same number in each group);
 - :func:`slice_channels` — keep the same channels of a per-channel op in between
   (``BatchNorm``, ``InstanceNorm``, depthwise ``Conv``, ``PReLU``);
 - :func:`fold_in` — fold ``T`` into a consumer's input channels, ``W ← W Tᵀ`` (``Linear``,
-  ``Conv`` of any kernel size; for flatten → ``Linear`` the weight is viewed as
-  ``(out, channels, positions)`` and contracted over the channel axis — no Kronecker product);
+  ``Conv`` of any kernel size, group by group for a block-diagonal ``T``; for flatten →
+  ``Linear`` the weight is viewed as ``(out, channels, positions)`` and contracted over the
+  channel axis — no Kronecker product);
 - :func:`as_samples` — view a consumer's input as the ``(rows, channels)`` matrix ``Z`` of
   the ID ``Z ≈ Z[:, keep] @ T``;
-- :func:`apply_selection` — apply one :class:`~skid.nn._plan.Selection` to a model by name.
+- :func:`apply_selection` — apply one :class:`~skid.nn._plan.Selection` (a channel group:
+  every producer, passthrough and consumer, the group's part of a concatenation at its current
+  offset) to a model by name.
 
 Every verb updates the module's metadata (``out_features``, ``in_channels``,
 ``num_features``, ``groups`` ...) together with its tensors, and builds the new tensors with
