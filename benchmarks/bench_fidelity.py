@@ -22,6 +22,11 @@ Then the three ``calibration`` modes at the same per-layer widths (a ``target_fl
 ``rank`` sweep): ``"original"``, ``"sequential"``, ``"corrective"`` with its default choice of
 channels (from the compressed Gram) and with the alternative (greedy on the cross statistic).
 
+Then (with ``transformers`` installed) a small LLaMA-shaped causal LM trained here on CPython's
+standard-library sources (``benchmarks/_llm.py``): held-out perplexity at half its SwiGLU MLP
+width for ID, ID without T and magnitude pruning (Torch-Pruning's group L2 importance) at the
+same widths.
+
     python benchmarks/bench_fidelity.py            # full sweep + plot (under a minute)
     python benchmarks/bench_fidelity.py --quick    # 2 settings per sweep, no plot
 """
@@ -303,12 +308,32 @@ def main():
     print_summary(results)
     path = args.plot or (None if args.quick else PLOT)
     if path:
-        plot(results, REPO / path)  # an absolute path replaces REPO
+        plot(results, REPO / path)  # an absolute path stays as it is
     targets, ranks = ((0.5, 0.1), (0.3,)) if args.quick else (MODE_TARGETS, MODE_RANKS)
     for case in all_cases:
         print_modes(case, "target_flops sweep",
                     mode_sweep(case, [{"target_flops": t} for t in targets]))
         print_modes(case, "rank sweep", mode_sweep(case, [{"rank": r} for r in ranks]))
+    print_llm(steps=20 if args.quick else 800, n_calib=32 if args.quick else 128,
+              n_test=32 if args.quick else 512)
+
+
+def print_llm(steps: int, n_calib: int, n_test: int) -> None:
+    """Held-out perplexity of the stdlib-trained LLaMA at half MLP width, per method."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("\n(transformers is not installed: no causal-LM table)")
+        return
+    from _llm import SEQ, half_mlp_table
+
+    rows, facts = half_mlp_table(steps, n_calib, n_test)
+    print_table(
+        f"LLaMA-shaped causal LM ({facts['steps']} steps on {facts['train tokens']:,} bytes of "
+        f"CPython's Lib/*.py; {n_calib}×{SEQ} calibration tokens): held-out perplexity on "
+        f"{n_test}×{SEQ} tokens of other files, both MLPs at half width, no fine-tuning",
+        ["method", "MLP width", "FLOPs kept", "perplexity", "÷ original"],
+        rows, ["s", "d", ".3f", ".3f", ".3f"])
 
 
 if __name__ == "__main__":

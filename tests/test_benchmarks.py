@@ -62,3 +62,19 @@ def test_bench_fidelity_quick():
         for sweep in ("target_flops", "rank"):
             rows = table_rows(out, f"{model}, calibration modes, {sweep} sweep")
             assert rows and all(row.count("/") == 4 for row in rows)  # 4 modes scored
+    if "transformers is not installed" not in out:
+        methods = [row.split("|")[1].strip() for row in table_rows(out, "LLaMA-shaped causal LM")]
+        assert methods == ["original", "ID", "ID without T", "magnitude"]
+
+
+def test_bench_coverage_quick():
+    out = run_quick("bench_coverage.py")
+    rows = table_rows(out, "share of FLOPs in prunable widths")
+    assert rows[0].startswith("| mlp ")
+    assert len(rows) in (2, 3)  # hf_llama needs transformers
+
+
+def test_bench_joint_quick():
+    out = run_quick("bench_joint.py")
+    rows = table_rows(out, "SE-gated expanded width")
+    assert len(rows) == 5 and rows[0].startswith("| stack, unit norm each (skid)")

@@ -2,5 +2,6 @@
 
 from ._compressor import NetworkCompressor
 from ._io import load_compressed, save_compressed
+from ._kinds import register_layer_kind
 
-__all__ = ["NetworkCompressor", "load_compressed", "save_compressed"]
+__all__ = ["NetworkCompressor", "load_compressed", "register_layer_kind", "save_compressed"]

@@ -61,9 +61,11 @@ class FlopsModel:
         Full widths.
     fixed : float
         FLOPs that do not depend on any unit.
-    terms : tuple of (float, tuple of int)
-        One entry per module whose FLOPs depend on units: its FLOPs at full width, and the
-        units whose kept fraction multiplies them.
+    terms : tuple of (float, tuple of int, tuple of (int, float))
+        One entry per module whose FLOPs depend on units: its FLOPs at full width, the units
+        whose kept fraction multiplies them, and the parts of a concatenation it reads — unit
+        and share of its input channels — whose kept fractions *add up*: the term is
+        ``f · Π ratio[idx] · (1 + Σ share · (ratio[part] − 1))``.
     """
 
     widths: np.ndarray
@@ -71,59 +73,71 @@ class FlopsModel:
     terms: tuple
 
     @classmethod
-    def from_units(cls, units, module_flops: dict, total: float) -> FlopsModel:
-        """Build the model from units (``producer``, ``consumer``, ``passthroughs`` names).
+    def from_units(cls, units, module_flops: dict, total: float,
+                   concat_widths: dict | None = None) -> FlopsModel:
+        """Build the model from channel groups (their producers, passthroughs, consumers).
 
-        A module's FLOPs scale with the unit it produces or passes through (output channels)
-        and with the unit it consumes (input channels); modules not in ``module_flops`` cost 0.
+        A module's FLOPs scale with the group it produces or passes through (output channels)
+        and with the group it consumes (input channels); modules not in ``module_flops`` cost 0.
+        A module that reads (or passes through) groups as parts of a concatenation scales with
+        the share of its channels they keep: ``concat_widths`` gives its channels there.
         """
-        touched: dict[str, set] = {}
+        concat_widths = concat_widths or {}
+        products: dict[str, set] = {}
+        parts: dict[str, dict] = {}
         for i, unit in enumerate(units):
-            for name in (unit.producer, unit.consumer, *unit.passthroughs):
-                touched.setdefault(name, set()).add(i)
+            for name in unit.modules():
+                if unit.before(name) and name in concat_widths:
+                    parts.setdefault(name, {})[i] = unit.width / concat_widths[name]
+                else:
+                    products.setdefault(name, set()).add(i)
         terms = tuple(
-            (float(module_flops[name]), tuple(sorted(idx)))
-            for name, idx in touched.items()
+            (float(module_flops[name]), tuple(sorted(products.get(name, ()))),
+             tuple(sorted(parts.get(name, {}).items())))
+            for name in dict.fromkeys([*products, *parts])
             if module_flops.get(name, 0) > 0
         )
         widths = np.array([u.width for u in units], dtype=np.int64)
-        return cls(widths=widths, fixed=float(total) - sum(f for f, _ in terms), terms=terms)
+        return cls(widths=widths, fixed=float(total) - sum(t[0] for t in terms), terms=terms)
 
     @property
     def total(self) -> float:
         """FLOPs at full width."""
-        return self.fixed + sum(f for f, _ in self.terms)
+        return self.fixed + sum(t[0] for t in self.terms)
 
     def __call__(self, kept) -> float:
         """FLOPs with ``kept[i]`` channels kept in unit ``i``."""
         ratio = np.asarray(kept, dtype=float) / self.widths
-        return self.fixed + sum(f * float(np.prod(ratio[list(idx)])) for f, idx in self.terms)
+        return self.fixed + sum(f * float(np.prod(ratio[list(idx)])) * _share(ratio, parts)
+                                for f, idx, parts in self.terms)
 
     def channel_cost(self, kept, unit: int) -> float:
         """FLOPs of one channel of ``unit`` at the current widths (FLOPs are linear in it)."""
         ratio = np.asarray(kept, dtype=float) / self.widths
-        return sum(f * float(np.prod(ratio[others])) for f, others in self._per_unit[unit])
-
-    @property
-    def _per_unit(self) -> list:
-        """Per unit: ``(FLOPs per channel, the term's other units)`` for every term with it."""
-        cached = self.__dict__.get("_per_unit_cache")
-        if cached is None:
-            cached = [[] for _ in self.widths]
-            for f, idx in self.terms:
-                for i in idx:
-                    others = np.array([j for j in idx if j != i], dtype=np.int64)
-                    cached[i].append((f / self.widths[i], others))
-            object.__setattr__(self, "_per_unit_cache", cached)
-        return cached
+        cost = 0.0
+        for f, idx, parts in self.terms:
+            if unit in idx:
+                others = [j for j in idx if j != unit]
+                cost += f / self.widths[unit] * float(np.prod(ratio[others])) * _share(ratio,
+                                                                                      parts)
+            for j, share in parts:
+                if j == unit:
+                    cost += f * float(np.prod(ratio[list(idx)])) * share / self.widths[unit]
+        return cost
 
     def neighbours(self) -> list[set]:
         """For each unit, the other units sharing a module with it."""
         near = [set() for _ in self.widths]
-        for _, idx in self.terms:
-            for i in idx:
-                near[i].update(j for j in idx if j != i)
+        for _, idx, parts in self.terms:
+            members = set(idx) | {j for j, _ in parts}
+            for i in members:
+                near[i].update(members - {i})
         return near
+
+
+def _share(ratio: np.ndarray, parts) -> float:
+    """Kept share of a concatenation's channels: ``1 + Σ share · (ratio − 1)`` (1 if none)."""
+    return 1.0 + sum(share * (ratio[j] - 1.0) for j, share in parts)
 
 
 def widths_for_flops(errors, flops: FlopsModel, target: float) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Calibration: stream batches through a model and accumulate every unit's ID statistics.
 
-One forward pass per batch, with a forward pre-hook on each unit's consumer: the consumer's
-input, viewed as (rows, channels) by :func:`skid.nn._surgery.as_samples`, goes into that unit's
-streaming accumulator (``XᵀX`` or a TSQR factor, on the model's device). Memory depends on the
-widths, never on the amount of calibration data. The factorizations that come out are small
-host NumPy objects, which :class:`StatisticsCache` stores with ``joblib.Memory`` under a key made
-of the model's weights and executed ops, the data and the settings — never of object identities.
+One forward pass per batch, with a forward pre-hook on one consumer per distinct tensor that a
+group's consumers read (one *reading*): the consumer's input, viewed as (rows, channels) by
+:func:`skid.nn._surgery.as_samples`, goes into that reading's streaming accumulator (``XᵀX``
+or a TSQR factor, on the model's device). Memory depends on the widths, never on the amount of
+calibration data. The factorizations that come out are small host NumPy objects, which
+:class:`StatisticsCache` stores with ``joblib.Memory`` under a key made of the model's weights
+and executed ops, the data and the settings — never of object identities.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from torch import nn
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, QRAccumulator
 from ._fingerprint import describe_execution
+from ._joint import BlockFactorization, JointFactorization
+from ._plan import offset_of
 from ._surgery import as_samples
+from ._trace import module_kind
 
 __all__ = [
     "Batches",
@@ -285,7 +289,7 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     ----------
     model : nn.Module
         In eval mode, on the device where calibration runs; not modified (hooks are removed).
-    units : list of Unit
+    units : list of ChannelGroup
     batches : Batches
     method : {"gram", "qr"}
         ``XᵀX`` + pivoted Cholesky (one GEMM per batch), or TSQR (accurate to rounding).
@@ -296,22 +300,31 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
 
     Returns
     -------
-    factorizations : list of PivotedFactorization, one per unit
+    factorizations : list, one per group
+        A ``PivotedFactorization`` when every consumer reads the same tensor, a
+        :class:`~skid.nn._joint.JointFactorization` over the readings when they read several,
+        a :class:`~skid.nn._joint.BlockFactorization` when a grouped convolution makes or
+        reads the channels. All have ``errors``, ``n_features`` and ``select(k)``; the last
+        two also ``interpolations(keep)``, one ``T`` per reading.
     n_samples : int
     """
     global _passes
     device, dtype = model_device_dtype(model)
     modules = dict(model.named_modules())
+    readings = [_readers(unit) for unit in units]
     accumulators = [
-        GramAccumulator(precision) if method == "gram" else QRAccumulator() for _ in units
+        [GramAccumulator(precision) if method == "gram" else QRAccumulator() for _ in unit_readers]
+        for unit_readers in readings
     ]
-    state = _HookState(len({u.consumer for u in units}))
+    state = _HookState(sum(len(r) for r in readings))  # several groups may hook one module
     handles = []
     n_samples = 0
     try:
-        for unit, acc in zip(units, accumulators, strict=True):
-            hook = _accumulating_hook(unit, acc, state)
-            handles.append(modules[unit.consumer].register_forward_pre_hook(hook))
+        for unit, unit_readers, unit_accs in zip(units, readings, accumulators, strict=True):
+            for consumer, acc in zip(unit_readers, unit_accs, strict=True):
+                columns = _columns(model, consumer, unit)
+                hook = _accumulating_hook(consumer, acc, state, columns, key=len(handles))
+                handles.append(modules[consumer.name].register_forward_pre_hook(hook))
         with torch.no_grad():
             for batch in _progress(batches, verbose):
                 args, kwargs = to_inputs(batch, device, dtype)
@@ -325,7 +338,15 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     finally:
         for handle in handles:
             handle.remove()
-    return [_factorize(u, acc) for u, acc in zip(units, accumulators, strict=True)], n_samples
+    return [_factorize(u, accs) for u, accs in zip(units, accumulators, strict=True)], n_samples
+
+
+def _readers(unit):
+    """One consumer per reading of the group (the first that reads each member tensor)."""
+    first = {}
+    for consumer in unit.consumers:
+        first.setdefault(consumer.reads, consumer)
+    return [first[r] for r in range(unit.n_readings)]
 
 
 class _HookState:
@@ -343,14 +364,22 @@ class _HookState:
         self.seen = set()
 
 
-def _accumulating_hook(unit, accumulator, state: _HookState):
+def _columns(model, consumer, unit):
+    """The group's channels in the consumer's input: all, or a slice of a concatenation."""
+    if not consumer.before:
+        return slice(None)
+    offset = offset_of(model, consumer.before)
+    return slice(offset, offset + unit.width)
+
+
+def _accumulating_hook(consumer, accumulator, state: _HookState, columns=slice(None), key=None):
     """A forward pre-hook that feeds the consumer's input rows into ``accumulator``."""
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
         # Half-precision rows are upcast block by block inside the accumulator.
-        accumulator.update(as_samples(module, x, unit.positions))
-        state.seen.add(unit.consumer)
+        accumulator.update(as_samples(module, x, consumer.positions)[:, columns])
+        state.seen.add(consumer.name if key is None else key)
         if len(state.seen) == state.n_consumers:
             raise _StopForward  # every consumer has been seen: the rest is not needed
 
@@ -361,7 +390,7 @@ def _drop_padding(module, x, mask):
     """Rows of a (batch, sequence, channels) Linear input where the attention mask is 1."""
     if (
         mask is not None
-        and isinstance(module, nn.Linear)
+        and module_kind(module) == "linear"
         and x.ndim == 3
         and tuple(x.shape[:2]) == tuple(mask.shape)
     ):
@@ -451,15 +480,20 @@ def _consumer_input(model, unit, args, kwargs, mask):
     return captured[0] if captured else None
 
 
-def _factorize(unit, accumulator):
-    """The accumulator's factorization, with errors that name the unit."""
-    if accumulator.n_features is None:
-        raise ValueError(
-            f"No calibration data reached {unit.consumer!r} (the consumer of "
-            f"{unit.producer!r}): the forward pass never called it."
-        )
+def _factorize(unit, accumulators):
+    """The group's factorization (joint over its readings), with errors that name the group."""
+    for consumer, accumulator in zip(_readers(unit), accumulators, strict=True):
+        if accumulator.n_features is None:
+            raise ValueError(
+                f"No calibration data reached {consumer.name!r} (a consumer of "
+                f"{unit.producer!r}): the forward pass never called it."
+            )
     try:
-        return accumulator.factorize()
+        if unit.blocks > 1:
+            return BlockFactorization.from_accumulators(accumulators, unit.blocks)
+        if len(accumulators) == 1:
+            return accumulators[0].factorize()
+        return JointFactorization.from_accumulators(accumulators)
     except ValueError as exc:
         raise ValueError(
             f"The activations entering {unit.consumer!r} (the output channels of "

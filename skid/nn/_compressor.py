@@ -12,6 +12,7 @@ import contextlib
 import copy
 import numbers
 import os
+import warnings
 
 import joblib
 import numpy as np
@@ -21,7 +22,12 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import _corrective, metrics
-from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR, factorize_for_outputs
+from .._linalg import (
+    FLOAT32_GRAM_RELIABLE_ERROR,
+    GRAM_RELIABLE_ERROR,
+    PivotedFactorization,
+    factorize_for_outputs,
+)
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
 from . import _budget
@@ -38,9 +44,10 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
+from ._joint import interpolations_for
 from ._model_checks import check_model
-from ._plan import Selection
-from ._surgery import apply_selection, weight_gram
+from ._plan import Selection, offset_of
+from ._surgery import apply_selection, concat_widths, weight_gram
 
 __all__ = ["NetworkCompressor"]
 
@@ -51,12 +58,17 @@ _OUTPUT_PIVOTS = "scaled"
 class NetworkCompressor(TransformerMixin, BaseEstimator):
     """Compress a trained torch model with the interpolative decomposition, without fine-tuning.
 
-    Unlabeled calibration inputs are run through the model. For every *unit* — a ``Linear`` or
-    ``Conv`` layer whose output channels reach exactly one following ``Linear``/``Conv`` only
-    through per-channel operations — the activations ``Z`` as the following layer consumes them
-    (rows: samples, and spatial positions for convolutions; columns: channels) get a column ID
-    ``Z ≈ Z[:, J] T``. The producer keeps channels ``J`` (and so does every per-channel op in
-    between) and ``T`` is folded into the consumer, so the consumer sees ``Z[:, J] T ≈ Z``.
+    Unlabeled calibration inputs are run through the model. For every *channel group* — the
+    output channels of one or more ``Linear``/``Conv`` producers (several when joined by an
+    elementwise product: a gated MLP ``down(act(gate(x)) * up(x))``, a squeeze-excitation gate),
+    passed through per-channel operations and read only by following ``Linear``/``Conv``
+    consumers (one or several, possibly at an offset of a concatenation, or group by group in a
+    grouped convolution) — the activations ``Z`` as a consumer reads them (rows: samples, and
+    spatial positions for convolutions; columns: channels) get a column ID ``Z ≈ Z[:, J] T``.
+    Every producer keeps channels ``J`` (and so does every per-channel op in between) and each
+    consumer gets its own least-squares ``T`` folded in, so it sees ``Z[:, J] T ≈ Z``. When the
+    consumers read different tensors (the SE gate's pooled input and the gated activations),
+    ``J`` is the ID of their activations stacked, each scaled to unit Frobenius norm.
 
     Parameters
     ----------
@@ -66,7 +78,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Relative ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` allowed in every unit: each keeps the
         fewest channels that meet it (a different width per unit).
     rank : float in (0, 1], default=None
-        Keep ``ceil(rank * width)`` channels of every unit instead of using ``tol``.
+        Keep ``ceil(rank * width)`` channels of every group instead of using ``tol`` (rounded
+        down to a multiple of a grouped convolution's groups).
     target_flops : float in (0, 1), default=None
         Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen
         greedily by the increase of the squared relative ID error per FLOP saved. That
@@ -74,8 +87,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         batch, and the one whose outputs stay closer to the model's is kept, so it never does
         worse there than keeping the same fraction of every unit.
     layers : "auto" or list of str or (str, str), default="auto"
-        Restrict pruning to these producers (qualified names as in ``model.named_modules()``)
-        or ``(producer, consumer)`` pairs.
+        Restrict pruning to the groups of these producers (qualified names as in
+        ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
     objective : {"activations", "outputs"}, default="activations"
@@ -122,13 +135,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned unit: ``producer``, ``consumer`` (qualified names), ``width_before``,
-        ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is the report. ``error`` is
-        the relative error on the calibration data of what the consumer sees: the ID error
-        ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of its input ``Z`` in the model it was calibrated on
-        (the original, or for ``"sequential"`` the model compressed so far); for
+        One per pruned channel group: ``kind`` (``"channels"``), ``producers`` and
+        ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
+        each), ``width_before``, ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is
+        the report. ``error`` is the relative error on the calibration data of what the
+        consumers see: the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the
+        model it was calibrated on (the original, or for ``"sequential"`` the model compressed
+        so far; for consumers reading different tensors, the root mean square over them); for
         ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
-        input ``Z_o``, upstream units' errors included.
+        input ``Z_o``, upstream units' errors included; for ``objective="outputs"``, the same
+        for the consumer's output ``Z Wᵀ``.
     skipped_ : list of dict
         ``producer`` and ``reason`` for every Linear/Conv layer left alone.
     flops_ : dict
@@ -348,8 +364,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             reasons = "".join(f"\n  - {s.producer!r}: {s.reason}" for s in skipped)
             raise NotPrunableError(
                 f"No prunable unit in this {type(work).__name__}: no Linear/Conv layer's output "
-                f"channels reach exactly one following Linear/Conv through per-channel "
-                f"operations only.{reasons or ' The model has no Linear/Conv layer.'}"
+                f"channels reach only following Linear/Conv layers through per-channel "
+                f"operations and gates.{reasons or ' The model has no Linear/Conv layer.'}"
             )
         return units
 
@@ -416,18 +432,29 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _for_objective(self, work, units, facs) -> list:
         """The factorizations re-pivoted for the consumers' outputs when ``objective`` says so.
 
-        Two pivot rules were measured (``benchmarks/bench_fidelity.py``): scaling each column
-        by the norm of the consumer weights that read it, and a greedy on the output error;
-        the scaling was kept (see ``_OUTPUT_PIVOTS``).
+        Two pivot rules were measured (``benchmarks/bench_transformers.py``): scaling each
+        column by the norm of the consumer weights that read it, and a greedy on the output
+        error; they gave the same fidelity and the scaling is 3x faster (``_OUTPUT_PIVOTS``).
+        Groups whose consumers read different tensors, or grouped convolutions, keep the
+        activation objective (with a warning): their joint statistic has no single output.
         """
         if self.objective == "activations":
             return facs
-        return [
-            factorize_for_outputs(
-                fac, weight_gram(work.get_submodule(u.consumer), u.positions), _OUTPUT_PIVOTS
+        result, kept = [], []
+        for unit, fac in zip(units, facs, strict=True):
+            if not isinstance(fac, PivotedFactorization):
+                result.append(fac)
+                kept.append(unit.producer)
+                continue
+            weights = sum(_consumer_weight_gram(work, unit, c) for c in unit.consumers)
+            result.append(factorize_for_outputs(fac, weights, _OUTPUT_PIVOTS))
+        if kept:
+            warnings.warn(
+                f"objective='outputs' does not apply to the groups of {kept}: their consumers "
+                "read different tensors or are grouped convolutions; they keep the activation "
+                "objective.", UserWarning, stacklevel=3,
             )
-            for u, fac in zip(units, facs, strict=True)
-        ]
+        return result
 
     def _corrective(self, work, units, batches, key, cache, flops_info):
         """Units in forward order, each ``T`` fitted to the original model's activations.
@@ -442,18 +469,30 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             facs, self.n_calibration_samples_ = cache.get(key, work, units, batches, **settings)
             widths = self._widths(facs, units, flops_info, work, batches)
         reference = copy.deepcopy(work)  # the original, on the calibration device
-        plan = []
+        plan, sequential = [], []
         for i, unit in enumerate(units):
             step_key = None if key is None else fingerprint(
                 key, "corrective", i, _plan_content(plan))
-            # nothing compressed yet: the consumer's input is the original's (one pass)
-            stats, self.n_calibration_samples_ = cache.corrective(
-                step_key, work, reference if plan else None, unit, batches, **settings)
-            fac = stats.factorize(_corrective.DEFAULT_SELECTION)
+            if _corrective_applies(unit):
+                # nothing compressed yet: the consumer's input is the original's (one pass)
+                stats, self.n_calibration_samples_ = cache.corrective(
+                    step_key, work, reference if plan else None, unit, batches, **settings)
+                fac = stats.factorize(_corrective.DEFAULT_SELECTION)
+            else:
+                sequential.append(unit.producer)
+                (fac,), self.n_calibration_samples_ = cache.get(
+                    step_key, work, [unit], batches, **settings)
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
             selection = _selection(unit, fac, k)
             apply_selection(work, selection)
             plan.append(selection)
+        if sequential:
+            warnings.warn(
+                f"calibration='corrective' does not cover the groups of {sequential} yet "
+                "(consumers reading different tensors, slices of a concatenation or grouped "
+                "convolutions): they were calibrated as calibration='sequential' does.",
+                UserWarning, stacklevel=3,
+            )
         return plan
 
     def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
@@ -466,7 +505,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         errors = [fac.errors for fac in facs]
         if self.target_flops is not None:
             module_flops, total = flops_info
-            model = _budget.FlopsModel.from_units(units, module_flops, total)
+            model = _budget.FlopsModel.from_units(units, module_flops, total,
+                                                  concat_widths(work, units))
             candidates = _budget.flops_candidates(errors, model, self.target_flops)
             if len(candidates) == 1:
                 return candidates[0]
@@ -538,6 +578,20 @@ def _working_copy(model: nn.Module, device) -> nn.Module:
     return work.to(device).eval()
 
 
+def _corrective_applies(unit) -> bool:
+    """Whether the corrective statistic covers the group: all consumers read one whole tensor
+    (no concatenation slice) and no grouped convolution asks for a block-diagonal ``T``."""
+    return unit.n_readings == 1 and unit.blocks == 1 and not any(
+        c.before for c in unit.consumers)
+
+
+def _consumer_weight_gram(work, unit, consumer) -> np.ndarray:
+    """``WᵀW`` of one consumer over the group's channels (its slice of a concatenation)."""
+    gram = weight_gram(work.get_submodule(consumer.name), consumer.positions)
+    start = offset_of(work, consumer.before)
+    return gram[start:start + unit.width, start:start + unit.width]
+
+
 def _selection(unit, fac, k) -> Selection:
     """The plan record of one unit kept at width ``k``."""
     if fac.n_features != unit.width:
@@ -546,11 +600,14 @@ def _selection(unit, fac, k) -> Selection:
             f"channels, the unit {unit.width}."
         )
     keep, T = fac.select(int(k))
+    per_consumer = interpolations_for(unit, fac, keep, T)
     return Selection(
         unit=unit,
         keep=torch.as_tensor(keep, dtype=torch.int64),
-        interpolation=torch.as_tensor(T),
-        error=float(fac.errors[int(k)]),
+        interpolation=torch.as_tensor(T if per_consumer is None else per_consumer[0]),
+        error=float(fac.errors[len(keep)]),  # a grouped width may round k down
+        interpolations=None if per_consumer is None else tuple(
+            torch.as_tensor(t) for t in per_consumer),
     )
 
 
@@ -573,14 +630,18 @@ def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:
 
 def _plan_content(plan) -> list:
     """What the selections applied so far changed, for a content key."""
-    return [[repr(s.unit), s.keep, s.interpolation] for s in plan]
+    return [[repr(s.unit), s.keep, s.interpolation, list(s.interpolations or ())] for s in plan]
 
 
 def _layer_report(selection: Selection) -> dict:
     """One row of ``layers_``."""
+    unit = selection.unit
     return {
-        "producer": selection.unit.producer,
-        "consumer": selection.unit.consumer,
+        "producer": unit.producer,
+        "consumer": unit.consumer,
+        "kind": unit.kind,
+        "producers": list(unit.producers),
+        "consumers": [c.name for c in unit.consumers],
         "width_before": int(selection.unit.width),
         "width_after": int(selection.keep.numel()),
         "error": float(selection.error),

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._trace import module_kind
+
 __all__ = ["count_flops", "count_params"]
 
-_COUNTED = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def count_flops(model: nn.Module, example_args, example_kwargs=None) -> tuple[int, dict]:
@@ -49,7 +50,7 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None) -> tuple[in
     counter = FlopCounterMode(display=False)
     handles, modes = [], {m: m.training for m in model.modules()}
     for name, module in model.named_modules():
-        if isinstance(module, _COUNTED):
+        if module_kind(module) in ("linear", "conv"):
             handles += _attribution_hooks(module, name, counter, per_module)
     try:
         model.eval()

@@ -2,10 +2,10 @@
 
 Offers :func:`find_units`, which records the executed dataflow graph of one forward pass on
 a small example batch (:mod:`skid.nn._trace`) and follows the output channels of every
-``Linear``/``Conv`` layer: it returns the :class:`~skid.nn._plan.Unit` records (producer →
-per-channel ops → consumer) in forward order, and a :class:`~skid.nn._plan.Skipped` record
-with the reason for every other candidate. An op skid does not know is never assumed to
-preserve channels; it stops the unit and says so.
+``Linear``/``Conv`` layer: it returns the :class:`~skid.nn._plan.ChannelGroup` records
+(producers → per-channel ops and gates → every consumer) in forward order, and a
+:class:`~skid.nn._plan.Skipped` record with the reason for every other candidate. An op skid
+does not know is never assumed to preserve channels; it blocks the whole group and says so.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from torch import nn
 
 from .._validation import suggest
 from ..exceptions import InvalidParameterError
-from ._plan import Skipped, Unit
+from ._plan import ChannelGroup, Consumer, Skipped
+from ._surgery import surgery_for
 from ._trace import (
     CONCAT_OPS,
     ELEMENTWISE_OPS,
@@ -36,91 +37,275 @@ from ._trace import (
 __all__ = ["find_units"]
 
 # ----------------------------------------------------------------------------------------
-# Following the channels of one producer.
+# Following the channels of a group: from its producers to every consumer.
 
 @dataclass(frozen=True)
 class _Channels:
-    """Where the producer's channels are: value, axis, and channel-major positions per channel."""
+    """Where the group's channels are: value, axis, and channel-major positions per channel."""
 
     value: int
     axis: int
     width: int
     positions: int = 1
+    before: tuple = ()  # what precedes the group's channels on the axis (a concatenation)
+
+    def length(self, graph: Graph) -> int:
+        """Size of the channel axis: the group's channels and any concatenated with them."""
+        return graph.values[self.value].shape[self.axis]
 
 
 class _Blocked(Exception):
     """The channels cannot be followed to a consumer; the message says why."""
 
 
-def _follow(graph: Graph, node: Node) -> Unit:
-    """Follow a producer's output to its consumer; raise _Blocked with the reason otherwise."""
-    module = graph.modules[node.module]
-    width = module.out_features if node.kind == "linear" else module.out_channels
-    out = node.outputs[0]
-    ndim = len(graph.values[out].shape)
-    if node.kind == "conv" and ndim != _conv_dims(module) + 2:
-        raise _Blocked("unbatched convolution input is not supported")
-    state = _Channels(out, ndim - 1 if node.kind == "linear" else 1, width)
-    passthroughs = []
-    while True:
-        exit_value, user = _elementwise_region(graph, state)
-        state = dataclasses.replace(state, value=exit_value)
-        result = _step(graph, state, graph.nodes[user])
-        if isinstance(result, Unit):
-            return dataclasses.replace(result, producer=node.module, width=width,
-                                       passthroughs=tuple(passthroughs))
-        state, passthrough = result
-        if passthrough is not None:
-            passthroughs.append(passthrough)
+# Elementwise ops that may join two tensors carrying the group's channels (a gate). An
+# ``add`` of two varying tensors is a residual connection: left alone for now.
+_GATE_OPS = frozenset({"mul", "rmul", "imul", "div", "truediv", "true_divide"})
+
+
+class _GroupWalk:
+    """Collect one channel group by following the executed graph from a producer.
+
+    Every tensor computed from the group's channels by per-channel ops is a member; every op
+    that uses a member is visited: per-channel ops add members, dense layers are consumers,
+    an elementwise product with a tensor that another producer makes (through per-channel
+    ops) adds that producer, and anything else blocks the whole group with its reason.
+    """
+
+    def __init__(self, graph: Graph, seed: int):
+        self.graph = graph
+        node = graph.nodes[seed]
+        self.width = _out_width(graph.modules[node.module], node.kind)
+        self.members: dict[int, _Channels] = {}
+        self.producers: dict[str, int] = {}
+        self.passthroughs: dict[str, tuple[int, tuple]] = {}  # name -> (node, before)
+        # name -> (node, positions, value read, before)
+        self.consumers: dict[str, tuple[int, int, int, tuple]] = {}
+        self.joins: list[tuple[int, int]] = []  # (node index, output channel axis)
+        self.handled: set[int] = set()
+        self.queue: list[int] = []
+        self.deferred: list[tuple[int, _Channels]] = []
+        self.blocks: dict[int, str] = {}  # groups of a grouped conv -> its name
+        self.add_producer(seed)
+
+    # -- building -------------------------------------------------------------------------
+
+    def add_producer(self, index: int) -> None:
+        graph = self.graph
+        node = graph.nodes[index]
+        module = graph.modules[node.module]
+        width = _out_width(module, node.kind)
+        if width != self.width:
+            raise _Blocked(f"{node.describe()} joins its channels with {width} channels, not "
+                           f"{self.width}")
+        out = node.outputs[0]
+        ndim = len(graph.values[out].shape)
+        if node.kind == "conv" and ndim != _conv_dims(module) + 2:
+            raise _Blocked("unbatched convolution input is not supported")
+        if node.kind == "conv" and module.groups > 1:
+            if module.out_channels == module.groups:
+                raise _Blocked(f"the grouped convolution {node.module!r} has one output "
+                               "channel per group")
+            self.blocks.setdefault(module.groups, node.module)
+        self.producers[node.module] = index
+        self.handled.add(index)
+        self.add_member(_Channels(out, ndim - 1 if node.kind == "linear" else 1, width))
+
+    def add_member(self, state: _Channels) -> None:
+        known = self.members.get(state.value)
+        if known is None:
+            self.members[state.value] = state
+            self.queue.append(state.value)
+        elif known != state:
+            raise _Blocked("its channels reach one tensor on two different axes")
+
+    def run(self) -> ChannelGroup:
+        graph = self.graph
+        while True:
+            while self.queue:
+                value = self.queue.pop(0)
+                if value in graph.outputs:
+                    raise _Blocked("its channels reach the model output")
+                for user in graph.values[value].users:
+                    if user not in self.handled:
+                        self.handled.add(user)
+                        self.visit(self.members[value], user)
+            if not self.deferred:
+                break
+            # Elementwise ops whose other operand was not a member yet: those whose operands
+            # all are now lie inside the group (``x + 0.04 * x**3``); if none, the first gate
+            # brings in its other producer (or, not being a product, blocks the group).
+            ready = [(i, st) for i, st in self.deferred if self.others(i, st) == []]
+            gates = [(i, st) for i, st in self.deferred if self.graph.nodes[i].name in _GATE_OPS]
+            index, state = (ready or gates or self.deferred)[0]
+            self.deferred.remove((index, state))
+            self.elementwise(state, index, final=True)
+        for index, axis in self.joins:
+            self.check_join(index, axis)
+        if not self.consumers:
+            raise _Blocked("its output is never used")
+        return self.record()
+
+    def record(self) -> ChannelGroup:
+        order = sorted(self.consumers.items(), key=lambda item: item[1][0])
+        readings: dict[tuple[int, int], int] = {}
+        consumers = tuple(
+            Consumer(name, positions, readings.setdefault((value, positions), len(readings)),
+                     before)
+            for name, (_, positions, value, before) in order)
+        passthroughs = sorted(self.passthroughs, key=lambda name: self.passthroughs[name][0])
+        if len(self.blocks) > 1:
+            names = " and ".join(repr(n) for n in self.blocks.values())
+            raise _Blocked(f"grouped convolutions with different groups share its channels "
+                           f"({names})")
+        blocks = next(iter(self.blocks), 1)
+        if blocks > 1 and (any(c[3] for c in self.consumers.values())
+                           or any(p[1] for p in self.passthroughs.values())):
+            raise _Blocked("its channels are concatenated and enter a grouped convolution")
+        return ChannelGroup(
+            producers=tuple(sorted(self.producers, key=self.producers.get)),
+            consumers=consumers,
+            width=self.width,
+            passthroughs=tuple(passthroughs),
+            offsets=tuple((name, self.passthroughs[name][1]) for name in passthroughs
+                          if self.passthroughs[name][1]),
+            blocks=blocks,
+        )
+
+    # -- one op using a member ------------------------------------------------------------
+
+    def visit(self, state: _Channels, index: int) -> None:
+        graph = self.graph
+        node = graph.nodes[index]
+        if _is_elementwise_op(graph, node):
+            self.elementwise(state, index)
+            return
+        if node.kind == "function":
+            if node.name in _CAT_OPS:
+                self.add_member(_concatenate(graph, state, node))
+            else:
+                self.add_member(_step_function(graph, state, node))
+            return
+        if node.first != state.value or node.inputs.count(state.value) != 1:
+            raise _Blocked(f"its channels are a secondary input of {node.describe()}")
+        module = graph.modules[node.module]
+        out_state = dataclasses.replace(state, value=node.outputs[0]) if node.outputs else None
+        ndim = len(graph.values[state.value].shape)
+        if node.kind == "linear":
+            _check_linear_consumer(graph, module, node, state, ndim)
+            self.consumers[node.module] = (index, state.positions, state.value, state.before)
+        elif node.kind == "conv":
+            if _conv_step(graph, module, node, state, ndim):
+                if module.groups > 1:
+                    self.blocks.setdefault(module.groups, node.module)
+                self.consumers[node.module] = (index, 1, state.value, state.before)
+            else:
+                self.passthroughs[node.module] = (index, state.before)
+                self.add_member(out_state)
+        elif node.kind in ("norm", "prelu"):
+            _check_per_channel_module(graph, module, node, state, ndim)
+            self.passthroughs[node.module] = (index, state.before)
+            self.add_member(out_state)
+        elif node.kind == "pool":
+            _check_pool(graph, node, state, pool_dims(type(module).__name__))
+            self.add_member(out_state)
+        elif node.kind == "reshape":
+            self.add_member(_reshape(graph, state, node))
+        else:
+            raise _Blocked(f"its channels enter {node.describe()}, which mixes channels")
+
+    def elementwise(self, state: _Channels, index: int, final: bool = False) -> None:
+        """An elementwise op: other operands constant along the channels, or a gate."""
+        graph = self.graph
+        node = graph.nodes[index]
+        shape = graph.values[state.value].shape
+        out_shape = graph.values[node.outputs[0]].shape
+        axis = state.axis + len(out_shape) - len(shape)  # broadcasting aligns on the right
+        length = shape[state.axis]
+        if axis < 0 or out_shape[axis] != length:
+            raise _Blocked(f"{node.describe()} broadcasts its channels to another axis")
+        varying = [v for v in node.inputs
+                   if not _constant_along_channels(graph.values[v].shape, out_shape, axis)]
+        others = self.others(index, state)
+        if others and not final:
+            self.deferred.append((index, state))
+            return
+        if others:
+            if state.before:
+                raise _Blocked(f"`{node.name}` joins concatenated channels with another tensor")
+            if node.kind != "function" or node.name not in _GATE_OPS:
+                raise _Blocked(
+                    f"its channels enter `{node.name}` with another tensor that varies along "
+                    "the channels (a residual connection or a gate)")
+            for value in others:
+                self.add_producer(self.gate_producer(node, value))
+            self.joins.append((index, axis))
+        if out_shape != shape and not any(graph.values[v].shape == out_shape for v in varying):
+            raise _Blocked(f"{node.describe()} broadcasts its channels over new axes")
+        self.add_member(dataclasses.replace(state, value=node.outputs[0], axis=axis))
+
+    def others(self, index: int, state: _Channels) -> list[int]:
+        """The operands of an elementwise op that vary along the channels but are not members."""
+        graph = self.graph
+        node = graph.nodes[index]
+        out_shape = graph.values[node.outputs[0]].shape
+        axis = state.axis + len(out_shape) - len(graph.values[state.value].shape)
+        return [v for v in node.inputs if v not in self.members
+                and not _constant_along_channels(graph.values[v].shape, out_shape, axis)]
+
+    def gate_producer(self, join: Node, value: int) -> int:
+        """The producer whose channels reach ``value`` through per-channel ops only."""
+        graph = self.graph
+        while True:
+            index = graph.values[value].producer
+            node = graph.nodes[index] if index is not None else None
+            if node is None:
+                break
+            if node.kind in ("linear", "conv") and _is_candidate(graph.modules[node.module]):
+                return index
+            if _is_elementwise_op(graph, node) or node.kind in ("norm", "prelu", "pool"):
+                shape = graph.values[node.outputs[0]].shape
+                varying = [v for v in node.inputs if graph.values[v].shape == shape]
+                if len(varying) == 1 and node.first == varying[0]:
+                    value = varying[0]
+                    continue
+            break
+        raise _Blocked(
+            f"its channels enter `{join.name}` with another tensor that varies along the "
+            "channels and is not made by a Linear/Conv layer through per-channel operations")
+
+    def check_join(self, index: int, axis: int) -> None:
+        """After the walk, every varying operand of a gate carries the group's channels."""
+        graph = self.graph
+        node = graph.nodes[index]
+        out_shape = graph.values[node.outputs[0]].shape
+        for value in node.inputs:
+            if _constant_along_channels(graph.values[value].shape, out_shape, axis):
+                continue
+            state = self.members.get(value)
+            offset = len(out_shape) - len(graph.values[value].shape)
+            if (state is None or state.axis + offset != axis or state.positions != 1
+                    or state.before):
+                raise _Blocked(f"`{node.name}` joins its channels with a tensor whose channels "
+                               "are not the same")
+
+
+def _out_width(module: nn.Module, kind: str) -> int:
+    return surgery_for(module, "slice_out").out_width(module)
 
 
 def _conv_dims(conv: nn.Module) -> int:
     return len(conv.kernel_size)
 
 
-def _elementwise_region(graph: Graph, state: _Channels) -> tuple[int, int]:
-    """Absorb the elementwise ops after ``state.value``; return its single exit (value, user).
-
-    The region is every value computed from the channels by elementwise ops whose other
-    operands do not vary along the channel axis (``0.5 * x * (1 + tanh(x))`` is one region).
-    Exactly one op outside the region may use it; none of its values may be a model output.
-    """
-    region, absorbed = {state.value}, set()
-    changed = True
-    while changed:
-        changed = False
-        for value in list(region):
-            for user in graph.values[value].users:
-                if user not in absorbed and _is_elementwise(graph, graph.nodes[user], region,
-                                                            state):
-                    absorbed.add(user)
-                    region.update(graph.nodes[user].outputs)
-                    changed = True
-    if region & graph.outputs:
-        raise _Blocked("its channels reach the model output")
-    exits = [(v, u) for v in sorted(region) for u in graph.values[v].users if u not in absorbed]
-    if not exits:
-        raise _Blocked("its output is never used")
-    if len(exits) > 1:
-        users = ", ".join(graph.nodes[u].describe() for _, u in exits)
-        raise _Blocked(f"its channels are used by {len(exits)} operations ({users})")
-    return exits[0]
-
-
-def _is_elementwise(graph: Graph, node: Node, region: set, state: _Channels) -> bool:
-    """Whether ``node`` acts on each element of the channels alone (region-internal op)."""
+def _is_elementwise_op(graph: Graph, node: Node) -> bool:
+    """Whether ``node`` acts on each element alone (other operands are checked by the caller)."""
     if node.kind == "function":
         known = node.name in ELEMENTWISE_OPS
     else:
         known = node.kind == "elementwise" or (
             node.kind == "prelu" and _prelu_parameters(graph, node) == 1)
-    if not known or len(node.outputs) != 1:
-        return False
-    shape = graph.values[state.value].shape
-    if graph.values[node.outputs[0]].shape != shape:
-        return False
-    return all(v in region or _constant_along_channels(graph.values[v].shape, shape, state.axis)
-               for v in node.inputs)
+    return known and len(node.outputs) == 1
 
 
 def _prelu_parameters(graph: Graph, node: Node) -> int:
@@ -135,64 +320,45 @@ def _constant_along_channels(other: tuple, shape: tuple, axis: int) -> bool:
     return offset < 0 or other[offset] == 1
 
 
-def _step(graph: Graph, state: _Channels, node: Node):
-    """One op after the elementwise region: a Unit, or (new state, passthrough name or None)."""
-    if node.kind == "function":
-        return _step_function(graph, state, node), None
-    if node.first != state.value or node.inputs.count(state.value) != 1:
-        raise _Blocked(f"its channels are a secondary input of {node.describe()}")
-    module = graph.modules[node.module]
-    out_state = dataclasses.replace(state, value=node.outputs[0]) if node.outputs else None
-    ndim = len(graph.values[state.value].shape)
-    if node.kind == "linear":
-        return _linear_consumer(module, node, state, ndim)
-    if node.kind == "conv":
-        return _conv_step(module, node, state, ndim, out_state)
-    if node.kind in ("norm", "prelu"):
-        return _per_channel_module(module, node, state, ndim, out_state)
-    if node.kind == "pool":
-        _check_pool(graph, node, state, pool_dims(type(module).__name__))
-        return out_state, None
-    if node.kind == "reshape":
-        return _reshape(graph, state, node), None
-    raise _Blocked(f"its channels enter {node.describe()}, which mixes channels")
-
-
-def _linear_consumer(module: nn.Linear, node: Node, state: _Channels, ndim: int) -> Unit:
+def _check_linear_consumer(graph: Graph, module: nn.Module, node: Node, state: _Channels,
+                           ndim: int) -> None:
     if state.axis != ndim - 1:
         raise _Blocked(f"{node.describe()} does not act on the channel axis")
-    if module.in_features != state.width * state.positions:
+    in_features = surgery_for(module, "fold_in").in_width(module, 1)
+    if in_features != state.length(graph):
         raise _Blocked(
-            f"{node.describe()} has in_features={module.in_features}, not "
+            f"{node.describe()} has in_features={in_features}, not "
             f"{state.width} channels x {state.positions} positions")
-    return Unit(producer="", consumer=node.module, width=state.width, positions=state.positions)
 
 
-def _conv_step(module: nn.Module, node: Node, state: _Channels, ndim: int, out_state):
-    """A conv after the channels: the consumer (groups == 1) or a depthwise passthrough."""
+def _conv_step(graph: Graph, module: nn.Module, node: Node, state: _Channels,
+               ndim: int) -> bool:
+    """A conv after the channels: True for a consumer (groups == 1), False for depthwise."""
     if state.positions != 1 or state.axis != 1 or ndim != _conv_dims(module) + 2:
         raise _Blocked(f"its channels do not reach {node.describe()} on its channel axis")
-    if module.in_channels != state.width:
+    if module.in_channels != state.length(graph):
         raise _Blocked(f"{node.describe()} expects {module.in_channels} input channels")
     if module.groups == 1:
-        return Unit(producer="", consumer=node.module, width=state.width)
+        return True
     if module.groups == module.in_channels == module.out_channels:
-        return out_state, node.module
-    raise _Blocked(
-        f"its channels enter the grouped convolution {node.module!r} (groups={module.groups}, "
-        f"out_channels={module.out_channels}), which mixes channels within each group")
+        return False
+    if module.groups == module.in_channels:
+        raise _Blocked(
+            f"its channels enter the grouped convolution {node.module!r} (groups="
+            f"{module.groups}, out_channels={module.out_channels}), whose groups read one "
+            "channel each")
+    return True  # a grouped consumer: selection within each group
 
 
-def _per_channel_module(module: nn.Module, node: Node, state: _Channels, ndim: int,
-                        out_state):
+def _check_per_channel_module(graph: Graph, module: nn.Module, node: Node, state: _Channels,
+                              ndim: int) -> None:
     """BatchNorm/InstanceNorm/PReLU with one parameter set per channel: a passthrough."""
     size = module.num_parameters if node.kind == "prelu" else module.num_features
     batched = True  # BatchNorm checks its input rank itself
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # (C, L) input: unbatched
         batched = ndim == module._get_no_batch_dim() + 1
-    if state.positions != 1 or state.axis != 1 or not batched or size != state.width:
+    if state.positions != 1 or state.axis != 1 or not batched or size != state.length(graph):
         raise _Blocked(f"{node.describe()} does not act on its channels one by one")
-    return out_state, node.module
 
 
 def _check_pool(graph: Graph, node: Node, state: _Channels, dims: int) -> None:
@@ -202,7 +368,7 @@ def _check_pool(graph: Graph, node: Node, state: _Channels, dims: int) -> None:
         raise _Blocked(f"its channels enter {node.describe()}, which skid cannot follow")
     if state.axis >= len(shape) - dims:
         raise _Blocked(f"{node.describe()} pools over the channel axis")
-    if graph.values[node.outputs[0]].shape[state.axis] != state.width:
+    if graph.values[node.outputs[0]].shape[state.axis] != state.length(graph):
         raise _Blocked(f"{node.describe()} changes the number of channels")
 
 
@@ -233,6 +399,62 @@ def _step_function(graph: Graph, state: _Channels, node: Node) -> _Channels:
                    "channels")
 
 
+_CAT_OPS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _concatenate(graph: Graph, state: _Channels, node: Node) -> _Channels:
+    """Follow the channels into a concatenation along their axis, at an offset.
+
+    What precedes them is recorded by source (see :func:`_sources`), so that the offset can
+    be recomputed on a model whose other concatenated widths were pruned already.
+    """
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim",
+                                                                  node.kwargs.get("axis", 0))
+    ndim = len(graph.values[state.value].shape)
+    if not isinstance(tensors, (list, tuple)) or node.inputs.count(state.value) != 1:
+        raise _Blocked(f"its channels are concatenated with themselves (`{node.name}`)")
+    if int(dim) % ndim != state.axis or state.positions != 1:
+        raise _Blocked(f"its channels are concatenated with other tensors (`{node.name}`) "
+                       "along another axis")
+    position = node.inputs.index(state.value)
+    before = tuple(source for value in node.inputs[:position]
+                   for source in _sources(graph, value, state.axis))
+    # (0,) at the start of a concatenation: the axis holds more than the group's channels
+    return dataclasses.replace(state, value=node.outputs[0],
+                               before=before + state.before or (0,))
+
+
+def _sources(graph: Graph, value: int, axis: int) -> tuple:
+    """What sets the width of a tensor's channel axis ``axis`` (as concatenated).
+
+    The nearest module upstream whose output width is the tensor's (its name), through ops
+    that keep that axis's length; the sources of each part of a concatenation; the width
+    itself for a model input or a parameter. Anything else blocks: an offset that could not
+    follow the pruning of what precedes it would corrupt the fold.
+    """
+    length = graph.values[value].shape[axis]
+    while True:
+        index = graph.values[value].producer
+        if index is None:
+            return (length,)
+        node = graph.nodes[index]
+        if node.module is not None and node.kind in ("linear", "conv", "norm", "prelu"):
+            entry = surgery_for(graph.modules[node.module])
+            if entry.out_width(graph.modules[node.module]) == length:
+                return (node.module,)
+        if node.kind == "function" and node.name in _CAT_OPS:
+            return tuple(source for v in node.inputs for source in _sources(graph, v, axis))
+        first = node.first
+        if (len(node.outputs) == 1 and first is not None
+                and len(graph.values[first].shape) == len(graph.values[value].shape)
+                and graph.values[first].shape[axis] == length):
+            value = first
+            continue
+        raise _Blocked(f"skid cannot tell what sets the width of the tensors concatenated "
+                       f"before its channels ({node.describe()})")
+
+
 def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
     """Follow the channels through a row-major reshape (view, flatten, squeeze ...).
 
@@ -242,6 +464,8 @@ def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
     """
     shape_in = graph.values[state.value].shape
     shape_out = graph.values[node.outputs[0]].shape
+    if state.before or shape_in[state.axis] != state.width * state.positions:
+        raise _Blocked(f"{node.describe()} reshapes channels concatenated with others")
     length = state.width * state.positions
     before, after = math.prod(shape_in[:state.axis]), math.prod(shape_in[state.axis + 1:])
     running = 1
@@ -255,8 +479,18 @@ def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
             if size == length * after and axis == len(shape_out) - 1:
                 return _Channels(node.outputs[0], axis, state.width, state.positions * after)
         running *= size
+    heads = ""
+    split = shape_out[state.axis:state.axis + 2]
+    if (len(shape_out) == len(shape_in) + 1 and tuple(shape_out[:state.axis]) ==
+            tuple(shape_in[:state.axis]) and len(split) == 2 and math.prod(split) == length):
+        if state.axis == len(shape_in) - 1:
+            heads = (f"; it splits the channels into {split[0]} attention heads of "
+                     f"{split[1]} (heads are not channels: left alone)")
+        else:
+            heads = (f"; it splits the channels into {split[0]} groups of {split[1]} (a "
+                     "channel shuffle or a grouped view: left alone)")
     raise _Blocked(f"{node.describe()} reshapes {tuple(shape_in)} to {tuple(shape_out)}, which "
-                   f"is not a channel-major flatten of the channel axis {state.axis}")
+                   f"is not a channel-major flatten of the channel axis {state.axis}{heads}")
 
 
 def _transpose(graph: Graph, state: _Channels, node: Node) -> _Channels:
@@ -311,15 +545,18 @@ def _reduce(graph: Graph, state: _Channels, node: Node) -> _Channels:
 # Public entry point.
 
 def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="auto",
-               exclude=()) -> tuple[list[Unit], list[Skipped]]:
-    """Find the prunable units of ``model`` by following one forward pass.
+               exclude=()) -> tuple[list[ChannelGroup], list[Skipped]]:
+    """Find the prunable channel groups of ``model`` by following one forward pass.
 
-    A unit is a producer (``nn.Linear`` or ``nn.Conv{1,2,3}d`` with ``groups=1``) whose
-    output channels reach exactly one consuming ``Linear``/``Conv`` (``groups=1``), possibly
-    through a channel-major flatten into a ``Linear``, only through per-channel operations:
-    BatchNorm/InstanceNorm, elementwise activations, dropout, pooling and reductions over other
-    axes, reshapes and transposes that keep the channel axis, PReLU and depthwise
-    convolutions. Every intermediate tensor must have no other user.
+    A group starts at a producer (``nn.Linear`` or ``nn.Conv{1,2,3}d`` with ``groups=1``).
+    Its channels may pass through per-channel operations (BatchNorm/InstanceNorm,
+    elementwise activations, dropout, pooling and reductions over other axes, reshapes and
+    transposes that keep the channel axis, PReLU and depthwise convolutions) and elementwise
+    products with another producer's channels (a gated MLP, a squeeze-excitation gate), which
+    joins that producer to the group. Every use of every such tensor must be one of these or a
+    consuming ``Linear``/``Conv`` (``groups=1``, possibly after a channel-major flatten into a
+    ``Linear``); any other use (a residual add, a concatenation, a channel-mixing op, the
+    model output) blocks the whole group.
 
     Parameters
     ----------
@@ -339,8 +576,8 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
 
     Returns
     -------
-    units : list of Unit
-        Prunable units in forward order.
+    units : list of ChannelGroup
+        Prunable groups in forward order (of their first producer).
     skipped : list of Skipped
         Every other ``Linear``/``Conv`` producer candidate, with the reason.
 
@@ -365,38 +602,52 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
 
 
 def _all_units(graph: Graph, model: nn.Module):
-    """Units and skip records for every Linear/Conv producer candidate, in forward order."""
+    """Groups and skip records for every Linear/Conv producer candidate, in forward order."""
     units, skipped, seen = [], [], set()
     shared = _shared_parameter_owners(model)
     used_directly = _parameters_used_by_ops(graph)
-    for node in graph.nodes:
+    for index, node in enumerate(graph.nodes):
         if node.kind not in ("linear", "conv") or node.module in seen:
             continue
-        seen.add(node.module)
         if not _is_candidate(graph.modules[node.module]):
+            seen.add(node.module)
             continue
+        walk = None
         try:
-            unit = _follow(graph, node)
+            walk = _GroupWalk(graph, index)
+            unit = walk.run()
             _check_single_use(graph, unit, shared, used_directly)
             units.append(unit)
+            seen.update(unit.producers)
         except _Blocked as reason:
-            skipped.append(Skipped(node.module, str(reason)))
+            skipped += _skip_all(walk, node.module, str(reason), seen)
         except Exception as error:  # unknown means blocked, even for an op skid misreads
-            skipped.append(Skipped(node.module, f"skid could not follow its channels ({error})"))
+            reason = f"skid could not follow its channels ({error})"
+            skipped += _skip_all(walk, node.module, reason, seen)
     for name, module in graph.modules.items():
         if _is_candidate(module) and name not in seen:
             skipped.append(Skipped(name, "it is not called in the forward pass"))
     return units, skipped
 
 
+def _skip_all(walk, seed: str, reason: str, seen: set) -> list[Skipped]:
+    """A blocked group: every producer found so far is skipped with the same reason."""
+    names = [seed] + [p for p in (walk.producers if walk else ()) if p != seed]
+    names = [n for n in names if n not in seen]
+    seen.update(names)
+    return [Skipped(name, reason) for name in names]
+
+
 def _is_candidate(module: nn.Module) -> bool:
+    """A dense layer, or a grouped (not depthwise) convolution: it creates channels."""
     kind = module_kind(module)
-    return kind == "linear" or (kind == "conv" and module.groups == 1)
+    depthwise = kind == "conv" and module.groups == module.in_channels == module.out_channels
+    return kind == "linear" or (kind == "conv" and not depthwise)
 
 
-def _check_single_use(graph: Graph, unit: Unit, shared: dict, used_directly: set) -> None:
-    """Every module of the unit runs once and owns its weights alone."""
-    for name in (unit.producer, *unit.passthroughs, unit.consumer):
+def _check_single_use(graph: Graph, unit: ChannelGroup, shared: dict, used_directly: set) -> None:
+    """Every module of the group runs once and owns its weights alone."""
+    for name in unit.modules():
         role = "it" if name == unit.producer else repr(name)
         calls = graph.calls.get(name, 0)
         if calls != 1:
@@ -470,20 +721,20 @@ def _check_layers(layers, modules: dict):
 
 
 def _restrict(units, skipped, wanted, excluded):
-    """Apply ``layers`` and ``exclude`` to the units found."""
+    """Apply ``layers`` and ``exclude`` to the groups found."""
     kept = []
     for unit in units:
         reason = _exclusion(unit, excluded) or _not_wanted(unit, wanted)
         if reason:
-            skipped.append(Skipped(unit.producer, reason))
+            skipped.extend(Skipped(producer, reason) for producer in unit.producers)
         else:
             kept.append(unit)
     return kept, skipped
 
 
-def _exclusion(unit: Unit, excluded: set) -> str | None:
-    """Why the unit is excluded (one of its modules is in, or inside, ``exclude``), or None."""
-    for name in (unit.producer, *unit.passthroughs, unit.consumer):
+def _exclusion(unit: ChannelGroup, excluded: set) -> str | None:
+    """Why the group is excluded (one of its modules is in, or inside, ``exclude``), or None."""
+    for name in unit.modules():
         if name in excluded:
             return f"excluded: {name!r} is in `exclude`"
         inside = [e for e in excluded if e == "" or name.startswith(e + ".")]
@@ -492,12 +743,14 @@ def _exclusion(unit: Unit, excluded: set) -> str | None:
     return None
 
 
-def _not_wanted(unit: Unit, wanted) -> str | None:
+def _not_wanted(unit: ChannelGroup, wanted) -> str | None:
     if wanted is None:
         return None
     producers, pairs = wanted
-    if unit.producer in producers or (unit.producer, unit.consumer) in pairs:
+    consumers = {c.name for c in unit.consumers}
+    if set(unit.producers) & producers or any(
+            p in unit.producers and c in consumers for p, c in pairs):
         return None
-    if any(p == unit.producer for p, _ in pairs):
+    if any(p in unit.producers for p, _ in pairs):
         return f"its channels feed {unit.consumer!r}, not the consumer named in `layers`"
     return "not listed in `layers`"

@@ -1,17 +1,24 @@
 """Channel surgery: slice producers and per-channel ops, fold the interpolation into consumers.
 
 Offers one registry of small, stateless entries, one per layer kind, looked up along
-``type(module).__mro__``, and the verbs the ID needs:
+``type(module).__mro__`` (by class, or by qualified class name for optional packages' kinds,
+see :mod:`skid.nn._kinds`). An entry's ``walk`` attribute (``"linear"``, ``"conv"``, ``"norm"``,
+``"prelu"``) is the kind's role in the graph walk, so the walk, the FLOP attribution and the
+calibration all read the kind from here. The verbs the ID needs:
 
-- :func:`slice_out` — keep some output channels of a producer (``Linear``, ``Conv``);
+- :func:`slice_out` — keep some output channels of a producer (``Linear``, ``Conv``; a grouped
+  conv keeps the same number in each group);
 - :func:`slice_channels` — keep the same channels of a per-channel op in between
   (``BatchNorm``, ``InstanceNorm``, depthwise ``Conv``, ``PReLU``);
 - :func:`fold_in` — fold ``T`` into a consumer's input channels, ``W ← W Tᵀ`` (``Linear``,
-  ``Conv`` of any kernel size; for flatten → ``Linear`` the weight is viewed as
-  ``(out, channels, positions)`` and contracted over the channel axis — no Kronecker product);
+  ``Conv`` of any kernel size, group by group for a block-diagonal ``T``; for flatten →
+  ``Linear`` the weight is viewed as ``(out, channels, positions)`` and contracted over the
+  channel axis — no Kronecker product);
 - :func:`as_samples` — view a consumer's input as the ``(rows, channels)`` matrix ``Z`` of
   the ID ``Z ≈ Z[:, keep] @ T``;
-- :func:`apply_selection` — apply one :class:`~skid.nn._plan.Selection` to a model by name.
+- :func:`apply_selection` — apply one :class:`~skid.nn._plan.Selection` (a channel group:
+  every producer, passthrough and consumer, the group's part of a concatenation at its current
+  offset) to a model by name.
 
 Every verb updates the module's metadata (``out_features``, ``in_channels``,
 ``num_features``, ``groups`` ...) together with its tensors, and builds the new tensors with
@@ -25,14 +32,16 @@ the weight's dtype and device. A new layer kind is one decorated class::
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 
-from ._plan import Selection
+from ._plan import Selection, offset_of
 
 __all__ = [
     "apply_selection",
     "as_samples",
+    "concat_widths",
     "fold_in",
     "register_surgery",
     "slice_channels",
@@ -42,6 +51,8 @@ __all__ = [
 ]
 
 _REGISTRY: dict[type, object] = {}
+# Kinds of optional packages, by ``f"{cls.__module__}.{cls.__qualname__}"`` (never imported).
+_BY_NAME: dict[str, object] = {}
 _VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples", "weight_gram")
 _WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
 
@@ -71,14 +82,22 @@ def surgery_for(module: nn.Module, verb: str | None = None):
     Raises TypeError when no entry exists or the entry lacks ``verb``.
     """
     for cls in type(module).__mro__:
-        if cls in _REGISTRY:
-            entry = _REGISTRY[cls]
+        entry = registered(cls)
+        if entry is not None:
             if verb is not None and not callable(getattr(entry, verb, None)):
                 raise TypeError(f"{type(module).__name__} does not support `{verb}`; it can "
                                 f"do: {', '.join(v for v in _VERBS if hasattr(entry, v))}")
             return entry
     raise TypeError(f"skid has no surgery for {type(module).__name__}; supported kinds: "
                     f"{', '.join(sorted(t.__name__ for t in _REGISTRY))}")
+
+
+def registered(cls: type):
+    """The entry registered for exactly this class (by type, or by qualified name), or None."""
+    entry = _REGISTRY.get(cls)
+    if entry is None:
+        entry = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return entry
 
 
 def slice_out(module: nn.Module, keep) -> None:
@@ -199,6 +218,8 @@ def _check_positions(in_features: int, positions: int) -> int:
 class _LinearSurgery:
     """Producer (rows of W and b) and consumer (columns of W, flattened or not)."""
 
+    walk = "linear"
+
     def out_width(self, module: nn.Linear):
         return module.out_features
 
@@ -234,6 +255,8 @@ class _ConvSurgery:
     """Producer and consumer when ``groups == 1``; depthwise (one filter per channel):
     a per-channel passthrough."""
 
+    walk = "conv"
+
     def out_width(self, module):
         return module.out_channels
 
@@ -241,7 +264,7 @@ class _ConvSurgery:
         return module.in_channels
 
     def slice_out(self, module, keep):
-        _require_groups(module, dense=True, verb="slice_out")
+        _equal_per_group(keep, module.out_channels, module.groups, "output")
         _take(module, ("weight", "bias"), keep)
         module.out_channels = len(keep)
 
@@ -251,23 +274,56 @@ class _ConvSurgery:
         module.in_channels = module.out_channels = module.groups = len(keep)
 
     def fold_in(self, module, T, positions=1):
-        _require_groups(module, dense=True, verb="fold_in")
+        """``W ← W Tᵀ``; for ``groups > 1``, ``T`` is block-diagonal and folds group by group."""
         if positions != 1:
             raise ValueError(f"a convolution consumer takes positions=1; got {positions}")
         weight = module.weight.detach()
         T = _interpolation(T, weight, module.in_channels)
-        folded = torch.einsum("om...,km->ok...", weight.to(torch.float64), T)
+        blocks = _diagonal_blocks(T, module.groups)
+        outputs = module.out_channels // module.groups
+        folded = torch.cat([
+            torch.einsum("om...,km->ok...", weight[g * outputs:(g + 1) * outputs].double(), block)
+            for g, block in enumerate(blocks)])
         _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
-        module.in_channels = folded.shape[1]
+        module.in_channels = T.shape[0]
 
     def weight_gram(self, module, positions=1):
-        _require_groups(module, dense=True, verb="weight_gram")
-        return _weight_gram(module.weight.reshape(module.out_channels, module.in_channels, -1))
+        """Block-diagonal for ``groups > 1``: each group's outputs read only its channels."""
+        size, outputs = module.in_channels // module.groups, module.out_channels // module.groups
+        weight = module.weight.reshape(module.out_channels, size, -1)
+        return scipy.linalg.block_diag(*[
+            _weight_gram(weight[g * outputs:(g + 1) * outputs]) for g in range(module.groups)])
 
     def as_samples(self, module, x, positions=1):
-        _require_groups(module, dense=True, verb="as_samples")
         channel_axis = x.ndim - len(module.kernel_size) - 1  # 0 for unbatched input
         return x.movedim(channel_axis, -1).reshape(-1, module.in_channels)
+
+
+def _equal_per_group(keep: torch.Tensor, width: int, groups: int, side: str) -> None:
+    """A grouped conv keeps the same number of channels in each group."""
+    if groups == 1:
+        return
+    counts = torch.bincount(keep.cpu() // (width // groups), minlength=groups)
+    if len(keep) % groups or not bool((counts == len(keep) // groups).all()):
+        raise ValueError(f"keep must hold an equal number of {side} channels in each of the "
+                         f"{groups} groups of the convolution; got {counts.tolist()}")
+
+
+def _diagonal_blocks(T: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """The ``groups`` diagonal blocks of a block-diagonal ``T`` (rows sorted by channel)."""
+    k, m = T.shape
+    if groups == 1:
+        return [T]
+    if k % groups or m % groups:
+        raise ValueError(f"T of shape {(k, m)} does not split into {groups} groups")
+    rows, cols = k // groups, m // groups
+    blocks = [T[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols] for g in range(groups)]
+    mask = torch.block_diag(*[torch.ones_like(b) for b in blocks]).bool()
+    outside = T.masked_select(~mask)
+    if outside.numel() and bool(outside.abs().max() > 0):
+        raise ValueError(f"T must be block-diagonal over the {groups} groups of the "
+                         "convolution it is folded into")
+    return blocks
 
 
 def _require_groups(conv: nn.Module, dense: bool, verb: str) -> None:
@@ -285,6 +341,8 @@ def _require_groups(conv: nn.Module, dense: bool, verb: str) -> None:
 class _ChannelNormSurgery:
     """Per-channel affine parameters and running statistics."""
 
+    walk = "norm"
+
     def out_width(self, module):
         return module.num_features
 
@@ -296,6 +354,8 @@ class _ChannelNormSurgery:
 @register_surgery(nn.PReLU)
 class _PReLUSurgery:
     """One slope per channel (``num_parameters > 1``); a shared slope needs no slicing."""
+
+    walk = "prelu"
 
     def out_width(self, module):
         return module.num_parameters if module.num_parameters > 1 else None
@@ -310,10 +370,10 @@ class _PReLUSurgery:
 # Applying a plan
 
 def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
-    """Apply one unit's selection to ``model`` in place, looking modules up by name.
+    """Apply one group's selection to ``model`` in place, looking modules up by name.
 
-    The producer keeps the output channels ``selection.keep``, every passthrough keeps the
-    same channels, and ``selection.interpolation`` is folded into the consumer. Kept channels
+    Every producer keeps the output channels ``selection.keep``, every passthrough keeps the
+    same channels, and each consumer gets its interpolation matrix folded in. Kept channels
     stay in their original order (``keep`` is sorted and the rows of ``T`` permuted to
     match). Everything is checked before any module is changed.
 
@@ -322,7 +382,8 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
     model : torch.nn.Module
         The model to change (the compressor passes its own deep copy).
     selection : Selection
-        ``keep`` of shape (k,) in pivot order, ``interpolation`` of shape (k, unit.width).
+        ``keep`` of shape (k,) in pivot order, interpolation matrices of shape
+        (k, unit.width).
 
     Returns
     -------
@@ -332,24 +393,71 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
     Raises
     ------
     TypeError
-        If a module of the unit has no surgery for its role.
+        If a module of the group has no surgery for its role.
     ValueError
-        If ``keep``/``interpolation`` do not fit the unit or the modules' widths.
+        If ``keep``/``interpolation`` do not fit the group or the modules' widths.
     """
     unit = selection.unit
-    keep, T = _sorted_selection(selection)
-    producer = _module(model, unit.producer, "slice_out", unit)
-    passthroughs = [_module(model, name, "slice_channels", unit) for name in unit.passthroughs]
-    consumer = _module(model, unit.consumer, "fold_in", unit)
-    slice_out(producer, keep)
-    for module in passthroughs:
-        slice_channels(module, keep)
-    fold_in(consumer, T, unit.positions)
+    keep, order = _sorted_keep(selection)
+    folds = [_sorted_interpolation(selection.interpolation_for(i), keep, order, unit.width)
+             for i in range(len(unit.consumers))]
+    producers = [_module(model, name, "slice_out", unit.width) for name in unit.producers]
+    passthroughs = [_module(model, name, "slice_channels", unit.width,
+                            before=unit.before(name)) for name in unit.passthroughs]
+    consumers = [_module(model, c.name, "fold_in", unit.width, c.positions, c.before)
+                 for c in unit.consumers]
+    offsets = {name: offset_of(model, unit.before(name))
+               for name in (*unit.passthroughs, *(c.name for c in unit.consumers))}
+    for module in producers:
+        slice_out(module, keep)
+    for name, module in zip(unit.passthroughs, passthroughs, strict=True):
+        slice_channels(module, _around(keep, offsets[name], unit.width, _width(module)))
+    for module, consumer, T in zip(consumers, unit.consumers, folds, strict=True):
+        total = surgery_for(module).in_width(module, consumer.positions)
+        fold_in(module, _embed(T, offsets[consumer.name], total), consumer.positions)
     return model
 
 
-def _sorted_selection(selection: Selection) -> tuple[np.ndarray, torch.Tensor]:
-    """Validated ``keep`` (ascending) and ``T`` with its rows permuted to match."""
+def concat_widths(model: nn.Module, units) -> dict[str, int]:
+    """Channels of every module that reads or passes through a group inside a concatenation."""
+    widths = {}
+    for unit in units:
+        for consumer in unit.consumers:
+            if consumer.before:
+                module = model.get_submodule(consumer.name)
+                widths[consumer.name] = surgery_for(module).in_width(module, consumer.positions)
+        for name, _ in unit.offsets:
+            widths[name] = _width(model.get_submodule(name))
+    return widths
+
+
+def _width(module: nn.Module) -> int:
+    """Current channels of a per-channel module (None: any; then the kept ones suffice)."""
+    return surgery_for(module).out_width(module)
+
+
+def _around(keep: np.ndarray, offset: int, width: int, total) -> np.ndarray:
+    """``keep`` shifted to ``offset`` in an axis of ``total`` channels, the others all kept."""
+    if not offset and (total is None or total == width):
+        return keep
+    return np.concatenate([np.arange(offset), offset + keep, np.arange(offset + width, total)])
+
+
+def _embed(T: torch.Tensor, offset: int, total: int) -> torch.Tensor:
+    """``T`` (k, m) acting on channels ``offset:offset+m`` of ``total``; identity elsewhere."""
+    k, m = T.shape
+    if not offset and total == m:
+        return T
+    full = torch.zeros(total - m + k, total, dtype=T.dtype)
+    full[:offset, :offset] = torch.eye(offset, dtype=T.dtype)
+    full[offset:offset + k, offset:offset + m] = T
+    rest = total - offset - m
+    full[offset + k:, offset + m:] = torch.eye(rest, dtype=T.dtype)
+    return full
+
+
+def _sorted_keep(selection: Selection) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``keep`` (ascending) and the order that sorts it."""
     width = selection.unit.width
     keep = np.asarray(selection.keep.cpu() if torch.is_tensor(selection.keep)
                       else selection.keep).reshape(-1)
@@ -357,27 +465,41 @@ def _sorted_selection(selection: Selection) -> tuple[np.ndarray, torch.Tensor]:
         raise ValueError(f"keep must be a non-empty array of channel indices; got {keep!r}")
     if keep.min() < 0 or keep.max() >= width or np.unique(keep).size != keep.size:
         raise ValueError(f"keep must hold distinct channel indices in [0, {width}); got {keep}")
-    T = selection.interpolation
+    order = np.argsort(keep, kind="stable")
+    return keep[order], order
+
+
+def _sorted_interpolation(T, keep: np.ndarray, order: np.ndarray, width: int) -> torch.Tensor:
+    """``T`` checked to be (k, width), its rows permuted to match the sorted ``keep``."""
     T = T.detach().cpu() if torch.is_tensor(T) else torch.as_tensor(np.asarray(T))
     if tuple(T.shape) != (keep.size, width):
         raise ValueError(f"interpolation must have shape ({keep.size}, {width}) for "
                          f"{keep.size} kept channels; got {tuple(T.shape)}")
-    order = np.argsort(keep, kind="stable")
-    return keep[order], T[torch.as_tensor(order)]
+    return T[torch.as_tensor(order)]
 
 
-def _module(model: nn.Module, name: str, verb: str, unit) -> nn.Module:
-    """``model.get_submodule(name)``, checked to support ``verb`` on ``unit.width`` channels."""
+def _module(model: nn.Module, name: str, verb: str, width: int,
+            positions: int = 1, before: tuple = ()) -> nn.Module:
+    """``model.get_submodule(name)``, checked to support ``verb`` on ``width`` channels.
+
+    With ``before`` (a concatenation), the module holds more channels: they must include the
+    group's at its current offset.
+    """
     try:
         module = model.get_submodule(name)
     except AttributeError as error:
         raise ValueError(f"the model has no module {name!r}") from error
     entry = surgery_for(module, verb)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        _require_groups(module, dense=verb != "slice_channels", verb=verb)
+    if isinstance(module, nn.modules.conv._ConvNd) and verb == "slice_channels":
+        _require_groups(module, dense=False, verb=verb)
     getter = getattr(entry, _WIDTH_OF[verb])
-    width = getter(module, unit.positions) if verb == "fold_in" else getter(module)
-    if width is not None and width != unit.width:
-        raise ValueError(f"{name!r} ({type(module).__name__}) has {width} channels where the "
-                         f"unit has {unit.width}; was the plan made for another model?")
+    found = getter(module, positions) if verb == "fold_in" else getter(module)
+    if before:
+        needed = offset_of(model, before) + width
+        if found is not None and found < needed:
+            raise ValueError(f"{name!r} ({type(module).__name__}) has {found} channels, fewer "
+                             f"than the {needed} the group's offset needs")
+    elif found is not None and found != width:
+        raise ValueError(f"{name!r} ({type(module).__name__}) has {found} channels where the "
+                         f"group has {width}; was the plan made for another model?")
     return module

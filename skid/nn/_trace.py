@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._surgery import registered
+
 __all__ = [
     "CONCAT_OPS", "ELEMENTWISE_OPS", "METADATA_OPS", "MODULE_KINDS", "NORM_OPS", "REDUCE_OPS",
     "RESHAPE_OPS", "TRANSPOSE_OPS", "Graph", "Node", "Value", "module_kind", "op_name",
@@ -50,21 +52,18 @@ POOLS = (
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
     *_newer("LPPool3d"),
 )
-CHANNEL_NORMS = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-)
 MIXING = (
     nn.LayerNorm, nn.GroupNorm, *_newer("RMSNorm"), nn.LocalResponseNorm, nn.Softmax,
     nn.LogSoftmax, nn.Softmin, nn.Softmax2d, nn.Embedding, nn.EmbeddingBag, nn.Bilinear, nn.GLU,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.PixelShuffle,
     nn.PixelUnshuffle, nn.ChannelShuffle, nn.Upsample,
 )
+# Kinds without state to slice. Layers with state (Linear, Conv, BatchNorm, InstanceNorm,
+# PReLU and every registered kind) take their role from their surgery entry's ``walk``.
 MODULE_KINDS: dict[type, str] = {
-    nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
-    nn.PReLU: "prelu", nn.Flatten: "reshape", nn.Unflatten: "reshape",
+    nn.Flatten: "reshape", nn.Unflatten: "reshape",
     **dict.fromkeys(ACTIVATIONS, "elementwise"), **dict.fromkeys(POOLS, "pool"),
-    **dict.fromkeys(CHANNEL_NORMS, "norm"), **dict.fromkeys(MIXING, "mixing"),
+    **dict.fromkeys(MIXING, "mixing"),
 }
 
 METADATA_OPS = frozenset({
@@ -117,8 +116,11 @@ def module_kind(module: nn.Module) -> str | None:
     A subclass that overrides ``forward`` is unknown: its forward might do anything.
     """
     for cls in type(module).__mro__:
-        if cls in MODULE_KINDS:
-            return MODULE_KINDS[cls] if type(module).forward is cls.forward else None
+        entry = registered(cls)
+        kind = getattr(entry, "walk", None) if entry is not None else None
+        kind = kind or MODULE_KINDS.get(cls)
+        if kind is not None:
+            return kind if type(module).forward is cls.forward else None
     return None
 
 

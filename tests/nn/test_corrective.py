@@ -233,3 +233,29 @@ def test_command_line_and_verbose(tmp_path, capsys):
     assert '"calibration": "corrective"' in (tmp_path / "r.json").read_text()
     NetworkCompressor(deep_mlp(), calibration="corrective", verbose=True).fit(torch.randn(20, 6))
     assert "calibration" in capsys.readouterr().err  # one progress bar per step
+
+
+@pytest.mark.filterwarnings("ignore:calibration='corrective' does not cover")
+@pytest.mark.parametrize("name", ["resnext", "mbconv_se", "densenet", "inception", "fire",
+                                  "gated_mlp"])
+def test_channel_groups_under_corrective_calibration(name):
+    """Groups the corrective statistic covers get it; the rest are calibrated sequentially
+    (with a warning), and the model is exact at full width either way."""
+    from .blocks import BLOCKS, make_block
+
+    model, batch = make_block(name), BLOCKS[name][1](n=16)
+    full = NetworkCompressor(model, rank=1.0, tol=0, calibration="corrective").fit(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(full.compressed_model_(batch), model(batch),
+                                   atol=1e-5, rtol=1e-5)
+        half = NetworkCompressor(model, rank=0.5, calibration="corrective").fit(batch)
+        assert half.compressed_model_(batch).shape == model(batch).shape
+    assert all(row["width_after"] < row["width_before"] for row in half.layers_)
+
+
+def test_groups_outside_the_corrective_statistic_are_named():
+    from .blocks import BLOCKS, make_block
+
+    with pytest.warns(UserWarning, match=r"does not cover the groups of \['stem.0'"):
+        NetworkCompressor(make_block("inception"), rank=0.5, calibration="corrective").fit(
+            BLOCKS["inception"][1](n=8))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skid.nn._graph import find_units
-from skid.nn._plan import Unit
+from skid.nn._plan import ChannelGroup, Consumer, Unit
 
 from .models import ARCHITECTURES, call_args, make_bert_layer, make_text_input, make_unprunable
 
@@ -77,12 +77,12 @@ def test_units_of_every_architecture(architecture):
 
 
 @pytest.mark.parametrize("name, producer, reason", [
-    ("resnet_basic", "conv1", r"used by 2 operations .*'layer1\.0\.conv1'.*`add`"),
+    ("resnet_basic", "conv1", "`add` with another tensor .* residual"),
     ("resnet_basic", "layer1.0.conv2", "residual"),
     ("resnet_basic", "layer1.1.downsample.0", "residual"),
     ("resnet_bottleneck", "layer1.0.conv3", "residual"),
     ("mobilenetv2_residual", "block.project", "residual"),
-    ("mobilenetv2_residual", "stem.0", "used by 2 operations"),
+    ("mobilenetv2_residual", "stem.0", "residual"),
     ("mlp", "5", "model output"),
     ("bert", "encoder.layer.0.attention.self.query", r"view.*\(2, 6, 16\) to \(2, 6, 2, 8\)"),
     ("bert", "encoder.layer.1.attention.self.value", "not a channel-major flatten"),
@@ -108,6 +108,26 @@ class Concat(nn.Module):
 
     def forward(self, x):
         return self.c(torch.cat([F.relu(self.a(x)), self.b(x)], dim=1))
+
+
+class ConcatOtherAxis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.token = nn.Parameter(torch.randn(1, 4, 1, 4))
+
+    def forward(self, x):
+        return self.c(torch.cat([self.token.expand(len(x), -1, -1, -1), self.a(x)], dim=2))
+
+
+class ConcatTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(torch.cat([h, h], dim=1))
 
 
 class SharedModule(nn.Module):
@@ -210,16 +230,13 @@ def _seq(*layers):
 
 
 @pytest.mark.parametrize("model, x, producer, reason", [
-    (Concat(), torch.randn(2, 3, 4, 4), "a", "concatenated"),
-    (Concat(), torch.randn(2, 3, 4, 4), "b", "concatenated"),
+    (ConcatOtherAxis(), torch.randn(2, 3, 4, 4), "a", "concatenated with other tensors"),
+    (ConcatTwice(), torch.randn(2, 3, 4, 4), "a", "concatenated with themselves"),
     (SharedModule(), torch.randn(2, 8), "fc", "called 2 times"),
     (TiedWeights(), torch.randn(2, 8), "fc1", "shares parameters with 'fc2'"),
     (TiedWeights(), torch.randn(2, 8), "fc2", "shares parameters with 'fc1'"),
     (WeightUsedDirectly(), torch.randn(2, 8), "fc1", "use directly"),
-    (TwoConsumers(), torch.randn(2, 8), "fc1", "used by 2 operations"),
     (ChannelsLastFlatten(), torch.randn(2, 3, 4, 4), "conv", "not a channel-major flatten"),
-    (_seq(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2)), torch.randn(2, 3, 4, 4),
-     "0", "grouped convolution"),
     (_seq(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 2, 1)),
      torch.randn(2, 3, 4, 4), "0", "grouped convolution"),
     (_seq(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), torch.randn(2, 4), "0",
@@ -262,7 +279,7 @@ def test_internal_error_while_following_is_a_skip(monkeypatch):
     def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(graph_module, "_step", broken)
+    monkeypatch.setattr(graph_module, "_check_linear_consumer", broken)
     units, skipped = find_units(ARCHITECTURES["mlp"][0](), torch.randn(2, 8))
     assert units == []
     assert _reasons(skipped)["0"] == "skid could not follow its channels (boom)"
@@ -291,6 +308,8 @@ def test_unknown_op_blocks():
     (_seq(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 2)), (torch.randn(2, 4),), Unit("0", "2", 8)),
     (_seq(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True), nn.Conv1d(4, 2, 1)),
      (torch.randn(2, 2, 6),), Unit("0", "2", 4, ("1",))),
+    (_seq(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten()),
+     (torch.randn(2, 3, 4, 4),), ChannelGroup(("0",), (Consumer("2"),), 4, blocks=2)),
     (_seq(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), (torch.randn(3, 4),),
      Unit("0", "3", 8, ("1",))),
     (_seq(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (4, 4)), nn.Flatten(),
@@ -299,6 +318,11 @@ def test_unknown_op_blocks():
 def test_followed_through(model, args, expected):
     units, _ = find_units(model.eval(), args)
     assert units[0] == expected
+
+
+def test_concatenated_parts_are_groups_at_their_offsets():
+    units, _ = find_units(Concat().eval(), torch.randn(2, 3, 4, 4))
+    assert [(u.producer, u.consumers[0].before) for u in units] == [("a", (0,)), ("b", ("a",))]
 
 
 def test_in_place_activation_and_functional_residual():

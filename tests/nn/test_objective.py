@@ -26,6 +26,7 @@ def _consumer_io(model, consumer, X):
     return z, z @ module.weight.detach().double().T
 
 
+@pytest.mark.filterwarnings("ignore:objective='outputs' does not apply")
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_full_rank_reproduces_every_architecture(name, call):
     factory, make_input = ARCHITECTURES[name]
@@ -93,3 +94,38 @@ def test_outputs_objective_with_corrective_calibration_is_refused():
     with pytest.raises(ValueError, match="not supported with calibration='corrective'"):
         NetworkCompressor(factory(), objective="outputs", calibration="corrective").fit(
             make_input(n=8))
+
+
+def test_weight_gram_of_each_consumer_kind():
+    from skid.nn._surgery import weight_gram
+
+    linear = nn.Linear(6, 4)
+    W = linear.weight.detach().double().numpy()
+    np.testing.assert_allclose(weight_gram(linear), W.T @ W, atol=1e-12)
+    flat = weight_gram(linear, positions=2)  # channel-major (3 channels × 2 positions)
+    w = W.reshape(4, 3, 2)
+    np.testing.assert_allclose(flat, np.einsum("omp,onp->mn", w, w), atol=1e-12)
+    conv = nn.Conv2d(4, 6, 3, groups=2)
+    w = conv.weight.detach().double().numpy().reshape(6, 2, 9)
+    gram = weight_gram(conv)
+    np.testing.assert_allclose(gram[:2, :2], np.einsum("omr,onr->mn", w[:3], w[:3]), atol=1e-12)
+    np.testing.assert_allclose(gram[2:, 2:], np.einsum("omr,onr->mn", w[3:], w[3:]), atol=1e-12)
+    assert not gram[:2, 2:].any()  # a group's outputs never read the other group's channels
+
+
+def test_weight_gram_of_hf_conv1d():
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D(4, 6)  # nf=4 outputs, nx=6 inputs
+    from skid.nn._surgery import weight_gram
+
+    W = conv1d.weight.detach().double().numpy()  # stored (in, out)
+    np.testing.assert_allclose(weight_gram(conv1d), W @ W.T, atol=1e-12)
+
+
+def test_groups_with_several_readings_keep_the_activation_objective():
+    from .blocks import BLOCKS, make_block
+
+    model, batch = make_block("mbconv_se"), BLOCKS["mbconv_se"][1](n=8)
+    with pytest.warns(UserWarning, match="keep the activation objective"):
+        nc = NetworkCompressor(model, rank=0.5, objective="outputs").fit(batch)
+    assert nc.layers_

@@ -1,0 +1,128 @@
+"""A small LLaMA-shaped causal LM trained on CPython's own sources, for bench_fidelity.py.
+
+Byte-level tokens (vocabulary 256) of the standard library's ``*.py`` files: every tenth file
+(sorted by name) is held out, the rest is training text. ``transformers.LlamaForCausalLM``
+with 2 layers, hidden size 64, a 256-wide SwiGLU MLP and grouped-query attention (4 heads, 2 KV
+heads), trained with AdamW for a few hundred steps on one CPU thread. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skid import NetworkCompressor
+from skid.nn._graph import find_units
+from skid.nn._plan import Selection
+from skid.nn._surgery import apply_selection
+
+SEQ = 64
+HIDDEN, INNER, LAYERS = 64, 256, 2
+
+
+def stdlib_tokens(max_bytes: int = 3_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) byte tokens of the standard library's sources."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    train, held_out = bytearray(), bytearray()
+    for i, path in enumerate(files):
+        target = held_out if i % 10 == 9 else train
+        if len(target) < max_bytes:
+            target += path.read_bytes()
+    as_tensor = lambda b: torch.frombuffer(b, dtype=torch.uint8).long()  # noqa: E731
+    return as_tensor(train), as_tensor(held_out)
+
+
+def windows(tokens: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` random windows of SEQ + 1 tokens (the last one is only a target)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - SEQ - 1, (n,), generator=gen)
+    return torch.stack([tokens[s:s + SEQ + 1] for s in starts.tolist()])
+
+
+def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
+    """The trained model (eval mode)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+        tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        batch = windows(train, 32, seed=10_000 + step)
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def perplexity(model, data: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) over windows of SEQ + 1 tokens."""
+    losses = []
+    with torch.no_grad():
+        for batch in data.split(64):
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            losses.append(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                reduction="sum"))
+    return math.exp(float(sum(losses)) / data[:, 1:].numel())
+
+
+def _sliced(model, units, keeps):
+    """A copy keeping channels ``keeps[i]`` of group ``i``; the consumer drops the others."""
+    pruned = copy.deepcopy(model)
+    for unit, keep in zip(units, keeps, strict=True):
+        keep = torch.as_tensor(np.sort(keep), dtype=torch.int64)
+        identity_rows = torch.eye(unit.width, dtype=torch.float64)[keep]
+        apply_selection(pruned, Selection(unit, keep, identity_rows, float("nan")))
+    return pruned.eval()
+
+
+def magnitude_channels(model, unit, k: int) -> np.ndarray:
+    """The ``k`` channels of a group with the largest squared L2 norm of all their weights
+    (gate and up rows, down column): Torch-Pruning's magnitude importance for a group."""
+    modules = dict(model.named_modules())
+    score = sum(modules[p].weight.detach().pow(2).sum(1) for p in unit.producers)
+    score = score + sum(modules[c.name].weight.detach().pow(2).sum(0) for c in unit.consumers)
+    return np.argsort(-score.numpy(), kind="stable")[:k]
+
+
+def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
+    """Rows (method, MLP width, FLOPs kept, held-out perplexity, ratio) and the facts."""
+    train, held_out = stdlib_tokens()
+    model = train_llama(train, steps)
+    calib = windows(train, n_calib, seed=1)[:, :-1]
+    test = windows(held_out, n_test, seed=2)
+    base = perplexity(model, test)
+    nc = NetworkCompressor(model, rank=0.5, batch_size=32).fit({"input_ids": calib})
+    units, _ = find_units(copy.deepcopy(model), (), {"input_ids": calib[:2]})
+    # the ID's own channels: the compressed gate_proj keeps them, in order
+    kept = []
+    for unit in units:
+        small = nc.compressed_model_.get_submodule(unit.producer).weight.detach()
+        full = model.get_submodule(unit.producer).weight.detach()
+        kept.append([int(torch.nonzero((full == row).all(1))[0]) for row in small])
+    flops = nc.flops_["after"] / nc.flops_["before"]
+    rows = [("original", INNER, 1.0, base, 1.0)]
+    for name, candidate in (
+        ("ID", nc.compressed_model_),
+        ("ID without T", _sliced(model, units, kept)),
+        ("magnitude", _sliced(model, units, [magnitude_channels(model, u, INNER // 2)
+                                             for u in units])),
+    ):
+        value = perplexity(candidate, test)
+        rows.append((name, INNER // 2, flops if name != "original" else 1.0, value, value / base))
+    facts = {"train tokens": len(train), "held-out tokens": len(held_out), "steps": steps,
+             "groups": [u.producers for u in units]}
+    return rows, facts
