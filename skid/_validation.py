@@ -64,6 +64,24 @@ class Options:
         return "one of " + ", ".join(repr(v) for v in self.values)
 
 
+@dataclass(frozen=True)
+class SubsetOf:
+    """A non-empty list, tuple or set of distinct values of a fixed set."""
+
+    values: tuple
+
+    def __call__(self, value) -> bool:
+        if not isinstance(value, (list, tuple, set, frozenset)) or not value:
+            return False
+        items = list(value)
+        return all(isinstance(v, str) and v in self.values for v in items) and len(
+            set(items)) == len(items)
+
+    @property
+    def description(self) -> str:
+        return "a non-empty collection of " + ", ".join(repr(v) for v in self.values)
+
+
 def _describe(constraint) -> str:
     if constraint is None:
         return "None"

@@ -155,11 +155,14 @@ def widths_for_flops(errors, flops: FlopsModel, target: float) -> np.ndarray:
     return flops_candidates(errors, flops, target)[0]
 
 
-def flops_candidates(errors, flops: FlopsModel, target: float) -> list[np.ndarray]:
+def flops_candidates(errors, flops: FlopsModel, target: float,
+                     minimum=None) -> list[np.ndarray]:
     """The greedy and the uniform allocation within budget, best sum of squared errors first.
 
     One entry when both are the same. The caller may measure which one preserves the
     model's outputs better (the squared-error sum is a proxy for that, not a guarantee).
+    ``minimum`` gives each unit's smallest width (default 1; e.g. one head per key/value
+    group).
 
     Raises
     ------
@@ -168,15 +171,16 @@ def flops_candidates(errors, flops: FlopsModel, target: float) -> list[np.ndarra
     """
     errors = [np.asarray(e, dtype=float) for e in errors]
     budget = target * flops.total
-    smallest = flops(np.ones_like(flops.widths))
+    minimum = np.ones_like(flops.widths) if minimum is None else np.asarray(minimum, np.int64)
+    smallest = flops(minimum)
     if smallest > budget * (1 + 1e-12):
         raise ValueError(
-            f"target_flops={target!r} cannot be reached: keeping one channel in every prunable "
-            f"unit still costs {smallest / flops.total:.4g} of the model's FLOPs; use a "
-            f"target_flops of at least that, or prune more layers."
+            f"target_flops={target!r} cannot be reached: keeping the fewest channels (or "
+            f"heads) in every prunable unit still costs {smallest / flops.total:.4g} of the "
+            f"model's FLOPs; use a target_flops of at least that, or prune more layers."
         )
-    greedy = _refill(_greedy(errors, flops, budget), errors, flops, budget)
-    uniform = _refill(_uniform(flops, budget), errors, flops, budget)
+    greedy = _refill(_greedy(errors, flops, budget, minimum), errors, flops, budget)
+    uniform = _refill(_uniform(flops, budget, minimum), errors, flops, budget)
     if np.array_equal(greedy, uniform):
         return [greedy]
     if _objective(errors, greedy) <= _objective(errors, uniform):
@@ -203,13 +207,16 @@ def _removal_key(errors: np.ndarray, k: int, channel_cost: float) -> float:
     return float(np.min(increase / removed)) / channel_cost
 
 
-def _greedy(errors, flops: FlopsModel, budget: float) -> np.ndarray:
+def _greedy(errors, flops: FlopsModel, budget: float, minimum=None) -> np.ndarray:
     """Remove one channel at a time, cheapest squared-error increase per FLOP first."""
+    minimum = np.ones_like(flops.widths) if minimum is None else minimum
     kept = flops.widths.copy()
     near = flops.neighbours()
     version = np.zeros(len(kept), dtype=np.int64)
 
     def entry(i):
+        if kept[i] <= minimum[i]:
+            return (math.inf, version[i], i)
         return (_removal_key(errors[i], kept[i], flops.channel_cost(kept, i)), version[i], i)
 
     heap = [entry(i) for i in range(len(kept))]
@@ -229,19 +236,20 @@ def _greedy(errors, flops: FlopsModel, budget: float) -> np.ndarray:
     return kept
 
 
-def _uniform(flops: FlopsModel, budget: float) -> np.ndarray:
-    """Widths ``max(1, ceil(r * width))`` for the largest fraction ``r`` within budget."""
+def _uniform(flops: FlopsModel, budget: float, minimum=None) -> np.ndarray:
+    """Widths ``max(minimum, ceil(r * width))`` for the largest fraction ``r`` within budget."""
+    minimum = np.ones_like(flops.widths) if minimum is None else minimum
     fractions = np.unique(
         np.concatenate([np.arange(1, m + 1) / m for m in flops.widths] + [np.ones(1)])
     )
-    lo, hi = 0, len(fractions) - 1  # fractions[lo] is feasible (it keeps width 1 everywhere)
+    lo, hi = 0, len(fractions) - 1  # fractions[lo] is feasible (the minimum everywhere)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if flops(widths_for_rank(flops.widths, fractions[mid])) <= budget:
+        if flops(np.maximum(minimum, widths_for_rank(flops.widths, fractions[mid]))) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return widths_for_rank(flops.widths, fractions[lo])
+    return np.maximum(minimum, widths_for_rank(flops.widths, fractions[lo]))
 
 
 def _refill(kept, errors, flops: FlopsModel, budget: float) -> np.ndarray:

@@ -24,6 +24,7 @@ from torch import nn
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, QRAccumulator
 from ._fingerprint import describe_execution
+from ._heads import HeadFactorization
 from ._joint import BlockFactorization, JointFactorization
 from ._plan import offset_of
 from ._surgery import as_samples
@@ -489,6 +490,8 @@ def _factorize(unit, accumulators):
                 f"{unit.producer!r}): the forward pass never called it."
             )
     try:
+        if unit.kind == "heads":  # whole heads from the output projection's Gram
+            return HeadFactorization(accumulators[0].factorize().gram(), unit)
         if unit.blocks > 1:
             return BlockFactorization.from_accumulators(accumulators, unit.blocks)
         if len(accumulators) == 1:

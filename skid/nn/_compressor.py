@@ -28,7 +28,7 @@ from .._linalg import (
     PivotedFactorization,
     factorize_for_outputs,
 )
-from .._validation import Interval, Options, check_params
+from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _budget
 from ._calibration import (
@@ -44,12 +44,16 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
+from ._heads import apply_head_selection, find_heads, in_forward_order
 from ._joint import interpolations_for
 from ._model_checks import check_model
 from ._plan import Selection, offset_of
 from ._surgery import apply_selection, concat_widths, weight_gram
 
 __all__ = ["NetworkCompressor"]
+
+#: What ``prune`` may name: channel groups, attention heads.
+_STRUCTURES = ("channels", "heads")
 
 #: Pivot rule of ``objective="outputs"`` (see :func:`skid._linalg.factorize_for_outputs`).
 _OUTPUT_PIVOTS = "scaled"
@@ -91,6 +95,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
+    prune : {"channels", "heads"} or collection of them, default=("channels", "heads")
+        What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
+        widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
+        ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
+        fused ``c_attn``): whole heads are kept by a block ID of the output projection's
+        input and the least-squares correction is folded into the output projection; with
+        grouped-query attention every key/value group keeps the same number of query heads,
+        or whole groups go, whichever has the smaller error, so the model's own code runs.
+        For heads, ``rank`` is the fraction of each key/value group's heads, ``width_before``
+        and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
+        ``calibration="corrective"`` calibrates heads as ``"sequential"`` does.
     objective : {"activations", "outputs"}, default="activations"
         What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
         input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
@@ -198,6 +213,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "target_flops": [None, Interval(numbers.Real, 0, 1, "neither")],
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
+        "prune": [Options(_STRUCTURES), SubsetOf(_STRUCTURES)],
         "objective": [Options(("activations", "outputs"))],
         "calibration": [Options(("original", "sequential", "corrective"))],
         "method": [Options(("auto", "gram", "qr"))],
@@ -216,6 +232,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         target_flops=None,
         layers="auto",
         exclude=(),
+        prune=("channels", "heads"),
         objective="activations",
         calibration="original",
         method="auto",
@@ -230,6 +247,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.target_flops = target_flops
         self.layers = layers
         self.exclude = exclude
+        self.prune = prune
         self.objective = objective
         self.calibration = calibration
         self.method = method
@@ -273,7 +291,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         units = self._find_units(work, example)
         self.method_ = self._resolve_method()
         self._gram_precision = self._resolve_precision()
-        flops_before, module_flops = count_flops(work, *example)
+        own = [u.attention for u in units if u.kind == "heads"]  # attention scores
+        flops_before, module_flops = count_flops(work, *example, own=own)
         params_before = count_params(work)
         passes_before = calibration_passes()
         # the model's weights and the code it runs, keyed once per fit
@@ -355,7 +374,18 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         args, kwargs = example
         with torch.no_grad():
             run_model(work, args, kwargs, what="first samples of the calibration data")
-        units, skipped = find_units(work, args, kwargs, layers=self.layers, exclude=self.exclude)
+        prune = {self.prune} if isinstance(self.prune, str) else set(self.prune)
+        units, skipped = [], []
+        if "channels" in prune:
+            units, skipped = find_units(work, args, kwargs, layers=self.layers,
+                                        exclude=self.exclude)
+        if "heads" in prune:
+            heads, skipped_heads = find_heads(work, args, kwargs, exclude=self.exclude)
+            if self.layers != "auto":  # heads are named by their attention block
+                wanted = {n if isinstance(n, str) else n[0] for n in self.layers}
+                heads = [h for h in heads if h.attention in wanted or h.producer in wanted]
+            units = in_forward_order(work, units + heads, args, kwargs)
+            skipped += skipped_heads
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
         if self.verbose:
             for s in skipped:
@@ -363,9 +393,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         if not units:
             reasons = "".join(f"\n  - {s.producer!r}: {s.reason}" for s in skipped)
             raise NotPrunableError(
-                f"No prunable unit in this {type(work).__name__}: no Linear/Conv layer's output "
-                f"channels reach only following Linear/Conv layers through per-channel "
-                f"operations and gates.{reasons or ' The model has no Linear/Conv layer.'}"
+                f"No prunable unit in this {type(work).__name__} (prune={self.prune!r}): no "
+                f"Linear/Conv layer's output channels reach only following Linear/Conv layers "
+                f"through per-channel operations and gates, and no attention block's heads "
+                f"can be pruned.{reasons or ' The model has no Linear/Conv layer.'}"
             )
         return units
 
@@ -403,7 +434,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             if self.calibration == "original":
                 plan = [_selection(u, f, k) for u, f, k in zip(units, facs, widths, strict=True)]
                 for selection in plan:
-                    apply_selection(work, selection)
+                    _apply(work, selection)
                 return plan
             return self._sequential(work, units, batches, key, cache, widths)
         return self._sequential(work, units, batches, key, cache, None)
@@ -425,7 +456,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             (fac,) = self._for_objective(work, [unit], [fac])
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
             selection = _selection(unit, fac, k)
-            apply_selection(work, selection)
+            _apply(work, selection)
             plan.append(selection)
         return plan
 
@@ -442,6 +473,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             return facs
         result, kept = [], []
         for unit, fac in zip(units, facs, strict=True):
+            if unit.kind == "heads":
+                result.append(fac.for_outputs(_consumer_weight_gram(work, unit,
+                                                                    unit.consumers[0])))
+                continue
             if not isinstance(fac, PivotedFactorization):
                 result.append(fac)
                 kept.append(unit.producer)
@@ -484,7 +519,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                     step_key, work, [unit], batches, **settings)
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
             selection = _selection(unit, fac, k)
-            apply_selection(work, selection)
+            _apply(work, selection)
             plan.append(selection)
         if sequential:
             warnings.warn(
@@ -507,12 +542,21 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             module_flops, total = flops_info
             model = _budget.FlopsModel.from_units(units, module_flops, total,
                                                   concat_widths(work, units))
-            candidates = _budget.flops_candidates(errors, model, self.target_flops)
+            minimum = [fac.valid_counts[0] if u.kind == "heads" else 1
+                       for u, fac in zip(units, facs, strict=True)]
+            candidates = [
+                np.array([fac.valid(k) if u.kind == "heads" else k  # a count the code runs
+                          for u, fac, k in zip(units, facs, widths, strict=True)])
+                for widths in _budget.flops_candidates(errors, model, self.target_flops, minimum)
+            ]
             if len(candidates) == 1:
                 return candidates[0]
             return _most_faithful(work, units, facs, candidates, batches.first)
         if self.rank is not None:
-            return _budget.widths_for_rank([u.width for u in units], self.rank)
+            return np.array([
+                fac.width_for_rank(self.rank) if u.kind == "heads"
+                else _budget.widths_for_rank([u.width], self.rank)[0]
+                for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
         return _budget.widths_for_tol(errors, self.tol)
 
     # ------------------------------------------------------------------------- outputs
@@ -581,7 +625,7 @@ def _working_copy(model: nn.Module, device) -> nn.Module:
 def _corrective_applies(unit) -> bool:
     """Whether the corrective statistic covers the group: all consumers read one whole tensor
     (no concatenation slice) and no grouped convolution asks for a block-diagonal ``T``."""
-    return unit.n_readings == 1 and unit.blocks == 1 and not any(
+    return unit.kind == "channels" and unit.n_readings == 1 and unit.blocks == 1 and not any(
         c.before for c in unit.consumers)
 
 
@@ -589,11 +633,22 @@ def _consumer_weight_gram(work, unit, consumer) -> np.ndarray:
     """``WᵀW`` of one consumer over the group's channels (its slice of a concatenation)."""
     gram = weight_gram(work.get_submodule(consumer.name), consumer.positions)
     start = offset_of(work, consumer.before)
-    return gram[start:start + unit.width, start:start + unit.width]
+    stop = start + (unit.width if unit.kind == "channels" else gram.shape[0])
+    return gram[start:stop, start:stop]
+
+
+def _apply(model, selection) -> None:
+    """Apply a channel group's or an attention block's selection to ``model`` in place."""
+    if selection.unit.kind == "heads":
+        apply_head_selection(model, selection)
+    else:
+        apply_selection(model, selection)
 
 
 def _selection(unit, fac, k) -> Selection:
-    """The plan record of one unit kept at width ``k``."""
+    """The plan record of one unit kept at width ``k`` (heads: the nearest valid count)."""
+    if unit.kind == "heads":
+        return fac.select(int(k))
     if fac.n_features != unit.width:
         raise RuntimeError(
             f"Internal error: the statistics of {unit.producer!r} have {fac.n_features} "
@@ -621,7 +676,7 @@ def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:
         def output_error(widths) -> float:
             trial = copy.deepcopy(work)
             for unit, fac, k in zip(units, facs, widths, strict=True):
-                apply_selection(trial, _selection(unit, fac, k))
+                _apply(trial, _selection(unit, fac, k))
             outputs = _first_tensor(run_model(trial, args, kwargs)).double()
             return float(torch.linalg.vector_norm(outputs - reference))
 
@@ -634,8 +689,23 @@ def _plan_content(plan) -> list:
 
 
 def _layer_report(selection: Selection) -> dict:
-    """One row of ``layers_``."""
+    """One row of ``layers_`` (for heads, widths count heads)."""
     unit = selection.unit
+    if unit.kind == "heads":
+        return {
+            "producer": unit.producer,
+            "consumer": unit.consumer,
+            "kind": "heads",
+            "producers": list(unit.producers),
+            "consumers": [unit.consumer],
+            "width_before": int(unit.n_heads),
+            "width_after": int(selection.heads.size),
+            "error": float(selection.error),
+            "attention": unit.attention,
+            "kv_heads_before": int(unit.n_kv_heads),
+            "kv_heads_after": int(selection.kv_heads.size if unit.group_size > 1
+                                  else selection.heads.size),
+        }
     return {
         "producer": unit.producer,
         "consumer": unit.consumer,

@@ -23,7 +23,8 @@ __all__ = ["count_flops", "count_params"]
 
 
 
-def count_flops(model: nn.Module, example_args, example_kwargs=None) -> tuple[int, dict]:
+def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
+                own=()) -> tuple[int, dict]:
     """FLOPs of one sample's forward pass, in total and per ``Linear``/``Conv`` module.
 
     Parameters
@@ -34,6 +35,9 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None) -> tuple[in
         Positional inputs of a batch; every tensor is cut to its first sample (``[:1]``).
     example_kwargs : dict, default=None
         Keyword inputs of the same batch, cut the same way.
+    own : iterable of str, default=()
+        Other modules (e.g. attention blocks) whose own FLOPs to report too: what their calls
+        count beyond the ``Linear``/``Conv`` modules inside them (the attention scores).
 
     Returns
     -------
@@ -42,15 +46,16 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None) -> tuple[in
         (matrix products, convolutions, attention).
     per_module : dict of str to int
         Qualified name → FLOPs per sample of each ``Linear``/``Conv`` module that ran (summed
-        over its calls).
+        over its calls), and of each module of ``own`` (its own FLOPs only).
     """
     args = example_args if isinstance(example_args, (tuple, list)) else (example_args,)
     args, kwargs = _first_sample(tuple(args)), _first_sample(dict(example_kwargs or {}))
     per_module: dict[str, int] = {}
     counter = FlopCounterMode(display=False)
     handles, modes = [], {m: m.training for m in model.modules()}
+    own = set(own)
     for name, module in model.named_modules():
-        if module_kind(module) in ("linear", "conv"):
+        if module_kind(module) in ("linear", "conv") or name in own:
             handles += _attribution_hooks(module, name, counter, per_module)
     try:
         model.eval()
@@ -61,6 +66,9 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None) -> tuple[in
             handle.remove()
         for module, training in modes.items():
             module.training = training
+    for block in own & set(per_module):
+        inside = [n for n in per_module if n.startswith(f"{block}.") and n not in own]
+        per_module[block] -= sum(per_module[n] for n in inside)
     return int(counter.get_total_flops()), per_module
 
 

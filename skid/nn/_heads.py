@@ -31,7 +31,7 @@ from torch import nn
 
 from .._linalg import BlockPivotedFactorization
 from . import _budget
-from ._plan import Skipped
+from ._plan import Consumer, Skipped
 from ._surgery import fold_in, slice_out
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "apply_head_selection",
     "attention_layout",
     "find_heads",
+    "in_forward_order",
 ]
 
 #: Attributes holding a head count or a heads-wide size, and how each follows a new count:
@@ -113,12 +114,29 @@ class HeadUnit:
     def group_size(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    # The channel-group view the calibration, the budget and the report read.
+    n_readings = 1
+    blocks = 1
+    offsets = ()
+
     @property
-    def flop_modules(self) -> tuple:
-        """Modules whose FLOPs scale with the kept heads (the block itself: the scores)."""
+    def producers(self) -> tuple:
+        """The projections whose rows follow the kept heads (keys/values where each query
+        head has its own)."""
         own_kv = () if self.group_size > 1 else (self.layout.keys, self.layout.values)
-        names = {self.layout.queries, *own_kv, self.layout.output}
-        return (self.attention, *sorted(self.name(n) for n in names))
+        return tuple(dict.fromkeys(self.name(n) for n in (self.layout.queries, *own_kv)))
+
+    @property
+    def consumers(self) -> tuple:
+        return (Consumer(self.consumer),)
+
+    def before(self, name: str) -> tuple:
+        return ()
+
+    def modules(self) -> tuple:
+        """Modules whose FLOPs scale with the kept heads; the block's own name stands for its
+        attention scores (what its FLOPs hold beyond its projections)."""
+        return (*self.producers, self.consumer, self.attention)
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,7 @@ class HeadSelection:
     kv_heads: np.ndarray
     interpolation: np.ndarray
     error: float
+    interpolations = None  # one fold, into the output projection
 
     @property
     def keep(self) -> torch.Tensor:
@@ -285,6 +304,13 @@ def _in_width(module):
     return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
 
 
+def in_forward_order(model, units, args, kwargs) -> list:
+    """Channel groups and head units together, by the first call of their first producer
+    (a stable sort: units with one producer keep their order)."""
+    order = _call_order(model, list(dict.fromkeys(u.producer for u in units)), args, kwargs)
+    return sorted(units, key=lambda u: order.get(u.producer, len(order)))
+
+
 def _call_order(model, names, args, kwargs) -> dict:
     """Position of each named module's first call in one forward pass."""
     order, handles = {}, []
@@ -316,21 +342,24 @@ class HeadFactorization:
     ----------
     gram : ndarray of shape (n_heads * head_dim, n_heads * head_dim)
     unit : HeadUnit
+    weight_gram : ndarray, optional
+        ``WᵀW`` of the output projection: heads are then kept for its outputs (errors are
+        relative output errors; ``T`` stays the least-squares fit).
     """
 
-    def __init__(self, gram, unit: HeadUnit):
-        self.unit = unit
+    def __init__(self, gram, unit: HeadUnit, weight_gram=None):
+        self.unit, self.gram = unit, gram
         H, d, size = unit.n_heads, unit.head_dim, unit.group_size
         heads = [np.arange(h * d, (h + 1) * d) for h in range(H)]
         self._modes = {}
         if size == 1 or unit.n_kv_heads == 1:
-            self._modes["heads"] = BlockPivotedFactorization(gram, heads)
+            self._modes["heads"] = BlockPivotedFactorization(gram, heads, None, weight_gram)
         else:
             labels = np.arange(H) // size
-            self._modes["per_group"] = BlockPivotedFactorization(gram, heads, partition=labels)
+            self._modes["per_group"] = BlockPivotedFactorization(gram, heads, labels, weight_gram)
             groups = [np.concatenate(heads[g * size:(g + 1) * size])
                       for g in range(unit.n_kv_heads)]
-            self._modes["groups"] = BlockPivotedFactorization(gram, groups)
+            self._modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
         self._best = {}  # valid head count -> (mode, number of blocks)
         for mode, fac in self._modes.items():
             for blocks in range(1, fac.n_blocks + 1):
@@ -349,6 +378,10 @@ class HeadFactorization:
         errors[H] = 0.0
         self.errors = errors
         self.n_features = H
+
+    def for_outputs(self, weight_gram) -> HeadFactorization:
+        """The same statistic, heads kept for the output projection's outputs."""
+        return HeadFactorization(self.gram, self.unit, weight_gram)
 
     def _heads_of(self, mode, blocks) -> int:
         if mode == "per_group":  # rounds: one head per key/value group each
@@ -373,6 +406,8 @@ class HeadFactorization:
     def width_for_rank(self, rank: float) -> int:
         """Heads kept for a fraction ``rank``: the fraction of each key/value group's heads,
         rounded as channel fractions are, so every group keeps the same number."""
+        if self.unit.group_size == 1:  # each head its own key/value: a fraction of all
+            return int(_budget.widths_for_rank([self.unit.n_heads], rank)[0])
         per_group = int(_budget.widths_for_rank([self.unit.group_size], rank)[0])
         return per_group * self.unit.n_kv_heads
 

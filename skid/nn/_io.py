@@ -2,8 +2,8 @@
 
 ``torch.save(model)`` pickles classes (loading it runs code from the file), and a
 ``from_pretrained``-style config cannot say that every layer has its own width. The format
-here holds data only: the weights (safetensors) and, per module with parameters or buffers,
-its class name, its integer attributes and the shape of each tensor. Loading shrinks a freshly
+here holds data only: the weights (safetensors) and, per module with parameters, buffers or
+integer attributes, its class name, those attributes and the shape of each tensor. Loading shrinks a freshly
 built original model to those shapes and loads the weights; nothing is imported or executed
 from the files, and every field of the plan is checked against the fresh model first.
 """
@@ -65,7 +65,7 @@ def save_compressed(model, path) -> Path:
     plan = {
         "format": FORMAT,
         "version": VERSION,
-        "modules": {name: _describe(module) for name, module in _modules_with_tensors(model)},
+        "modules": {name: _describe(module) for name, module in _described_modules(model)},
         "layers": _jsonable(report),
     }
     save_model(model, str(directory / WEIGHTS_FILE))
@@ -135,9 +135,11 @@ def _safetensors():
     return safetensors.torch
 
 
-def _modules_with_tensors(model: nn.Module):
+def _described_modules(model: nn.Module):
+    """Modules with tensors or integer attributes (an attention block holds only its head
+    counts: its forward reads them)."""
     for name, module in model.named_modules():
-        if module._parameters or module._buffers:
+        if module._parameters or module._buffers or _int_attributes(module):
             yield name, module
 
 
@@ -213,8 +215,8 @@ def _checked_attributes(name, module, attributes, bad) -> dict:
         current = getattr(module, key, None) if isinstance(key, str) else None
         if key.startswith("_") or not _is_int(current):
             raise bad(f"{name!r} has no integer attribute {key!r}")
-        if not _is_int(value) or value < 0:
-            raise bad(f"attribute {key!r} of {name!r} must be a non-negative integer")
+        if not _is_int(value):
+            raise bad(f"attribute {key!r} of {name!r} must be an integer")
     return attributes
 
 

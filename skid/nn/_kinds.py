@@ -157,6 +157,8 @@ class _TransposedLinearKind:
         w = weight.to(torch.float64).reshape(m, positions, -1)
         folded = torch.einsum("mpo,km->kpo", w, T).reshape(-1, weight.shape[1])
         _surgery._set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
+        if hasattr(module, "nx"):
+            module.nx = folded.shape[0]
 
     def weight_gram(self, module, positions=1):
         m = self.in_width(module, positions)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from skid.exceptions import InvalidParameterError
+from skid.nn import NetworkCompressor
 from skid.nn._heads import (
     HeadFactorization,
     HeadSelection,
@@ -196,3 +198,134 @@ def test_pruned_llama_exports():
     exported = torch.export.export(model, args, kwargs=no_cache)
     torch.testing.assert_close(_first(exported.module()(*args, **no_cache)),
                                _first(model(*args, **no_cache)))
+
+
+# ------------------------------------------------------------------- in NetworkCompressor
+
+
+def _gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=40,
+                                     n_positions=16)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+COMPRESSED = {**MODELS, "gpt2": (_gpt2, lambda **k: ((_ids(**k),), {}), "transformer.h.{}.attn")}
+
+
+def _fit(name, n=16, **params):
+    factory, inputs, pattern = COMPRESSED[name]
+    model = factory()
+    (X,), _ = inputs(n=n)
+    return model, X, NetworkCompressor(model, **params).fit(X), pattern
+
+
+def _check_grouping(model):
+    """Every attention block's projections agree with its head attributes."""
+    for _, module in model.named_modules():
+        q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+        groups = getattr(module, "num_key_value_groups", None)
+        if q is not None and groups is not None:
+            assert q.out_features == groups * k.out_features
+            assert q.out_features % module.head_dim == 0
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_compressor_prunes_heads_by_name_and_counts_heads(name):
+    model, X, nc, pattern = _fit(name, rank=0.5)
+    heads = [row for row in nc.layers_ if row["kind"] == "heads"]
+    assert [row["attention"] for row in heads] == [pattern.format(i) for i in range(2)]
+    unit = find_heads(model, (X[:2],), {})[0][0]
+    for row in heads:
+        assert row["width_before"] == unit.n_heads
+        size = unit.group_size
+        expected = (-(-unit.n_heads // 2) if size == 1 else -(-size // 2) * unit.n_kv_heads)
+        assert row["width_after"] == expected
+        assert 0 <= row["error"] <= 1
+    assert any(row["kind"] == "channels" for row in nc.layers_)
+    with torch.no_grad():
+        out = _first(nc.compressed_model_(X))
+    assert out.shape == _first(model(X)).shape
+    _check_grouping(nc.compressed_model_)
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+@pytest.mark.parametrize("prune", [("heads",), ("channels", "heads")])
+def test_full_rank_reproduces_the_model(name, prune):
+    model, X, nc, _ = _fit(name, n=32, rank=1.0, tol=0, prune=prune)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(nc.compressed_model_(X)), _first(model(X)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_prune_selects_the_structures():
+    _, _, channels, _ = _fit("llama_gqa", rank=0.5, prune=("channels",))
+    assert {row["kind"] for row in channels.layers_} == {"channels"}
+    _, _, heads, _ = _fit("llama_gqa", rank=0.5, prune="heads")
+    assert {row["kind"] for row in heads.layers_} == {"heads"}
+    for bad in (("bogus",), (), ("heads", "heads"), "all"):
+        with pytest.raises(InvalidParameterError, match="prune"):
+            _fit("llama_gqa", prune=bad)
+
+
+def test_grouped_query_grouping_stays_valid_across_settings():
+    factory, inputs, _ = COMPRESSED["llama_gqa"]
+    model = factory()
+    (X,), _ = inputs(n=16)
+    for params in [{"rank": r} for r in (0.1, 0.3, 0.5, 0.7, 0.9)] + [
+        {"tol": t} for t in (0.0, 0.05, 0.2, 0.5, 0.9)
+    ] + [{"target_flops": t} for t in (0.85, 0.9)]:
+        nc = NetworkCompressor(model, prune="heads", **params).fit(X)
+        _check_grouping(nc.compressed_model_)
+        with torch.no_grad():
+            nc.compressed_model_(X)
+        if "target_flops" in params:
+            assert nc.flops_["after"] <= params["target_flops"] * nc.flops_["before"] * 1.0001
+
+
+def test_padding_rows_are_left_out_of_the_head_statistics():
+    factory = COMPRESSED["bert"][0]
+    model = factory()
+    ids = _ids(n=16, length=10)
+    mask = torch.ones_like(ids)
+    mask[8:, 6:] = 0
+    other = ids.clone()
+    other[8:, 6:] = (other[8:, 6:] + 7) % 40  # only the padded tokens differ
+    fits = [NetworkCompressor(model, rank=0.5, prune="heads").fit(
+        {"input_ids": x, "attention_mask": mask}) for x in (ids, other)]
+    assert [r["error"] for r in fits[0].layers_] == pytest.approx(
+        [r["error"] for r in fits[1].layers_], abs=1e-12)
+    unpadded = NetworkCompressor(model, rank=0.5, prune="heads").fit({"input_ids": ids})
+    assert [r["error"] for r in fits[0].layers_] != pytest.approx(
+        [r["error"] for r in unpadded.layers_], abs=1e-9)
+
+
+def test_heads_for_the_output_projections_outputs():
+    model, X, nc, _ = _fit("bert", rank=0.5, prune="heads", objective="outputs")
+    act = _fit("bert", rank=0.5, prune="heads")[2]
+    assert [r["width_after"] for r in nc.layers_] == [r["width_after"] for r in act.layers_]
+    assert all(0 <= r["error"] <= 1 for r in nc.layers_)
+
+
+def test_save_and_reload_a_head_pruned_model(tmp_path):
+    pytest.importorskip("safetensors")
+    from skid.nn import load_compressed, save_compressed
+
+    model, X, nc, _ = _fit("llama_gqa", rank=0.5)
+    save_compressed(nc, tmp_path)
+    torch.manual_seed(1)
+    fresh = load_compressed(_llama(), tmp_path)
+    _check_grouping(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(fresh(X)), _first(nc.compressed_model_(X)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama_gqa", "bert", "gpt2"])
+def test_compressed_transformer_exports(name):
+    model, X, nc, _ = _fit(name, rank=0.5)
+    kwargs = {"use_cache": False} if name != "bert" else {}
+    exported = torch.export.export(nc.compressed_model_, (X[:2],), kwargs=kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(exported.module()(X[:2], **kwargs)),
+                                   _first(nc.compressed_model_(X[:2], **kwargs)))
