@@ -3,9 +3,10 @@
 ``torch.save(model)`` pickles classes (loading it runs code from the file), and a
 ``from_pretrained``-style config cannot say that every layer has its own width. The format
 here holds data only: the weights (safetensors) and, per module with parameters, buffers or
-integer attributes, its class name, those attributes and the shape of each tensor. Loading shrinks a freshly
-built original model to those shapes and loads the weights; nothing is imported or executed
-from the files, and every field of the plan is checked against the fresh model first.
+integer attributes, its class name, those attributes and the shape of each tensor. Loading
+shrinks a freshly built original model to those shapes and loads the weights; nothing is
+imported or executed from the files, and every field of the plan is checked against the fresh
+model first.
 """
 
 from __future__ import annotations

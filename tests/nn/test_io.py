@@ -94,7 +94,7 @@ def _set(plan, *keys_and_value):
         (lambda p: _set(p, "modules", "0", "class", "Conv2d"), "a Conv2d in the plan"),
         (lambda p: _set(p, "modules", "0", "attributes", "__class__", 1), "no integer attr"),
         (lambda p: _set(p, "modules", "0", "attributes", "forward", 1), "no integer attr"),
-        (lambda p: _set(p, "modules", "0", "attributes", "out_features", "8"), "must be an integer"),
+        (lambda p: _set(p, "modules", "0", "attributes", "out_features", "8"), "an integer"),
         (lambda p: _set(p, "modules", "0", "tensors", "weight", [999, 8]), "no larger than"),
         (lambda p: _set(p, "modules", "0", "tensors", "weight", [4]), "must list 2 integers"),
         (lambda p: _set(p, "modules", "0", "tensors", "evil", [1]), "no parameter or buffer"),
