@@ -2,13 +2,14 @@
 
 Byte-level tokens (vocabulary 256) of the standard library's ``*.py`` files: every tenth file
 (sorted by name) is held out, the rest is training text. ``transformers.LlamaForCausalLM``
-with 2 layers, hidden size 64, a 256-wide SwiGLU MLP and grouped-query attention (4 heads, 2 KV
-heads), trained with AdamW for a few hundred steps on one CPU thread. Everything is seeded.
+with 2 layers, hidden size 96, a 256-wide SwiGLU MLP and grouped-query attention (6 heads of 16,
+2 KV heads), trained with AdamW for a few hundred steps on one CPU thread. Everything is seeded.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sysconfig
 from pathlib import Path
@@ -18,11 +19,13 @@ import torch
 
 from skid import NetworkCompressor
 from skid.nn._graph import find_units
+from skid.nn._heads import HeadSelection, apply_head_selection
 from skid.nn._plan import Selection
 from skid.nn._surgery import apply_selection
 
 SEQ = 64
-HIDDEN, INNER, LAYERS = 64, 256, 2
+HIDDEN, INNER, LAYERS = 96, 256, 2
+HEADS, KV_HEADS, HEAD_DIM = 6, 2, 16
 
 
 def stdlib_tokens(max_bytes: int = 3_000_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +54,8 @@ def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-        tie_word_embeddings=False)
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        max_position_embeddings=SEQ, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps)
@@ -65,6 +68,13 @@ def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
         optimizer.step()
         schedule.step()
     return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def trained(steps: int):
+    """``(model, train tokens, held-out tokens)``, trained once per run for every table."""
+    train, held_out = stdlib_tokens()
+    return train_llama(train, steps), train, held_out
 
 
 def perplexity(model, data: torch.Tensor) -> float:
@@ -100,12 +110,12 @@ def magnitude_channels(model, unit, k: int) -> np.ndarray:
 
 def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
     """Rows (method, MLP width, FLOPs kept, held-out perplexity, ratio) and the facts."""
-    train, held_out = stdlib_tokens()
-    model = train_llama(train, steps)
+    model, train, held_out = trained(steps)
     calib = windows(train, n_calib, seed=1)[:, :-1]
     test = windows(held_out, n_test, seed=2)
     base = perplexity(model, test)
-    nc = NetworkCompressor(model, rank=0.5, batch_size=32).fit({"input_ids": calib})
+    nc = NetworkCompressor(model, rank=0.5, prune="channels", batch_size=32).fit(
+        {"input_ids": calib})
     units, _ = find_units(copy.deepcopy(model), (), {"input_ids": calib[:2]})
     # the ID's own channels: the compressed gate_proj keeps them, in order
     kept = []
@@ -126,3 +136,67 @@ def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
     facts = {"train tokens": len(train), "held-out tokens": len(held_out), "steps": steps,
              "groups": [u.producers for u in units]}
     return rows, facts
+
+
+# ------------------------------------------------------------------------------ heads
+
+
+def _heads_sliced(model, selections):
+    """A copy keeping each block's heads of ``selections``; ``o_proj`` just drops the others."""
+    pruned = copy.deepcopy(model)
+    for selection in selections:
+        unit = selection.unit
+        columns = (selection.heads[:, None] * unit.head_dim + np.arange(unit.head_dim)).ravel()
+        identity_rows = np.eye(unit.n_heads * unit.head_dim)[columns]
+        apply_head_selection(pruned, HeadSelection(unit, selection.heads, selection.kv_heads,
+                                                   identity_rows, float("nan")))
+    return pruned.eval()
+
+
+def magnitude_heads(model, selection):
+    """The same number of heads per key/value group as ``selection``, chosen by the squared L2
+    norm of each head's query rows and output-projection columns (weight magnitude, as
+    Torch-Pruning ranks attention heads)."""
+    unit = selection.unit
+    q = model.get_submodule(unit.producer).weight.detach()
+    o = model.get_submodule(unit.consumer).weight.detach()
+    d, size = unit.head_dim, unit.group_size
+    score = (q.pow(2).reshape(unit.n_heads, d, -1).sum((1, 2))
+             + o.pow(2).reshape(o.shape[0], unit.n_heads, d).sum((0, 2))).numpy()
+    per_group = selection.heads.size // selection.kv_heads.size
+    heads = []
+    for g in selection.kv_heads:  # the same key/value groups, the strongest heads in each
+        members = np.arange(g * size, (g + 1) * size)
+        heads += sorted(members[np.argsort(-score[members], kind="stable")[:per_group]])
+    return HeadSelection(unit, np.array(heads), selection.kv_heads, None, float("nan"))
+
+
+def heads_table(steps: int, n_calib: int, n_test: int) -> list:
+    """Rows (setting, method, heads kept, MLP width, FLOPs kept, perplexity, ratio): heads
+    kept 2/3 and 1/3, and 2/3 of the heads with half the MLP (``rank=0.5`` on both: 2 of 3
+    heads per key/value group), for ID, ID without T and magnitude at equal widths."""
+    model, train, held_out = trained(steps)
+    calib = {"input_ids": windows(train, n_calib, seed=1)[:, :-1]}
+    test = windows(held_out, n_test, seed=2)
+    base = perplexity(model, test)
+    rows = [("original", "original", HEADS, INNER, 1.0, base, 1.0)]
+    for label, params in (("heads 2/3", {"rank": 2 / 3, "prune": "heads"}),
+                          ("heads 1/3", {"rank": 1 / 3, "prune": "heads"}),
+                          ("heads 2/3 + MLP 1/2", {"rank": 0.5})):
+        nc = NetworkCompressor(model, batch_size=32, **params).fit(calib)
+        heads = [s for s in nc._selections if s.unit.kind == "heads"]
+        groups = [s for s in nc._selections if s.unit.kind == "channels"]
+        units = [s.unit for s in groups]
+        without_t = _sliced(_heads_sliced(model, heads), units, [s.keep.numpy() for s in groups])
+        magnitude = _sliced(
+            _heads_sliced(model, [magnitude_heads(model, s) for s in heads]), units,
+            [magnitude_channels(model, u, s.keep.numel()) for u, s in zip(units, groups,
+                                                                          strict=True)])
+        flops = nc.flops_["after"] / nc.flops_["before"]
+        width = int(groups[0].keep.numel()) if groups else INNER
+        for name, candidate in (("ID", nc.compressed_model_), ("ID without T", without_t),
+                                ("magnitude", magnitude)):
+            value = perplexity(candidate, test)
+            rows.append((label, name, int(heads[0].heads.size), width, flops, value,
+                         value / base))
+    return rows

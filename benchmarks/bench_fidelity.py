@@ -325,7 +325,7 @@ def print_llm(steps: int, n_calib: int, n_test: int) -> None:
     except ImportError:
         print("\n(transformers is not installed: no causal-LM table)")
         return
-    from _llm import SEQ, half_mlp_table
+    from _llm import HEADS, KV_HEADS, SEQ, half_mlp_table, heads_table
 
     rows, facts = half_mlp_table(steps, n_calib, n_test)
     print_table(
@@ -334,6 +334,12 @@ def print_llm(steps: int, n_calib: int, n_test: int) -> None:
         f"{n_test}×{SEQ} tokens of other files, both MLPs at half width, no fine-tuning",
         ["method", "MLP width", "FLOPs kept", "perplexity", "÷ original"],
         rows, ["s", "d", ".3f", ".3f", ".3f"])
+    print_table(
+        f"LLaMA-shaped causal LM, attention heads ({HEADS} heads in {KV_HEADS} key/value "
+        f"groups per layer): held-out perplexity at equal widths, no fine-tuning",
+        ["setting", "method", "heads kept", "MLP width", "FLOPs kept", "perplexity",
+         "÷ original"],
+        heads_table(steps, n_calib, n_test), ["s", "s", "d", "d", ".3f", ".3f", ".3f"])
 
 
 if __name__ == "__main__":

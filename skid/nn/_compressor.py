@@ -303,6 +303,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.flops_ = {"before": int(flops_before), "after": int(count_flops(work, *example)[0])}
         self.params_ = {"before": int(params_before), "after": int(count_params(work))}
         self.layers_ = [_layer_report(s) for s in plan]
+        self._selections = plan  # what was applied, for benchmarks and baselines
         self.compressed_model_ = work.to(home).eval()
         self._original_model = model
         return self
