@@ -57,3 +57,4 @@ def test_bench_fidelity_quick():
             assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
     summary = table_rows(out, "summary: top-1 agreement")
     assert any("target_flops=0.25" in row for row in summary)
+    assert len(table_rows(out, "target_flops vs the widest uniform cut")) == 2

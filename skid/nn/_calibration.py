@@ -102,6 +102,11 @@ class Batches:
             self._spent = True
         yield from self._source
 
+    @property
+    def rereadable(self) -> bool:
+        """False for a one-shot iterator read without ``reusable`` (one pass only)."""
+        return not getattr(self, "_one_shot", False)
+
     def fingerprint(self) -> str:
         """A hash of every batch's content (the inputs only: labels do not change statistics)."""
         digest = hashlib.blake2b(digest_size=20)
@@ -268,6 +273,11 @@ def _describe(args, kwargs) -> str:
 # ------------------------------------------------------------------------------ statistics
 
 
+class _NonFiniteActivations(BaseException):
+    """Raised by a hook whose rows hold NaN/Inf; a BaseException so that ``run_model`` (and
+    the model's own ``except Exception``) lets it through, to be raised as a ValueError."""
+
+
 class _StopForward(BaseException):
     """Raised by the last hook of a batch: the rest of the forward pass is not needed.
 
@@ -319,6 +329,8 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
                     run_model(model, args, kwargs)
                 except _StopForward:
                     pass
+                except _NonFiniteActivations as exc:
+                    raise ValueError(str(exc)) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -346,7 +358,10 @@ def _accumulating_hook(unit, accumulator, state: _HookState):
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
         # Half-precision rows are upcast block by block inside the accumulator.
-        accumulator.update(as_samples(module, x, unit.positions))
+        try:
+            accumulator.update(as_samples(module, x, unit.positions))
+        except ValueError as exc:  # NaN/Inf rows: the accumulator refused them
+            raise _NonFiniteActivations(_non_finite_message(unit, exc)) from None
         state.seen.add(unit.consumer)
         if len(state.seen) == state.n_consumers:
             raise _StopForward  # every consumer has been seen: the rest is not needed
@@ -376,11 +391,15 @@ def _factorize(unit, accumulator):
     try:
         return accumulator.factorize()
     except ValueError as exc:
-        raise ValueError(
-            f"The activations entering {unit.consumer!r} (the output channels of "
-            f"{unit.producer!r}) hold NaN or infinite values; check the model and X "
-            f"for non-finite values ({exc})"
-        ) from exc
+        raise ValueError(_non_finite_message(unit, exc)) from exc
+
+
+def _non_finite_message(unit, exc) -> str:
+    return (
+        f"The activations entering {unit.consumer!r} (the output channels of "
+        f"{unit.producer!r}) hold NaN or infinite values; check the model and X "
+        f"for non-finite values ({exc})"
+    )
 
 
 def _progress(batches, verbose: bool):
