@@ -114,8 +114,9 @@ def finer_route(fac, k: int, *, method: str, precision: str, auto: bool, width_r
       reported error are rounding; a ``tol`` request only needs ``errors[k] <= tol``).
 
     Float32 products → float64 products (whatever ``method`` asked for) → QR (only for
-    ``method="auto"``, ``auto=True``). Keeping every column (``k == n_features``) is exact on
-    any route.
+    ``method="auto"``, ``auto=True``; straight there for a width whose error is below
+    :data:`GRAM_RELIABLE_ERROR`). Keeping every column (``k == n_features``) is exact on any
+    route.
     """
     m = fac.n_features
     if method != "gram" or k >= m:
@@ -124,6 +125,9 @@ def finer_route(fac, k: int, *, method: str, precision: str, auto: bool, width_r
     limit = m if rows is None else min(rows, m)
     unresolved = k > fac.trusted_rank and fac.trusted_rank < limit
     error = float(fac.errors[k])
+    below_gram = width_request and error < GRAM_RELIABLE_ERROR
+    if auto and below_gram:
+        return "qr", precision  # past both Gram routes: straight to QR, one pass
     float32_products = getattr(fac, "float32_products", True)
     if (
         precision == "native"
@@ -131,6 +135,6 @@ def finer_route(fac, k: int, *, method: str, precision: str, auto: bool, width_r
         and (unresolved or (width_request and error < FLOAT32_GRAM_RELIABLE_ERROR))
     ):
         return "gram", "float64"
-    if auto and (unresolved or (width_request and error < GRAM_RELIABLE_ERROR)):
+    if auto and unresolved:
         return "qr", precision
     return None

@@ -105,6 +105,7 @@ ESCALATIONS = [
     (5e-4, 4, 10, 100, ("gram", "native"), True, ("gram", "float64")),
     (5e-4, 4, 10, 100, ("gram", "float64"), True, None),
     (5e-5, 4, 10, 100, ("gram", "float64"), True, ("qr", "float64")),
+    (5e-5, 4, 10, 100, ("gram", "native"), True, ("qr", "native")),
     # a tol request only needs errors[k] <= tol: its small error is not re-checked
     (5e-5, 4, 10, 100, ("gram", "native"), False, None),
     # past the pivots clear of rounding while the rows allow more: unresolved, for tol too
@@ -128,14 +129,13 @@ def test_escalation_table(error, k, trusted, rows, ran, width_request, finer):
         fac, k, method=method, precision=precision, auto=True, width_request=width_request
     )
     assert got == finer
+    manual = _policy.finer_route(
+        fac, k, method=method, precision=precision, auto=False, width_request=width_request
+    )
     if finer is not None and finer[0] == "qr":  # QR only for method="auto"
-        assert (
-            _policy.finer_route(
-                fac, k, method=method, precision=precision, auto=False,
-                width_request=width_request,
-            )  # fmt: skip
-            is None
-        )
+        assert manual == (("gram", "float64") if precision == "native" else None)
+    else:
+        assert manual == finer
 
 
 def test_native_label_on_float64_products_skips_to_the_gram_rule():

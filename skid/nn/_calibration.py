@@ -360,8 +360,8 @@ def _accumulating_hook(unit, accumulator, state: _HookState):
         # Half-precision rows are upcast block by block inside the accumulator.
         try:
             accumulator.update(as_samples(module, x, unit.positions))
-        except ValueError as exc:  # NaN/Inf rows: the accumulator refused them
-            raise _NonFiniteActivations(_non_finite_message(unit, exc)) from None
+        except ValueError:  # NaN/Inf rows: the accumulator refused them, untouched
+            raise _NonFiniteActivations(_non_finite_message(unit)) from None
         state.seen.add(unit.consumer)
         if len(state.seen) == state.n_consumers:
             raise _StopForward  # every consumer has been seen: the rest is not needed
@@ -391,14 +391,14 @@ def _factorize(unit, accumulator):
     try:
         return accumulator.factorize()
     except ValueError as exc:
-        raise ValueError(_non_finite_message(unit, exc)) from exc
+        raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
 
 
-def _non_finite_message(unit, exc) -> str:
+def _non_finite_message(unit) -> str:
     return (
         f"The activations entering {unit.consumer!r} (the output channels of "
-        f"{unit.producer!r}) hold NaN or infinite values; check the model and X "
-        f"for non-finite values ({exc})"
+        f"{unit.producer!r}) hold NaN or infinite values; check X for non-finite values, and "
+        "the model for an overflow (a half-precision model on large inputs, say)"
     )
 
 

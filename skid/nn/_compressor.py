@@ -135,10 +135,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     are left out of (batch, sequence, channels) inputs.
 
     Like ``InterpolativeDecomposition.fit``, a unit whose width the route that ran does not
-    resolve is recomputed on a finer one, with one more calibration pass over that unit:
-    float32 products → float64 products → QR (``method="auto"`` only), when a ``rank`` or
-    ``target_flops`` width's error lands below 1e-3 (float32 products) or 1e-4 (float64), or a
-    width goes past the pivots clear of the statistic's rounding. ``tol`` widths are then
+    resolve is recomputed on a finer one, with one more calibration pass over that unit: when
+    a ``rank`` or ``target_flops`` width's error lands below 1e-3 (float32 products) or 1e-4
+    (float64), or a width goes past the pivots clear of the statistic's rounding. The pass
+    uses QR (``method="auto"``) or float64 products (``method="gram"``). ``tol`` widths are then
     chosen again; ``rank``/``target_flops`` widths stay. A one-shot iterator of batches cannot
     be read again: a warning says so and the first statistics are used.
 
@@ -418,13 +418,15 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _recheck(self, work, units, facs, widths, batches, key, cache):
         """Recompute on a finer route the units whose width the route that ran does not resolve.
 
-        The estimator's refit, unit by unit (rule: :func:`skid._policy.finer_route`): float32
-        products → float64 products → QR (``method="auto"`` only), when a width request's error
-        lands below what the route resolves or a width goes past the pivots clear of the
-        statistic's rounding. Each step is one more calibration pass for the units concerned
-        (none for the usual ``tol >= 1e-3``). ``tol`` widths are chosen again from the finer
-        errors; ``rank``/``target_flops`` widths stay. A one-shot iterator of batches cannot be
-        read again: a warning says so and the coarse statistics are kept.
+        The estimator's refit, unit by unit: the same rule (:func:`skid._policy.finer_route`)
+        says when — a width request's error below what the route resolves, or a width past
+        the pivots clear of the statistic's rounding. Where the estimator steps float32
+        products → float64 products → QR over data in memory, each step here is a calibration
+        pass, so ``method="auto"`` goes to QR at once: one more pass over the units concerned
+        (none for the usual ``tol >= 1e-3``); ``method="gram"`` goes to float64 products.
+        ``tol`` widths are chosen again from the finer errors; ``rank``/``target_flops``
+        widths stay. A one-shot iterator of batches cannot be read again: a warning says so
+        and the first statistics are kept.
         """
         facs, widths = list(facs), np.array(widths, dtype=np.int64)
         routes = [(self.method_, self._gram_precision)] * len(units)
@@ -436,6 +438,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                     facs[i], int(widths[i]), method=method, precision=precision,
                     auto=self.method == "auto", width_request=tol is None,
                 )  # fmt: skip
+                if route is not None and self.method == "auto":
+                    route = ("qr", route[1])  # a pass costs more than QR: the finest at once
                 if route is not None:
                     finer.setdefault(route, []).append(i)
             if not finer:
