@@ -148,8 +148,12 @@ def _exponent(value: float) -> int:
     return math.frexp(value)[1] if value > 0 else 0
 
 
-def _non_finite_data() -> ValueError:
-    return ValueError(
+class NonFiniteDataError(ValueError):
+    """A block of rows holds NaN or infinite values (the statistic was left untouched)."""
+
+
+def _non_finite_data() -> NonFiniteDataError:
+    return NonFiniteDataError(
         "The data contain NaN or infinite values (the statistics of the rows would be "
         "non-finite); remove or impute those entries."
     )

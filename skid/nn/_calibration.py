@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._linalg import GramAccumulator, QRAccumulator
+from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from ._surgery import as_samples
 
 __all__ = [
@@ -360,7 +360,7 @@ def _accumulating_hook(unit, accumulator, state: _HookState):
         # Half-precision rows are upcast block by block inside the accumulator.
         try:
             accumulator.update(as_samples(module, x, unit.positions))
-        except ValueError:  # NaN/Inf rows: the accumulator refused them, untouched
+        except NonFiniteDataError:  # NaN/Inf rows: the accumulator refused them, untouched
             raise _NonFiniteActivations(_non_finite_message(unit)) from None
         state.seen.add(unit.consumer)
         if len(state.seen) == state.n_consumers:
