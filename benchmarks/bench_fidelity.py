@@ -15,7 +15,9 @@ FLOPs kept go from 1.0 down to 0.2, for
   - random: random channels (median over seeds);
   - ID without T: the ID's own channels, consumer sliced — the fold is what makes the method.
 
-Prints one table per model and sweep, a summary at 50 % and 25 % of the FLOPs, and saves
+Prints one table per model and sweep, a summary at 50 % and 25 % of the FLOPs, target_flops
+against the widest uniform cut within the same FLOPs (held out: a measurement, not a
+guarantee), and saves
 agreement vs FLOPs kept (both models, one panel each) to ``docs/images/fidelity_digits.png``.
 
 Then the three ``calibration`` modes at the same per-layer widths (a ``target_flops`` and a
@@ -42,6 +44,7 @@ import torch
 from _models import REPO, print_table, set_threads, train_digits_cnn, train_digits_mlp
 
 from skid import NetworkCompressor, _corrective
+from skid._policy import FLOAT32_GRAM_RELIABLE_ERROR
 from skid.metrics import top1_agreement
 from skid.nn._calibration import Batches, unit_statistics
 from skid.nn._graph import find_units
@@ -144,7 +147,9 @@ def evaluate(case, setting, seeds) -> dict:
         raise RuntimeError("NetworkCompressor found other units than find_units.")
     widths = [row["width_after"] for row in nc.layers_]
     for fac, row in zip(case.factorizations, nc.layers_, strict=True):
-        if abs(fac.errors[row["width_after"]] - row["error"]) > 1e-6:
+        # below what float32 products resolve, the compressor recomputes on a finer route
+        resolved = row["error"] >= FLOAT32_GRAM_RELIABLE_ERROR
+        if resolved and abs(fac.errors[row["width_after"]] - row["error"]) > 1e-6:
             raise RuntimeError("The benchmark's statistics differ from the compressor's.")
     scores = {"ID": case.score(nc.compressed_model_), **baseline_scores(case, widths, seeds)}
     return {"setting": setting, "widths": widths,
@@ -248,6 +253,45 @@ def print_modes(case, title, rows) -> None:
     )
 
 
+def widest_uniform_cut(case, budget) -> NetworkCompressor:
+    """``rank=r`` for the largest fraction r of the units' widths whose FLOPs fit ``budget``."""
+    fractions = sorted({k / u.width for u in case.units for k in range(1, u.width + 1)})
+    lo, hi = 0, len(fractions) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        nc = NetworkCompressor(case.model, rank=fractions[mid]).fit(case.X_calib)
+        if nc.flops_["after"] <= budget * nc.flops_["before"]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return NetworkCompressor(case.model, rank=fractions[lo]).fit(case.X_calib)
+
+
+def print_flops_vs_uniform(cases_, targets) -> None:
+    """target_flops against the widest uniform cut at the same FLOPs, on held-out digits.
+
+    On the first calibration batch target_flops is never worse by construction; held out, it
+    is a measurement (these numbers left the test suite: they depend on the trained weights).
+    """
+    table = []
+    for case in cases_:
+        for target in targets:
+            nc = NetworkCompressor(case.model, target_flops=target).fit(case.X_calib)
+            kept = nc.flops_["after"] / nc.flops_["before"]
+            uniform = widest_uniform_cut(case, kept)
+            ours, theirs = case.score(nc.compressed_model_)[0], case.score(
+                uniform.compressed_model_)[0]
+            table.append((case.name, target, kept, uniform.rank, 100 * ours, 100 * theirs,
+                          100 * (ours - theirs)))
+    print_table(
+        "target_flops vs the widest uniform cut (same fraction of every layer) within the same "
+        "FLOPs: top-1 agreement on the held-out digits (%)",
+        ["model", "target_flops", "FLOPs kept", "uniform rank", "target_flops", "uniform",
+         "difference (points)"],
+        table, ["s", "g", ".3f", ".3f", ".1f", ".1f", "+.1f"],
+    )
+
+
 def plot(results, path) -> None:
     """Agreement vs FLOPs kept, one panel per model, one line per method."""
     import matplotlib
@@ -306,6 +350,7 @@ def main():
         for kind, rows in results[case.name].items():
             print_sweep(case, f"{kind} sweep", rows)
     print_summary(results)
+    print_flops_vs_uniform(all_cases, (0.25,) if args.quick else (0.25, 0.1, 0.05))
     path = args.plot or (None if args.quick else PLOT)
     if path:
         plot(results, REPO / path)  # an absolute path stays as it is

@@ -6,6 +6,8 @@ travel to the host.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -93,6 +95,26 @@ def all_finite(X) -> bool:
     return bool(np.isfinite(X).all())
 
 
+def max_abs(X) -> float:
+    """``max |X|`` as a Python float, NaN when any entry is NaN (no copy of X is made)."""
+    if (X.numel() if array_kind(X) == "torch" else X.size) == 0:
+        return 0.0
+    if array_kind(X) == "torch":
+        import torch
+
+        low, high = (float(v) for v in torch.aminmax(X))
+    else:
+        low, high = float(X.min()), float(X.max())
+    if math.isnan(low) or math.isnan(high):
+        return math.nan
+    return max(high, -low)
+
+
+def max_diagonal(A) -> float:
+    """The largest diagonal entry of a square array, as a Python float (NaN propagates)."""
+    return float(A.diagonal().max())
+
+
 def vstack(blocks, like):
     """Row-stack blocks of the same kind as ``like``."""
     if array_kind(like) == "torch":
@@ -136,7 +158,21 @@ def zeros(shape, like, dtype: str):
 
 
 def frob_norm(X) -> float:
-    """Frobenius norm as a Python float (computed in float64 on the array's device)."""
+    """Frobenius norm as a Python float (computed in float64 on the array's device).
+
+    Data whose squares overflow or underflow float64 are scaled by a power of two first.
+    """
+    norm = _frob_norm(X)
+    if 2.0**-500 < norm < 2.0**500:
+        return norm
+    amax = max_abs(X)
+    if not math.isfinite(amax) or amax == 0:
+        return norm
+    exp = math.frexp(amax)[1]
+    return math.ldexp(_frob_norm(astype(X, "float64") * math.ldexp(1.0, -exp)), exp)
+
+
+def _frob_norm(X) -> float:
     if array_kind(X) == "torch":
         import torch
 

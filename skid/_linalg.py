@@ -26,16 +26,10 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import lapack
 
-from . import _array
+from . import _array, _policy
 
-#: Relative errors below this are not resolved by the Gram route (it squares the condition
-#: number); requests that land there use the QR route.
-GRAM_RELIABLE_ERROR = 1e-4
-
-#: Relative errors below this are not resolved by a Gram of float32 products (summed in
-#: float64 over blocks of ``_NATIVE_BLOCK_ROWS`` rows). Measured on 100,000 × 512 float32 data:
-#: the error estimate is off by 5e-5 (relative) at 2e-2, 0.15 % at 2e-3, 1 % at 2e-4.
-FLOAT32_GRAM_RELIABLE_ERROR = 1e-3
+# Where each route stops resolving errors is a rule of the policy (re-exported here).
+from ._policy import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR  # noqa: F401
 
 _NATIVE_BLOCK_ROWS = 4096
 
@@ -81,27 +75,37 @@ class PivotedFactorization:
         Pivoted factor, columns in ``perm`` order; only its first ``trusted_rank`` rows are
         used for solves.
     sq_norm : float
-        ``‖X‖_F²``.
+        ``‖X‖_F²`` (infinite when it exceeds the float64 range; ``errors`` are computed on
+        scaled data and stay exact).
     errors : ndarray of shape (m + 1,)
         Relative Frobenius ID error keeping the first k pivots, k = 0..m.
     trusted_rank : int
-        Rows of ``U`` whose diagonal is clear of rounding (solves use no more).
+        Rows of ``U`` whose diagonal is clear of the statistic's rounding, and at most the
+        number of rows seen (solves use no more).
+    n_samples : int or None
+        Rows of X the statistic was accumulated from (None: unknown).
+    float32_products : bool
+        Whether the statistic is a Gram of float32 products (its rounding is float32's).
     """
 
-    def __init__(self, perm, U, sq_norm, errors, trusted_rank):
+    def __init__(
+        self, perm, U, sq_norm, errors, trusted_rank, n_samples=None, float32_products=False
+    ):
         self.perm = perm
         self.U = U
         self.sq_norm = sq_norm
         self.errors = errors
         self.trusted_rank = trusted_rank
+        self.n_samples = n_samples
+        self.float32_products = float32_products
 
     @property
     def n_features(self) -> int:
         return self.perm.shape[0]
 
     def rank_for_tol(self, tol: float) -> int:
-        """Smallest k ≥ 1 whose relative error is at most ``tol``."""
-        return max(1, int(np.argmax(self.errors <= tol)))
+        """Smallest k ≥ 1 whose relative error is at most ``tol`` (the policy's rule)."""
+        return _policy.width_for_tol(self.errors, tol)
 
     def numerical_rank(self, rel_tol: float) -> int:
         """Number of pivots with ``|U_kk| > rel_tol · |U_00|`` (at least 1)."""
@@ -118,7 +122,11 @@ class PivotedFactorization:
         return gram
 
     def select(self, k: int):
-        """Selected columns (pivot order) and the interpolation matrix T of shape (k, m)."""
+        """Selected columns (pivot order) and the interpolation matrix T of shape (k, m).
+
+        Pivots past ``trusted_rank`` are kept as themselves (identity rows of T) and take no
+        part in reconstructing the other columns.
+        """
         m = self.n_features
         k_solve = min(k, self.trusted_rank)
         T_pivoted = np.zeros((k, m))
@@ -179,7 +187,8 @@ def factorize_for_outputs(fac: PivotedFactorization, weight_gram, how: str = "sc
     sq_tail = np.zeros(m + 1)
     sq_tail[0] = sq_norm
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(per_row)
-    return PivotedFactorization(order, U, sq_norm, _relative_errors(sq_tail, sq_norm), rank)
+    return PivotedFactorization(order, U, sq_norm, _relative_errors(sq_tail, sq_norm), rank,
+                                fac.n_samples, fac.float32_products)
 
 
 def _pivots(gram):
@@ -240,8 +249,40 @@ def _relative_errors(sq_tail: np.ndarray, sq_norm: float) -> np.ndarray:
     return np.sqrt(sq_tail / sq_norm)
 
 
-def factorize_gram(gram: np.ndarray) -> PivotedFactorization:
-    """Pivoted Cholesky of a Gram matrix ``XᵀX`` (float64, m × m)."""
+def _exponent(value: float) -> int:
+    """``e`` with ``value / 2**e`` in [0.5, 1) (0 for 0): scaling by it is exact."""
+    return math.frexp(value)[1] if value > 0 else 0
+
+
+class NonFiniteDataError(ValueError):
+    """A block of rows holds NaN or infinite values (the statistic was left untouched)."""
+
+
+def _non_finite_data() -> NonFiniteDataError:
+    return NonFiniteDataError(
+        "The data contain NaN or infinite values (the statistics of the rows would be "
+        "non-finite); remove or impute those entries."
+    )
+
+
+def factorize_gram(
+    gram: np.ndarray,
+    n_samples: int | None = None,
+    product_eps: float | None = None,
+    *,
+    scale_exp: int = 0,
+) -> PivotedFactorization:
+    """Pivoted Cholesky of a Gram matrix ``XᵀX / 4**scale_exp`` (float64, m × m).
+
+    Pivots stop being trusted at the Gram's own rounding: LAPACK's default ``pivot ≤ m · u ·
+    max(diag)`` for float64 products (``product_eps=None``), and ``m · product_eps ·
+    max(diag)`` for a Gram of float32 products (``product_eps`` their machine epsilon; the
+    rounding pivots measured on rank-deficient float32 data stay below ``20 · eps32 ·
+    max(diag)``). And never more pivots than ``n_samples``, the rows seen: a
+    Gram of n rows has rank at most n, and pivots past that are rounding noise, which would
+    give T huge entries. ``U`` and ``sq_norm`` are those of ``X`` itself (``sq_norm`` may be
+    infinite for data beyond the float64 range of squares); pivots, T and errors are scale-free.
+    """
     gram = np.asarray(gram, dtype=np.float64)
     if not np.isfinite(gram).all():
         raise ValueError(
@@ -249,26 +290,45 @@ def factorize_gram(gram: np.ndarray) -> PivotedFactorization:
             "contain NaN/Inf. Check the input for non-finite values."
         )
     m = gram.shape[0]
-    sq_norm = float(np.trace(gram))
+    diag_max = float(np.max(np.diagonal(gram), initial=0.0))
+    shift = _exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
+    scaled = np.ldexp(gram, -shift) if shift else gram
+    cutoff = -1.0 if product_eps is None else m * product_eps * math.ldexp(diag_max, -shift)
     with _small_step(m):
-        factor, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=-1.0)
+        factor, piv, rank, info = lapack.dpstrf(scaled, lower=0, tol=cutoff)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
+    if n_samples is not None:
+        rank = min(rank, int(n_samples))
     perm = piv[:m].astype(np.int64) - 1
     U = np.triu(factor[:rank])
+    sq_norm = float(np.trace(scaled))
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(np.einsum("ij,ij->i", U, U))
     sq_tail[rank + 1 :] = sq_tail[rank]
-    return PivotedFactorization(perm, U, sq_norm, _relative_errors(sq_tail, sq_norm), rank)
+    errors = _relative_errors(sq_tail, sq_norm)
+    half = shift // 2 + scale_exp
+    return PivotedFactorization(
+        perm, np.ldexp(U, half), _ldexp_inf(sq_norm, 2 * half), errors, rank, n_samples,
+        float32_products=product_eps is not None,
+    )  # fmt: skip
 
 
-def factorize_triangular(R: np.ndarray, dtype_eps: float) -> PivotedFactorization:
-    """Column-pivoted QR (geqp3) of a triangular factor R (p × m) of the data."""
+def factorize_triangular(
+    R: np.ndarray, dtype_eps: float, n_samples: int | None = None, *, scale_exp: int = 0
+) -> PivotedFactorization:
+    """Column-pivoted QR (geqp3) of a triangular factor ``R / 2**scale_exp`` (p × m) of X.
+
+    R is scaled by a power of two first, so data of any finite magnitude give finite errors.
+    """
     R = np.asarray(R, dtype=np.float64)
     if not np.isfinite(R).all():
         raise ValueError("The data contain NaN or infinite values; remove or impute them.")
     p, m = R.shape
+    shift = _exponent(float(np.max(np.abs(R), initial=0.0)))
+    if shift:
+        R = np.ldexp(R, -shift)
     with _small_step(m):
         U, perm = scipy.linalg.qr(R, mode="r", pivoting=True, check_finite=False)
     U = U[: min(p, m)]
@@ -279,15 +339,50 @@ def factorize_triangular(R: np.ndarray, dtype_eps: float) -> PivotedFactorizatio
     diag = np.abs(np.diag(U))
     cutoff = diag[0] * max(p, m) * dtype_eps if diag.size else 0.0
     trusted = int(np.count_nonzero(diag > cutoff)) if diag.size and diag[0] > 0 else 0
+    if n_samples is not None:
+        trusted = min(trusted, int(n_samples))
+    errors = _relative_errors(sq_tail, sq_norm)
+    shift += scale_exp
     return PivotedFactorization(
-        perm.astype(np.int64), U, sq_norm, _relative_errors(sq_tail, sq_norm), trusted
-    )
+        perm.astype(np.int64), np.ldexp(U, shift), _ldexp_inf(sq_norm, 2 * shift), errors,
+        trusted, n_samples,
+    )  # fmt: skip
+
+
+def _ldexp_inf(value: float, exp: int) -> float:
+    """``value * 2**exp``, infinite past the float64 range."""
+    try:
+        return math.ldexp(value, exp)
+    except OverflowError:
+        return math.inf
+
+
+def _quiet():
+    """NumPy's overflow/underflow warnings off: the callers check the results themselves."""
+    return np.errstate(over="ignore", under="ignore", invalid="ignore")
+
+
+def _scale_block(block, exp: int):
+    """``block / 2**exp`` in the block's own dtype, in two exact steps (float32-safe)."""
+    if exp == 0:
+        return block
+    half = exp // 2
+    with _quiet():
+        return block * math.ldexp(1.0, -half) * math.ldexp(1.0, half - exp)
+
+
+#: Squared magnitudes safe to sum in each product dtype (outside: scale the block first).
+_GRAM_SAFE = {"float64": (2.0**-600, 2.0**1000), "float32": (2.0**-60, 2.0**100)}
 
 
 class GramAccumulator:
     """Streams row blocks of X into ``XᵀX`` (summed in float64, on the blocks' own device).
 
-    Memory is m × m whatever the number of rows.
+    Memory is m × m whatever the number of rows. Each block's product is checked before it
+    is added: a block with NaN/Inf raises and leaves the statistic as it was, and a block
+    whose squares would overflow, or underflow into lost digits, is divided by a power of two
+    first (exact). The statistic is kept as ``gram = XᵀX / 4**scale_exp`` (``scale_exp`` is 0
+    unless some block needed scaling); every result of the ID is scale-free.
 
     Parameters
     ----------
@@ -303,53 +398,106 @@ class GramAccumulator:
         self.gram = None
         self.n_samples = 0
         self.n_features = None
+        self.scale_exp = 0
+        self.float32_products = False
 
     def update(self, X) -> GramAccumulator:
         """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic."""
         X = _check_block(X, self.n_features)
-        if self.gram is None:
-            self.n_features = X.shape[1]
-            self.gram = _array.zeros((X.shape[1], X.shape[1]), X, "float64")
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
         if dtype == "float32" and not _array.exact_float32_matmul(X):
             dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
-        if dtype == "float64" and _array.dtype_name(X) == "float64":
-            self.gram += X.T @ X  # nothing to upcast: one product, no block copies
-            self.n_samples += X.shape[0]
-            return self
-        max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
-        for rows in row_blocks(X.shape[0], X.shape[1], max_elements):
-            block = _array.astype(X[rows], dtype)
-            self.gram += _array.astype(block.T @ block, "float64")
+        with _quiet():  # overflow and underflow are checked and handled below
+            part = self._product(X, dtype, 0)
+        low, high = _GRAM_SAFE[dtype]
+        largest = _array.max_diagonal(part)
+        if not low <= largest <= high:  # NaN fails too
+            amax = _array.max_abs(X)
+            if not math.isfinite(amax):
+                raise _non_finite_data()
+            exp = _exponent(amax)
+            if amax > 0:
+                with _quiet():  # underflow of entries far below the largest one is harmless
+                    part = self._product(X, dtype, exp)
+        else:
+            exp = 0
+        if self.gram is None:  # a fresh float64 array on X's device
+            self.n_features, self.gram, self.scale_exp = X.shape[1], part, exp
+        else:
+            self._add_scaled(part, exp)
+        self.float32_products |= dtype == "float32"
         self.n_samples += X.shape[0]
         return self
+
+    def _add_scaled(self, part, exp: int) -> None:
+        """Add ``part``, a Gram divided by ``4**exp``, rescaling the smaller of the two."""
+        if exp > self.scale_exp:
+            self.gram *= math.ldexp(1.0, 2 * (self.scale_exp - exp))
+            self.scale_exp = exp
+        elif exp < self.scale_exp:
+            part = part * math.ldexp(1.0, 2 * (exp - self.scale_exp))
+        self.gram += part
+
+    def _product(self, X, dtype: str, exp: int):
+        """``(X / 2**exp)ᵀ (X / 2**exp)`` in float64, from products in ``dtype``."""
+        if dtype == "float64" and _array.dtype_name(X) == "float64" and exp == 0:
+            return X.T @ X  # nothing to upcast: one product, no block copies
+        max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
+        part = None
+        for rows in row_blocks(X.shape[0], X.shape[1], max_elements):
+            block = _scale_block(_array.astype(X[rows], dtype), exp)
+            product = _array.astype(block.T @ block, "float64")
+            if part is None:
+                part = product
+            else:
+                part += product
+        return part
 
     def factorize(self) -> PivotedFactorization:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host)."""
         if self.gram is None:
             raise ValueError("No data has been accumulated yet.")
-        return factorize_gram(_array.to_numpy(self.gram))
+        eps = float(np.finfo(np.float32).eps) if self.float32_products else None
+        return factorize_gram(
+            _array.to_numpy(self.gram), self.n_samples, eps, scale_exp=self.scale_exp
+        )
 
 
 class QRAccumulator:
-    """Streams row blocks of X into the R factor of a tall-skinny QR, in the data's dtype."""
+    """Streams row blocks of X into the R factor of a tall-skinny QR, in the data's dtype.
+
+    A block is folded in only when the new R is finite: a block with NaN/Inf raises and
+    leaves R as it was; a block too large for its dtype is divided by a power of two first
+    (R is kept as ``R / 2**scale_exp``).
+    """
 
     def __init__(self):
         self.R = None
         self.n_samples = 0
         self.n_features = None
         self.dtype = None
+        self.scale_exp = 0
 
     def update(self, X) -> QRAccumulator:
         """Fold the rows of the 2-D array ``X`` into R (at most m × m)."""
         X = _check_block(X, self.n_features)
-        if self.R is None:
-            self.n_features = X.shape[1]
-            self.dtype = _array.float_dtype_for(X)
+        dtype = self.dtype or _array.float_dtype_for(X)
         for rows in row_blocks(X.shape[0], X.shape[1]):
-            block = _array.astype(X[rows], self.dtype)
-            stacked = block if self.R is None else _array.vstack([self.R, block], like=block)
-            self.R = _array.qr_r(stacked)
+            block = _array.astype(X[rows], dtype)
+            R = _folded(self.R, _scale_block(block, self.scale_exp))
+            if R is None:  # overflow, or NaN/Inf in the block
+                amax = _array.max_abs(block)
+                if not math.isfinite(amax):
+                    raise _non_finite_data()
+                exp = max(_exponent(amax), self.scale_exp)
+                previous = None if self.R is None else _scale_block(self.R, exp - self.scale_exp)
+                R = _folded(previous, _scale_block(block, exp))
+                if R is None:
+                    raise _non_finite_data()
+                self.scale_exp = exp
+            self.R = R
+        if self.n_features is None:
+            self.n_features, self.dtype = X.shape[1], dtype
         self.n_samples += X.shape[0]
         return self
 
@@ -358,7 +506,17 @@ class QRAccumulator:
         if self.R is None:
             raise ValueError("No data has been accumulated yet.")
         eps = float(np.finfo(self.dtype).eps)
-        return factorize_triangular(_array.to_numpy(self.R), eps)
+        return factorize_triangular(
+            _array.to_numpy(self.R), eps, self.n_samples, scale_exp=self.scale_exp
+        )
+
+
+def _folded(R, block):
+    """The R factor of ``[R; block]``, or None when it is not finite."""
+    stacked = block if R is None else _array.vstack([R, block], like=block)
+    with _quiet():
+        new_R = _array.qr_r(stacked)
+    return new_R if math.isfinite(_array.max_abs(new_R)) else None
 
 
 def _check_block(X, n_features):
@@ -371,41 +529,57 @@ def _check_block(X, n_features):
     return X
 
 
+#: Magnitudes of entries that sketch and sum safely in each dtype (outside: scale first).
+_ENTRY_SAFE = {"float64": (2.0**-300, 2.0**450), "float32": (2.0**-30, 2.0**50)}
+
+
+def _data_exponent(X, dtype: str) -> int:
+    """0 for data of a safe magnitude for ``dtype``, else the exponent that scales it."""
+    amax = _array.max_abs(X)
+    if not math.isfinite(amax):
+        raise _non_finite_data()
+    low, high = _ENTRY_SAFE[dtype]
+    return 0 if amax == 0 or low <= amax <= high else _exponent(amax)
+
+
 def randomized_factorization(X, k: int, rng: np.random.Generator, oversample: int = 10):
     """Columns from a Gaussian sketch, then the exact least-squares T from a second pass.
 
     Returns ``(selected, T, error)``. The sketch ``Y = Ω X`` ((k + oversample) × m) is pivoted
     by geqp3; T solves ``min ‖X − X[:, J] T‖_F`` through the normal equations
     ``(X_Jᵀ X_J) T = X_Jᵀ X`` accumulated block by block (a T read off the sketch alone is
-    about twice as far from X). Two passes, ``O(n m (k + oversample) + n m k)`` work.
+    about twice as far from X). Two passes, ``O(n m (k + oversample) + n m k)`` work. Data of
+    extreme magnitude are scaled block by block by a power of two (nothing changes).
     """
     n, m = X.shape
     dtype = _array.float_dtype_for(X)
+    exp = _data_exponent(X, dtype)
     n_sketch = min(k + oversample, n)
     sketch = np.zeros((n_sketch, m))
     for rows in row_blocks(n, m):
-        block = _array.astype(X[rows], dtype)
+        block = _scale_block(_array.astype(X[rows], dtype), exp)
         omega = rng.standard_normal((n_sketch, block.shape[0]), dtype=np.float32)
-        sketch += _array.to_numpy(_array.from_numpy(omega, block, dtype) @ block)
+        with _quiet():
+            sketch += _array.to_numpy(_array.from_numpy(omega, block, dtype) @ block)
     if not np.isfinite(sketch).all():
-        raise ValueError("The data contain NaN or infinite values; remove or impute them.")
+        raise _non_finite_data()
     with _small_step(m):
         _, piv = scipy.linalg.qr(sketch, mode="r", pivoting=True, check_finite=False)
     selected = piv[:k].astype(np.int64)
-    cross, sq_norm = _cross_products(X, selected)
+    cross, sq_norm = _cross_products(X, selected, exp)
     T = _normal_equations(cross, selected)
     sq_err = max(sq_norm - float(np.vdot(cross, T)), 0.0)
     error = math.sqrt(sq_err / sq_norm) if sq_norm > 0 else 0.0
     return selected, T, error
 
 
-def _cross_products(X, selected):
-    """``X_Jᵀ X`` (k × m, float64) and ``‖X‖_F²`` in one pass over row blocks."""
+def _cross_products(X, selected, exp=0):
+    """``X_Jᵀ X`` (k × m, float64) and ``‖X‖_F²`` in one pass, of ``X / 2**exp``."""
     n, m = X.shape
     cross = None
     sq_norm = 0.0
     for rows in row_blocks(n, m):
-        block = _array.astype(X[rows], "float64")
+        block = _scale_block(_array.astype(X[rows], "float64"), exp)
         part = block[:, _array.from_numpy(selected, block)].T @ block
         cross = part if cross is None else cross + part
         sq_norm += _array.frob_norm(block) ** 2

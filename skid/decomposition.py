@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
@@ -10,14 +9,10 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _array, _linalg
+from . import _array, _linalg, _policy
 from ._validation import Interval, Options, check_params
 
 __all__ = ["InterpolativeDecomposition", "interp_decomp"]
-
-#: ``method="auto"`` sketches only when the rank is a small part of a wide matrix.
-_RANDOMIZED_MIN_FEATURES = 1024
-_RANDOMIZED_MAX_RANK_FRACTION = 1 / 8
 
 
 class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
@@ -32,7 +27,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     ----------
     rank : int or float, default=None
         Columns to keep: an int in ``[1, min(n_samples, n_features)]``, or a float in (0, 1),
-        the fraction of the features (rounded up, at most ``min(n_samples, n_features)``).
+        the fraction of the features (rounded up, ignoring rounding noise: 0.28 of 25 is 7, as
+        in ``NetworkCompressor``; at most ``min(n_samples, n_features)``).
     tol : float, default=None
         Keep the fewest columns whose relative Frobenius error on the fitted data,
         ``‖X − X[:, J] T‖_F / ‖X‖_F``, is at most ``tol`` (in [0, 1)). With both ``rank``
@@ -45,8 +41,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         rounding of the data's dtype, 2-4× the work of ``"gram"``. ``"randomized"``: pivots
         from a Gaussian sketch of ``rank + 10`` rows, then the least-squares T from a second
         pass; needs ``rank``, saves work when the rank is a small part of many features, and
-        cannot stream (no ``partial_fit``). ``"auto"`` chooses by the rule in Notes; the
-        choice is stored in ``method_``.
+        cannot stream (no ``partial_fit``, nor after a ``fit`` that took this route).
+        ``"auto"`` chooses by the rule in Notes; the choice is stored in ``method_``.
     backend : {"auto", "numpy", "cupy"}, default="auto"
         Where the passes over the data run. ``"auto"`` follows the input: NumPy arrays and CPU
         torch tensors on the CPU, CuPy arrays and CUDA torch tensors on their GPU, results in
@@ -92,19 +88,27 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     size m × m (the Gram matrix or the R factor), so ``fit`` and ``partial_fit`` share one
     code path, and memory does not grow with n_samples.
 
-    Rule of ``method="auto"``: ``"randomized"`` in ``fit`` when ``rank`` is given,
-    ``n_features >= 1024`` and ``rank <= n_features / 8``; else ``"qr"`` when ``tol`` is
-    below 1e-4, or when neither ``rank`` nor ``tol`` is given and the data are float64 (the
-    numerical rank needs full accuracy); else ``"gram"``. When ``"gram"`` ran for a given
-    ``rank`` and the error there is below 1e-4, ``fit`` recomputes with ``"qr"`` (the Gram
-    route does not resolve such small errors); ``partial_fit`` cannot revisit the data.
+    Rule of ``method="auto"`` (shared with ``NetworkCompressor``, in ``skid._policy``):
+    ``"randomized"`` in ``fit`` when ``rank`` is given, ``n_features >= 1024`` and ``rank <=
+    n_features / 8``; else ``"qr"`` when ``tol`` is below 1e-4, or when neither ``rank`` nor
+    ``tol`` is given and the data are float64 (the numerical rank needs full accuracy); else
+    ``"gram"``. When ``"gram"`` ran for a given ``rank`` and the error there is below 1e-4,
+    or when the rank goes past the pivots that stand clear of the Gram's rounding while the
+    rows would allow more, ``fit`` recomputes with ``"qr"`` (the Gram route does not resolve
+    those); ``partial_fit`` cannot revisit the data.
+
+    The Gram route never trusts more pivots than rows seen, nor a pivot below the Gram's own
+    rounding (``m · eps · max diag``, eps of the products); columns kept past those are kept
+    as they are (identity rows of T). Data of any finite magnitude are handled: a block whose
+    squares would overflow or underflow is scaled by a power of two (exact) before its
+    statistic is formed, and a block with NaN/Inf is refused before it touches the statistic.
 
     float32 data are never copied to float64 whole. The Gram route multiplies float32 blocks
     in float32 (summing the blocks in float64) when ``tol >= 1e-3``, or in ``fit`` for a
     ``rank`` whose error turns out to be at least 1e-3 (else ``fit`` redoes it in float64
-    products): measured on 100,000 × 512 float32 data the error estimate of float32 products
-    is off by 0.15 % at an error of 2e-3. Otherwise each block is upcast to float64 before
-    its product.
+    products, as it does for a width past the pivots clear of float32 rounding): measured on
+    100,000 × 512 float32 data the error estimate of float32 products is off by 0.15 % at an
+    error of 2e-3. Otherwise each block is upcast to float64 before its product.
 
     References
     ----------
@@ -175,10 +179,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             rng = np.random.default_rng(seed)
             selected, T, error = _linalg.randomized_factorization(X, k, rng)
             self._set_result(X, selected, T, error)
+            self._accumulator = None  # nothing to stream on from (partial_fit says so)
         else:
             self._gram_precision = self._resolve_precision(X, streaming=False)
-            self._finalize(X, self._new_accumulator().update(X))
-            self._refit_if_inaccurate(X)
+            fac = self._finalize(X, self._new_accumulator().update(X))
+            self._refit_if_inaccurate(X, fac)
         self.n_samples_seen_ = X.shape[0]
         return self
 
@@ -207,6 +212,13 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
                     "method='randomized' needs two passes over the data and cannot stream; "
                     "use fit, or method='auto', 'gram' or 'qr' with partial_fit."
                 )
+        elif self._accumulator is None:
+            raise ValueError(
+                "partial_fit cannot continue this fit: it took the randomized route "
+                "(method_='randomized'), which keeps no statistic of the rows to add to. "
+                "Refit with fit on all the rows, or stream from the start with partial_fit "
+                "(method='auto', 'gram' or 'qr') on a new estimator."
+            )
         X = self._check_data(X, reset=first)
         if first:
             self.method_ = self._resolve_method(X, self._requested_rank(X.shape, True), True)
@@ -222,7 +234,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         return _linalg.QRAccumulator()
 
     def _finalize(self, X, accumulator):
-        """Factorize the statistic, choose k, compute T and set the fitted attributes.
+        """Factorize the statistic, choose k, set T and the fitted attributes; return the factors.
 
         Nothing is set when the factorization fails (non-finite data in ``fit``).
         """
@@ -238,6 +250,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             k = fac.numerical_rank(max(n_seen, X.shape[1]) * eps)
         selected, T = fac.select(k)
         self._set_result(X, selected, T, float(fac.errors[k]))
+        return fac
 
     def _set_result(self, X, selected, T, error):
         self.selected_features_ = np.asarray(selected, dtype=np.int64)
@@ -245,30 +258,35 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         self.rank_ = int(self.selected_features_.size)
         self.error_ = float(error)
 
-    def _refit_if_inaccurate(self, X):
-        """Redo ``fit`` on a more accurate route when the error landed below what ran resolves.
+    def _refit_if_inaccurate(self, X, fac):
+        """Redo ``fit`` on a finer route while the one that ran does not resolve the result.
 
-        float32 products → float64 products (any ``method`` that ran ``"gram"``) → QR (only
-        ``method="auto"``). Only ``rank`` requests can land there unannounced.
+        The rule is :func:`skid._policy.finer_route`: float32 products → float64 products
+        (any ``method`` that ran ``"gram"``) → QR (only ``method="auto"``), when a ``rank``'s
+        error lands below what the route resolves, or when the width goes past the pivots
+        clear of the statistic's rounding. ``partial_fit`` cannot revisit the data.
         """
-        if self.method_ != "gram" or self.rank is None:
-            return
-        if self._gram_precision == "native" and self.error_ < _linalg.FLOAT32_GRAM_RELIABLE_ERROR:
-            self._gram_precision = "float64"
-            self._finalize(X, self._new_accumulator().update(X))
-        if self.method == "auto" and self.error_ < _linalg.GRAM_RELIABLE_ERROR:
-            self.method_ = "qr"
-            self._finalize(X, self._new_accumulator().update(X))
+        while self.method_ == "gram":
+            finer = _policy.finer_route(
+                fac,
+                self.rank_,
+                method=self.method_,
+                precision=self._gram_precision,
+                auto=self.method == "auto",
+                width_request=self.rank is not None,
+            )
+            if finer is None:
+                return
+            self.method_, self._gram_precision = finer
+            fac = self._finalize(X, self._new_accumulator().update(X))
 
     def _resolve_precision(self, X, streaming):
         """Float32 products for float32 data when the error asked for is within their reach."""
-        if _array.float_dtype_for(X) != "float32":
-            return "float64"
-        if self.tol is not None:
-            reachable = self.tol >= _linalg.FLOAT32_GRAM_RELIABLE_ERROR
-        else:
-            reachable = self.rank is not None and not streaming
-        return "native" if reachable else "float64"
+        return _policy.gram_precision(
+            float32_data=_array.float_dtype_for(X) == "float32",
+            tol=self.tol,
+            width_request=self.rank is not None and not streaming,
+        )
 
     # ------------------------------------------------------------ validation
     def _check_params(self):
@@ -276,6 +294,12 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         if self.rank is not None and self.tol is not None:
             raise ValueError(
                 f"Give rank or tol, not both (got rank={self.rank!r}, tol={self.tol!r})."
+            )
+        if self.method == "randomized" and self.rank is None:
+            raise ValueError(
+                "method='randomized' needs rank (the sketch has rank + 10 rows); with "
+                f"{'tol' if self.tol is not None else 'the numerical rank'} use "
+                "method='auto', 'gram' or 'qr'."
             )
 
     def _requested_rank(self, shape, streaming=False):
@@ -296,24 +320,17 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
                     f"{limit}; choose rank <= {limit} or a float in (0, 1) for a fraction."
                 )
             return int(self.rank)
-        return min(limit, max(1, math.ceil(self.rank * m)))
+        return min(limit, _policy.width_for_fraction(self.rank, m))
 
     def _resolve_method(self, X, k, streaming):
+        """The route of ``method="auto"``: the rule table of :mod:`skid._policy`."""
         if self.method != "auto":
             return self.method
-        m = X.shape[1]
-        if (
-            not streaming
-            and k is not None
-            and m >= _RANDOMIZED_MIN_FEATURES
-            and k <= m * _RANDOMIZED_MAX_RANK_FRACTION
-        ):
+        if not streaming and _policy.prefers_randomized(k, X.shape[1]):
             return "randomized"
-        if self.tol is not None:
-            return "gram" if self.tol >= _linalg.GRAM_RELIABLE_ERROR else "qr"
-        if k is None and _array.float_dtype_for(X) == "float64":
-            return "qr"
-        return "gram"
+        numerical_rank = k is None and self.tol is None
+        float64_data = _array.float_dtype_for(X) == "float64"
+        return _policy.exact_route(self.tol, numerical_rank=numerical_rank and float64_data)
 
     def _check_data(self, X, reset, finite=True):
         """Validate X, keep it in its own library; NumPy-convertible input via sklearn."""

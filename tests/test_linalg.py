@@ -287,3 +287,81 @@ def test_block_pivoting_with_consumer_weights_reports_output_errors():
     for k in range(1, 5):
         _, columns, T = fac.select(k)
         assert _output_error(X, W, columns, T) == pytest.approx(fac.errors[k], abs=1e-9)
+
+
+# ----------------------------------------------------------- rows, rounding and magnitudes
+
+
+@pytest.mark.parametrize("precision", ["native", "float64"])
+def test_float32_gram_trusts_no_rounding_pivot(precision):
+    # rank-100 float32 data: float32 products once trusted 109 pivots, with max |T| near 7
+    X = low_rank(2000, 300, 100, seed=12).astype(np.float32)
+    fac = _linalg.GramAccumulator(precision).update(X).factorize()
+    assert fac.trusted_rank == 100
+    reference = _linalg.QRAccumulator().update(X).factorize()
+    assert reference.trusted_rank == 100
+    _, T = fac.select(150)
+    _, T_qr = reference.select(150)
+    assert np.abs(T).max() <= 2 * np.abs(T_qr).max()
+
+
+@pytest.mark.parametrize("Acc", ACCUMULATORS)
+def test_trusted_rank_never_exceeds_the_rows_seen(Acc):
+    X = np.random.default_rng(13).standard_normal((100, 512))
+    acc = Acc().update(X)
+    fac = acc.factorize()
+    assert fac.n_samples == 100 and fac.trusted_rank <= 100
+    selected, T = fac.select(256)
+    assert np.abs(T).max() < 1e3  # the noise pivots of the Gram gave entries near 1e8
+    assert measured_error(X, selected, T) < 1e-6
+
+
+@pytest.mark.parametrize("Acc", ACCUMULATORS)
+@pytest.mark.parametrize("scale", [1e160, 1e-170, 1e-300])
+def test_extreme_magnitudes_give_the_unscaled_result(Acc, scale):
+    X = low_rank(200, 30, 30, seed=14)
+    reference = Acc().update(X).factorize()
+    fac = Acc().update(X * scale).factorize()
+    assert np.array_equal(fac.perm, reference.perm)
+    np.testing.assert_allclose(fac.errors, reference.errors, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fac.select(10)[1], reference.select(10)[1], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_extreme_float32_magnitudes_with_float32_products(scale):
+    X = low_rank(500, 20, 20, seed=15)
+    reference = _linalg.GramAccumulator().update(X).factorize()
+    fac = _linalg.GramAccumulator("native").update((X * scale).astype(np.float32)).factorize()
+    assert np.isfinite(fac.errors).all()
+    np.testing.assert_allclose(fac.errors[1:-1], reference.errors[1:-1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("Acc", ACCUMULATORS)
+def test_a_bad_block_leaves_the_statistic_unchanged(Acc):
+    X = low_rank(60, 6, 6, seed=16)
+    acc = Acc().update(X[:30])
+    before = acc.factorize()
+    bad = X[30:].copy()
+    bad[3, 2] = np.inf
+    with pytest.raises(ValueError, match="contain NaN or infinite"):
+        acc.update(bad)
+    assert acc.n_samples == 30
+    np.testing.assert_array_equal(acc.factorize().errors, before.errors)
+    acc.update(X[30:] * 1e160)  # huge but finite: scaled, not an error
+    acc.update(X[30:])
+    whole = Acc().update(np.vstack([X[:30], X[30:] * 1e160, X[30:]])).factorize()
+    np.testing.assert_allclose(acc.factorize().errors, whole.errors, rtol=1e-9, atol=1e-12)
+
+
+def test_randomized_route_scales_extreme_data():
+    X = low_rank(300, 40, 40, seed=17)
+    selected, T, error = _linalg.randomized_factorization(X, 8, np.random.default_rng(0))
+    for scale in (1e160, 1e-170):
+        s, t, e = _linalg.randomized_factorization(X * scale, 8, np.random.default_rng(0))
+        assert np.array_equal(s, selected)
+        np.testing.assert_allclose(t, T, rtol=1e-8, atol=1e-10)
+        assert e == pytest.approx(error, rel=1e-9)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="contain NaN or infinite"):
+        _linalg.randomized_factorization(bad, 8, np.random.default_rng(0))

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import skid
 
 
@@ -12,6 +14,7 @@ def test_public_names():
     assert "NetworkCompressor" in dir(skid)
 
 
+@pytest.mark.slow  # a subprocess
 def test_import_skid_does_not_import_torch():
     code = "import sys, skid; skid.InterpolativeDecomposition; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _policy
+
 __all__ = [
     "FlopsModel",
     "flops_candidates",
@@ -31,24 +33,12 @@ __all__ = [
 
 def widths_for_tol(errors, tol: float) -> np.ndarray:
     """Smallest width ``k >= 1`` per unit with ``errors[k] <= tol``; int64 array (n_units,)."""
-    return np.array([_rank_for_tol(np.asarray(e), tol) for e in errors], dtype=np.int64)
-
-
-def _rank_for_tol(errors: np.ndarray, tol: float) -> int:
-    """Smallest ``k >= 1`` with ``errors[k] <= tol`` (the full width when none is)."""
-    meets = np.flatnonzero(errors[1:] <= tol)
-    return int(meets[0]) + 1 if meets.size else errors.size - 1
+    return np.array([_policy.width_for_tol(e, tol) for e in errors], dtype=np.int64)
 
 
 def widths_for_rank(widths, rank: float) -> np.ndarray:
-    """``ceil(rank * width)`` per unit, at least 1; int64 array (n_units,)."""
-    widths = np.asarray(widths, dtype=np.int64)
-    return np.maximum(1, _ceil(rank * widths)).astype(np.int64)
-
-
-def _ceil(values) -> np.ndarray:
-    """Ceiling that ignores rounding noise (``0.1 * 30`` is 3, not 4)."""
-    return np.ceil(np.asarray(values, dtype=float) - 1e-9)
+    """``ceil(rank * width)`` per unit, at least 1 (the policy's rounding); int64 (n_units,)."""
+    return _policy.widths_for_fraction(rank, widths)
 
 
 @dataclass(frozen=True)
@@ -157,12 +147,14 @@ def widths_for_flops(errors, flops: FlopsModel, target: float) -> np.ndarray:
 
 def flops_candidates(errors, flops: FlopsModel, target: float,
                      minimum=None) -> list[np.ndarray]:
-    """The greedy and the uniform allocation within budget, best sum of squared errors first.
+    """Allocations within budget, best sum of squared errors first, without repeats.
 
-    One entry when both are the same. The caller may measure which one preserves the
-    model's outputs better (the squared-error sum is a proxy for that, not a guarantee).
-    ``minimum`` gives each unit's smallest width (default 1; e.g. one head per key/value
-    group).
+    The greedy and the uniform allocation (both refilled), then the plain uniform cut (the
+    same fraction of every unit, as ``rank`` would keep). The caller may measure which one
+    preserves the model's outputs better (the squared-error sum is a proxy for that, not a
+    guarantee); with the plain cut among them, the one it keeps is never worse there than
+    keeping the same fraction of every unit. ``minimum`` gives each unit's smallest width
+    (default 1; e.g. one query head per key/value group).
 
     Raises
     ------
@@ -180,12 +172,13 @@ def flops_candidates(errors, flops: FlopsModel, target: float,
             f"model's FLOPs; use a target_flops of at least that, or prune more layers."
         )
     greedy = _refill(_greedy(errors, flops, budget, minimum), errors, flops, budget)
-    uniform = _refill(_uniform(flops, budget, minimum), errors, flops, budget)
-    if np.array_equal(greedy, uniform):
-        return [greedy]
-    if _objective(errors, greedy) <= _objective(errors, uniform):
-        return [greedy, uniform]
-    return [uniform, greedy]
+    plain = _uniform(flops, budget, minimum)
+    uniform = _refill(plain, errors, flops, budget)
+    candidates = []
+    for widths in sorted([greedy, uniform], key=lambda w: _objective(errors, w)) + [plain]:
+        if not any(np.array_equal(widths, other) for other in candidates):
+            candidates.append(widths)
+    return candidates
 
 
 def _objective(errors, kept) -> float:

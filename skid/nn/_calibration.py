@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._corrective import CrossAccumulator
-from .._linalg import GramAccumulator, QRAccumulator
+from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from ._fingerprint import describe_execution
 from ._heads import HeadFactorization
 from ._joint import BlockFactorization, JointFactorization
@@ -109,6 +109,11 @@ class Batches:
                 raise RuntimeError("This one-shot iterator of batches was already consumed.")
             self._spent = True
         yield from self._source
+
+    @property
+    def rereadable(self) -> bool:
+        """False for a one-shot iterator read without ``reusable`` (one pass only)."""
+        return not getattr(self, "_one_shot", False)
 
     def fingerprint(self) -> str:
         """A hash of every batch's content (the inputs only: labels do not change statistics)."""
@@ -276,6 +281,11 @@ def _describe(args, kwargs) -> str:
 # ------------------------------------------------------------------------------ statistics
 
 
+class _NonFiniteActivations(BaseException):
+    """Raised by a hook whose rows hold NaN/Inf; a BaseException so that ``run_model`` (and
+    the model's own ``except Exception``) lets it through, to be raised as a ValueError."""
+
+
 class _StopForward(BaseException):
     """Raised by the last hook of a batch: the rest of the forward pass is not needed.
 
@@ -324,7 +334,7 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
         for unit, unit_readers, unit_accs in zip(units, readings, accumulators, strict=True):
             for consumer, acc in zip(unit_readers, unit_accs, strict=True):
                 columns = _columns(model, consumer, unit)
-                hook = _accumulating_hook(consumer, acc, state, columns, key=len(handles))
+                hook = _accumulating_hook(unit, consumer, acc, state, columns, key=len(handles))
                 handles.append(modules[consumer.name].register_forward_pre_hook(hook))
         with torch.no_grad():
             for batch in _progress(batches, verbose):
@@ -336,6 +346,8 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
                     run_model(model, args, kwargs)
                 except _StopForward:
                     pass
+                except _NonFiniteActivations as exc:
+                    raise ValueError(str(exc)) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -373,13 +385,17 @@ def _columns(model, consumer, unit):
     return slice(offset, offset + unit.width)
 
 
-def _accumulating_hook(consumer, accumulator, state: _HookState, columns=slice(None), key=None):
+def _accumulating_hook(unit, consumer, accumulator, state: _HookState, columns=slice(None),
+                       key=None):
     """A forward pre-hook that feeds the consumer's input rows into ``accumulator``."""
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
         # Half-precision rows are upcast block by block inside the accumulator.
-        accumulator.update(as_samples(module, x, consumer.positions)[:, columns])
+        try:
+            accumulator.update(as_samples(module, x, consumer.positions)[:, columns])
+        except NonFiniteDataError:  # NaN/Inf rows: the accumulator refused them, untouched
+            raise _NonFiniteActivations(_non_finite_message(unit, consumer.name)) from None
         state.seen.add(consumer.name if key is None else key)
         if len(state.seen) == state.n_consumers:
             raise _StopForward  # every consumer has been seen: the rest is not needed
@@ -498,11 +514,15 @@ def _factorize(unit, accumulators):
             return accumulators[0].factorize()
         return JointFactorization.from_accumulators(accumulators)
     except ValueError as exc:
-        raise ValueError(
-            f"The activations entering {unit.consumer!r} (the output channels of "
-            f"{unit.producer!r}) hold NaN or infinite values; check the model and X "
-            f"for non-finite values ({exc})"
-        ) from exc
+        raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
+
+
+def _non_finite_message(unit, consumer=None) -> str:
+    return (
+        f"The activations entering {consumer or unit.consumer!r} (the output channels of "
+        f"{unit.producer!r}) hold NaN or infinite values; check X for non-finite values, and "
+        "the model for an overflow (a half-precision model on large inputs, say)"
+    )
 
 
 def _progress(batches, verbose: bool):

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import numbers
 import os
+import sys
 import warnings
 
 import joblib
@@ -21,13 +22,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .. import _corrective, metrics
-from .._linalg import (
-    FLOAT32_GRAM_RELIABLE_ERROR,
-    GRAM_RELIABLE_ERROR,
-    PivotedFactorization,
-    factorize_for_outputs,
-)
+from .. import _corrective, _policy, metrics
+from .._linalg import PivotedFactorization, factorize_for_outputs
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _budget
@@ -87,9 +83,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     target_flops : float in (0, 1), default=None
         Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen
         greedily by the increase of the squared relative ID error per FLOP saved. That
-        allocation and a uniform cut at the same FLOPs are both tried on the first calibration
-        batch, and the one whose outputs stay closer to the model's is kept, so it never does
-        worse there than keeping the same fraction of every unit.
+        allocation, the largest uniform fraction of every unit within the budget, and that
+        fraction with the leftover budget refilled are tried on the first calibration batch,
+        and the one whose outputs stay closer to the model's is kept, so it never does worse
+        there than keeping the same fraction of every unit.
     layers : "auto" or list of str or (str, str), default="auto"
         Restrict pruning to the groups of these producers (qualified names as in
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
@@ -130,7 +127,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
         multiplied in float32 unless ``tol < 1e-3``), ``"qr"`` (TSQR factor: accurate to the
         data's rounding, 2-4× the work). ``"auto"`` uses ``"qr"`` only for ``tol`` below
-        1e-4.
+        1e-4. The rules are ``InterpolativeDecomposition``'s (``skid._policy``), re-check
+        included: see Notes.
     batch_size : int, default=256
         Rows per batch when ``X`` is a tensor or an array.
     device : str or torch.device, default=None
@@ -173,7 +171,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         statistic came from ``memory``); ``"corrective"`` counts the original's and the
         compressed model's run of a batch as two.
     method_ : str
-        ``"gram"`` or ``"qr"``, what ``method="auto"`` resolved to.
+        ``"gram"`` or ``"qr"``, what ``method="auto"`` resolved to (the route every unit
+        starts on; see Notes for the units recomputed on a finer one).
 
     See Also
     --------
@@ -185,6 +184,18 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     Statistics stream batch by batch: memory depends on the widths, never on the number of
     calibration samples. Rows at padding positions (``attention_mask == 0`` in a dict batch)
     are left out of (batch, sequence, channels) inputs.
+
+    Like ``InterpolativeDecomposition.fit``, a unit whose width the route that ran does not
+    resolve is recomputed on a finer one, with one more calibration pass over that unit: when
+    a ``rank`` or ``target_flops`` width's error lands below 1e-3 (float32 products) or 1e-4
+    (float64), or a width goes past the pivots clear of the statistic's rounding. The pass
+    uses QR (``method="auto"``) or float64 products (``method="gram"``). ``tol`` widths are then
+    chosen again; ``rank``/``target_flops`` widths stay. A one-shot iterator of batches cannot
+    be read again: a warning says so and the first statistics are used.
+
+    A unit sees rows = samples (× positions, for convolutions and sequences). With fewer rows
+    than channels, at most that many channels are fitted to the data; a warning names the
+    unit.
 
     References
     ----------
@@ -354,21 +365,23 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 raise ValueError(f"device={self.device!r} is not a torch device: {exc}") from exc
 
     def _resolve_method(self) -> str:
-        """``"qr"`` for tolerances the Gram route cannot resolve, else ``"gram"``."""
+        """``"qr"`` for tolerances the Gram route cannot resolve, else ``"gram"`` (the policy)."""
         if self.method != "auto":
             return self.method
-        uses_tol = self.rank is None and self.target_flops is None
-        return "qr" if uses_tol and self.tol < GRAM_RELIABLE_ERROR else "gram"
+        return _policy.exact_route(self._tol_request())
 
     def _resolve_precision(self) -> str:
         """Gram of float32 products (summed in float64) unless ``tol`` asks for finer errors.
 
-        Widths from ``rank``/``target_flops`` land where errors matter (>= 1e-3); a float64
-        model's activations are multiplied in float64 either way.
+        Widths from ``rank``/``target_flops`` start there and are re-checked (see
+        :meth:`_recheck`); a float64 model's activations are multiplied in float64 either way.
         """
-        uses_tol = self.rank is None and self.target_flops is None
-        fine = uses_tol and self.tol < FLOAT32_GRAM_RELIABLE_ERROR
-        return "float64" if fine else "native"
+        tol = self._tol_request()
+        return _policy.gram_precision(float32_data=True, tol=tol, width_request=tol is None)
+
+    def _tol_request(self):
+        """``tol`` when it decides the widths, None when ``rank`` or ``target_flops`` does."""
+        return self.tol if self.rank is None and self.target_flops is None else None
 
     def _find_units(self, work, example):
         """Units of the work copy; NotPrunableError listing every skipped layer if none."""
@@ -430,9 +443,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 precision=self._gram_precision,
                 verbose=self.verbose,
             )
+            _warn_few_rows(units, facs)
             facs = self._for_objective(work, units, facs)
             widths = self._widths(facs, units, flops_info, work, batches)
             if self.calibration == "original":
+                facs, widths = self._recheck(work, units, facs, widths, batches, key, cache)
                 plan = [_selection(u, f, k) for u, f, k in zip(units, facs, widths, strict=True)]
                 for selection in plan:
                     _apply(work, selection)
@@ -454,8 +469,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 precision=self._gram_precision,
                 verbose=self.verbose,
             )
+            _warn_few_rows([unit], [fac])
             (fac,) = self._for_objective(work, [unit], [fac])
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
+            (fac,), (k,) = self._recheck(work, [unit], [fac], [k], batches, step_key, cache)
             selection = _selection(unit, fac, k)
             _apply(work, selection)
             plan.append(selection)
@@ -560,6 +577,60 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
         return _budget.widths_for_tol(errors, self.tol)
 
+    def _recheck(self, work, units, facs, widths, batches, key, cache):
+        """Recompute on a finer route the units whose width the route that ran does not resolve.
+
+        The estimator's refit, unit by unit: the same rule (:func:`skid._policy.finer_route`)
+        says when — a width request's error below what the route resolves, or a width past
+        the pivots clear of the statistic's rounding. Where the estimator steps float32
+        products → float64 products → QR over data in memory, each step here is a calibration
+        pass, so ``method="auto"`` goes to QR at once: one more pass over the units concerned
+        (none for the usual ``tol >= 1e-3``); ``method="gram"`` goes to float64 products.
+        ``tol`` widths are chosen again from the finer errors; ``rank``/``target_flops``
+        widths stay. A one-shot iterator of batches cannot be read again: a warning says so
+        and the first statistics are kept.
+        """
+        facs, widths = list(facs), np.array(widths, dtype=np.int64)
+        routes = [(self.method_, self._gram_precision)] * len(units)
+        tol = self._tol_request()
+        while True:
+            finer = {}
+            for i, (method, precision) in enumerate(routes):
+                if not isinstance(facs[i], PivotedFactorization):
+                    continue  # heads, joint and block statistics: no finer route yet
+                route = _policy.finer_route(
+                    facs[i], int(widths[i]), method=method, precision=precision,
+                    auto=self.method == "auto", width_request=tol is None,
+                )  # fmt: skip
+                if route is not None and self.method == "auto":
+                    route = ("qr", route[1])  # a pass costs more than QR: the finest at once
+                if route is not None:
+                    finer.setdefault(route, []).append(i)
+            if not finer:
+                return facs, widths
+            if not batches.rereadable:
+                names = sorted({units[i].producer for idx in finer.values() for i in idx})
+                warnings.warn(
+                    f"The statistics of {names} do not resolve the chosen widths on the "
+                    f"{self.method_!r} route, and the one-shot iterator of batches cannot be "
+                    "read again to recompute them on a finer one; pass a tensor, a list or a "
+                    "DataLoader (or method='qr').",
+                    UserWarning,
+                    stacklevel=_caller_outside_skid(),
+                )
+                return facs, widths
+            for (method, precision), idx in finer.items():
+                sub_key = None if key is None else fingerprint(key, method, precision, idx)
+                finer_facs, _ = cache.get(
+                    sub_key, work, [units[i] for i in idx], batches,
+                    method=method, precision=precision, verbose=self.verbose,
+                )  # fmt: skip
+                finer_facs = self._for_objective(work, [units[i] for i in idx], finer_facs)
+                for i, fac in zip(idx, finer_facs, strict=True):
+                    facs[i], routes[i] = fac, (method, precision)
+                    if tol is not None:
+                        widths[i] = _policy.width_for_tol(fac.errors, tol)
+
     # ------------------------------------------------------------------------- outputs
 
     def transform(self, X) -> np.ndarray:
@@ -644,6 +715,30 @@ def _apply(model, selection) -> None:
         apply_head_selection(model, selection)
     else:
         apply_selection(model, selection)
+
+
+def _caller_outside_skid() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside skid."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_few_rows(units, facs) -> None:
+    """Warn for every unit whose statistic saw fewer rows than it has channels."""
+    for unit, fac in zip(units, facs, strict=True):
+        rows = getattr(fac, "n_samples", None)
+        if rows is not None and rows < unit.width:
+            warnings.warn(
+                f"The unit {unit.producer!r} → {unit.consumer!r} has {unit.width} channels but "
+                f"saw only {rows} calibration rows (samples × positions): at most {rows} "
+                "channels are fitted to the data, and the rest of the kept channels only copy "
+                f"themselves. Calibrate on at least {unit.width} rows.",
+                UserWarning,
+                stacklevel=_caller_outside_skid(),
+            )
 
 
 def _selection(unit, fac, k) -> Selection:

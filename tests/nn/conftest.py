@@ -1,16 +1,33 @@
-"""Fixtures for the nn tests: autouse seeding, few threads, and the test architectures."""
+"""Fixtures for the nn tests: few threads, the trained digits CNN, the test architectures.
+
+torch's generator is seeded before every test by ``tests/conftest.py``.
+"""
+
+import os
 
 import pytest
 import torch
 
+from .digits import train_digits_cnn
 from .models import ARCHITECTURES, call_args
 
-torch.set_num_threads(1)  # tiny ops: a second thread only adds OpenMP barriers on a busy CPU
+
+@pytest.fixture(scope="package", autouse=True)
+def _threads():
+    """One torch thread (``SKID_TEST_THREADS``): tiny ops only add OpenMP barriers on a busy CPU.
+
+    Restored when the nn tests are done.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SKID_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+@pytest.fixture(scope="session")
+def digits():
+    """The CNN trained on the digits (once per run) and its data split."""
+    return train_digits_cnn()
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

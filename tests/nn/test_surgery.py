@@ -465,6 +465,7 @@ def test_print_and_save_roundtrip():
         fresh.load_state_dict(compressed.state_dict())
 
 
+@pytest.mark.slow  # exports
 @pytest.mark.parametrize("name", ["vgg_view", "bert", "mobilenetv2_residual"])
 def test_torch_export(name):
     model, compressed, batch = _compressed(name)
@@ -475,6 +476,7 @@ def test_torch_export(name):
     _close(out, _run(model, batch), 1e-5)
 
 
+@pytest.mark.slow  # exports
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 def test_onnx_export(tmp_path):
     onnx = pytest.importorskip("onnx")
