@@ -10,12 +10,14 @@ import numpy as np
 
 
 def array_kind(X) -> str:
-    """``"torch"``, ``"cupy"`` or ``"numpy"`` (anything else is treated as NumPy-convertible)."""
+    """``"torch"``, ``"cupy"``, ``"dask"`` or ``"numpy"`` (the rest: NumPy-convertible)."""
     module = type(X).__module__
     if module.startswith("torch"):
         return "torch"
     if module.startswith("cupy"):
         return "cupy"
+    if module.startswith("dask.array"):
+        return "dask"
     return "numpy"
 
 
@@ -41,7 +43,10 @@ def dtype_name(X) -> str:
 
 
 def from_numpy(A: np.ndarray, like, dtype: str | None = None):
-    """``A`` as an array of the same kind and device as ``like`` (dtype name optional)."""
+    """``A`` as an array of the same kind and device as ``like`` (dtype name optional).
+
+    Small results for a Dask ``like`` stay NumPy (Dask multiplies and indexes with them lazily).
+    """
     kind = array_kind(like)
     dtype = dtype or str(A.dtype)
     if kind == "torch":
@@ -137,6 +142,10 @@ def zeros(shape, like, dtype: str):
 
 def frob_norm(X) -> float:
     """Frobenius norm as a Python float (computed in float64 on the array's device)."""
+    if array_kind(X) == "dask":
+        from . import _dask
+
+        return _dask.frob_norm(X)
     if array_kind(X) == "torch":
         import torch
 

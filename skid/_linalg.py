@@ -219,6 +219,19 @@ class GramAccumulator:
         self.n_samples += X.shape[0]
         return self
 
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up)."""
+        if other.gram is None:
+            return self
+        _check_block(other.gram, self.n_features)
+        if self.gram is None:
+            self.n_features = other.n_features
+            self.gram = other.gram.copy()
+        else:
+            self.gram += other.gram
+        self.n_samples += other.n_samples
+        return self
+
     def factorize(self) -> PivotedFactorization:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host)."""
         if self.gram is None:
@@ -246,6 +259,19 @@ class QRAccumulator:
             stacked = block if self.R is None else _array.vstack([self.R, block], like=block)
             self.R = _array.qr_r(stacked)
         self.n_samples += X.shape[0]
+        return self
+
+    def merge(self, other: QRAccumulator) -> QRAccumulator:
+        """Fold in the rows accumulated by ``other``: R of its R stacked under ours."""
+        if other.R is None:
+            return self
+        _check_block(other.R, self.n_features)
+        if self.R is None:
+            self.n_features, self.dtype = other.n_features, other.dtype
+            self.R = other.R
+        else:
+            self.R = _array.qr_r(_array.vstack([self.R, other.R], like=self.R))
+        self.n_samples += other.n_samples
         return self
 
     def factorize(self) -> PivotedFactorization:

@@ -99,6 +99,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     ``rank`` and the error there is below 1e-4, ``fit`` recomputes with ``"qr"`` (the Gram
     route does not resolve such small errors); ``partial_fit`` cannot revisit the data.
 
+    A Dask array is reduced on its scheduler (a ``dask.distributed`` cluster included): each
+    row chunk becomes its own m × m statistic, and the statistics are merged up a tree, so X is
+    never materialised. T is then a NumPy array, and ``transform``/``inverse_transform`` of a
+    Dask array are lazy Dask arrays. ``"randomized"`` does not run on Dask arrays.
+
     float32 data are never copied to float64 whole. The Gram route multiplies float32 blocks
     in float32 (summing the blocks in float64) when ``tol >= 1e-3``, or in ``fit`` for a
     ``rank`` whose error turns out to be at least 1e-3 (else ``fit`` redoes it in float64
@@ -156,7 +161,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            NumPy array, DataFrame, CuPy array or torch tensor.
+            NumPy array, DataFrame, CuPy array, torch tensor, or Dask array (reduced chunk by
+            chunk on its scheduler, never materialised).
         y : None
             Ignored.
 
@@ -170,6 +176,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         X = self._check_data(X, reset=True, finite=False)
         k = self._requested_rank(X.shape)
         self.method_ = self._resolve_method(X, k, streaming=False)
+        if self.method_ == "randomized" and _array.array_kind(X) == "dask":
+            raise ValueError(
+                "method='randomized' does not run on Dask arrays; use method='gram' or 'qr' "
+                "(both reduce the data blockwise on the Dask scheduler)."
+            )
         if self.method_ == "randomized":
             seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
             rng = np.random.default_rng(seed)
@@ -177,7 +188,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             self._set_result(X, selected, T, error)
         else:
             self._gram_precision = self._resolve_precision(X, streaming=False)
-            self._finalize(X, self._new_accumulator().update(X))
+            self._finalize(X, self._accumulate(X, self._new_accumulator()))
             self._refit_if_inaccurate(X)
         self.n_samples_seen_ = X.shape[0]
         return self
@@ -212,7 +223,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             self.method_ = self._resolve_method(X, self._requested_rank(X.shape, True), True)
             self._gram_precision = self._resolve_precision(X, streaming=True)
         accumulator = self._new_accumulator() if first else self._accumulator
-        self._finalize(X, accumulator.update(X))
+        self._finalize(X, self._accumulate(X, accumulator, check_finite=True))
         self.n_samples_seen_ = accumulator.n_samples
         return self
 
@@ -220,6 +231,15 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         if self.method_ == "gram":
             return _linalg.GramAccumulator(self._gram_precision)
         return _linalg.QRAccumulator()
+
+    def _accumulate(self, X, accumulator, check_finite=False):
+        """Add the rows of X to ``accumulator``; a Dask array is reduced on its scheduler."""
+        if _array.array_kind(X) != "dask":
+            return accumulator.update(X)
+        from . import _dask
+
+        template = self._new_accumulator()
+        return accumulator.merge(_dask.accumulate(X, template, check_finite=check_finite))
 
     def _finalize(self, X, accumulator):
         """Factorize the statistic, choose k, compute T and set the fitted attributes.
@@ -255,10 +275,10 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             return
         if self._gram_precision == "native" and self.error_ < _linalg.FLOAT32_GRAM_RELIABLE_ERROR:
             self._gram_precision = "float64"
-            self._finalize(X, self._new_accumulator().update(X))
+            self._finalize(X, self._accumulate(X, self._new_accumulator()))
         if self.method == "auto" and self.error_ < _linalg.GRAM_RELIABLE_ERROR:
             self.method_ = "qr"
-            self._finalize(X, self._new_accumulator().update(X))
+            self._finalize(X, self._accumulate(X, self._new_accumulator()))
 
     def _resolve_precision(self, X, streaming):
         """Float32 products for float32 data when the error asked for is within their reach."""
@@ -304,6 +324,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         m = X.shape[1]
         if (
             not streaming
+            and _array.array_kind(X) != "dask"
             and k is not None
             and m >= _RANDOMIZED_MIN_FEATURES
             and k <= m * _RANDOMIZED_MAX_RANK_FRACTION
@@ -318,6 +339,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     def _check_data(self, X, reset, finite=True):
         """Validate X, keep it in its own library; NumPy-convertible input via sklearn."""
         X = self._move_to_backend(X)
+        if _array.array_kind(X) == "dask":
+            from . import _dask
+
+            _dask.check_shape(X)  # finiteness is checked by the tasks that read the chunks
+            return _check_device_array(self, X, reset, finite=False)
         if _array.array_kind(X) == "numpy":
             return validate_data(
                 self,
