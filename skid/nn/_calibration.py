@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._linalg import GramAccumulator, QRAccumulator
+from . import _distributed
 from ._surgery import as_samples
 
 __all__ = [
@@ -58,15 +59,18 @@ class Batches:
         are kept so that it can be read again (several passes, or hashing for the cache).
     batch_size : int
     reusable : bool, default=False
+    allow_empty : bool, default=False
+        Accept data without any sample (a rank's empty shard in data-parallel calibration):
+        ``first`` is then None and there are no batches.
     """
 
-    def __init__(self, X, batch_size: int, *, reusable: bool = False):
+    def __init__(self, X, batch_size: int, *, reusable: bool = False, allow_empty: bool = False):
         self.batch_size = batch_size
         self._sliceable = _is_array(X) or isinstance(X, Mapping)
         if self._sliceable:
-            self.n_samples = _check_sliceable(X)
+            self.n_samples = _check_sliceable(X, allow_empty)
             self._source = X
-            self.first = _slice(X, 0, batch_size)
+            self.first = _slice(X, 0, batch_size) if self.n_samples else None
             self.n_batches = -(-self.n_samples // batch_size)
             return
         if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
@@ -79,7 +83,10 @@ class Batches:
         try:
             self.first = next(iterator)
         except StopIteration:
-            raise ValueError("X is empty: it yielded no calibration batch.") from None
+            if not allow_empty:
+                raise ValueError("X is empty: it yielded no calibration batch.") from None
+            self.first, self._source, self._one_shot, self.n_batches = None, [], False, 0
+            return
         if one_shot:
             rest = list(iterator) if reusable else iterator
             self._source = [self.first, *rest] if reusable else itertools.chain([self.first], rest)
@@ -116,7 +123,7 @@ def _is_array(X) -> bool:
     return isinstance(X, (torch.Tensor, np.ndarray))
 
 
-def _check_sliceable(X) -> int:
+def _check_sliceable(X, allow_empty: bool = False) -> int:
     """Number of samples of an array or a dict of arrays (at least 2-D, not empty)."""
     arrays = [X] if _is_array(X) else [v for v in X.values() if _is_array(v)]
     if not arrays:
@@ -132,7 +139,7 @@ def _check_sliceable(X) -> int:
         raise ValueError(
             f"The arrays of X have different numbers of samples: {sorted(n_samples)}."
         )
-    if n_samples == {0}:
+    if n_samples == {0} and not allow_empty:
         raise ValueError("X is empty: it has 0 samples.")
     return n_samples.pop()
 
@@ -322,6 +329,7 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     finally:
         for handle in handles:
             handle.remove()
+    n_samples = _distributed.reduce_statistics(accumulators, [u.width for u in units], n_samples)
     return [_factorize(u, acc) for u, acc in zip(units, accumulators, strict=True)], n_samples
 
 
@@ -432,7 +440,14 @@ class StatisticsCache:
         if self.memory is None:
             return unit_statistics(model, units, batches, **settings)
         cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
-        return cached(key, units, method, precision, model=model, batches=batches, verbose=verbose)
+        args = (key, units, method, precision)
+        kwargs = dict(model=model, batches=batches, verbose=verbose)
+        if _distributed.current() is None:
+            return cached(*args, **kwargs)
+        # Data-parallel: every rank reads the cache, or every rank computes (collectively).
+        if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
+            return cached(*args, **kwargs)
+        return cached.call(*args, **kwargs)[0]
 
 
 def _keyed_statistics(key, units, method, precision, *, model, batches, verbose):

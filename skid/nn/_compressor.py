@@ -24,7 +24,7 @@ from .. import metrics
 from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
-from . import _budget
+from . import _budget, _distributed
 from ._calibration import (
     Batches,
     StatisticsCache,
@@ -89,6 +89,14 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     device : str or torch.device, default=None
         Where calibration runs (default: the model's device). The compressed model is returned
         on the model's own device.
+    process_group : "auto", None or torch.distributed.ProcessGroup, default="auto"
+        Data-parallel calibration. ``"auto"``: when ``torch.distributed`` is initialised with
+        more than one rank, each rank calibrates on its own shard of ``X`` and every statistic
+        (Gram matrices or R factors, sample counts) is combined over the ranks, so all ranks
+        end with the same widths, selections and compressed model — the one a single process
+        would fit on all the shards (the batch decisions are tried on is the first batch of the
+        lowest rank with data). Every rank must call ``fit`` with the same settings; a rank
+        may have an empty shard. ``None`` ignores the group; a ``ProcessGroup`` picks one.
     memory : str, path-like or joblib.Memory, default=None
         Cache of the calibration statistics, keyed on the model's weights, the data and the
         settings: refits with another ``tol``/``rank``/``target_flops`` skip the forward passes.
@@ -161,6 +169,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "method": [Options(("auto", "gram", "qr"))],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
+        "process_group": [None, Options(("auto",)), _distributed.ProcessGroup],
         "memory": [None, str, os.PathLike, joblib.Memory],
         "verbose": [bool, Interval(numbers.Integral, 0, None)],
     }
@@ -178,6 +187,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         method="auto",
         batch_size=256,
         device=None,
+        process_group="auto",
         memory=None,
         verbose=False,
     ):
@@ -191,6 +201,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.method = method
         self.batch_size = batch_size
         self.device = device
+        self.process_group = process_group
         self.memory = memory
         self.verbose = verbose
 
@@ -220,10 +231,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """
         model, X = self._fit_arguments(args, kwargs)
         self._check_params()
+        with _distributed.active(_distributed.resolve(self.process_group)):
+            return self._fit(model, X)
+
+    def _fit(self, model, X):
+        """``fit`` once the arguments are checked (within the data-parallel group, if any)."""
         home, dtype = model_device_dtype(model)
         device = home if self.device is None else torch.device(self.device)
         multi_pass = self.memory is not None or self.calibration == "sequential"
-        batches = Batches(X, self.batch_size, reusable=multi_pass)
+        sharded = _distributed.current() is not None
+        batches = Batches(X, self.batch_size, reusable=multi_pass, allow_empty=sharded)
+        batches.first = _distributed.first_batch(batches.first)  # the same on every rank
         work = _working_copy(model, device)
         example = example_inputs(batches.first, device, dtype)
         units = self._find_units(work, example)
@@ -322,7 +340,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """Content key of the statistics: weights, architecture, data, units and method."""
         return fingerprint(
             model_fingerprint(model),
-            batches.fingerprint(),
+            _distributed.agreed_key(batches.fingerprint()),
             [repr(u) for u in units],
             self.method_,
             self._gram_precision,
