@@ -128,3 +128,36 @@ def test_unknown_chunk_sizes_and_randomized_are_rejected():
     wide = da.random.default_rng(1).standard_normal((60, 2048), chunks=(30, 2048))
     est = InterpolativeDecomposition(rank=4).fit(wide)  # "auto" never picks randomized here
     assert est.method_ == "gram"
+
+
+@pytest.mark.slow
+def test_grid_search_on_the_cluster_equals_n_jobs_1(client, tmp_path):
+    """GridSearchCV(n_jobs=-1) under joblib's Dask backend: the candidates run on the workers."""
+    import joblib
+    import torch
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    from skid import NetworkCompressor, metrics
+
+    from .nn.models import make_mlp
+
+    torch.manual_seed(0)
+    X = torch.randn(120, 8)
+    grid = {"tol": [0.02, 0.1, 0.3], "calibration": ["original", "sequential"]}
+    scoring = {"agreement": metrics.agreement, "flops": metrics.flops_kept}
+
+    def search(n_jobs, memory=None):
+        compressor = NetworkCompressor(make_mlp(), batch_size=32, memory=memory)
+        return GridSearchCV(
+            compressor, grid, scoring=scoring, refit="agreement", cv=KFold(2), n_jobs=n_jobs
+        ).fit(X)
+
+    serial = search(1)
+    # memory= on a path the workers share: statistics are computed once per fold, then read
+    with joblib.parallel_backend("dask"), distributed.get_task_stream(client) as stream:
+        parallel = search(-1, memory=str(tmp_path / "cache"))
+    assert stream.data, "nothing ran on the cluster"
+    for key in ("mean_test_agreement", "mean_test_flops", "rank_test_agreement"):
+        np.testing.assert_allclose(parallel.cv_results_[key], serial.cv_results_[key], atol=1e-12)
+    assert parallel.best_params_ == serial.best_params_
+    assert any((tmp_path / "cache").rglob("output.pkl")), "the workers wrote no cache entry"
