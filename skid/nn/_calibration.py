@@ -98,6 +98,14 @@ class Batches:
         if isinstance(self._source, list):
             self.n_batches = len(self._source)
 
+    def make_reusable(self) -> None:
+        """Keep the batches of a one-shot iterator from now on, so that it can be read again."""
+        if not self._sliceable and self._one_shot:
+            if self._spent:
+                raise RuntimeError("This one-shot iterator of batches was already consumed.")
+            self._source = list(self._source)
+            self._one_shot, self.n_batches = False, len(self._source)
+
     def __iter__(self):
         if self._sliceable:
             for start in range(0, self.n_samples, self.batch_size):

@@ -25,6 +25,7 @@ from .._linalg import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
 from .._validation import Interval, Options, check_params
 from ..exceptions import NotPrunableError
 from . import _budget, _distributed
+from ._blocks import blockwise_plan, find_blocks
 from ._calibration import (
     Batches,
     StatisticsCache,
@@ -78,6 +79,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``"original"``: every unit's ID from the original model's activations, one pass.
         ``"sequential"``: units in forward order, each from the model compressed so far (one
         pass per unit; with ``target_flops`` the widths come from a first, original pass).
+    blocks : "auto", str or None, default="auto"
+        Block-wise calibration. ``"auto"`` finds the longest ``nn.ModuleList`` whose members
+        run one after another on the previous one's output (HF decoder/encoder layers); a
+        qualified name picks that list (an error if it does not qualify); None turns it off.
+        The blocks are then calibrated one at a time: the inputs of the next block are cached
+        on the host for every calibration batch, only the current block's statistics are held,
+        and with ``device`` set only the current block (and the code around the blocks) is
+        moved there, so a model larger than the device can be compressed. ``"original"`` gives
+        the one-pass result; ``"sequential"`` then costs about two forward passes in all plus
+        one partial block pass per unit. ``"auto"`` falls back to one pass when no list
+        qualifies (``blocks_`` is None).
     method : {"auto", "gram", "qr"}, default="auto"
         Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
@@ -126,6 +138,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         statistic came from ``memory``).
     method_ : str
         ``"gram"`` or ``"qr"``, what ``method="auto"`` resolved to.
+    blocks_ : str or None
+        The ``ModuleList`` calibrated block by block, or None (one pass).
 
     See Also
     --------
@@ -166,6 +180,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
         "calibration": [Options(("original", "sequential"))],
+        "blocks": [None, str],
         "method": [Options(("auto", "gram", "qr"))],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
@@ -184,6 +199,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         layers="auto",
         exclude=(),
         calibration="original",
+        blocks="auto",
         method="auto",
         batch_size=256,
         device=None,
@@ -198,6 +214,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.layers = layers
         self.exclude = exclude
         self.calibration = calibration
+        self.blocks = blocks
         self.method = method
         self.batch_size = batch_size
         self.device = device
@@ -242,9 +259,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         sharded = _distributed.current() is not None
         batches = Batches(X, self.batch_size, reusable=multi_pass, allow_empty=sharded)
         batches.first = _distributed.first_batch(batches.first)  # the same on every rank
-        work = _working_copy(model, device)
-        example = example_inputs(batches.first, device, dtype)
+        # Block-wise, the model waits on its own device and each block moves for its turn.
+        stage = home if self.blocks is not None else device
+        work = _working_copy(model, stage)
+        example = example_inputs(batches.first, stage, dtype)
         units = self._find_units(work, example)
+        example = self._find_blocks(work, units, batches, (stage, device, dtype), example)
         self.method_ = self._resolve_method()
         self._gram_precision = self._resolve_precision()
         flops_before, module_flops = count_flops(work, *example)
@@ -317,6 +337,23 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         fine = uses_tol and self.tol < FLOAT32_GRAM_RELIABLE_ERROR
         return "float64" if fine else "native"
 
+    def _find_blocks(self, work, units, batches, placement, example):
+        """Set the block layout (``blocks_``); without one, move to ``device`` as usual.
+
+        Returns the example inputs on the device where ``work`` now is (``_stage``).
+        """
+        stage, device, dtype = placement
+        spec = self.blocks if self.calibration in ("original", "sequential") else None
+        self._block_layout = find_blocks(work, example, spec, units)
+        self.blocks_ = None if self._block_layout is None else self._block_layout.name
+        self._stage = stage if self._block_layout is not None else device
+        if self._block_layout is not None:
+            batches.make_reusable()  # several passes over the data
+        elif stage != device:
+            work.to(device)
+            example = example_inputs(batches.first, device, dtype)
+        return example
+
     def _find_units(self, work, example):
         """Units of the work copy; NotPrunableError listing every skipped layer if none."""
         args, kwargs = example
@@ -351,6 +388,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _plan(self, work, units, batches, key, flops_info):
         """Statistics → widths → selections, applied to ``work``; returns the selections."""
         cache = StatisticsCache(self.memory)
+        if self._block_layout is not None:
+            layout = self._block_layout
+            return blockwise_plan(self, work, units, layout, batches, key, cache, flops_info,
+                                  self._stage)
         if self.calibration == "original" or (
             self.target_flops is not None and self.calibration == "sequential"
         ):
