@@ -274,6 +274,8 @@ def main():
     parser.add_argument("--dask-cols", type=int, default=64)
     # a worker process re-imports this script (spawn), torch included: ~350 MiB before any data
     parser.add_argument("--dask-worker-mib", type=int, default=1024)
+    parser.add_argument("--tables", default="blocks,traffic,dask",
+                        help="comma-separated subset of blocks,traffic,dask")
     parser.add_argument("--blocks-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.blocks_child:
@@ -285,9 +287,13 @@ def main():
         block_counts, traffic_sizes = [2, 4], [256, 1024]
     set_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    bench_blocks(args, block_counts)
-    bench_traffic(args, traffic_sizes)
-    bench_dask(args)
+    tables = args.tables.split(",")
+    if "blocks" in tables:
+        bench_blocks(args, block_counts)
+    if "traffic" in tables:
+        bench_traffic(args, traffic_sizes)
+    if "dask" in tables:
+        bench_dask(args)
 
 
 if __name__ == "__main__":

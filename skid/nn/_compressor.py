@@ -87,9 +87,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         on the host for every calibration batch, only the current block's statistics are held,
         and with ``device`` set only the current block (and the code around the blocks) is
         moved there, so a model larger than the device can be compressed. ``"original"`` gives
-        the one-pass result; ``"sequential"`` then costs about two forward passes in all plus
-        one partial block pass per unit. ``"auto"`` falls back to one pass when no list
-        qualifies (``blocks_`` is None).
+        the one-pass result. Each block costs a pass for its statistics (one per unit, up to
+        that unit, with ``"sequential"``) and one that records its outputs. ``"auto"`` falls
+        back to one pass when no list qualifies (``blocks_`` is None).
     method : {"auto", "gram", "qr"}, default="auto"
         Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
