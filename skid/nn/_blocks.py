@@ -311,84 +311,107 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     """Selections for every unit, calibrated block by block; applied to ``work``.
 
     ``nc`` is the fitting compressor (settings, ``_widths``); ``home`` is where ``work`` and the
-    members wait (the device of the example inputs). Returns the selections in units order.
+    members wait (the device of the example inputs). Returns the selections in units order,
+    each holding its interpolation matrix only until it is folded into ``work`` (an empty
+    ``(0, width)`` tensor then), so the plan does not grow by a ``k × m`` matrix per unit.
     """
-    from ._compressor import _selection
-
     device = home if nc.device is None else torch.device(nc.device)
-    widths = None
-    if nc.target_flops is not None:
-        facs = _walk(nc, work, units, layout, batches, key, cache, device, home, keep=True)
-        widths = nc._widths(facs, units, flops_info, work, batches)
-        if nc.calibration == "original":
-            return _apply_all(work, [_selection(u, f, k) for u, f, k in
-                                     zip(units, facs, widths, strict=True)])
+    walk = _Walk(nc, work, units, batches, key, cache)
+    if nc.target_flops is None:
+        mode = "original" if nc.calibration == "original" else "sequential"
+        walk.run(layout, device, home, mode)
+        return walk.results
+    walk.run(layout, device, home, "collect")  # every unit's error curve, for the FLOP budget
+    facs, walk.results = walk.results, [None] * len(units)
+    walk.widths = nc._widths(facs, units, flops_info, work, batches)
     if nc.calibration == "original":
-        plan = _walk(nc, work, units, layout, batches, key, cache, device, home, keep=False)
-        return _apply_all(work, plan)
-    return _walk(nc, work, units, layout, batches, key, cache, device, home, keep=False,
-                 sequential=True, widths=widths)
+        for i, fac in enumerate(facs):
+            walk.select(i, fac)
+            facs[i] = None
+            walk.fold([i])
+        return walk.results
+    walk.run(layout, device, home, "sequential")
+    return walk.results
 
 
-def _apply_all(work, plan):
-    from ._surgery import apply_selection
+class _Walk:
+    """Calibrates the units of a block layout: before the blocks, block by block, after them.
 
-    for selection in plan:
-        apply_selection(work, selection)
-    return plan
-
-
-def _walk(nc, work, units, layout, batches, key, cache, device, home, *, keep,
-          sequential=False, widths=None):
-    """One traversal: before-units, each block, after-units.
-
-    ``keep``: return every unit's factorization (for a global width rule) instead of
-    selections. ``sequential``: compress each unit before the next one is calibrated (with
-    ``widths`` fixed, or the compressor's per-unit rule).
+    Modes: ``"collect"`` keeps every unit's factorization (for a global width rule);
+    ``"original"`` selects from the original model's statistics and folds each block's
+    selections once the block's outputs are recorded (the units outside the blocks at the
+    end); ``"sequential"`` folds each unit before the next one is calibrated.
     """
-    from ._compressor import _plan_content, _selection
-    from ._surgery import apply_selection
 
-    results = [None] * len(units)
-    applied = []
-    _, dtype = _device_dtype(work)
+    def __init__(self, nc, work, units, batches, key, cache):
+        self.nc, self.work, self.units, self.batches = nc, work, units, batches
+        self.key, self.cache = key, cache
+        self.results = [None] * len(units)
+        self.widths = None  # fixed widths (target_flops), else the compressor's per-unit rule
+        self.state = key  # content key of what has been folded so far (sequential)
 
-    def calibrate(indices, tag):
+    def run(self, layout, device, home, mode) -> None:
+        _, dtype = _device_dtype(self.work)
+        runner = _Runner(self.work, layout, device, home)
+        try:
+            self.calibrate(runner, layout.before, "before", mode)
+            for b, indices in enumerate(layout.inside):
+                runner.turn(b)
+                try:
+                    self.calibrate(runner, indices, f"block {b}", mode)
+                    if b + 1 < layout.size or layout.after:
+                        runner.record(b, self.batches, dtype)
+                    if mode == "original":
+                        self.fold(indices)  # its outputs are recorded: fold, free the T's
+                finally:
+                    runner.end_turn(b)
+            self.calibrate(runner, layout.after, "after", mode)
+        finally:
+            runner.close()
+        if mode == "original":
+            self.fold(layout.before + layout.after)
+
+    def calibrate(self, runner, indices, tag, mode) -> None:
         """Statistics of ``indices`` (all at once, or one by one when sequential)."""
-        groups = [[i] for i in indices] if sequential else [list(indices)]
-        for group in groups if indices else ():
+        steps = [[i] for i in indices] if mode == "sequential" else [list(indices)]
+        for step in steps if indices else ():
             runner.tape.rewind()
-            content = _plan_content(applied) if sequential else []
-            step_key = None if key is None else fingerprint(key, "blocks", tag, group, content)
-            facs, nc.n_calibration_samples_ = cache.get(
-                step_key, work, [units[i] for i in group], batches, method=nc.method_,
-                precision=nc._gram_precision, verbose=nc.verbose,
+            step_key = None if self.key is None else fingerprint(self.state, tag, step)
+            nc = self.nc
+            facs, nc.n_calibration_samples_ = self.cache.get(
+                step_key, self.work, [self.units[i] for i in step], self.batches,
+                method=nc.method_, precision=nc._gram_precision, verbose=nc.verbose,
             )
-            for i, fac in zip(group, facs, strict=True):
-                if keep:
-                    results[i] = fac
-                    continue
-                k = widths[i] if widths is not None else nc._widths([fac], [units[i]], None)[0]
-                results[i] = _selection(units[i], fac, k)
-                if sequential:
-                    apply_selection(work, results[i])
-                    applied.append(results[i])
+            for i, fac in zip(step, facs, strict=True):
+                if mode == "collect":
+                    self.results[i] = fac
+                else:
+                    self.select(i, fac)
+            if mode == "sequential":
+                self.fold(step, track=True)
 
-    runner = _Runner(work, layout, device, home)
-    try:
-        calibrate(layout.before, "before")
-        for b, indices in enumerate(layout.inside):
-            runner.turn(b)
-            try:
-                calibrate(indices, f"block {b}")
-                if b + 1 < layout.size or layout.after:
-                    runner.record(b, batches, dtype)
-            finally:
-                runner.end_turn(b)
-        calibrate(layout.after, "after")
-    finally:
-        runner.close()
-    return results
+    def select(self, i, fac) -> None:
+        from ._compressor import _selection
+
+        unit = self.units[i]
+        k = self.widths[i] if self.widths is not None else self.nc._widths([fac], [unit], None)[0]
+        self.results[i] = _selection(unit, fac, k)
+
+    def fold(self, indices, track=False) -> None:
+        """Apply the selections of ``indices`` to the model and drop their T's.
+
+        ``track``: later statistics depend on this fold (sequential), so it enters their keys.
+        """
+        from ._compressor import _plan_content
+        from ._surgery import apply_selection
+
+        for i in indices:
+            selection = self.results[i]
+            apply_selection(self.work, selection)
+            if track and self.key is not None:
+                self.state = fingerprint(self.state, _plan_content([selection]))
+            empty = selection.interpolation.new_empty((0, selection.unit.width))
+            self.results[i] = dataclasses.replace(selection, interpolation=empty)
 
 
 def _device_dtype(model):

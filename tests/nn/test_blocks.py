@@ -238,3 +238,32 @@ def test_hf_bert_blockwise_equals_one_pass():
     assert blockwise.blocks_ == "bert.encoder.layer"
     assert len(blockwise.layers_) == 4  # three feed-forward widths and the pooler
     assert_same_models(blockwise, one_pass)
+
+
+def test_memory_serves_a_refit_with_another_tol(tmp_path):
+    model = make_stack()
+    first = fit(model, X, tol=0.05, memory=tmp_path)
+    again = fit(model, X, tol=0.1, memory=tmp_path)
+    assert first.blocks_ == again.blocks_ == "layers"
+    assert first.n_calibration_passes_ > 0 and again.n_calibration_passes_ == 0
+    assert_same_models(again, fit(model, X, tol=0.1, blocks=None))
+
+
+def test_the_plan_drops_each_interpolation_matrix_once_folded(monkeypatch):
+    """Only one block's k × m matrices exist at a time: the plan keeps widths, not T's."""
+    from skid.nn import _compressor
+
+    plans, real = [], _compressor.blockwise_plan
+
+    def spy(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(_compressor, "blockwise_plan", spy)
+    sequential = {"rank": 0.5, "calibration": "sequential"}
+    for params in ({"rank": 0.5}, {"target_flops": 0.5}, sequential):
+        nc = fit(make_stack(), X, **params)
+        assert len(nc.layers_) == 6
+    assert len(plans) == 3
+    for plan in plans:
+        assert all(s.interpolation.shape == (0, s.unit.width) for s in plan)
