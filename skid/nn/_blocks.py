@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .._validation import suggest
-from ._calibration import _StopForward, fingerprint, run_model, to_inputs
+from ._calibration import _StopForward, fingerprint, model_device_dtype, run_model, to_inputs
+from ._surgery import apply_selection
 
 __all__ = ["BlockLayout", "blockwise_plan", "find_blocks"]
 
@@ -351,7 +352,7 @@ class _Walk:
         self.state = key  # content key of what has been folded so far (sequential)
 
     def run(self, layout, device, home, mode) -> None:
-        _, dtype = _device_dtype(self.work)
+        _, dtype = model_device_dtype(self.work)
         runner = _Runner(self.work, layout, device, home)
         try:
             self.calibrate(runner, layout.before, "before", mode)
@@ -403,7 +404,6 @@ class _Walk:
         ``track``: later statistics depend on this fold (sequential), so it enters their keys.
         """
         from ._compressor import _plan_content
-        from ._surgery import apply_selection
 
         for i in indices:
             selection = self.results[i]
@@ -412,9 +412,3 @@ class _Walk:
                 self.state = fingerprint(self.state, _plan_content([selection]))
             empty = selection.interpolation.new_empty((0, selection.unit.width))
             self.results[i] = dataclasses.replace(selection, interpolation=empty)
-
-
-def _device_dtype(model):
-    from ._calibration import model_device_dtype
-
-    return model_device_dtype(model)
