@@ -380,7 +380,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_selected : array of shape (n_samples, rank_)
-            Same array type and dtype as the validated input.
+            Same array type and dtype as the validated input (a lazy Dask array for a Dask
+            array).
         """
         check_is_fitted(self)
         X = self._check_data(X, reset=False)
@@ -397,6 +398,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_full : array of shape (n_samples, n_features_in_)
+            In ``X``'s array type (a lazy Dask array for a Dask array).
         """
         check_is_fitted(self)
         if _array.array_kind(X) == "numpy":

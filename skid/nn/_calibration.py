@@ -455,7 +455,8 @@ class StatisticsCache:
         # Data-parallel: every rank reads the cache, or every rank computes (collectively).
         if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
             return cached(*args, **kwargs)
-        return cached.call(*args, **kwargs)[0]
+        result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
+        return result[0] if isinstance(result[1], dict) else result
 
 
 def _keyed_statistics(key, units, method, precision, *, model, batches, verbose):
