@@ -12,12 +12,14 @@ import numpy as np
 
 
 def array_kind(X) -> str:
-    """``"torch"``, ``"cupy"`` or ``"numpy"`` (anything else is treated as NumPy-convertible)."""
+    """``"torch"``, ``"cupy"``, ``"dask"`` or ``"numpy"`` (the rest: NumPy-convertible)."""
     module = type(X).__module__
     if module.startswith("torch"):
         return "torch"
     if module.startswith("cupy"):
         return "cupy"
+    if module.startswith("dask.array"):
+        return "dask"
     return "numpy"
 
 
@@ -43,7 +45,10 @@ def dtype_name(X) -> str:
 
 
 def from_numpy(A: np.ndarray, like, dtype: str | None = None):
-    """``A`` as an array of the same kind and device as ``like`` (dtype name optional)."""
+    """``A`` as an array of the same kind and device as ``like`` (dtype name optional).
+
+    Small results for a Dask ``like`` stay NumPy (Dask multiplies and indexes with them lazily).
+    """
     kind = array_kind(like)
     dtype = dtype or str(A.dtype)
     if kind == "torch":
@@ -162,6 +167,10 @@ def frob_norm(X) -> float:
 
     Data whose squares overflow or underflow float64 are scaled by a power of two first.
     """
+    if array_kind(X) == "dask":
+        from . import _dask
+
+        return _dask.frob_norm(X)
     norm = _frob_norm(X)
     if 2.0**-500 < norm < 2.0**500:
         return norm

@@ -429,6 +429,22 @@ class GramAccumulator:
         self.n_samples += X.shape[0]
         return self
 
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up; the two
+        scales are reconciled as for a new block)."""
+        if other.gram is None:
+            return self
+        _check_block(other.gram, self.n_features)
+        if self.gram is None:
+            self.n_features = other.n_features
+            self.gram = other.gram.copy()
+            self.scale_exp = other.scale_exp
+        else:
+            self._add_scaled(other.gram, other.scale_exp)
+        self.n_samples += other.n_samples
+        self.float32_products = self.float32_products or other.float32_products
+        return self
+
     def _add_scaled(self, part, exp: int) -> None:
         """Add ``part``, a Gram divided by ``4**exp``, rescaling the smaller of the two."""
         if exp > self.scale_exp:
@@ -499,6 +515,23 @@ class QRAccumulator:
         if self.n_features is None:
             self.n_features, self.dtype = X.shape[1], dtype
         self.n_samples += X.shape[0]
+        return self
+
+    def merge(self, other: QRAccumulator) -> QRAccumulator:
+        """Fold in the rows accumulated by ``other``: R of its R stacked under ours."""
+        if other.R is None:
+            return self
+        _check_block(other.R, self.n_features)
+        if self.R is None:
+            self.n_features, self.dtype = other.n_features, other.dtype
+            self.R, self.scale_exp = other.R, other.scale_exp
+        else:
+            exp = max(self.scale_exp, other.scale_exp)  # both R's at the larger scale
+            ours = _scale_block(self.R, exp - self.scale_exp)
+            theirs = _scale_block(other.R, exp - other.scale_exp)
+            self.R = _array.qr_r(_array.vstack([ours, theirs], like=ours))
+            self.scale_exp = exp
+        self.n_samples += other.n_samples
         return self
 
     def factorize(self) -> PivotedFactorization:

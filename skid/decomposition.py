@@ -103,6 +103,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     squares would overflow or underflow is scaled by a power of two (exact) before its
     statistic is formed, and a block with NaN/Inf is refused before it touches the statistic.
 
+    A Dask array is reduced on its scheduler (a ``dask.distributed`` cluster included): each
+    row chunk becomes its own m × m statistic, and the statistics are merged up a tree, so X is
+    never materialised. T is then a NumPy array, and ``transform``/``inverse_transform`` of a
+    Dask array are lazy Dask arrays. ``"randomized"`` does not run on Dask arrays.
+
     float32 data are never copied to float64 whole. The Gram route multiplies float32 blocks
     in float32 (summing the blocks in float64) when ``tol >= 1e-3``, or in ``fit`` for a
     ``rank`` whose error turns out to be at least 1e-3 (else ``fit`` redoes it in float64
@@ -160,7 +165,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            NumPy array, DataFrame, CuPy array or torch tensor.
+            NumPy array, DataFrame, CuPy array, torch tensor, or Dask array (reduced chunk by
+            chunk on its scheduler, never materialised).
         y : None
             Ignored.
 
@@ -174,6 +180,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         X = self._check_data(X, reset=True, finite=False)
         k = self._requested_rank(X.shape)
         self.method_ = self._resolve_method(X, k, streaming=False)
+        if self.method_ == "randomized" and _array.array_kind(X) == "dask":
+            raise ValueError(
+                "method='randomized' does not run on Dask arrays; use method='gram' or 'qr' "
+                "(both reduce the data blockwise on the Dask scheduler)."
+            )
         if self.method_ == "randomized":
             seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
             rng = np.random.default_rng(seed)
@@ -182,7 +193,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             self._accumulator = None  # nothing to stream on from (partial_fit says so)
         else:
             self._gram_precision = self._resolve_precision(X, streaming=False)
-            fac = self._finalize(X, self._new_accumulator().update(X))
+            fac = self._finalize(X, self._accumulate(X, self._new_accumulator()))
             self._refit_if_inaccurate(X, fac)
         self.n_samples_seen_ = X.shape[0]
         return self
@@ -224,7 +235,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             self.method_ = self._resolve_method(X, self._requested_rank(X.shape, True), True)
             self._gram_precision = self._resolve_precision(X, streaming=True)
         accumulator = self._new_accumulator() if first else self._accumulator
-        self._finalize(X, accumulator.update(X))
+        self._finalize(X, self._accumulate(X, accumulator, check_finite=True))
         self.n_samples_seen_ = accumulator.n_samples
         return self
 
@@ -232,6 +243,15 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         if self.method_ == "gram":
             return _linalg.GramAccumulator(self._gram_precision)
         return _linalg.QRAccumulator()
+
+    def _accumulate(self, X, accumulator, check_finite=False):
+        """Add the rows of X to ``accumulator``; a Dask array is reduced on its scheduler."""
+        if _array.array_kind(X) != "dask":
+            return accumulator.update(X)
+        from . import _dask
+
+        template = self._new_accumulator()
+        return accumulator.merge(_dask.accumulate(X, template, check_finite=check_finite))
 
     def _finalize(self, X, accumulator):
         """Factorize the statistic, choose k, set T and the fitted attributes; return the factors.
@@ -278,7 +298,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
             if finer is None:
                 return
             self.method_, self._gram_precision = finer
-            fac = self._finalize(X, self._new_accumulator().update(X))
+            fac = self._finalize(X, self._accumulate(X, self._new_accumulator()))
 
     def _resolve_precision(self, X, streaming):
         """Float32 products for float32 data when the error asked for is within their reach."""
@@ -326,7 +346,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         """The route of ``method="auto"``: the rule table of :mod:`skid._policy`."""
         if self.method != "auto":
             return self.method
-        if not streaming and _policy.prefers_randomized(k, X.shape[1]):
+        if (
+            not streaming
+            and _array.array_kind(X) != "dask"  # Dask arrays take the blockwise Gram route
+            and _policy.prefers_randomized(k, X.shape[1])
+        ):
             return "randomized"
         numerical_rank = k is None and self.tol is None
         float64_data = _array.float_dtype_for(X) == "float64"
@@ -335,6 +359,11 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
     def _check_data(self, X, reset, finite=True):
         """Validate X, keep it in its own library; NumPy-convertible input via sklearn."""
         X = self._move_to_backend(X)
+        if _array.array_kind(X) == "dask":
+            from . import _dask
+
+            _dask.check_shape(X)  # finiteness is checked by the tasks that read the chunks
+            return _check_device_array(self, X, reset, finite=False)
         if _array.array_kind(X) == "numpy":
             return validate_data(
                 self,
@@ -371,7 +400,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_selected : array of shape (n_samples, rank_)
-            Same array type and dtype as the validated input.
+            Same array type and dtype as the validated input (a lazy Dask array for a Dask
+            array).
         """
         check_is_fitted(self)
         X = self._check_data(X, reset=False)
@@ -388,6 +418,7 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_full : array of shape (n_samples, n_features_in_)
+            In ``X``'s array type (a lazy Dask array for a Dask array).
         """
         check_is_fitted(self)
         if _array.array_kind(X) == "numpy":

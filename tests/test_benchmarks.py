@@ -90,3 +90,15 @@ def test_bench_transformers_quick():
     assert len(table_rows(out, "MiniLM, FFN at half width")) == 3
     assert len(table_rows(out, "MiniLM, attention heads by ID")) == 8
     assert len(table_rows(out, "MiniLM, cost of fit")) == 2
+
+
+def test_bench_scale_quick():
+    pytest.importorskip("distributed")
+    out = run_quick("bench_scale.py")
+    if "needs Linux's /proc/self/clear_refs" not in out:
+        assert len(table_rows(out, "peak memory and time vs number of blocks")) == 8
+    traffic = table_rows(out, "statistics traffic per rank")
+    assert len(traffic) == 2
+    # the bytes each rank sends do not depend on the calibration size
+    assert len({row.split("|")[3] for row in traffic}) == 1
+    assert len(table_rows(out, "InterpolativeDecomposition.fit on a Dask array")) == 1

@@ -54,6 +54,21 @@ def test_streaming_equals_one_block(Acc):
     np.testing.assert_allclose(whole.errors, streamed.errors, atol=1e-10)
 
 
+@pytest.mark.parametrize("Acc", ACCUMULATORS)
+def test_merging_partial_statistics_equals_one_block(Acc):
+    X = low_rank(400, 20, 20, seed=4)
+    whole = Acc().update(X).factorize()
+    parts = [Acc().update(X[rows]) for rows in np.array_split(np.arange(400), 3)]
+    merged = Acc().merge(Acc())  # empty ones merge to nothing
+    for part in parts:
+        merged = merged.merge(part).merge(Acc())
+    assert merged.n_samples == 400 and merged.n_features == 20
+    assert np.array_equal(whole.perm, merged.factorize().perm)
+    np.testing.assert_allclose(whole.errors, merged.factorize().errors, atol=1e-10)
+    with pytest.raises(ValueError, match="columns"):
+        merged.merge(Acc().update(X[:, :5]))
+
+
 def test_qr_route_recovers_exact_low_rank_to_rounding():
     X = low_rank(400, 50, 7, seed=4)
     fac = _linalg.QRAccumulator().update(X).factorize()

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
+from . import _distributed
 from ._fingerprint import describe_execution
 from ._heads import HeadFactorization
 from ._joint import BlockFactorization, JointFactorization
@@ -66,15 +67,18 @@ class Batches:
         are kept so that it can be read again (several passes, or hashing for the cache).
     batch_size : int
     reusable : bool, default=False
+    allow_empty : bool, default=False
+        Accept data without any sample (a rank's empty shard in data-parallel calibration):
+        ``first`` is then None and there are no batches.
     """
 
-    def __init__(self, X, batch_size: int, *, reusable: bool = False):
+    def __init__(self, X, batch_size: int, *, reusable: bool = False, allow_empty: bool = False):
         self.batch_size = batch_size
         self._sliceable = _is_array(X) or isinstance(X, Mapping)
         if self._sliceable:
-            self.n_samples = _check_sliceable(X)
+            self.n_samples = _check_sliceable(X, allow_empty)
             self._source = X
-            self.first = _slice(X, 0, batch_size)
+            self.first = _slice(X, 0, batch_size) if self.n_samples else None
             self.n_batches = -(-self.n_samples // batch_size)
             return
         if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
@@ -87,7 +91,10 @@ class Batches:
         try:
             self.first = next(iterator)
         except StopIteration:
-            raise ValueError("X is empty: it yielded no calibration batch.") from None
+            if not allow_empty:
+                raise ValueError("X is empty: it yielded no calibration batch.") from None
+            self.first, self._source, self._one_shot, self.n_batches = None, [], False, 0
+            return
         if one_shot:
             rest = list(iterator) if reusable else iterator
             self._source = [self.first, *rest] if reusable else itertools.chain([self.first], rest)
@@ -98,6 +105,14 @@ class Batches:
         self.n_batches = len(X) if hasattr(X, "__len__") and not one_shot else None
         if isinstance(self._source, list):
             self.n_batches = len(self._source)
+
+    def make_reusable(self) -> None:
+        """Keep the batches of a one-shot iterator from now on, so that it can be read again."""
+        if not self._sliceable and self._one_shot:
+            if self._spent:
+                raise RuntimeError("This one-shot iterator of batches was already consumed.")
+            self._source = list(self._source)
+            self._one_shot, self.n_batches = False, len(self._source)
 
     def __iter__(self):
         if self._sliceable:
@@ -129,7 +144,7 @@ def _is_array(X) -> bool:
     return isinstance(X, (torch.Tensor, np.ndarray))
 
 
-def _check_sliceable(X) -> int:
+def _check_sliceable(X, allow_empty: bool = False) -> int:
     """Number of samples of an array or a dict of arrays (at least 2-D, not empty)."""
     arrays = [X] if _is_array(X) else [v for v in X.values() if _is_array(v)]
     if not arrays:
@@ -145,7 +160,7 @@ def _check_sliceable(X) -> int:
         raise ValueError(
             f"The arrays of X have different numbers of samples: {sorted(n_samples)}."
         )
-    if n_samples == {0}:
+    if n_samples == {0} and not allow_empty:
         raise ValueError("X is empty: it has 0 samples.")
     return n_samples.pop()
 
@@ -351,7 +366,16 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     finally:
         for handle in handles:
             handle.remove()
+    flat = [acc for unit_accs in accumulators for acc in unit_accs]
+    widths = [_statistic_width(u) for u, unit_accs in zip(units, accumulators, strict=True)
+              for _ in unit_accs]
+    n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
     return [_factorize(u, accs) for u, accs in zip(units, accumulators, strict=True)], n_samples
+
+
+def _statistic_width(unit) -> int:
+    """Columns of a unit's statistic: its channels, or every head's columns."""
+    return unit.n_heads * unit.head_dim if unit.kind == "heads" else unit.width
 
 
 def _readers(unit):
@@ -582,7 +606,15 @@ class StatisticsCache:
         if self.memory is None:
             return unit_statistics(model, units, batches, **settings)
         cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
-        return cached(key, units, method, precision, model=model, batches=batches, verbose=verbose)
+        args = (key, units, method, precision)
+        kwargs = dict(model=model, batches=batches, verbose=verbose)
+        if _distributed.current() is None:
+            return cached(*args, **kwargs)
+        # Data-parallel: every rank reads the cache, or every rank computes (collectively).
+        if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
+            return cached(*args, **kwargs)
+        result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
+        return result[0] if isinstance(result[1], dict) else result
 
     def corrective(self, key, model, reference, unit, batches, *, method, precision, verbose):
         """:func:`corrective_statistics`; ``key`` must identify both models, data, settings."""

@@ -26,7 +26,8 @@ from .. import _corrective, _policy, metrics
 from .._linalg import PivotedFactorization, factorize_for_outputs
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
-from . import _budget
+from . import _budget, _distributed
+from ._blocks import blockwise_plan, find_blocks
 from ._calibration import (
     Batches,
     StatisticsCache,
@@ -122,6 +123,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         compressed model on the same batches; one for the first unit) and a second copy of
         the model on ``device``. Widths as ``"sequential"``; ``tol`` is then met against
         ``Z_o`` (a unit whose upstream error alone exceeds it keeps its full width).
+    blocks : "auto", str or None, default="auto"
+        Block-wise calibration. ``"auto"`` finds the longest ``nn.ModuleList`` whose members
+        run one after another on the previous one's output (HF decoder/encoder layers); a
+        qualified name picks that list (an error if it does not qualify); None turns it off.
+        The blocks are then calibrated one at a time: the inputs of the next block are cached
+        on the host for every calibration batch, only the current block's statistics are held,
+        and with ``device`` set only the current block (and the code around the blocks) is
+        moved there, so a model larger than the device can be compressed. ``"original"`` gives
+        the one-pass result. Each block costs a pass for its statistics (one per unit, up to
+        that unit, with ``"sequential"``) and one that records its outputs. ``"auto"`` falls
+        back to one pass when no list qualifies (``blocks_`` is None).
     method : {"auto", "gram", "qr"}, default="auto"
         Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
@@ -134,6 +146,14 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     device : str or torch.device, default=None
         Where calibration runs (default: the model's device). The compressed model is returned
         on the model's own device.
+    process_group : "auto", None or torch.distributed.ProcessGroup, default="auto"
+        Data-parallel calibration. ``"auto"``: when ``torch.distributed`` is initialised with
+        more than one rank, each rank calibrates on its own shard of ``X`` and every statistic
+        (Gram matrices or R factors, sample counts) is combined over the ranks, so all ranks
+        end with the same widths, selections and compressed model — the one a single process
+        would fit on all the shards (the batch decisions are tried on is the first batch of the
+        lowest rank with data). Every rank must call ``fit`` with the same settings; a rank
+        may have an empty shard. ``None`` ignores the group; a ``ProcessGroup`` picks one.
     memory : str, path-like or joblib.Memory, default=None
         Cache of the calibration statistics, keyed on the model's weights, the ops its forward
         pass runs, skid's and torch's versions, the data and the settings: refits with another
@@ -173,6 +193,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     method_ : str
         ``"gram"`` or ``"qr"``, what ``method="auto"`` resolved to (the route every unit
         starts on; see Notes for the units recomputed on a finer one).
+    blocks_ : str or None
+        The ``ModuleList`` calibrated block by block, or None (one pass).
 
     See Also
     --------
@@ -227,9 +249,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "prune": [Options(_STRUCTURES), SubsetOf(_STRUCTURES)],
         "objective": [Options(("activations", "outputs"))],
         "calibration": [Options(("original", "sequential", "corrective"))],
+        "blocks": [None, str],
         "method": [Options(("auto", "gram", "qr"))],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
+        "process_group": [None, Options(("auto",)), _distributed.ProcessGroup],
         "memory": [None, str, os.PathLike, joblib.Memory],
         "verbose": [bool, Interval(numbers.Integral, 0, None)],
     }
@@ -246,9 +270,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         prune=("channels", "heads"),
         objective="activations",
         calibration="original",
+        blocks="auto",
         method="auto",
         batch_size=256,
         device=None,
+        process_group="auto",
         memory=None,
         verbose=False,
     ):
@@ -261,9 +287,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.prune = prune
         self.objective = objective
         self.calibration = calibration
+        self.blocks = blocks
         self.method = method
         self.batch_size = batch_size
         self.device = device
+        self.process_group = process_group
         self.memory = memory
         self.verbose = verbose
 
@@ -293,13 +321,23 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """
         model, X = self._fit_arguments(args, kwargs)
         self._check_params()
+        with _distributed.active(_distributed.resolve(self.process_group)):
+            return self._fit(model, X)
+
+    def _fit(self, model, X):
+        """``fit`` once the arguments are checked (within the data-parallel group, if any)."""
         home, dtype = model_device_dtype(model)
         device = home if self.device is None else torch.device(self.device)
         multi_pass = self.memory is not None or self.calibration != "original"
-        batches = Batches(X, self.batch_size, reusable=multi_pass)
-        work = _working_copy(model, device)
-        example = example_inputs(batches.first, device, dtype)
+        sharded = _distributed.current() is not None
+        batches = Batches(X, self.batch_size, reusable=multi_pass, allow_empty=sharded)
+        batches.first = _distributed.first_batch(batches.first)  # the same on every rank
+        # Block-wise, the model waits on its own device and each block moves for its turn.
+        stage = home if self.blocks is not None else device
+        work = _working_copy(model, stage)
+        example = example_inputs(batches.first, stage, dtype)
         units = self._find_units(work, example)
+        example = self._find_blocks(work, units, batches, (stage, device, dtype), example)
         self.method_ = self._resolve_method()
         self._gram_precision = self._resolve_precision()
         own = [u.attention for u in units if u.kind == "heads"]  # attention scores
@@ -383,6 +421,23 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """``tol`` when it decides the widths, None when ``rank`` or ``target_flops`` does."""
         return self.tol if self.rank is None and self.target_flops is None else None
 
+    def _find_blocks(self, work, units, batches, placement, example):
+        """Set the block layout (``blocks_``); without one, move to ``device`` as usual.
+
+        Returns the example inputs on the device where ``work`` now is (``_stage``).
+        """
+        stage, device, dtype = placement
+        spec = self.blocks if self.calibration in ("original", "sequential") else None
+        self._block_layout = find_blocks(work, example, spec, units)
+        self.blocks_ = None if self._block_layout is None else self._block_layout.name
+        self._stage = stage if self._block_layout is not None else device
+        if self._block_layout is not None:
+            batches.make_reusable()  # several passes over the data
+        elif stage != device:
+            work.to(device)
+            example = example_inputs(batches.first, device, dtype)
+        return example
+
     def _find_units(self, work, example):
         """Units of the work copy; NotPrunableError listing every skipped layer if none."""
         args, kwargs = example
@@ -418,7 +473,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """Content key of the statistics: the model's key, the data, the units and method."""
         return fingerprint(
             model_key,
-            batches.fingerprint(),
+            _distributed.agreed_key(batches.fingerprint()),
             [repr(u) for u in units],
             self.method_,
             self._gram_precision,
@@ -431,6 +486,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         cache = StatisticsCache(self.memory)
         if self.calibration == "corrective":
             return self._corrective(work, units, batches, key, cache, flops_info)
+        if self._block_layout is not None:
+            layout = self._block_layout
+            return blockwise_plan(self, work, units, layout, batches, key, cache, flops_info,
+                                  self._stage)
         if self.calibration == "original" or (
             self.target_flops is not None and self.calibration == "sequential"
         ):

@@ -1,0 +1,269 @@
+"""Block-wise calibration: finding the blocks, same result as one pass, one block on the device."""
+
+import pytest
+import torch
+from torch import nn
+
+from skid import NetworkCompressor
+from skid.nn import _blocks
+from skid.nn._calibration import calibration_passes
+
+from .models import make_bert_layer, make_text_input
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block: ``x + down(act(up(norm(x))))``."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x, scale=None):
+        out = self.down(self.act(self.up(self.norm(x))))
+        return x + (out if scale is None else scale * out)
+
+
+class Stack(nn.Module):
+    """Stem unit, ``n`` blocks in ``layers`` (with a shared extra argument), head unit."""
+
+    def __init__(self, n: int = 4, width: int = 12, hidden: int = 24):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, width))
+        self.layers = nn.ModuleList(Block(width, hidden) for _ in range(n))
+        self.parallel = nn.ModuleList(nn.Linear(width, width) for _ in range(2))  # not a chain
+        self.head = nn.Sequential(nn.Linear(width, 20), nn.Tanh(), nn.Linear(20, 3))
+
+    def forward(self, x):
+        h = self.stem(x)
+        scale = torch.full((1,), 0.5, device=x.device)
+        for layer in self.layers:
+            h = layer(h, scale=scale)
+        h = h + sum(p(h) for p in self.parallel)
+        return self.head(h)
+
+
+def make_stack(n=4):
+    torch.manual_seed(0)
+    return Stack(n).eval()
+
+
+X = torch.randn(160, 6, generator=torch.Generator().manual_seed(1))
+
+
+def fit(model, X, **params):
+    return NetworkCompressor(model, batch_size=40, **params).fit(X)
+
+
+def assert_same_models(a, b, atol=1e-6):
+    assert [r["width_after"] for r in a.layers_] == [r["width_after"] for r in b.layers_]
+    sa, sb = a.compressed_model_.state_dict(), b.compressed_model_.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, tensor in sa.items():
+        torch.testing.assert_close(tensor, sb[name], atol=atol, rtol=1e-5, msg=name)
+
+
+def test_finds_the_chain_not_the_parallel_list():
+    nc = fit(make_stack(), X, rank=0.5)
+    assert nc.blocks_ == "layers"
+    assert {r["producer"] for r in nc.layers_} == {
+        "stem.0", "head.0", *(f"layers.{i}.up" for i in range(4))
+    }
+
+
+def test_finds_the_encoder_layers_of_a_bert_layout():
+    model = make_bert_layer(n_layers=3)
+    data = make_text_input(n=24, length=6)
+    nc = NetworkCompressor(model, rank=0.5, batch_size=8).fit(data)
+    assert nc.blocks_ == "encoder.layer"
+    one_pass = NetworkCompressor(model, rank=0.5, batch_size=8, blocks=None).fit(data)
+    assert one_pass.blocks_ is None
+    assert_same_models(nc, one_pass)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"tol": 0.05}, {"rank": 0.4}, {"target_flops": 0.5}, {"tol": 0.05, "method": "qr"}],
+    ids=["tol", "rank", "target_flops", "qr"],
+)
+@pytest.mark.parametrize("calibration", ["original", "sequential"])
+def test_blockwise_equals_one_pass(params, calibration):
+    model = make_stack()
+    blockwise = fit(model, X, calibration=calibration, **params)
+    one_pass = fit(model, X, calibration=calibration, blocks=None, **params)
+    assert blockwise.blocks_ == "layers" and one_pass.blocks_ is None
+    assert blockwise.n_calibration_samples_ == one_pass.n_calibration_samples_ == 160
+    assert_same_models(blockwise, one_pass)
+    assert blockwise.layers_ != [] and any(
+        r["width_after"] < r["width_before"] for r in blockwise.layers_
+    )
+
+
+def test_a_named_list_and_none():
+    model = make_stack()
+    assert fit(model, X, rank=0.5, blocks="layers").blocks_ == "layers"
+    assert fit(model, X, rank=0.5, blocks=None).blocks_ is None
+    assert fit(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), X).blocks_ is None
+
+
+def test_bad_block_names_are_explained():
+    model = make_stack()
+    with pytest.raises(ValueError, match="does not exist; did you mean 'layers'"):
+        fit(model, X, blocks="layer")
+    with pytest.raises(ValueError, match="not an nn.ModuleList"):
+        fit(model, X, blocks="head")
+    with pytest.raises(ValueError, match="does not run on member 0's output"):
+        fit(model, X, blocks="parallel")
+
+
+def test_only_one_block_is_moved_in_at_a_time(monkeypatch):
+    """Moves alternate in/out of the same member, and only the member moved in runs."""
+    moves, ran = [], []
+    real_move, real_init = _blocks._move, _blocks._Runner.__init__
+
+    def recording_move(module, device):
+        moves.append(id(module))
+        real_move(module, device)
+
+    def check(module, args):
+        if len(moves) == 8:
+            return  # calibration is over: the compressed model runs (FLOP count)
+        assert len(moves) % 2 == 1 and moves[-1] == id(module), "ran without being moved in"
+        ran.append(id(module))
+
+    def runner_init(self, *args):
+        real_init(self, *args)
+        for member in self.members:
+            member.register_forward_pre_hook(check)
+
+    monkeypatch.setattr(_blocks, "_move", recording_move)
+    monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
+    fit(make_stack(), X, rank=0.5)
+    assert moves[::2] == moves[1::2], "a block was moved in while another was still in"
+    assert len(set(moves)) == 4 and len(moves) == 8  # each of the 4 blocks once
+    assert set(ran) == set(moves)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_model_is_calibrated_one_block_at_a_time_on_cuda(monkeypatch):
+    runners, real_init = [], _blocks._Runner.__init__
+
+    def on_cuda(module):
+        return next(module.parameters()).is_cuda
+
+    def check(module, args):
+        runner = runners[-1]
+        if not any(isinstance(m, _blocks._Replay) for m in runner.list):
+            return  # calibration is over: the compressed model runs (FLOP count)
+        assert on_cuda(module) and sum(on_cuda(m) for m in runner.members) == 1
+
+    def runner_init(self, *args):
+        real_init(self, *args)
+        runners.append(self)
+        for member in self.members:
+            member.register_forward_pre_hook(check)
+
+    monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
+    model = make_stack()
+    nc = NetworkCompressor(model, rank=0.5, batch_size=40, device="cuda").fit(X)
+    reference = fit(model, X, rank=0.5, blocks=None)
+    assert runners and next(nc.compressed_model_.parameters()).device.type == "cpu"
+    assert [r["width_after"] for r in nc.layers_] == [r["width_after"] for r in reference.layers_]
+    with torch.no_grad():
+        torch.testing.assert_close(nc.compressed_model_(X), reference.compressed_model_(X),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_memory_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    model = make_stack()
+    fresh = fit(model, X, calibration="sequential", rank=0.5, blocks="layers")
+    total = fresh.n_calibration_passes_
+
+    real_turn = _blocks._Runner.turn
+
+    def failing_turn(self, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        real_turn(self, i)
+
+    monkeypatch.setattr(_blocks._Runner, "turn", failing_turn)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, X, calibration="sequential", rank=0.5, memory=tmp_path)
+    monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
+    before = calibration_passes()
+    resumed = fit(model, X, calibration="sequential", rank=0.5, memory=tmp_path)
+    assert 0 < calibration_passes() - before < total  # blocks 0 and 1 came from the cache
+    assert_same_models(resumed, fresh)
+
+
+def tiny_text(n=8, length=10, vocab=64):
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[-1, length // 2 :] = 0  # padding left out of the statistics, block-wise too
+    return {"input_ids": torch.randint(0, vocab, (n, length), generator=gen),
+            "attention_mask": mask}
+
+
+@pytest.mark.slow
+def test_finds_the_decoder_layers_of_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    from skid.nn._calibration import example_inputs
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    example = example_inputs(tiny_text(), torch.device("cpu"), torch.float32)
+    layout = _blocks.find_blocks(model, example, "auto", [])
+    assert (layout.name, layout.size) == ("model.layers", 3)
+
+
+@pytest.mark.slow
+def test_hf_bert_blockwise_equals_one_pass():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, max_position_embeddings=32,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    data = tiny_text()
+    blockwise = NetworkCompressor(model, rank=0.5, batch_size=4).fit(data)
+    one_pass = NetworkCompressor(model, rank=0.5, batch_size=4, blocks=None).fit(data)
+    assert blockwise.blocks_ == "bert.encoder.layer"
+    assert len(blockwise.layers_) == 4  # three feed-forward widths and the pooler
+    assert_same_models(blockwise, one_pass)
+
+
+def test_memory_serves_a_refit_with_another_tol(tmp_path):
+    model = make_stack()
+    first = fit(model, X, tol=0.05, memory=tmp_path)
+    again = fit(model, X, tol=0.1, memory=tmp_path)
+    assert first.blocks_ == again.blocks_ == "layers"
+    assert first.n_calibration_passes_ > 0 and again.n_calibration_passes_ == 0
+    assert_same_models(again, fit(model, X, tol=0.1, blocks=None))
+
+
+def test_the_plan_drops_each_interpolation_matrix_once_folded(monkeypatch):
+    """Only one block's k × m matrices exist at a time: the plan keeps widths, not T's."""
+    from skid.nn import _compressor
+
+    plans, real = [], _compressor.blockwise_plan
+
+    def spy(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(_compressor, "blockwise_plan", spy)
+    sequential = {"rank": 0.5, "calibration": "sequential"}
+    for params in ({"rank": 0.5}, {"target_flops": 0.5}, sequential):
+        nc = fit(make_stack(), X, **params)
+        assert len(nc.layers_) == 6
+    assert len(plans) == 3
+    for plan in plans:
+        assert all(s.interpolation.shape == (0, s.unit.width) for s in plan)
