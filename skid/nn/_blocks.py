@@ -392,17 +392,26 @@ class _Walk:
                 if mode == "collect":
                     self.results[i] = fac
                 else:
-                    self.select(i, fac)
+                    unit_key = None if step_key is None else fingerprint(step_key, i)
+                    self.select(i, fac, recheck=(mode == "original" and self.widths is None,
+                                                 runner, unit_key))
             if mode == "sequential":
                 self.fold(step, track=True)
 
-    def select(self, i, fac, objective_applied=False) -> None:
+    def select(self, i, fac, objective_applied=False, recheck=(False, None, None)) -> None:
+        """Unit ``i``'s selection; with ``recheck``, a width the route does not resolve is
+        recomputed on a finer one first, as the one-pass ``"original"`` fit does."""
         from ._compressor import _selection
 
         unit = self.units[i]
         if not objective_applied:
             (fac,) = self.nc._for_objective(self.work, [unit], [fac])
         k = self.widths[i] if self.widths is not None else self.nc._widths([fac], [unit], None)[0]
+        wanted, runner, step_key = recheck
+        if wanted:
+            (fac,), (k,) = self.nc._recheck(self.work, [unit], [fac], [k], self.batches,
+                                            step_key, self.cache,
+                                            before_pass=runner.tape.rewind)
         self.results[i] = _selection(unit, fac, k)
 
     def fold(self, indices, track=False) -> None:

@@ -636,7 +636,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
         return _budget.widths_for_tol(errors, self.tol)
 
-    def _recheck(self, work, units, facs, widths, batches, key, cache):
+    def _recheck(self, work, units, facs, widths, batches, key, cache, before_pass=None):
         """Recompute on a finer route the units whose width the route that ran does not resolve.
 
         The estimator's refit, unit by unit: the same rule (:func:`skid._policy.finer_route`)
@@ -679,6 +679,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 )
                 return facs, widths
             for (method, precision), idx in finer.items():
+                if before_pass is not None:
+                    before_pass()  # block-wise: replay the cached block inputs from the start
                 sub_key = None if key is None else fingerprint(key, method, precision, idx)
                 finer_facs, _ = cache.get(
                     sub_key, work, [units[i] for i in idx], batches,

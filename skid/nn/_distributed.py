@@ -154,6 +154,31 @@ def reduce_statistics(accumulators, widths, n_samples: int) -> int:
     return counts[0]
 
 
+def reduce_cross(acc, width: int, n_samples: int) -> int:
+    """Combine a corrective :class:`skid._corrective.CrossAccumulator` over the ranks in place
+    (Gram and cross statistic summed, or the TSQR factors of ``[Z_c | Z_o]`` stacked);
+    returns the total sample count. An input counts as unchanged only if it is on every rank.
+    """
+    if current() is None:
+        return n_samples
+    n_samples, rows = all_sum(torch.tensor([n_samples, acc.n_samples], dtype=torch.int64)).tolist()
+    unchanged, finer = _max([int(not acc._unchanged), int(acc._eps > 1e-10)])
+    acc._unchanged, acc.n_samples, acc.n_features = not unchanged, rows, width
+    acc._eps = max(acc._eps, float(torch.finfo(torch.float32).eps) if finer else acc._eps)
+    if acc._qr is not None:
+        (exp,) = _max([acc._qr.scale_exp])
+        _reduce_r(acc._qr, 2 * width, exp)
+        return n_samples
+    def statistic(value):  # a rank without rows adds zeros (all_sum reduces in place)
+        return torch.zeros(width, width, dtype=torch.float64) if value is None else (
+            torch.as_tensor(value))
+
+    acc._gram = all_sum(statistic(acc._gram))
+    acc._cross = all_sum(statistic(acc._cross))
+    acc._sq_norm = float(all_sum(torch.tensor([acc._sq_norm], dtype=torch.float64)))
+    return n_samples
+
+
 def _reduce_gram(acc: GramAccumulator, width: int, exp: int) -> None:
     if acc.gram is None:
         gram = torch.zeros(width, width, dtype=torch.float64)
