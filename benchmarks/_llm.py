@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _baselines import heads_sliced, magnitude_heads, sliced
 
 from skid import NetworkCompressor
 from skid.nn._graph import find_units
-from skid.nn._heads import HeadSelection, apply_head_selection
-from skid.nn._plan import Selection
-from skid.nn._surgery import apply_selection
 
 SEQ = 64
 HIDDEN, INNER, LAYERS = 96, 256, 2
@@ -89,16 +87,6 @@ def perplexity(model, data: torch.Tensor) -> float:
     return math.exp(float(sum(losses)) / data[:, 1:].numel())
 
 
-def _sliced(model, units, keeps):
-    """A copy keeping channels ``keeps[i]`` of group ``i``; the consumer drops the others."""
-    pruned = copy.deepcopy(model)
-    for unit, keep in zip(units, keeps, strict=True):
-        keep = torch.as_tensor(np.sort(keep), dtype=torch.int64)
-        identity_rows = torch.eye(unit.width, dtype=torch.float64)[keep]
-        apply_selection(pruned, Selection(unit, keep, identity_rows, float("nan")))
-    return pruned.eval()
-
-
 def magnitude_channels(model, unit, k: int) -> np.ndarray:
     """The ``k`` channels of a group with the largest squared L2 norm of all their weights
     (gate and up rows, down column): Torch-Pruning's magnitude importance for a group."""
@@ -127,8 +115,8 @@ def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
     rows = [("original", INNER, 1.0, base, 1.0)]
     for name, candidate in (
         ("ID", nc.compressed_model_),
-        ("ID without T", _sliced(model, units, kept)),
-        ("magnitude", _sliced(model, units, [magnitude_channels(model, u, INNER // 2)
+        ("ID without T", sliced(model, units, kept)),
+        ("magnitude", sliced(model, units, [magnitude_channels(model, u, INNER // 2)
                                              for u in units])),
     ):
         value = perplexity(candidate, test)
@@ -139,36 +127,6 @@ def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
 
 
 # ------------------------------------------------------------------------------ heads
-
-
-def _heads_sliced(model, selections):
-    """A copy keeping each block's heads of ``selections``; ``o_proj`` just drops the others."""
-    pruned = copy.deepcopy(model)
-    for selection in selections:
-        unit = selection.unit
-        columns = (selection.heads[:, None] * unit.head_dim + np.arange(unit.head_dim)).ravel()
-        identity_rows = np.eye(unit.n_heads * unit.head_dim)[columns]
-        apply_head_selection(pruned, HeadSelection(unit, selection.heads, selection.kv_heads,
-                                                   identity_rows, float("nan")))
-    return pruned.eval()
-
-
-def magnitude_heads(model, selection):
-    """The same number of heads per key/value group as ``selection``, chosen by the squared L2
-    norm of each head's query rows and output-projection columns (weight magnitude, as
-    Torch-Pruning ranks attention heads)."""
-    unit = selection.unit
-    q = model.get_submodule(unit.producer).weight.detach()
-    o = model.get_submodule(unit.consumer).weight.detach()
-    d, size = unit.head_dim, unit.group_size
-    score = (q.pow(2).reshape(unit.n_heads, d, -1).sum((1, 2))
-             + o.pow(2).reshape(o.shape[0], unit.n_heads, d).sum((0, 2))).numpy()
-    per_group = selection.heads.size // selection.kv_heads.size
-    heads = []
-    for g in selection.kv_heads:  # the same key/value groups, the strongest heads in each
-        members = np.arange(g * size, (g + 1) * size)
-        heads += sorted(members[np.argsort(-score[members], kind="stable")[:per_group]])
-    return HeadSelection(unit, np.array(heads), selection.kv_heads, None, float("nan"))
 
 
 def heads_table(steps: int, n_calib: int, n_test: int) -> list:
@@ -187,9 +145,9 @@ def heads_table(steps: int, n_calib: int, n_test: int) -> list:
         heads = [s for s in nc._selections if s.unit.kind == "heads"]
         groups = [s for s in nc._selections if s.unit.kind == "channels"]
         units = [s.unit for s in groups]
-        without_t = _sliced(_heads_sliced(model, heads), units, [s.keep.numpy() for s in groups])
-        magnitude = _sliced(
-            _heads_sliced(model, [magnitude_heads(model, s) for s in heads]), units,
+        without_t = sliced(heads_sliced(model, heads), units, [s.keep.numpy() for s in groups])
+        magnitude = sliced(
+            heads_sliced(model, [magnitude_heads(model, s) for s in heads]), units,
             [magnitude_channels(model, u, s.keep.numel()) for u, s in zip(units, groups,
                                                                           strict=True)])
         flops = nc.flops_["after"] / nc.flops_["before"]

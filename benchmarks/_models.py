@@ -32,7 +32,9 @@ __all__ = [
     "make_digits_mlp",
     "make_vgg32",
     "median_time",
+    "peak_above_start",
     "print_table",
+    "status_mib",
     "set_threads",
     "stopwatch",
     "train_digits_cnn",
@@ -170,3 +172,25 @@ def print_table(title, header, rows, formats) -> None:
                   for c, w, f in zip(row, widths, formats, strict=True)]
         print("| " + " | ".join(padded) + " |")
     sys.stdout.flush()
+
+
+def status_mib(key: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def peak_above_start(fn) -> float:
+    """Peak resident memory of ``fn()`` above the resident memory when it starts (MiB).
+
+    Resets the kernel's high-water mark first (``/proc/self/clear_refs``, Linux): torch's CPU
+    allocations are invisible to tracemalloc, not to the resident set.
+    """
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    start = status_mib("VmRSS")
+    fn()
+    return status_mib("VmHWM") - start

@@ -41,8 +41,10 @@ from _models import (
     forward_pass,
     make_vgg32,
     median_time,
+    peak_above_start,
     print_table,
     set_threads,
+    status_mib,
     stopwatch,
     train_digits_cnn,
 )
@@ -158,28 +160,6 @@ def bench_fit_time(zoo, n_images, rounds):
 # ------------------------------------------------------------------------- 2. peak memory
 
 
-def _status_mib(key: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM), in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def peak_above_start(fn) -> float:
-    """Peak resident memory of ``fn()`` above the resident memory when it starts (MiB).
-
-    Resets the kernel's high-water mark first (``/proc/self/clear_refs``, Linux): torch's CPU
-    allocations are invisible to tracemalloc, not to the resident set.
-    """
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    start = _status_mib("VmRSS")
-    fn()
-    return _status_mib("VmHWM") - start
-
-
 def memory_child(n_images, channels, threads):
     """Run in a fresh process: peak memory of a forward pass and of a fit (JSON on stdout)."""
     set_threads(threads)
@@ -191,7 +171,7 @@ def memory_child(n_images, channels, threads):
     fit = peak_above_start(
         lambda: NetworkCompressor(model, tol=TOL, batch_size=BATCH_SIZE).fit(X))
     heap = tracemalloc.get_traced_memory()[1] / 2**20
-    print(json.dumps({"data": X.numel() * X.element_size() / 2**20, "rss": _status_mib("VmRSS"),
+    print(json.dumps({"data": X.numel() * X.element_size() / 2**20, "rss": status_mib("VmRSS"),
                       "forward": forward, "fit": fit, "heap": heap}))
 
 

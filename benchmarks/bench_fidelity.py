@@ -41,6 +41,7 @@ import statistics
 
 import numpy as np
 import torch
+from _baselines import sliced
 from _models import REPO, print_table, set_threads, train_digits_cnn, train_digits_mlp
 
 from skid import NetworkCompressor, _corrective
@@ -48,8 +49,6 @@ from skid._policy import FLOAT32_GRAM_RELIABLE_ERROR
 from skid.metrics import top1_agreement
 from skid.nn._calibration import Batches, unit_statistics
 from skid.nn._graph import find_units
-from skid.nn._plan import Selection
-from skid.nn._surgery import apply_selection
 
 TOLS = (0.01, 0.02, 0.04, 0.06, 0.09, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
 TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
@@ -100,16 +99,6 @@ def cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------- baselines
-
-
-def sliced(model, units, keeps) -> torch.nn.Module:
-    """A deep copy keeping channels ``keeps[i]`` of unit ``i``; consumers drop the others."""
-    pruned = copy.deepcopy(model)
-    for unit, keep in zip(units, keeps, strict=True):
-        keep = torch.as_tensor(np.sort(keep), dtype=torch.int64)
-        identity_rows = torch.eye(unit.width, dtype=torch.float64)[keep]
-        apply_selection(pruned, Selection(unit, keep, identity_rows, float("nan")))
-    return pruned.eval()
 
 
 def l1_channels(model, unit, k) -> np.ndarray:

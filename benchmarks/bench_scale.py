@@ -33,7 +33,7 @@ import tempfile
 import time
 
 import torch
-from _models import forward_pass, median_time, print_table, set_threads
+from _models import forward_pass, median_time, peak_above_start, print_table, set_threads
 from torch import nn
 
 from skid import InterpolativeDecomposition, NetworkCompressor
@@ -80,23 +80,6 @@ MODES = {  # name: (blocks, calibration)
     "one pass, sequential": (None, "sequential"),
     "block-wise, sequential": ("layers", "sequential"),
 }
-
-
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def peak_above_start(fn) -> float:
-    """Peak resident memory of ``fn()`` above the resident memory when it starts (MiB)."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    start = _status_mib("VmRSS")
-    fn()
-    return _status_mib("VmHWM") - start
 
 
 def blocks_child(args):

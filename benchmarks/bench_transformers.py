@@ -22,18 +22,17 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import re
 import time
 
 import numpy as np
 import torch
+from _baselines import heads_sliced, magnitude_heads
 from _models import median_time, print_table, set_threads
 
 from skid import NetworkCompressor
 from skid.nn import _compressor
-from skid.nn._heads import HeadSelection, apply_head_selection
 
 MODULES = ("argparse", "asyncio", "collections", "email", "http.client", "json", "logging",
            "pathlib", "subprocess", "threading", "typing", "unittest")
@@ -80,29 +79,6 @@ def embed(model, data) -> torch.Tensor:
             pooled = (hidden * mask).sum(1) / mask.sum(1)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out)
-
-
-def heads_sliced(model, selections):
-    """The ID's heads (or others), the output projection dropping the rest (no T)."""
-    pruned = copy.deepcopy(model)
-    for s in selections:
-        unit = s.unit
-        columns = (s.heads[:, None] * unit.head_dim + np.arange(unit.head_dim)).ravel()
-        rows = np.eye(unit.n_heads * unit.head_dim)[columns]
-        apply_head_selection(pruned, HeadSelection(unit, s.heads, s.kv_heads, rows, np.nan))
-    return pruned.eval()
-
-
-def magnitude(model, selection) -> HeadSelection:
-    """As many heads as ``selection``, by the squared norms of query rows and output columns."""
-    unit = selection.unit
-    q = model.get_submodule(unit.producer).weight.detach()
-    o = model.get_submodule(unit.consumer).weight.detach()
-    d = unit.head_dim
-    score = (q.pow(2).reshape(unit.n_heads, d, -1).sum((1, 2))
-             + o.pow(2).reshape(o.shape[0], unit.n_heads, d).sum((0, 2))).numpy()
-    heads = np.sort(np.argsort(-score, kind="stable")[:selection.heads.size])
-    return HeadSelection(unit, heads, heads, None, np.nan)
 
 
 def main() -> None:
@@ -158,7 +134,7 @@ def main() -> None:
         base = model if not channels else _ffn_only(model, calib)
         rows.append((label, "ID without T (heads)", flops, cosine(heads_sliced(base, heads))))
         rows.append((label, "magnitude (heads)", flops,
-                     cosine(heads_sliced(base, [magnitude(model, s) for s in heads]))))
+                     cosine(heads_sliced(base, [magnitude_heads(model, s) for s in heads]))))
     print_table("MiniLM, attention heads by ID vs deleting them (same heads kept per layer)",
                 ["setting", "method", "FLOPs kept", "mean cosine"], rows,
                 ["s", "s", ".3f", ".4f"])
