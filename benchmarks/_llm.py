@@ -8,7 +8,6 @@ with 2 layers, hidden size 96, a 256-wide SwiGLU MLP and grouped-query attention
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import sysconfig
@@ -19,7 +18,6 @@ import torch
 from _baselines import heads_sliced, magnitude_heads, sliced
 
 from skid import NetworkCompressor
-from skid.nn._graph import find_units
 
 SEQ = 64
 HIDDEN, INNER, LAYERS = 96, 256, 2
@@ -97,30 +95,27 @@ def magnitude_channels(model, unit, k: int) -> np.ndarray:
 
 
 def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
-    """Rows (method, MLP width, FLOPs kept, held-out perplexity, ratio) and the facts."""
+    """Rows (method, MLP width, FLOPs kept, held-out perplexity, ratio) and the facts: the ID
+    in the three calibration modes, the ID's channels without T, magnitude."""
     model, train, held_out = trained(steps)
-    calib = windows(train, n_calib, seed=1)[:, :-1]
+    calib = {"input_ids": windows(train, n_calib, seed=1)[:, :-1]}
     test = windows(held_out, n_test, seed=2)
     base = perplexity(model, test)
-    nc = NetworkCompressor(model, rank=0.5, prune="channels", batch_size=32).fit(
-        {"input_ids": calib})
-    units, _ = find_units(copy.deepcopy(model), (), {"input_ids": calib[:2]})
-    # the ID's own channels: the compressed gate_proj keeps them, in order
-    kept = []
-    for unit in units:
-        small = nc.compressed_model_.get_submodule(unit.producer).weight.detach()
-        full = model.get_submodule(unit.producer).weight.detach()
-        kept.append([int(torch.nonzero((full == row).all(1))[0]) for row in small])
+    fits = {mode: NetworkCompressor(model, rank=0.5, prune="channels", calibration=mode,
+                                    batch_size=32).fit(calib)
+            for mode in ("original", "sequential", "corrective")}
+    nc = fits["original"]
+    units = [s.unit for s in nc._selections]
     flops = nc.flops_["after"] / nc.flops_["before"]
     rows = [("original", INNER, 1.0, base, 1.0)]
     for name, candidate in (
-        ("ID", nc.compressed_model_),
-        ("ID without T", sliced(model, units, kept)),
+        *((f"ID ({mode})", fit.compressed_model_) for mode, fit in fits.items()),
+        ("ID without T", sliced(model, units, [s.keep.numpy() for s in nc._selections])),
         ("magnitude", sliced(model, units, [magnitude_channels(model, u, INNER // 2)
                                              for u in units])),
     ):
         value = perplexity(candidate, test)
-        rows.append((name, INNER // 2, flops if name != "original" else 1.0, value, value / base))
+        rows.append((name, INNER // 2, flops, value, value / base))
     facts = {"train tokens": len(train), "held-out tokens": len(held_out), "steps": steps,
              "groups": [u.producers for u in units]}
     return rows, facts

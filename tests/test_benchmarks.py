@@ -64,7 +64,8 @@ def test_bench_fidelity_quick():
             assert rows and all(row.count("/") == 4 for row in rows)  # 4 modes scored
     if "transformers is not installed" not in out:
         methods = [row.split("|")[1].strip() for row in table_rows(out, "LLaMA-shaped causal LM")]
-        assert methods == ["original", "ID", "ID without T", "magnitude"]
+        assert methods == ["original", "ID (original)", "ID (sequential)", "ID (corrective)",
+                           "ID without T", "magnitude"]
         heads = table_rows(out, "LLaMA-shaped causal LM, attention heads")
         assert len(heads) == 10 and heads[1].startswith("| heads 2/3 ")
     assert len(table_rows(out, "target_flops vs the widest uniform cut")) == 2
