@@ -486,7 +486,7 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
                     f"The inputs of {unit.consumer!r} in the compressed and the original "
                     f"model do not pair up row for row ({exc}); corrective calibration "
                     "needs the consumer to see the same rows in both.") from exc
-    n_samples = _distributed.reduce_cross(accumulator, unit.width, n_samples)
+    n_samples = _distributed.reduce_cross(accumulator, _statistic_width(unit), n_samples)
     statistics = accumulator.statistics()
     if not (np.isfinite(statistics.first).all() and np.isfinite(statistics.cross).all()):
         raise ValueError(

@@ -41,7 +41,12 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
-from ._heads import apply_head_selection, find_heads, in_forward_order
+from ._heads import (
+    CorrectiveHeadFactorization,
+    apply_head_selection,
+    find_heads,
+    in_forward_order,
+)
 from ._joint import interpolations_for
 from ._model_checks import check_model
 from ._plan import Selection, offset_of
@@ -103,7 +108,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         or whole groups go, whichever has the smaller error, so the model's own code runs.
         For heads, ``rank`` is the fraction of each key/value group's heads, ``width_before``
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
-        ``calibration="corrective"`` calibrates heads as ``"sequential"`` does.
+        With ``calibration="corrective"`` the heads are chosen on the compressed model's
+        output-projection input and ``T`` is fitted to the original model's.
     objective : {"activations", "outputs"}, default="activations"
         What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
         input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
@@ -589,7 +595,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 # nothing compressed yet: the consumer's input is the original's (one pass)
                 stats, self.n_calibration_samples_ = cache.corrective(
                     step_key, work, reference if plan else None, unit, batches, **settings)
-                fac = stats.factorize(_corrective.DEFAULT_SELECTION)
+                fac = (CorrectiveHeadFactorization(stats, unit) if unit.kind == "heads"
+                       else stats.factorize(_corrective.DEFAULT_SELECTION))
             else:
                 sequential.append(unit.producer)
                 (fac,), self.n_calibration_samples_ = cache.get(
@@ -756,9 +763,10 @@ def _working_copy(model: nn.Module, device) -> nn.Module:
 
 
 def _corrective_applies(unit) -> bool:
-    """Whether the corrective statistic covers the group: all consumers read one whole tensor
-    (no concatenation slice) and no grouped convolution asks for a block-diagonal ``T``."""
-    return unit.kind == "channels" and unit.n_readings == 1 and unit.blocks == 1 and not any(
+    """Whether the corrective statistic covers the unit: all consumers read one whole tensor
+    (no concatenation slice) and no grouped convolution asks for a block-diagonal ``T``
+    (attention heads: the output projection's input)."""
+    return unit.n_readings == 1 and unit.blocks == 1 and not any(
         c.before for c in unit.consumers)
 
 

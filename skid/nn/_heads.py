@@ -424,6 +424,46 @@ class HeadFactorization:
         return HeadSelection(self.unit, heads, kv_heads, T, self._error(k))
 
 
+class CorrectiveHeadFactorization(HeadFactorization):
+    """Heads for ``calibration="corrective"``: kept by the head ID of the compressed model's
+    output-projection input ``Z_c``, with ``T`` the least-squares fit of the original model's
+    ``Z_o`` from the kept heads' columns; ``errors[k]`` is ``‖Z_o − Z_c[:, K] T‖_F / ‖Z_o‖_F``.
+
+    Parameters
+    ----------
+    stats : skid._corrective.CrossStatistics
+        Of the output projection's input.
+    unit : HeadUnit
+    """
+
+    def __init__(self, stats, unit: HeadUnit):
+        first = np.asarray(stats.first, dtype=np.float64)
+        super().__init__(first if stats.method == "gram" else first.T @ first, unit)
+        self.stats = stats
+        self._fits = {k: self._fit(k) for k in self.valid_counts}
+        errors = np.ones(self.unit.n_heads + 1)
+        for k in range(1, self.unit.n_heads + 1):
+            valid = [j for j in self._fits if j <= k]
+            errors[k] = min(self._fits[j].error for j in valid) if valid else 1.0
+        self.errors = errors
+
+    def _fit(self, k) -> HeadSelection:
+        selection = super().select(k)
+        d = self.unit.head_dim
+        columns = (selection.heads[:, None] * d + np.arange(d)).ravel()
+        keep, T, error = self.stats.fit(columns)
+        order = np.argsort(keep, kind="stable")  # rows in the order of the kept columns
+        return HeadSelection(self.unit, selection.heads, selection.kv_heads, T[order],
+                             float(error))
+
+    def _error(self, k) -> float:
+        fits = self.__dict__.get("_fits")
+        return super()._error(k) if fits is None else fits[k].error
+
+    def select(self, k: int) -> HeadSelection:
+        return self._fits[self.valid(int(k))]
+
+
 # ------------------------------------------------------------------------------ surgery
 
 

@@ -329,3 +329,27 @@ def test_compressed_transformer_exports(name):
     with torch.no_grad():
         torch.testing.assert_close(_first(exported.module()(X[:2], **kwargs)),
                                    _first(nc.compressed_model_(X[:2], **kwargs)))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "bert", "gpt2"])
+def test_corrective_calibration_fits_heads_to_the_original(name, recwarn):
+    model, X, full, _ = _fit(name, n=32, rank=1.0, tol=0, calibration="corrective")
+    with torch.no_grad():
+        torch.testing.assert_close(_first(full.compressed_model_(X)), _first(model(X)),
+                                   atol=1e-5, rtol=1e-5)
+    _, _, half, _ = _fit(name, n=32, rank=0.5, calibration="corrective")
+    heads = [row for row in half.layers_ if row["kind"] == "heads"]
+    assert heads and all(row["width_after"] < row["width_before"] for row in heads)
+    assert all(0 <= row["error"] <= 1 for row in heads)
+    _check_grouping(half.compressed_model_)
+    assert not [w for w in recwarn if "does not cover" in str(w.message)]
+
+
+def test_corrective_head_errors_are_the_fit_to_the_original():
+    """On the first block nothing upstream is compressed: the corrective error of the heads
+    equals the plain head ID's error at the same count."""
+    _, _, corrective, _ = _fit("llama_gqa", n=32, rank=0.5, prune="heads",
+                               calibration="corrective")
+    _, _, original, _ = _fit("llama_gqa", n=32, rank=0.5, prune="heads")
+    assert corrective.layers_[0]["error"] == pytest.approx(original.layers_[0]["error"],
+                                                           rel=1e-6, abs=1e-9)
