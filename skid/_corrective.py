@@ -27,7 +27,7 @@ read by one consumer (a channel group's consumer, a block's).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
@@ -169,6 +169,33 @@ class CrossStatistics:
             R11, R12 = self.first, self.cross
             sq = np.sum((R12 - R11[:, keep] @ T) ** 2) + self.sq_norm - np.sum(R12**2)
         return float(np.sqrt(max(sq, 0.0) / self.sq_norm))
+
+
+def fit_kept(stats: CrossStatistics, keep, blocks: int = 1):
+    """``T`` (rows in the order of ``keep``) and its error for channels chosen elsewhere.
+
+    With ``blocks > 1`` (a grouped convolution reads the channels) each of the equal channel
+    blocks is fitted from its own kept channels only, so ``T`` is block-diagonal.
+    """
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    m = stats.n_features
+    size = m // blocks
+    T = np.zeros((keep.size, m))
+    for b in range(blocks):
+        cols = np.arange(b * size, (b + 1) * size)
+        rows = np.flatnonzero((keep >= cols[0]) & (keep <= cols[-1]))
+        if blocks == 1:
+            sub = stats
+        elif stats.method == "gram":
+            sub = replace(stats, first=stats.first[np.ix_(cols, cols)],
+                          cross=stats.cross[np.ix_(cols, cols)])
+        else:
+            sub = replace(stats, first=stats.first[:, cols], cross=stats.cross[:, cols])
+        local = keep[rows] - cols[0]
+        fitted, T_b, _ = sub.fit(local)
+        position = {int(c): i for i, c in enumerate(local)}
+        T[rows[[position[int(c)] for c in fitted]], cols[0]:cols[-1] + 1] = T_b
+    return T, stats._relative_error(keep, T)
 
 
 def _trusted(diag: np.ndarray, ratio: float) -> int:

@@ -337,7 +337,7 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     global _passes
     device, dtype = model_device_dtype(model)
     modules = dict(model.named_modules())
-    readings = [_readers(unit) for unit in units]
+    readings = [reading_consumers(unit) for unit in units]
     accumulators = [
         [GramAccumulator(precision) if method == "gram" else QRAccumulator() for _ in unit_readers]
         for unit_readers in readings
@@ -378,7 +378,7 @@ def _statistic_width(unit) -> int:
     return unit.n_heads * unit.head_dim if unit.kind == "heads" else unit.width
 
 
-def _readers(unit):
+def reading_consumers(unit):
     """One consumer per reading of the group (the first that reads each member tensor)."""
     first = {}
     for consumer in unit.consumers:
@@ -440,9 +440,13 @@ def _drop_padding(module, x, mask):
 
 
 def corrective_statistics(model, reference, unit, batches, *, method="gram",
-                          precision="float64", verbose=False):
+                          precision="float64", verbose=False, consumer=None):
     """The corrective statistics of one unit: its consumer's input in ``model`` against the
     same tensor in ``reference``, both run on every batch (two truncated passes).
+
+    ``consumer`` (one of ``unit.consumers``, default the first) picks the reading of a group
+    whose consumers read several tensors; its slice of a concatenation is taken in each model
+    at that model's own offset.
 
     Parameters
     ----------
@@ -472,8 +476,8 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
             mask = _padding_mask(kwargs)
             original = None
             if reference is not None:
-                original = _consumer_input(reference, unit, args, kwargs, mask)
-            compressed = _consumer_input(model, unit, args, kwargs, mask)
+                original = _consumer_input(reference, unit, args, kwargs, mask, consumer)
+            compressed = _consumer_input(model, unit, args, kwargs, mask, consumer)
             _passes += 1 + (reference is not None)
             if compressed is None or (reference is not None and original is None):
                 raise ValueError(
@@ -502,17 +506,19 @@ def _padding_mask(kwargs):
     return mask.bool() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
-def _consumer_input(model, unit, args, kwargs, mask):
-    """``Z`` (rows × channels) entering ``unit.consumer`` on its first call, padding dropped;
-    the forward pass stops there. None if the consumer never runs."""
+def _consumer_input(model, unit, args, kwargs, mask, consumer=None):
+    """``Z`` (rows × the unit's channels) entering ``consumer`` (default: the unit's first) on
+    its first call, padding dropped; the forward pass stops there. None if it never runs."""
+    consumer = unit.consumers[0] if consumer is None else consumer
+    columns = _columns(model, consumer, unit)
     captured = []
 
     def hook(module, inputs):
         x = _drop_padding(module, inputs[0], mask)
-        captured.append(as_samples(module, x, unit.positions))
+        captured.append(as_samples(module, x, consumer.positions)[:, columns])
         raise _StopForward
 
-    handle = model.get_submodule(unit.consumer).register_forward_pre_hook(hook)
+    handle = model.get_submodule(consumer.name).register_forward_pre_hook(hook)
     try:
         run_model(model, args, kwargs)
     except _StopForward:
@@ -524,7 +530,7 @@ def _consumer_input(model, unit, args, kwargs, mask):
 
 def _factorize(unit, accumulators):
     """The group's factorization (joint over its readings), with errors that name the group."""
-    for consumer, accumulator in zip(_readers(unit), accumulators, strict=True):
+    for consumer, accumulator in zip(reading_consumers(unit), accumulators, strict=True):
         if accumulator.n_features is None:
             raise ValueError(
                 f"No calibration data reached {consumer.name!r} (a consumer of "
@@ -617,21 +623,23 @@ class StatisticsCache:
         result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
         return result[0] if isinstance(result[1], dict) else result
 
-    def corrective(self, key, model, reference, unit, batches, *, method, precision, verbose):
+    def corrective(self, key, model, reference, unit, batches, *, method, precision, verbose,
+                   consumer=None):
         """:func:`corrective_statistics`; ``key`` must identify both models, data, settings."""
-        settings = dict(method=method, precision=precision, verbose=verbose)
+        settings = dict(method=method, precision=precision, verbose=verbose, consumer=consumer)
         if self.memory is None:
             return corrective_statistics(model, reference, unit, batches, **settings)
         cached = self.memory.cache(
             _keyed_corrective, ignore=["model", "reference", "batches", "verbose"])
-        return cached(key, unit, method, precision, model=model, reference=reference,
+        return cached(key, unit, method, precision, consumer, model=model, reference=reference,
                       batches=batches, verbose=verbose)
 
 
-def _keyed_corrective(key, unit, method, precision, *, model, reference, batches, verbose):
+def _keyed_corrective(key, unit, method, precision, consumer, *, model, reference, batches,
+                      verbose):
     """:func:`corrective_statistics` with a content key as the cache's argument."""
-    return corrective_statistics(
-        model, reference, unit, batches, method=method, precision=precision, verbose=verbose)
+    return corrective_statistics(model, reference, unit, batches, method=method,
+                                 precision=precision, verbose=verbose, consumer=consumer)
 
 
 def _keyed_statistics(key, units, method, precision, *, model, batches, verbose):

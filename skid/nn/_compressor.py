@@ -36,6 +36,7 @@ from ._calibration import (
     fingerprint,
     model_device_dtype,
     model_fingerprint,
+    reading_consumers,
     run_model,
     to_inputs,
 )
@@ -587,32 +588,49 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             facs, self.n_calibration_samples_ = cache.get(key, work, units, batches, **settings)
             widths = self._widths(facs, units, flops_info, work, batches)
         reference = copy.deepcopy(work)  # the original, on the calibration device
-        plan, sequential = [], []
+        plan = []
         for i, unit in enumerate(units):
             step_key = None if key is None else fingerprint(
                 key, "corrective", i, _plan_content(plan))
+            upstream = reference if plan else None  # nothing compressed yet: Z_o = Z_c
             if _corrective_applies(unit):
-                # nothing compressed yet: the consumer's input is the original's (one pass)
                 stats, self.n_calibration_samples_ = cache.corrective(
-                    step_key, work, reference if plan else None, unit, batches, **settings)
+                    step_key, work, upstream, unit, batches, **settings)
                 fac = (CorrectiveHeadFactorization(stats, unit) if unit.kind == "heads"
                        else stats.factorize(_corrective.DEFAULT_SELECTION))
+                k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
+                selection = _selection(unit, fac, k)
             else:
-                sequential.append(unit.producer)
-                (fac,), self.n_calibration_samples_ = cache.get(
-                    step_key, work, [unit], batches, **settings)
-            k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
-            selection = _selection(unit, fac, k)
+                selection = self._corrective_group(work, upstream, unit, widths, i, step_key,
+                                                   cache, batches, settings)
             _apply(work, selection)
             plan.append(selection)
-        if sequential:
-            warnings.warn(
-                f"calibration='corrective' does not cover the groups of {sequential} yet "
-                "(consumers reading different tensors, slices of a concatenation or grouped "
-                "convolutions): they were calibrated as calibration='sequential' does.",
-                UserWarning, stacklevel=3,
-            )
         return plan
+
+    def _corrective_group(self, work, reference, unit, widths, i, step_key, cache, batches,
+                          settings) -> Selection:
+        """A group read as several tensors, as slices of a concatenation or by a grouped
+        convolution: ``J`` from the compressed model's statistics of all its readings (as
+        ``"sequential"`` chooses it), then each reading's ``T`` fitted to the original model's
+        reading by least squares (block-diagonal for a grouped convolution)."""
+        (fac,), self.n_calibration_samples_ = cache.get(step_key, work, [unit], batches,
+                                                        **settings)
+        k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
+        keep = np.asarray(fac.select(int(k))[0], dtype=np.int64)
+        per_reading, squared = {}, []
+        for consumer in reading_consumers(unit):
+            key = None if step_key is None else fingerprint(step_key, "reads", consumer.reads)
+            stats, _ = cache.corrective(key, work, reference, unit, batches, consumer=consumer,
+                                        **settings)
+            T, error = _corrective.fit_kept(stats, keep, unit.blocks)
+            per_reading[consumer.reads] = torch.as_tensor(T)
+            squared.append(error**2)
+        per_consumer = tuple(per_reading[c.reads] for c in unit.consumers)
+        return Selection(
+            unit=unit, keep=torch.as_tensor(keep), interpolation=per_consumer[0],
+            error=float(np.sqrt(np.mean(squared))),
+            interpolations=per_consumer if unit.n_readings > 1 else None,
+        )
 
     def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.
@@ -763,9 +781,10 @@ def _working_copy(model: nn.Module, device) -> nn.Module:
 
 
 def _corrective_applies(unit) -> bool:
-    """Whether the corrective statistic covers the unit: all consumers read one whole tensor
-    (no concatenation slice) and no grouped convolution asks for a block-diagonal ``T``
-    (attention heads: the output projection's input)."""
+    """Whether one corrective statistic gives the unit's selection: all consumers read one
+    whole tensor (no concatenation slice) and no grouped convolution asks for a block-diagonal
+    ``T`` (attention heads: the output projection's input). Other groups take
+    :meth:`NetworkCompressor._corrective_group`."""
     return unit.n_readings == 1 and unit.blocks == 1 and not any(
         c.before for c in unit.consumers)
 

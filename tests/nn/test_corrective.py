@@ -235,12 +235,10 @@ def test_command_line_and_verbose(tmp_path, capsys):
     assert "calibration" in capsys.readouterr().err  # one progress bar per step
 
 
-@pytest.mark.filterwarnings("ignore:calibration='corrective' does not cover")
 @pytest.mark.parametrize("name", ["resnext", "mbconv_se", "densenet", "inception", "fire",
                                   "gated_mlp"])
 def test_channel_groups_under_corrective_calibration(name):
-    """Groups the corrective statistic covers get it; the rest are calibrated sequentially
-    (with a warning), and the model is exact at full width either way."""
+    """Every kind of group gets a corrective fit: exact at full width, narrower at half."""
     from .blocks import BLOCKS, make_block
 
     model, batch = make_block(name), BLOCKS[name][1](n=16)
@@ -251,11 +249,28 @@ def test_channel_groups_under_corrective_calibration(name):
         half = NetworkCompressor(model, rank=0.5, calibration="corrective").fit(batch)
         assert half.compressed_model_(batch).shape == model(batch).shape
     assert all(row["width_after"] < row["width_before"] for row in half.layers_)
+    assert all(0 <= row["error"] <= 1 for row in half.layers_)
 
 
-def test_groups_outside_the_corrective_statistic_are_named():
-    from .blocks import BLOCKS, make_block
+@pytest.mark.parametrize("method", ["gram", "qr"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_fit_kept_is_the_least_squares_fit_per_block(method, blocks):
+    """T for channels chosen elsewhere: the least-squares fit of Z_o from Z_c[:, keep],
+    block by block (block-diagonal) for a grouped convolution."""
+    from skid._corrective import CrossAccumulator, fit_kept
 
-    with pytest.warns(UserWarning, match=r"does not cover the groups of \['stem.0'"):
-        NetworkCompressor(make_block("inception"), rank=0.5, calibration="corrective").fit(
-            BLOCKS["inception"][1](n=8))
+    rng = np.random.default_rng(0)
+    Zc = rng.standard_normal((200, 8))
+    Zo = Zc + 0.3 * rng.standard_normal((200, 8))
+    stats = CrossAccumulator(method).update(Zc, Zo).statistics()
+    keep = np.array([5, 0, 6, 3])  # two per block of 4
+    T, error = fit_kept(stats, keep, blocks)
+    expected = np.zeros((4, 8))
+    for b in range(blocks):
+        cols = np.arange(b * 8 // blocks, (b + 1) * 8 // blocks)
+        rows = np.flatnonzero(np.isin(keep, cols))
+        expected[np.ix_(rows, cols)] = np.linalg.lstsq(Zc[:, keep[rows]], Zo[:, cols],
+                                                       rcond=None)[0]
+    np.testing.assert_allclose(T, expected, atol=1e-8)
+    measured = np.linalg.norm(Zo - Zc[:, keep] @ T) / np.linalg.norm(Zo)
+    assert error == pytest.approx(measured, abs=1e-9)
