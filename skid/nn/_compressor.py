@@ -549,7 +549,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
 
         Two pivot rules were measured (``benchmarks/bench_transformers.py``): scaling each
         column by the norm of the consumer weights that read it, and a greedy on the output
-        error; they gave the same fidelity and the scaling is 3x faster (``_OUTPUT_PIVOTS``).
+        error; on MiniLM at half FFN width the scaling kept more (mean embedding cosine 0.954
+        against 0.939) for a sixth of the time (``_OUTPUT_PIVOTS``).
         Groups whose consumers read different tensors, or grouped convolutions, keep the
         activation objective (with a warning): their joint statistic has no single output.
         """
