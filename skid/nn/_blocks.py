@@ -21,6 +21,7 @@ block, so an interrupted run with ``memory=`` resumes without recomputing them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Mapping
@@ -29,7 +30,14 @@ import torch
 from torch import nn
 
 from .._validation import suggest
-from ._calibration import _StopForward, fingerprint, model_device_dtype, run_model, to_inputs
+from ._calibration import (
+    _StopForward,
+    fingerprint,
+    model_device_dtype,
+    run_model,
+    running_to_the_end,
+    to_inputs,
+)
 
 __all__ = ["BlockLayout", "blockwise_plan", "find_blocks"]
 
@@ -278,6 +286,37 @@ class _Runner:
         self.list[i] = _Replay(self.tape, i == 0, self.device)
         _move(self.members[i], self.home)
 
+    @contextlib.contextmanager
+    def recording(self, i: int, wanted):
+        """While on, statistics passes run past member ``i`` and keep its outputs (the next
+        tape), so the block does not run a second time just to record them."""
+        self._recorded = None
+        if not wanted:
+            yield
+            return
+        outputs = []
+
+        def hook(module, args, output):
+            outputs.append(_map_tensors(output, lambda t: t.detach().to("cpu")))
+            raise _StopForward
+
+        handle = self.members[i].register_forward_hook(hook)
+        try:
+            with running_to_the_end():
+                yield
+        finally:
+            handle.remove()
+        self._recorded = outputs
+
+    def recorded(self, i: int, batches) -> bool:
+        """Whether the last statistics pass recorded member ``i``'s output for every batch
+        (not when the statistics came from ``memory=``); if so, that is the tape now."""
+        outputs, self._recorded = self._recorded, None
+        if outputs is None or len(outputs) != batches.n_batches:
+            return False
+        self.tape.outputs = outputs
+        return True
+
     def record(self, i: int, batches, dtype) -> None:
         """Run the model up to member ``i``'s output on every batch; that output is the tape."""
         outputs = []
@@ -361,8 +400,11 @@ class _Walk:
             for b, indices in enumerate(layout.inside):
                 runner.turn(b)
                 try:
-                    self.calibrate(runner, indices, f"block {b}", mode)
-                    if b + 1 < layout.size or layout.after:
+                    needed = b + 1 < layout.size or layout.after
+                    # one pass: the statistics, and the block's outputs for the blocks after it
+                    with runner.recording(b, needed and mode != "sequential" and indices):
+                        self.calibrate(runner, indices, f"block {b}", mode)
+                    if needed and not runner.recorded(b, self.batches):
                         runner.record(b, self.batches, dtype)
                     if mode == "original":
                         self.fold(indices)  # its outputs are recorded: fold, free the T's

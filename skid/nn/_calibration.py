@@ -11,6 +11,8 @@ and executed ops, the data and the settings — never of object identities.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import itertools
 import os
@@ -386,6 +388,21 @@ def reading_consumers(unit):
     return [first[r] for r in range(unit.n_readings)]
 
 
+#: Set while a caller needs the statistics pass to go on past the last consumer (block-wise
+#: calibration records the block's outputs in the same pass).
+_RUN_TO_THE_END = contextvars.ContextVar("skid_run_to_the_end", default=False)
+
+
+@contextlib.contextmanager
+def running_to_the_end():
+    """Statistics passes inside this block do not stop after the last consumer."""
+    token = _RUN_TO_THE_END.set(True)
+    try:
+        yield
+    finally:
+        _RUN_TO_THE_END.reset(token)
+
+
 class _HookState:
     """Per-batch state shared by the hooks: the padding mask and which consumers have run."""
 
@@ -421,7 +438,7 @@ def _accumulating_hook(unit, consumer, accumulator, state: _HookState, columns=s
         except NonFiniteDataError:  # NaN/Inf rows: the accumulator refused them, untouched
             raise _NonFiniteActivations(_non_finite_message(unit, consumer.name)) from None
         state.seen.add(consumer.name if key is None else key)
-        if len(state.seen) == state.n_consumers:
+        if len(state.seen) == state.n_consumers and not _RUN_TO_THE_END.get():
             raise _StopForward  # every consumer has been seen: the rest is not needed
 
     return hook

@@ -269,3 +269,19 @@ def test_the_plan_drops_each_interpolation_matrix_once_folded(monkeypatch):
     assert len(plans) == 3
     for plan in plans:
         assert all(s.interpolation.shape == (0, s.unit.width) for s in plan)
+
+
+def test_block_outputs_are_recorded_in_the_statistics_pass(monkeypatch, tmp_path):
+    """Original mode: each block runs once per batch (statistics and its outputs together);
+    only statistics read back from memory= need a pass that records the outputs."""
+    calls = []
+    record = _blocks._Runner.record
+    monkeypatch.setattr(_blocks._Runner, "record",
+                        lambda self, *a, **k: calls.append(a[0]) or record(self, *a, **k))
+    model = make_stack()
+    fresh = fit(model, X, rank=0.5, memory=tmp_path)
+    assert fresh.blocks_ == "layers" and calls == []
+    assert_same_models(fresh, fit(model, X, rank=0.5, blocks=None))
+    again = fit(model, X, rank=0.5, memory=tmp_path)
+    assert again.n_calibration_passes_ == 0 and calls  # from the cache: recorded on their own
+    assert_same_models(again, fresh)
