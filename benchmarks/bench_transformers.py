@@ -15,7 +15,7 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
    (heads with the largest query-row and output-column norms).
 3. Cost: ``fit`` time ÷ one forward pass over the same calibration batches (median of rounds).
 
-    python benchmarks/bench_transformers.py            # about two minutes on 2 cores
+    python benchmarks/bench_transformers.py            # about five minutes on 2 cores
     python benchmarks/bench_transformers.py --quick    # 64 sentences, one round
 """
 
