@@ -485,7 +485,7 @@ def _reshape(graph: Graph, state: _Channels, node: Node) -> _Channels:
             tuple(shape_in[:state.axis]) and len(split) == 2 and math.prod(split) == length):
         if state.axis == len(shape_in) - 1:
             heads = (f"; it splits the channels into {split[0]} attention heads of "
-                     f"{split[1]} (heads are not channels: left alone)")
+                     f"{split[1]} (not prunable as channels; prune='heads' prunes whole heads)")
         else:
             heads = (f"; it splits the channels into {split[0]} groups of {split[1]} (a "
                      "channel shuffle or a grouped view: left alone)")
