@@ -293,24 +293,29 @@ def factorize_gram(
     diag_max = float(np.max(np.diagonal(gram), initial=0.0))
     shift = _exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
     scaled = np.ldexp(gram, -shift) if shift else gram
+    sq_norm = float(np.trace(scaled))
     cutoff = -1.0 if product_eps is None else m * product_eps * math.ldexp(diag_max, -shift)
-    with _small_step(m):
-        factor, piv, rank, info = lapack.dpstrf(scaled, lower=0, tol=cutoff)
+    with _small_step(m):  # a scaled copy is ours to overwrite: one m × m buffer fewer
+        factor, piv, rank, info = lapack.dpstrf(scaled, lower=0, tol=cutoff,
+                                                overwrite_a=scaled is not gram)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     if n_samples is not None:
         rank = min(rank, int(n_samples))
     perm = piv[:m].astype(np.int64) - 1
-    U = np.triu(factor[:rank])
-    sq_norm = float(np.trace(scaled))
+    U = factor[:rank]
+    for i in range(1, rank):  # the upper factor in place (np.triu would copy m × m)
+        U[i, :i] = 0.0
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(np.einsum("ij,ij->i", U, U))
     sq_tail[rank + 1 :] = sq_tail[rank]
     errors = _relative_errors(sq_tail, sq_norm)
     half = shift // 2 + scale_exp
+    if half:
+        np.ldexp(U, half, out=U)
     return PivotedFactorization(
-        perm, np.ldexp(U, half), _ldexp_inf(sq_norm, 2 * half), errors, rank, n_samples,
+        perm, U, _ldexp_inf(sq_norm, 2 * half), errors, rank, n_samples,
         float32_products=product_eps is not None,
     )  # fmt: skip
 
