@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,6 +171,13 @@ def _layout(name, module_list, calls, units):
     layout = BlockLayout(name, len(module_list), tuple(before), tuple(after),
                          tuple(tuple(i) for i in inside))
     return layout, None
+
+
+def _emptied(T):
+    """A new ``(0, m)`` array of ``T``'s kind (torch or NumPy), sharing no memory with it."""
+    if isinstance(T, torch.Tensor):
+        return T.new_empty((0, T.shape[1]))
+    return np.empty((0, np.shape(T)[1]))
 
 
 def _unit_modules(unit):
@@ -468,9 +476,8 @@ class _Walk:
             _apply(self.work, selection)
             if track and self.key is not None:
                 self.state = fingerprint(self.state, _plan_content([selection]))
-            T = selection.interpolation
-            empty = T[:0] if hasattr(T, "shape") else T
-            changes = {"interpolation": empty}
+            # new (0, m) arrays: a slice would be a view keeping the whole T alive
+            changes = {"interpolation": _emptied(selection.interpolation)}
             if getattr(selection, "interpolations", None) is not None:
-                changes["interpolations"] = tuple(t[:0] for t in selection.interpolations)
+                changes["interpolations"] = tuple(map(_emptied, selection.interpolations))
             self.results[i] = dataclasses.replace(selection, **changes)
