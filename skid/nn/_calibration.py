@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _array
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from . import _distributed
@@ -375,6 +376,19 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     return [_factorize(u, accs) for u, accs in zip(units, accumulators, strict=True)], n_samples
 
 
+def _statistic_gram(accumulator) -> np.ndarray:
+    """The accumulated ``XᵀX`` (float64, on the host), up to the accumulator's power-of-two
+    scale: the head ID's choice, errors and ``T`` do not depend on a positive scale."""
+    if not isinstance(accumulator, GramAccumulator):  # TSQR: RᵀR
+        R = _array.to_numpy(accumulator.R).astype(np.float64)
+        gram = R.T @ R
+    else:
+        gram = np.array(_array.to_numpy(accumulator.gram), dtype=np.float64)
+    if not np.isfinite(gram).all():
+        raise ValueError("The statistics hold NaN or infinite values.")
+    return gram
+
+
 def _statistic_width(unit) -> int:
     """Columns of a unit's statistic: its channels, or every head's columns."""
     return unit.n_heads * unit.head_dim if unit.kind == "heads" else unit.width
@@ -555,7 +569,7 @@ def _factorize(unit, accumulators):
             )
     try:
         if unit.kind == "heads":  # whole heads from the output projection's Gram
-            return HeadFactorization(accumulators[0].factorize().gram(), unit)
+            return HeadFactorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:
             return BlockFactorization.from_accumulators(accumulators, unit.blocks)
         if len(accumulators) == 1:

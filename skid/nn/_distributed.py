@@ -164,7 +164,8 @@ def reduce_cross(acc, width: int, n_samples: int) -> int:
     n_samples, rows = all_sum(torch.tensor([n_samples, acc.n_samples], dtype=torch.int64)).tolist()
     unchanged, finer = _max([int(not acc._unchanged), int(acc._eps > 1e-10)])
     acc._unchanged, acc.n_samples, acc.n_features = not unchanged, rows, width
-    acc._eps = max(acc._eps, float(torch.finfo(torch.float32).eps) if finer else acc._eps)
+    if finer:  # some rank multiplied in float32: its rounding decides what is trusted
+        acc._eps = max(acc._eps, float(torch.finfo(torch.float32).eps))
     if acc._qr is not None:
         (exp,) = _max([acc._qr.scale_exp])
         _reduce_r(acc._qr, 2 * width, exp)

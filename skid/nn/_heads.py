@@ -32,7 +32,7 @@ from torch import nn
 from .._linalg import BlockPivotedFactorization
 from . import _budget
 from ._plan import Consumer, Skipped
-from ._surgery import fold_in, slice_out
+from ._surgery import fold_in, slice_out, surgery_for
 
 __all__ = [
     "AttentionLayout",
@@ -296,12 +296,13 @@ def _head_unit(model, name, layout):
     return HeadUnit(name, layout, n_heads, n_kv), None
 
 
-def _out_width(module):
-    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.out_features
+def _out_width(module) -> int:
+    """Output channels, as the layer kind's registry entry reads them (Linear, HF Conv1D)."""
+    return int(surgery_for(module).out_width(module))
 
 
-def _in_width(module):
-    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
+def _in_width(module) -> int:
+    return int(surgery_for(module).in_width(module))
 
 
 def in_forward_order(model, units, args, kwargs) -> list:
