@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from ._calibration import (
     running_to_the_end,
     to_inputs,
 )
+from ._trace import map_tensors
 
 __all__ = ["BlockLayout", "blockwise_plan", "find_blocks"]
 
@@ -232,7 +232,7 @@ class _Tape:
         self.position = -1
 
     def current(self, device):
-        return _map_tensors(self.outputs[self.position], lambda t: t.to(device))
+        return map_tensors(self.outputs[self.position], lambda t: t.to(device))
 
 
 class _Replay(nn.Module):
@@ -251,21 +251,14 @@ class _Replay(nn.Module):
         return self.tape.current(self.device)
 
 
-def _map_tensors(value, fn):
-    """``value`` with ``fn`` applied to every tensor (in tuples, lists, dicts, ModelOutputs)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, Mapping):
-        mapped = {k: _map_tensors(v, fn) for k, v in value.items()}
-        try:
-            return type(value)(**mapped)
-        except TypeError:
-            return mapped
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map_tensors(v, fn) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
+def _keeping_outputs(outputs: list):
+    """A forward hook that keeps the member's output on the host and ends the pass there."""
+
+    def hook(module, args, output):
+        outputs.append(map_tensors(output, lambda t: t.detach().to("cpu")))
+        raise _StopForward
+
+    return hook
 
 
 def _move(module: nn.Module, device) -> None:
@@ -303,12 +296,7 @@ class _Runner:
             yield
             return
         outputs = []
-
-        def hook(module, args, output):
-            outputs.append(_map_tensors(output, lambda t: t.detach().to("cpu")))
-            raise _StopForward
-
-        handle = self.members[i].register_forward_hook(hook)
+        handle = self.members[i].register_forward_hook(_keeping_outputs(outputs))
         try:
             with running_to_the_end():
                 yield
@@ -328,12 +316,7 @@ class _Runner:
     def record(self, i: int, batches, dtype) -> None:
         """Run the model up to member ``i``'s output on every batch; that output is the tape."""
         outputs = []
-
-        def hook(module, args, output):
-            outputs.append(_map_tensors(output, lambda t: t.detach().to("cpu")))
-            raise _StopForward
-
-        handle = self.members[i].register_forward_hook(hook)
+        handle = self.members[i].register_forward_hook(_keeping_outputs(outputs))
         self.tape.rewind()
         try:
             with torch.no_grad():

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
 from .._array import float_dtype_for
 from .._linalg import GramAccumulator, QRAccumulator
+from ._trace import map_tensors
 
 __all__ = [
     "active",
@@ -224,20 +224,9 @@ def first_batch(batch):
     if top == 0:
         raise ValueError("X is empty on every rank: no rank has a calibration batch.")
     owner = size - top
-    payload = [_to_cpu(batch) if rank == owner else None]
+    payload = [map_tensors(batch, torch.Tensor.cpu) if rank == owner else None]
     dist.broadcast_object_list(payload, src=dist.get_global_rank(group, owner), group=group)
     return batch if rank == owner else payload[0]
-
-
-def _to_cpu(value):
-    """Tensors of a batch (nested in dicts, tuples, lists) moved to the host for pickling."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, Mapping):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 def agreed_key(key: str) -> str:

@@ -289,3 +289,20 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> Graph:
         for module, training in modes.items():
             module.training = training
     return graph
+
+
+def map_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor (in tuples, lists, dicts, ModelOutputs)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in value.items()}
+        try:
+            return type(value)(**mapped)
+        except TypeError:
+            return mapped
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
