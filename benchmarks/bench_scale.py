@@ -157,6 +157,7 @@ def _rank_main(rank, port, n_rows, args, out_path):
         widths = [row["width_before"] for row in nc.layers_]
         with open(f"{out_path}.{rank}", "w") as f:
             json.dump({"bytes": traffic, "time": seconds, "widths": widths}, f)
+        dist.barrier()  # both ranks done before either tears Gloo down (a teardown race aborts)
     finally:
         dist.destroy_process_group()
 

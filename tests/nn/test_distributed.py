@@ -108,6 +108,7 @@ def _rank_main(rank, port, out_dir):
         results["memory_hit"] = summary(nc)
         results["memory_hit_passes"] = nc.n_calibration_passes_
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears Gloo down
     finally:
         dist.destroy_process_group()
 
