@@ -74,11 +74,15 @@ def make_stack(n_blocks, width, hidden, n_rows):
 
 # ----------------------------------------------------------------- 1. memory/time vs blocks
 
-MODES = {  # name: (blocks, calibration)
-    "one pass, original": (None, "original"),
-    "block-wise, original": ("layers", "original"),
-    "one pass, sequential": (None, "sequential"),
-    "block-wise, sequential": ("layers", "sequential"),
+MODES = {  # name: (blocks, calibration, the width request, the one-pass row it is compared to)
+    "one pass, original": (None, "original", {"rank": RANK}, "one pass, original"),
+    "block-wise, original": ("layers", "original", {"rank": RANK}, "one pass, original"),
+    "one pass, sequential": (None, "sequential", {"rank": RANK}, "one pass, original"),
+    "block-wise, sequential": ("layers", "sequential", {"rank": RANK}, "one pass, original"),
+    "one pass, target_flops": (None, "original", {"target_flops": 0.5},
+                               "one pass, target_flops"),
+    "block-wise, target_flops": ("layers", "original", {"target_flops": 0.5},
+                                 "one pass, target_flops"),
 }
 
 
@@ -87,17 +91,18 @@ def blocks_child(args):
     set_threads(args.threads)
     n_blocks, mode = args.blocks_child
     model, X = make_stack(int(n_blocks), args.width, args.hidden, args.rows)
-    blocks, calibration = MODES[mode]
+    blocks, calibration, request, _ = MODES[mode]
 
     def fit():
-        NetworkCompressor(model, rank=RANK, blocks=blocks, calibration=calibration,
-                          batch_size=BATCH_SIZE).fit(X)
+        NetworkCompressor(model, blocks=blocks, calibration=calibration,
+                          batch_size=BATCH_SIZE, **request).fit(X)
 
     NetworkCompressor(model, rank=RANK, blocks=blocks).fit(X[:8])  # imports, one-time caches
     peak = peak_above_start(fit)
     forward = median_time(lambda: forward_pass(model, X, BATCH_SIZE), args.rounds)
     seconds = median_time(fit, args.rounds)
-    print(json.dumps({"peak": peak, "time": seconds, "forward": forward}))
+    copy_mib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    print(json.dumps({"peak": peak, "time": seconds, "forward": forward, "copy": copy_mib}))
 
 
 def bench_blocks(args, block_counts):
@@ -108,25 +113,28 @@ def bench_blocks(args, block_counts):
     rows = []
     gram_mib = 8 * args.hidden**2 / 2**20
     for n_blocks in block_counts:
-        one_pass = None
-        for mode in MODES:
+        done = {}
+        for mode, (_, _, _, base) in MODES.items():
             command = [sys.executable, __file__, "--blocks-child", str(n_blocks), mode,
                        *_shared_flags(args)]
             out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            if mode == "one pass, original":
-                one_pass = r
+            r = done[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            b = done[base]
             grams = gram_mib * (n_blocks if mode.startswith("one pass") else 1)
-            rows.append((n_blocks, mode, grams, r["peak"], r["peak"] / one_pass["peak"],
-                         r["time"], r["time"] / r["forward"], r["time"] / one_pass["time"]))
+            rows.append((n_blocks, mode, grams, r["peak"], r["peak"] / b["peak"],
+                         r["peak"] - r["copy"], (r["peak"] - r["copy"]) / (b["peak"] - b["copy"]),
+                         r["time"], r["time"] / r["forward"], r["time"] / b["time"]))
     print_table(
         f"peak memory and time vs number of blocks: residual MLP stack, W={args.width}, "
         f"H={args.hidden} (one {args.hidden}-wide unit per block), {args.rows} rows, "
-        f"rank={RANK}; peak resident memory above the start of the fit (MiB), one fresh "
-        f"process per row; median time of {args.rounds} fits",
-        ["blocks", "mode", "Grams held (MiB)", "fit peak MiB", "÷ one-pass original",
-         "fit s", "÷ forward pass", "time ÷ one-pass original"],
-        rows, ["d", "s", ".1f", ".1f", ".2f", ".3f", ".1f", ".2f"],
+        f"rank={RANK} or target_flops=0.5; peak resident memory above the start of the fit "
+        f"(MiB), one fresh process per row, and the same less the fit's working copy of the "
+        f"model (its weights, the same in every mode: what is left is the calibration's own "
+        f"memory); median time of {args.rounds} fits; ratios to the one-pass fit of the same "
+        f"width request",
+        ["blocks", "mode", "Grams held (MiB)", "fit peak MiB", "÷ one pass",
+         "peak − model copy MiB", "÷ one pass", "fit s", "÷ forward pass", "time ÷ one pass"],
+        rows, ["d", "s", ".1f", ".1f", ".2f", ".1f", ".2f", ".3f", ".1f", ".2f"],
     )
 
 

@@ -5,31 +5,37 @@ the previous one's output (HF decoder/encoder layers). Calibrating block by bloc
 that block's statistics, and only that block needs to be on the calibration device:
 
 * every member except the current one is swapped for a :class:`_Replay` that hands back the
-  previous block's outputs, cached on the host for every calibration batch (the *tape*), so a
-  pass costs the code around the blocks (embeddings, masks) plus one block;
+  previous block's outputs, cached for every calibration batch (the *tape*: on the host, or
+  with ``memory=`` as files under its folder), so a pass costs the code around the blocks
+  (embeddings, masks) plus one block;
 * the block's units get their statistics from those inputs (``unit_statistics`` with the
-  model's own code computing every extra argument: masks, rotary embeddings), then a second
-  pass records the block's outputs — of the original block for ``calibration="original"``,
-  of the compressed one for ``"sequential"`` — as the next tape;
+  model's own code computing every extra argument: masks, rotary embeddings); the same pass
+  records the block's outputs as the next tape (``"original"``), or a pass after its units
+  are folded records those of the compressed block (``"sequential"``);
 * units outside the blocks are calibrated before them (those whose consumer runs before the
   first block) or after them, with every member replayed.
 
 With ``calibration="original"`` the statistics are those of one pass over the whole model, so
-the result is the same. Statistics of each step go through the compressor's cache, keyed per
-block, so an interrupted run with ``memory=`` resumes without recomputing them.
+the result is the same. Statistics and tapes go through ``memory=``, keyed per block, so an
+interrupted run resumes without recomputing them or running the finished blocks again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
+import os
+import shutil
+import uuid
 
 import numpy as np
 import torch
 from torch import nn
 
 from .._validation import suggest
+from . import _distributed
 from ._calibration import (
     _StopForward,
     fingerprint,
@@ -222,7 +228,8 @@ def _same(a, b) -> bool:
 
 
 class _Tape:
-    """The cached outputs of one block, one entry per calibration batch (on the host)."""
+    """The cached outputs of one block, one entry per calibration batch: on the host, or
+    files (``torch.save``, read back one batch at a time) in a :class:`_TapeStore` folder."""
 
     def __init__(self, outputs=None):
         self.outputs = outputs or []
@@ -232,7 +239,72 @@ class _Tape:
         self.position = -1
 
     def current(self, device):
-        return map_tensors(self.outputs[self.position], lambda t: t.to(device))
+        entry = self.outputs[self.position]
+        if isinstance(entry, str):  # a file of the store
+            return torch.load(entry, map_location=device, weights_only=True)
+        return map_tensors(entry, lambda t: t.to(device))
+
+
+class _TapeStore:
+    """Block outputs on disk, under ``memory=``'s folder, by content key.
+
+    A tape is written into a fresh folder and renamed into place once every batch is in, so
+    a folder under its key is always complete: an interrupted run leaves no half tape, and a
+    resumed one replays the finished blocks' outputs instead of running them again.
+    ``memory.clear()`` removes them with the statistics.
+    """
+
+    def __init__(self, memory):
+        backend = getattr(memory, "store_backend", None)
+        location = getattr(backend, "location", None)
+        self.root = None if location is None else os.path.join(location, "skid_block_outputs")
+
+    def folder(self, key):
+        return None if self.root is None or key is None else os.path.join(self.root, key)
+
+    def load(self, key, n_batches: int):
+        """The stored tape under ``key`` (a list of file names), or None."""
+        folder = self.folder(key)
+        if folder is None or not os.path.isdir(folder):
+            return None
+        files = [os.path.join(folder, f"{i}.pt") for i in range(n_batches)]
+        return files if all(map(os.path.isfile, files)) else None
+
+
+class _Recorder:
+    """Takes a block's output for each batch: kept on the host, or written into a new
+    folder that :meth:`finish` renames to the tape's key (``folder`` None: host)."""
+
+    def __init__(self, folder=None):
+        self.final = folder
+        self.folder = None if folder is None else f"{folder}.{os.getpid()}.{uuid.uuid4().hex}"
+        if self.folder is not None:
+            os.makedirs(self.folder)
+        self.outputs = []
+
+    def append(self, output) -> None:
+        output = map_tensors(output, lambda t: t.detach().to("cpu"))
+        if self.folder is None:
+            self.outputs.append(output)
+            return
+        path = os.path.join(self.folder, f"{len(self.outputs)}.pt")
+        torch.save(output, path)
+        self.outputs.append(path)
+
+    def finish(self, n_batches: int):
+        """The tape's entries once all ``n_batches`` are in (else None, and nothing kept)."""
+        complete = len(self.outputs) == n_batches
+        if self.folder is None:
+            return self.outputs if complete else None
+        if complete:
+            try:
+                os.replace(self.folder, self.final)
+            except OSError:  # another process stored the same tape first: use that one
+                shutil.rmtree(self.folder, ignore_errors=True)
+            names = [os.path.basename(p) for p in self.outputs]
+            return [os.path.join(self.final, n) for n in names]
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return None
 
 
 class _Replay(nn.Module):
@@ -251,11 +323,11 @@ class _Replay(nn.Module):
         return self.tape.current(self.device)
 
 
-def _keeping_outputs(outputs: list):
-    """A forward hook that keeps the member's output on the host and ends the pass there."""
+def _keeping_outputs(recorder: _Recorder):
+    """A forward hook that hands the member's output to ``recorder`` and ends the pass there."""
 
     def hook(module, args, output):
-        outputs.append(map_tensors(output, lambda t: t.detach().to("cpu")))
+        recorder.append(output)
         raise _StopForward
 
     return hook
@@ -269,11 +341,12 @@ def _move(module: nn.Module, device) -> None:
 class _Runner:
     """Keeps the trunk on ``device`` and swaps members in for their turn, replays otherwise."""
 
-    def __init__(self, model, layout: BlockLayout, device, home):
-        self.model, self.device, self.home = model, device, home
+    def __init__(self, model, layout: BlockLayout, device, home, store: _TapeStore):
+        self.model, self.device, self.home, self.store = model, device, home, store
         self.list = model.get_submodule(layout.name)
         self.members = list(self.list)
         self.tape = _Tape()
+        self._recorder = None
         for i in range(len(self.members)):
             self.list[i] = _Replay(self.tape, i == 0, device)
         model.to(device)  # the trunk only: the members are out
@@ -288,35 +361,42 @@ class _Runner:
         _move(self.members[i], self.home)
 
     @contextlib.contextmanager
-    def recording(self, i: int, wanted):
+    def recording(self, i: int, wanted, key=None):
         """While on, statistics passes run past member ``i`` and keep its outputs (the next
-        tape), so the block does not run a second time just to record them."""
-        self._recorded = None
+        tape, stored under ``key`` with ``memory=``), so the block does not run a second time
+        just to record them."""
+        self._recorder = None
         if not wanted:
             yield
             return
-        outputs = []
-        handle = self.members[i].register_forward_hook(_keeping_outputs(outputs))
+        recorder = _Recorder(self.store.folder(key))
+        handle = self.members[i].register_forward_hook(_keeping_outputs(recorder))
         try:
             with running_to_the_end():
                 yield
         finally:
             handle.remove()
-        self._recorded = outputs
+        self._recorder = recorder
 
     def recorded(self, i: int, batches) -> bool:
         """Whether the last statistics pass recorded member ``i``'s output for every batch
         (not when the statistics came from ``memory=``); if so, that is the tape now."""
-        outputs, self._recorded = self._recorded, None
-        if outputs is None or len(outputs) != batches.n_batches:
+        recorder, self._recorder = self._recorder, None
+        outputs = None if recorder is None else recorder.finish(batches.n_batches)
+        if outputs is None:
             return False
         self.tape.outputs = outputs
         return True
 
-    def record(self, i: int, batches, dtype) -> None:
-        """Run the model up to member ``i``'s output on every batch; that output is the tape."""
-        outputs = []
-        handle = self.members[i].register_forward_hook(_keeping_outputs(outputs))
+    def record(self, i: int, batches, dtype, key=None) -> None:
+        """Member ``i``'s output on every batch becomes the tape: read back from ``memory=``
+        when a run stored it under ``key``, else recorded by running the model up to it."""
+        stored = self.store.load(key, batches.n_batches)
+        if stored is not None:
+            self.tape.outputs = stored
+            return
+        recorder = _Recorder(self.store.folder(key))
+        handle = self.members[i].register_forward_hook(_keeping_outputs(recorder))
         self.tape.rewind()
         try:
             with torch.no_grad():
@@ -328,6 +408,9 @@ class _Runner:
                         pass
         finally:
             handle.remove()
+        outputs = recorder.finish(batches.n_batches)
+        if outputs is None:
+            raise RuntimeError(f"Internal error: block {i} did not run on every batch.")
         self.tape.outputs = outputs
 
     def close(self) -> None:
@@ -339,6 +422,25 @@ class _Runner:
 # ----------------------------------------------------------------------------------- the plan
 
 
+class ErrorCurve:
+    """What a FLOP budget needs of a unit's factorization, and nothing more: its relative
+    error at every width and, for heads, the counts the model's code runs.
+
+    ``target_flops`` compares every unit's curve at once; keeping these instead of the
+    factorizations (an ``m × m`` factor each) is what keeps the statistics to one block.
+    """
+
+    def __init__(self, fac):
+        self.errors = np.array(fac.errors, dtype=np.float64)
+        self.n_features = fac.n_features
+        self.valid_counts = getattr(fac, "valid_counts", None)
+        self._valid = None if self.valid_counts is None else [
+            fac.valid(k) for k in range(len(self.errors))]
+
+    def valid(self, k: int) -> int:
+        return self._valid[int(k)]
+
+
 def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, home):
     """Selections for every unit, calibrated block by block; applied to ``work``.
 
@@ -346,46 +448,79 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     members wait (the device of the example inputs). Returns the selections in units order,
     each holding its interpolation matrix only until it is folded into ``work`` (an empty
     ``(0, width)`` tensor then), so the plan does not grow by a ``k × m`` matrix per unit.
+
+    ``target_flops`` weighs every unit against every other: a first walk keeps each unit's
+    :class:`ErrorCurve` (its statistics are freed block by block), the budget gives candidate
+    widths, and a second walk folds them — building every candidate side by side when there
+    are several, each in its own copy of the model, so that the one whose outputs on the
+    first batch stay closest is kept, as a one-pass fit decides (the copies are weights; the
+    statistics are still one block's). ``"sequential"`` then walks a third time with the
+    chosen widths. With ``memory=`` the later walks read the statistics back.
     """
+    from ._compressor import batch_outputs, output_distance
+
     device = home if nc.device is None else torch.device(nc.device)
-    walk = _Walk(nc, work, units, batches, key, cache)
+    mode = "original" if nc.calibration == "original" else "sequential"
     if nc.target_flops is None:
-        mode = "original" if nc.calibration == "original" else "sequential"
-        walk.run(layout, device, home, mode)
-        return walk.results
-    walk.run(layout, device, home, "collect")  # every unit's error curve, for the FLOP budget
-    facs, walk.results = walk.results, [None] * len(units)
-    facs = nc._for_objective(work, units, facs)
-    walk.widths = nc._widths(facs, units, flops_info, work, batches)
-    if nc.calibration == "original":
-        for i, fac in enumerate(facs):
-            walk.select(i, fac, objective_applied=True)
-            facs[i] = None
-            walk.fold([i])
-        return walk.results
-    walk.run(layout, device, home, "sequential")
-    return walk.results
+        return _Walk(nc, [work], units, batches, key, cache).run(layout, device, home, mode)[0]
+    curves = _Walk(nc, [work], units, batches, key, cache).run(layout, device, home,
+                                                                "collect")[0]
+    candidates = nc._flops_candidates(curves, units, flops_info, work)
+    del curves
+    if len(candidates) > 1:
+        reference = batch_outputs(work, batches.first)
+        pristine = copy.deepcopy(work) if mode == "sequential" else None
+        targets = [work] + [copy.deepcopy(work) for _ in candidates[1:]]
+        plans = _Walk(nc, targets, units, batches, key, cache, candidates).run(
+            layout, device, home, "original")
+        best = min(range(len(targets)),
+                   key=lambda c: output_distance(targets[c], reference, batches.first))
+        del targets[1:best], targets[best + 1:]  # the losers' models go now
+        _transplant(work, pristine if mode == "sequential" else targets[-1])
+        if mode == "original":
+            return plans[best]
+        candidates = [candidates[best]]
+    return _Walk(nc, [work], units, batches, key, cache, candidates).run(
+        layout, device, home, mode)[0]
+
+
+def _transplant(target: nn.Module, source: nn.Module) -> None:
+    """Make ``target`` (the fit's own model object, which the caller holds) compute what
+    ``source`` (a deep copy of it, compressed otherwise) computes: take its children."""
+    if target is source:
+        return
+    for name, child in source.named_children():
+        setattr(target, name, child)
 
 
 class _Walk:
     """Calibrates the units of a block layout: before the blocks, block by block, after them.
 
-    Modes: ``"collect"`` keeps every unit's factorization (for a global width rule);
+    Modes: ``"collect"`` keeps every unit's :class:`ErrorCurve` (for a global width rule);
     ``"original"`` selects from the original model's statistics and folds each block's
     selections once the block's outputs are recorded (the units outside the blocks at the
     end); ``"sequential"`` folds each unit before the next one is calibrated.
+
+    ``targets`` are the models the selections fold into, one per entry of ``widths``
+    (candidate widths per unit, or None for the compressor's own per-unit rule); the first
+    is the model the walk runs. Several targets need ``"original"`` (the statistics of
+    the first model's original blocks serve them all).
     """
 
-    def __init__(self, nc, work, units, batches, key, cache):
-        self.nc, self.work, self.units, self.batches = nc, work, units, batches
+    def __init__(self, nc, targets, units, batches, key, cache, widths=None):
+        self.nc, self.targets, self.units, self.batches = nc, targets, units, batches
+        self.work = targets[0]
         self.key, self.cache = key, cache
-        self.results = [None] * len(units)
-        self.widths = None  # fixed widths (target_flops), else the compressor's per-unit rule
+        self.widths = widths
+        self.results = [[None] * len(units) for _ in targets]
         self.state = key  # content key of what has been folded so far (sequential)
 
-    def run(self, layout, device, home, mode) -> None:
+    def run(self, layout, device, home, mode) -> list:
+        """Walk the layout; the selections (or curves) of each target, in units order."""
+        if len(self.targets) > 1 and mode != "original":
+            raise RuntimeError("Internal error: side-by-side candidates need 'original'.")
         _, dtype = model_device_dtype(self.work)
-        runner = _Runner(self.work, layout, device, home)
+        runner = _Runner(self.work, layout, device, home, _TapeStore(self.cache.memory))
         try:
             self.calibrate(runner, layout.before, "before", mode)
             for b, indices in enumerate(layout.inside):
@@ -393,10 +528,12 @@ class _Walk:
                 try:
                     needed = b + 1 < layout.size or layout.after
                     # one pass: the statistics, and the block's outputs for the blocks after it
-                    with runner.recording(b, needed and mode != "sequential" and indices):
+                    with runner.recording(b, needed and mode != "sequential" and indices,
+                                          self.tape_key(b, mode)):
                         self.calibrate(runner, indices, f"block {b}", mode)
                     if needed and not runner.recorded(b, self.batches):
-                        runner.record(b, self.batches, dtype)
+                        # keyed after the block's folds: sequential records what they made
+                        runner.record(b, self.batches, dtype, self.tape_key(b, mode))
                     if mode == "original":
                         self.fold(indices)  # its outputs are recorded: fold, free the T's
                 finally:
@@ -406,6 +543,15 @@ class _Walk:
             runner.close()
         if mode == "original":
             self.fold(layout.before + layout.after)
+        return self.results
+
+    def tape_key(self, b: int, mode: str):
+        """Content key of block ``b``'s recorded outputs (None without ``memory=``): those of
+        the original block, or (sequential) of the block as compressed so far."""
+        if self.key is None:
+            return None
+        state = self.state if mode == "sequential" else self.key
+        return fingerprint(state, "block outputs", b, _distributed.rank_and_size())
 
     def calibrate(self, runner, indices, tag, mode) -> None:
         """Statistics of ``indices`` (all at once, or one by one when sequential)."""
@@ -423,44 +569,48 @@ class _Walk:
             _warn_few_rows([self.units[i] for i in step], facs)
             for i, fac in zip(step, facs, strict=True):
                 if mode == "collect":
-                    self.results[i] = fac
+                    (fac,) = nc._for_objective(self.work, [self.units[i]], [fac])
+                    self.results[0][i] = ErrorCurve(fac)
                 else:
                     unit_key = None if step_key is None else fingerprint(step_key, i)
-                    self.select(i, fac, recheck=(mode == "original" and self.widths is None,
-                                                 runner, unit_key))
+                    self.select(i, fac, runner, unit_key)
             if mode == "sequential":
                 self.fold(step, track=True)
 
-    def select(self, i, fac, objective_applied=False, recheck=(False, None, None)) -> None:
-        """Unit ``i``'s selection; with ``recheck``, a width the route does not resolve is
-        recomputed on a finer one first, as the one-pass ``"original"`` fit does."""
+    def select(self, i, fac, runner, unit_key=None) -> None:
+        """Unit ``i``'s selection for every target. A width the route does not resolve is
+        recomputed on a finer one first (replaying the block's inputs through ``runner``), as
+        a one-pass fit does; with candidates, at the widest (the most demanding)."""
         from ._compressor import _selection
 
         unit = self.units[i]
-        if not objective_applied:
-            (fac,) = self.nc._for_objective(self.work, [unit], [fac])
-        k = self.widths[i] if self.widths is not None else self.nc._widths([fac], [unit], None)[0]
-        wanted, runner, step_key = recheck
-        if wanted:
-            (fac,), (k,) = self.nc._recheck(self.work, [unit], [fac], [k], self.batches,
-                                            step_key, self.cache,
-                                            before_pass=runner.tape.rewind)
-        self.results[i] = _selection(unit, fac, k)
+        (fac,) = self.nc._for_objective(self.work, [unit], [fac])
+        if self.widths is None:
+            widths = [self.nc._widths([fac], [unit], None)[0]]
+        else:
+            widths = [candidate[i] for candidate in self.widths]
+        (fac,), (k,) = self.nc._recheck(self.work, [unit], [fac], [max(widths)], self.batches,
+                                        unit_key, self.cache, before_pass=runner.tape.rewind)
+        if self.widths is None:
+            widths = [k]  # a tol width, chosen again from the finer errors
+        for results, k in zip(self.results, widths, strict=True):
+            results[i] = _selection(unit, fac, k)
 
     def fold(self, indices, track=False) -> None:
-        """Apply the selections of ``indices`` to the model and drop their T's.
+        """Apply the selections of ``indices`` to the targets and drop their T's.
 
         ``track``: later statistics depend on this fold (sequential), so it enters their keys.
         """
         from ._compressor import _apply, _plan_content
 
-        for i in indices:
-            selection = self.results[i]
-            _apply(self.work, selection)
-            if track and self.key is not None:
-                self.state = fingerprint(self.state, _plan_content([selection]))
-            # new (0, m) arrays: a slice would be a view keeping the whole T alive
-            changes = {"interpolation": _emptied(selection.interpolation)}
-            if getattr(selection, "interpolations", None) is not None:
-                changes["interpolations"] = tuple(map(_emptied, selection.interpolations))
-            self.results[i] = dataclasses.replace(selection, **changes)
+        for target, results in zip(self.targets, self.results, strict=True):
+            for i in indices:
+                selection = results[i]
+                _apply(target, selection)
+                if track and self.key is not None:
+                    self.state = fingerprint(self.state, _plan_content([selection]))
+                # new (0, m) arrays: a slice would be a view keeping the whole T alive
+                changes = {"interpolation": _emptied(selection.interpolation)}
+                if getattr(selection, "interpolations", None) is not None:
+                    changes["interpolations"] = tuple(map(_emptied, selection.interpolations))
+                results[i] = dataclasses.replace(selection, **changes)

@@ -636,22 +636,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.
 
-        For ``target_flops`` the greedy and the uniform allocation are both tried on the first
-        calibration batch, and the one whose outputs stay closer to the model's wins: the
+        For ``target_flops`` every candidate of :meth:`_flops_candidates` is tried on the first
+        calibration batch, and the one whose outputs stay closest to the model's wins: the
         error-per-FLOP greedy is a proxy, and must never do worse than a uniform cut.
         """
-        errors = [fac.errors for fac in facs]
         if self.target_flops is not None:
-            module_flops, total = flops_info
-            model = _budget.FlopsModel.from_units(units, module_flops, total,
-                                                  concat_widths(work, units))
-            minimum = [fac.valid_counts[0] if u.kind == "heads" else 1
-                       for u, fac in zip(units, facs, strict=True)]
-            candidates = [
-                np.array([fac.valid(k) if u.kind == "heads" else k  # a count the code runs
-                          for u, fac, k in zip(units, facs, widths, strict=True)])
-                for widths in _budget.flops_candidates(errors, model, self.target_flops, minimum)
-            ]
+            candidates = self._flops_candidates(facs, units, flops_info, work)
             if len(candidates) == 1:
                 return candidates[0]
             return _most_faithful(work, units, facs, candidates, batches.first)
@@ -660,7 +650,23 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 fac.width_for_rank(self.rank) if u.kind == "heads"
                 else _budget.widths_for_rank([u.width], self.rank)[0]
                 for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
-        return _budget.widths_for_tol(errors, self.tol)
+        return _budget.widths_for_tol([fac.errors for fac in facs], self.tol)
+
+    def _flops_candidates(self, facs, units, flops_info, work) -> list:
+        """The ``target_flops`` allocations worth comparing (:func:`_budget.flops_candidates`),
+        head counts rounded to counts the model's code runs. ``facs`` need only ``errors``
+        (and, for heads, ``valid_counts`` and ``valid``): an :class:`ErrorCurve` will do."""
+        module_flops, total = flops_info
+        model = _budget.FlopsModel.from_units(units, module_flops, total,
+                                              concat_widths(work, units))
+        minimum = [fac.valid_counts[0] if u.kind == "heads" else 1
+                   for u, fac in zip(units, facs, strict=True)]
+        errors = [fac.errors for fac in facs]
+        return [
+            np.array([fac.valid(k) if u.kind == "heads" else k  # a count the code runs
+                      for u, fac, k in zip(units, facs, widths, strict=True)])
+            for widths in _budget.flops_candidates(errors, model, self.target_flops, minimum)
+        ]
 
     def _recheck(self, work, units, facs, widths, batches, key, cache, before_pass=None):
         """Recompute on a finer route the units whose width the route that ran does not resolve.
@@ -853,19 +859,29 @@ def _selection(unit, fac, k) -> Selection:
 
 def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:
     """The candidate widths whose compressed model's outputs on ``batch`` stay closest."""
-    device, dtype = model_device_dtype(work)
+    reference = batch_outputs(work, batch)
+
+    def output_error(widths) -> float:
+        trial = copy.deepcopy(work)
+        for unit, fac, k in zip(units, facs, widths, strict=True):
+            _apply(trial, _selection(unit, fac, k))
+        return output_distance(trial, reference, batch)
+
+    return min(candidates, key=output_error)
+
+
+def batch_outputs(model, batch) -> torch.Tensor:
+    """``model``'s (first) output on one calibration batch, in float64: what the candidates of
+    ``target_flops`` are compared on."""
+    device, dtype = model_device_dtype(model)
     args, kwargs = to_inputs(batch, device, dtype)
     with torch.no_grad():
-        reference = _first_tensor(run_model(work, args, kwargs)).double()
+        return _first_tensor(run_model(model, args, kwargs)).double()
 
-        def output_error(widths) -> float:
-            trial = copy.deepcopy(work)
-            for unit, fac, k in zip(units, facs, widths, strict=True):
-                _apply(trial, _selection(unit, fac, k))
-            outputs = _first_tensor(run_model(trial, args, kwargs)).double()
-            return float(torch.linalg.vector_norm(outputs - reference))
 
-        return min(candidates, key=output_error)
+def output_distance(model, reference, batch) -> float:
+    """Frobenius distance of ``model``'s outputs on ``batch`` from ``reference``."""
+    return float(torch.linalg.vector_norm(batch_outputs(model, batch) - reference))
 
 
 def _plan_content(plan) -> list:

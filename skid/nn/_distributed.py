@@ -85,6 +85,14 @@ def current():
     return _group.get()
 
 
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank in the active group and the group's size; ``(0, 1)`` without one."""
+    group = current()
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def reduced_bytes() -> int:
     """Bytes of statistics this process has contributed to collectives so far."""
     return _bytes

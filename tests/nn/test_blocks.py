@@ -287,3 +287,116 @@ def test_block_outputs_are_recorded_in_the_statistics_pass(monkeypatch, tmp_path
     again = fit(model, X, rank=0.5, memory=tmp_path)
     assert again.n_calibration_passes_ == 0 and calls  # from the cache: recorded on their own
     assert_same_models(again, fresh)
+
+
+@pytest.mark.parametrize("calibration", ["original", "sequential"])
+def test_target_flops_holds_one_blocks_statistics_at_a_time(monkeypatch, calibration):
+    """The FLOP budget needs every unit's error curve, not its factorization: when a unit's
+    statistics are factorized, no earlier unit's factorization is still alive."""
+    import gc
+    import weakref
+
+    from skid.nn import _calibration
+
+    alive, most = weakref.WeakSet(), []
+    real = _calibration._factorize
+
+    def factorize(unit, accumulators):
+        gc.collect()
+        most.append(len(alive))
+        fac = real(unit, accumulators)
+        alive.add(fac)
+        return fac
+
+    monkeypatch.setattr(_calibration, "_factorize", factorize)
+    model = make_stack(8)
+    nc = fit(model, X, target_flops=0.5, calibration=calibration)
+    assert nc.blocks_ == "layers" and len(most) >= 10
+    assert max(most) == 0, most
+    monkeypatch.setattr(_calibration, "_factorize", real)
+    assert_same_models(nc, fit(model, X, target_flops=0.5, calibration=calibration,
+                               blocks=None))
+
+
+@pytest.mark.parametrize("calibration", ["original", "sequential"])
+def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypatch,
+                                                                      calibration):
+    """Block-wise, every candidate allocation is built side by side and the one a one-pass
+    fit would keep is kept, whichever it is (here: the last one tried)."""
+    import itertools
+
+    import numpy as np
+
+    from skid.nn import _compressor
+
+    seen, real = [], _compressor.NetworkCompressor._flops_candidates
+
+    def candidates(self, *args):
+        seen.append(real(self, *args))
+        return seen[-1]
+
+    later_is_closer = itertools.count(0, -1)
+    monkeypatch.setattr(_compressor.NetworkCompressor, "_flops_candidates", candidates)
+    monkeypatch.setattr(_compressor, "output_distance", lambda *a: next(later_is_closer))
+    model = make_stack()
+    blockwise = fit(model, X, target_flops=0.45, calibration=calibration)
+    assert blockwise.blocks_ == "layers" and len(seen[0]) > 1  # the side-by-side walk ran
+    chosen = [r["width_after"] for r in blockwise.layers_]
+    assert np.array_equal(chosen, seen[0][-1]) and not np.array_equal(chosen, seen[0][0])
+    later_is_closer = itertools.count(0, -1)
+    one_pass = fit(model, X, target_flops=0.45, calibration=calibration, blocks=None)
+    assert_same_models(blockwise, one_pass)
+
+
+@pytest.mark.parametrize("calibration", ["original", "sequential"])
+def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
+        tmp_path, monkeypatch, calibration):
+    """With memory=, block outputs are files (the host holds none), and a run interrupted at
+    block 2 resumes without running blocks 0 and 1 again."""
+    model = make_stack()
+    fresh = fit(model, X, calibration=calibration, rank=0.5)
+    real_turn, real_init = _blocks._Runner.turn, _blocks._Runner.__init__
+    tapes, ran = [], []
+
+    def failing_turn(self, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        real_turn(self, i)
+
+    def runner_init(self, *args):
+        real_init(self, *args)
+        tapes.append(self.tape)
+        for b, member in enumerate(self.members):
+            member.register_forward_pre_hook(lambda module, args, b=b: ran.append(b))
+
+    monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
+    monkeypatch.setattr(_blocks._Runner, "turn", failing_turn)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
+    stored = list((tmp_path / "joblib" / "skid_block_outputs").iterdir())
+    assert len(stored) == 2 and all(len(list(d.iterdir())) == 4 for d in stored)  # 4 batches
+    monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
+    ran.clear()
+    resumed = fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
+    assert all(isinstance(entry, str) for entry in tapes[-1].outputs)  # files, not tensors
+    calibrating = ran[: ran.index(3) + 1]  # the compressed model runs afterwards (FLOPs)
+    assert set(calibrating) == {2, 3}, calibrating
+    assert_same_models(resumed, fresh)
+
+
+def test_an_incomplete_recording_leaves_no_tape(tmp_path):
+    store = _blocks._TapeStore(__import__("joblib").Memory(tmp_path, verbose=0))
+    recorder = _blocks._Recorder(store.folder("k"))
+    recorder.append(torch.ones(2))
+    assert recorder.finish(n_batches=2) is None
+    assert store.load("k", 2) is None and not (tmp_path / "joblib" / "skid_block_outputs" /
+                                                "k").exists()
+    recorder = _blocks._Recorder(store.folder("k"))
+    for value in (torch.ones(2), (torch.zeros(1), {"a": torch.ones(3)})):
+        recorder.append(value)
+    files = recorder.finish(n_batches=2)
+    assert store.load("k", 2) == files
+    tape = _blocks._Tape(files)
+    tape.position = 1
+    out = tape.current(torch.device("cpu"))
+    assert torch.equal(out[1]["a"], torch.ones(3))

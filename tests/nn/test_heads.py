@@ -353,3 +353,22 @@ def test_corrective_head_errors_are_the_fit_to_the_original():
     _, _, original, _ = _fit("llama_gqa", n=32, rank=0.5, prune="heads")
     assert corrective.layers_[0]["error"] == pytest.approx(original.layers_[0]["error"],
                                                            rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("calibration", ["original", "sequential"])
+def test_blockwise_target_flops_with_heads_equals_one_pass(calibration):
+    """Heads and channels weighed together under a FLOP budget, block by block (error curves
+    with their valid head counts) and in one pass, give the same model."""
+    factory, inputs, _ = COMPRESSED["llama_gqa"]
+    model = factory()
+    (X,), _ = inputs(n=16)
+    fits = [NetworkCompressor(model, target_flops=0.7, calibration=calibration,
+                              blocks=blocks).fit(X) for blocks in ("auto", None)]
+    assert fits[0].blocks_ == "model.layers" and fits[1].blocks_ is None
+    assert any(r["kind"] == "heads" and r["width_after"] < r["width_before"]
+               for r in fits[0].layers_)
+    assert fits[0].layers_ == fits[1].layers_
+    a, b = (f.compressed_model_.state_dict() for f in fits)
+    for name, tensor in a.items():
+        torch.testing.assert_close(tensor, b[name], atol=1e-6, rtol=1e-5, msg=name)
+    _check_grouping(fits[0].compressed_model_)
