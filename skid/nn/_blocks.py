@@ -451,16 +451,18 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
 
     ``target_flops`` weighs every unit against every other: a first walk keeps each unit's
     :class:`ErrorCurve` (its statistics are freed block by block), the budget gives candidate
-    widths, and a second walk folds them — building every candidate side by side when there
-    are several, each in its own copy of the model, so that the one whose outputs on the
-    first batch stay closest is kept, as a one-pass fit decides (the copies are weights; the
+    widths from these original-model curves (as a one-pass fit does for every calibration),
+    and a second walk folds them — building every candidate side by side when there are
+    several, each in its own copy of the model, so that the one whose outputs on the first
+    batch stay closest is kept, as a one-pass fit decides (the copies are weights; the
     statistics are still one block's). ``"sequential"`` then walks a third time with the
-    chosen widths. With ``memory=`` the later walks read the statistics back.
+    chosen widths, as does ``"corrective"``. With ``memory=`` the later walks read the
+    statistics back.
     """
     from ._compressor import batch_outputs, output_distance
 
     device = home if nc.device is None else torch.device(nc.device)
-    mode = "original" if nc.calibration == "original" else "sequential"
+    mode = nc.calibration
     if nc.target_flops is None:
         return _Walk(nc, [work], units, batches, key, cache).run(layout, device, home, mode)[0]
     curves = _Walk(nc, [work], units, batches, key, cache).run(layout, device, home,
@@ -469,14 +471,14 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     del curves
     if len(candidates) > 1:
         reference = batch_outputs(work, batches.first)
-        pristine = copy.deepcopy(work) if mode == "sequential" else None
+        pristine = copy.deepcopy(work) if mode != "original" else None
         targets = [work] + [copy.deepcopy(work) for _ in candidates[1:]]
         plans = _Walk(nc, targets, units, batches, key, cache, candidates).run(
             layout, device, home, "original")
         best = min(range(len(targets)),
                    key=lambda c: output_distance(targets[c], reference, batches.first))
         del targets[1:best], targets[best + 1:]  # the losers' models go now
-        _transplant(work, pristine if mode == "sequential" else targets[-1])
+        _transplant(work, targets[-1] if mode == "original" else pristine)
         if mode == "original":
             return plans[best]
         candidates = [candidates[best]]
@@ -499,7 +501,10 @@ class _Walk:
     Modes: ``"collect"`` keeps every unit's :class:`ErrorCurve` (for a global width rule);
     ``"original"`` selects from the original model's statistics and folds each block's
     selections once the block's outputs are recorded (the units outside the blocks at the
-    end); ``"sequential"`` folds each unit before the next one is calibrated.
+    end); ``"sequential"`` folds each unit before the next one is calibrated;
+    ``"corrective"`` too, each ``T`` fitted to the original model's activations: a copy of
+    the original walks beside the model with a tape of its own (two blocks are on the device
+    at a time, the block as compressed so far and the original).
 
     ``targets`` are the models the selections fold into, one per entry of ``widths``
     (candidate widths per unit, or None for the compressor's own per-unit rule); the first
@@ -514,47 +519,70 @@ class _Walk:
         self.widths = widths
         self.results = [[None] * len(units) for _ in targets]
         self.state = key  # content key of what has been folded so far (sequential)
+        self.tracked = 0  # units folded so far (sequential, corrective)
+        self.reference = None  # the original model beside the work (corrective)
+        self.runners = []
 
     def run(self, layout, device, home, mode) -> list:
         """Walk the layout; the selections (or curves) of each target, in units order."""
         if len(self.targets) > 1 and mode != "original":
             raise RuntimeError("Internal error: side-by-side candidates need 'original'.")
         _, dtype = model_device_dtype(self.work)
-        runner = _Runner(self.work, layout, device, home, _TapeStore(self.cache.memory))
+        store = _TapeStore(self.cache.memory)
+        if mode == "corrective":
+            self.reference = copy.deepcopy(self.work)  # before the runner swaps members out
+        runner = _Runner(self.work, layout, device, home, store)
+        self.runners = [runner]
         try:
+            if mode == "corrective":
+                self.runners.append(_Runner(self.reference, layout, device, home, store))
             self.calibrate(runner, layout.before, "before", mode)
             for b, indices in enumerate(layout.inside):
-                runner.turn(b)
+                for r in self.runners:
+                    r.turn(b)
                 try:
                     needed = b + 1 < layout.size or layout.after
                     # one pass: the statistics, and the block's outputs for the blocks after it
-                    with runner.recording(b, needed and mode != "sequential" and indices,
-                                          self.tape_key(b, mode)):
+                    with runner.recording(b, needed and mode in ("original", "collect")
+                                          and indices, self.tape_key(b, mode)):
                         self.calibrate(runner, indices, f"block {b}", mode)
                     if needed and not runner.recorded(b, self.batches):
                         # keyed after the block's folds: sequential records what they made
                         runner.record(b, self.batches, dtype, self.tape_key(b, mode))
+                    if needed and mode == "corrective":  # the original block's outputs
+                        self.runners[1].record(b, self.batches, dtype,
+                                               self.tape_key(b, "original"))
                     if mode == "original":
                         self.fold(indices)  # its outputs are recorded: fold, free the T's
                 finally:
-                    runner.end_turn(b)
+                    for r in self.runners:
+                        r.end_turn(b)
             self.calibrate(runner, layout.after, "after", mode)
         finally:
-            runner.close()
+            for r in self.runners:
+                r.close()
+            self.runners, self.reference = [], None
         if mode == "original":
             self.fold(layout.before + layout.after)
         return self.results
+
+    def rewind(self) -> None:
+        """Replay every tape from its first batch (before a statistics pass)."""
+        for r in self.runners:
+            r.tape.rewind()
 
     def tape_key(self, b: int, mode: str):
         """Content key of block ``b``'s recorded outputs (None without ``memory=``): those of
         the original block, or (sequential) of the block as compressed so far."""
         if self.key is None:
             return None
-        state = self.state if mode == "sequential" else self.key
+        state = self.key if mode in ("original", "collect") else self.state
         return fingerprint(state, "block outputs", b, _distributed.rank_and_size())
 
     def calibrate(self, runner, indices, tag, mode) -> None:
         """Statistics of ``indices`` (all at once, or one by one when sequential)."""
+        if mode == "corrective":
+            return self.correct(indices, tag)
         steps = [[i] for i in indices] if mode == "sequential" else [list(indices)]
         for step in steps if indices else ():
             runner.tape.rewind()
@@ -576,6 +604,18 @@ class _Walk:
                     self.select(i, fac, runner, unit_key)
             if mode == "sequential":
                 self.fold(step, track=True)
+
+    def correct(self, indices, tag) -> None:
+        """Corrective selections of ``indices``, each folded before the next is calibrated."""
+        for i in indices:
+            step_key = None if self.key is None else fingerprint(self.state, tag, i,
+                                                                  "corrective")
+            upstream = self.reference if self.tracked else None  # nothing folded yet: Z_o = Z_c
+            k = None if self.widths is None else self.widths[0][i]
+            self.results[0][i] = self.nc._corrective_selection(
+                self.work, upstream, self.units[i], k, step_key, self.cache, self.batches,
+                before_pass=self.rewind)
+            self.fold([i], track=True)
 
     def select(self, i, fac, runner, unit_key=None) -> None:
         """Unit ``i``'s selection for every target. A width the route does not resolve is
@@ -607,6 +647,7 @@ class _Walk:
             for i in indices:
                 selection = results[i]
                 _apply(target, selection)
+                self.tracked += track
                 if track and self.key is not None:
                     self.state = fingerprint(self.state, _plan_content([selection]))
                 # new (0, m) arrays: a slice would be a view keeping the whole T alive

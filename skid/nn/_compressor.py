@@ -135,12 +135,15 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         run one after another on the previous one's output (HF decoder/encoder layers); a
         qualified name picks that list (an error if it does not qualify); None turns it off.
         The blocks are then calibrated one at a time: the inputs of the next block are cached
-        on the host for every calibration batch, only the current block's statistics are held,
-        and with ``device`` set only the current block (and the code around the blocks) is
-        moved there, so a model larger than the device can be compressed. ``"original"`` gives
-        the one-pass result. Each block costs a pass for its statistics (one per unit, up to
-        that unit, with ``"sequential"``) and one that records its outputs. ``"auto"`` falls
-        back to one pass when no list qualifies (``blocks_`` is None).
+        for every calibration batch (on the host, or as files under ``memory``), only the
+        current block's statistics are held, and with ``device`` set only the current block
+        (and the code around the blocks) is moved there, so a model larger than the device can
+        be compressed. Every ``calibration`` gives its one-pass result (``"corrective"`` walks
+        a copy of the original blocks beside them). With ``"original"`` a block runs once per
+        batch; ``"sequential"``/``"corrective"`` add their per-unit passes, each up to that
+        unit. ``target_flops`` walks the blocks twice (three times unless ``"original"``): once
+        for every unit's error curve, then to build the allocation. ``"auto"`` falls back to
+        one pass when no list qualifies (``blocks_`` is None).
     method : {"auto", "gram", "qr"}, default="auto"
         Statistic streamed per unit: ``"gram"`` (``ZᵀZ`` summed in float64, then pivoted
         Cholesky: the fastest, errors resolved down to about 1e-4; float32 activations are
@@ -434,8 +437,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns the example inputs on the device where ``work`` now is (``_stage``).
         """
         stage, device, dtype = placement
-        spec = self.blocks if self.calibration in ("original", "sequential") else None
-        self._block_layout = find_blocks(work, example, spec, units)
+        self._block_layout = find_blocks(work, example, self.blocks, units)
         self.blocks_ = None if self._block_layout is None else self._block_layout.name
         self._stage = stage if self._block_layout is not None else device
         if self._block_layout is not None:
@@ -491,12 +493,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _plan(self, work, units, batches, key, flops_info):
         """Statistics → widths → selections, applied to ``work``; returns the selections."""
         cache = StatisticsCache(self.memory)
-        if self.calibration == "corrective":
-            return self._corrective(work, units, batches, key, cache, flops_info)
         if self._block_layout is not None:
             layout = self._block_layout
             return blockwise_plan(self, work, units, layout, batches, key, cache, flops_info,
                                   self._stage)
+        if self.calibration == "corrective":
+            return self._corrective(work, units, batches, key, cache, flops_info)
         if self.calibration == "original" or (
             self.target_flops is not None and self.calibration == "sequential"
         ):
@@ -582,11 +584,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``target_flops`` widths come from the one-pass (original) error curves, as for
         ``"sequential"``; ``tol``/``rank`` widths from each step's corrective error curve.
         """
-        settings = dict(method=self.method_, precision=self._gram_precision,
-                        verbose=self.verbose)
         widths = None
         if self.target_flops is not None:
-            facs, self.n_calibration_samples_ = cache.get(key, work, units, batches, **settings)
+            facs, self.n_calibration_samples_ = cache.get(
+                key, work, units, batches, method=self.method_, precision=self._gram_precision,
+                verbose=self.verbose)
             widths = self._widths(facs, units, flops_info, work, batches)
         reference = copy.deepcopy(work)  # the original, on the calibration device
         plan = []
@@ -594,33 +596,49 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             step_key = None if key is None else fingerprint(
                 key, "corrective", i, _plan_content(plan))
             upstream = reference if plan else None  # nothing compressed yet: Z_o = Z_c
-            if _corrective_applies(unit):
-                stats, self.n_calibration_samples_ = cache.corrective(
-                    step_key, work, upstream, unit, batches, **settings)
-                fac = (CorrectiveHeadFactorization(stats, unit) if unit.kind == "heads"
-                       else stats.factorize(_corrective.DEFAULT_SELECTION))
-                k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
-                selection = _selection(unit, fac, k)
-            else:
-                selection = self._corrective_group(work, upstream, unit, widths, i, step_key,
-                                                   cache, batches, settings)
+            k = None if widths is None else widths[i]
+            selection = self._corrective_selection(work, upstream, unit, k, step_key, cache,
+                                                   batches)
             _apply(work, selection)
             plan.append(selection)
         return plan
 
-    def _corrective_group(self, work, reference, unit, widths, i, step_key, cache, batches,
-                          settings) -> Selection:
+    def _corrective_selection(self, work, reference, unit, k, step_key, cache, batches,
+                              before_pass=None) -> Selection:
+        """One unit's corrective selection at width ``k`` (None: from this fit's rule).
+
+        ``reference`` is the original model (None while nothing upstream is compressed);
+        ``before_pass`` is called before each statistics pass (block-wise: rewind the tapes).
+        """
+        settings = dict(method=self.method_, precision=self._gram_precision,
+                        verbose=self.verbose)
+        rewind = before_pass or (lambda: None)
+        if not _corrective_applies(unit):
+            return self._corrective_group(work, reference, unit, k, step_key, cache, batches,
+                                          settings, rewind)
+        rewind()
+        stats, self.n_calibration_samples_ = cache.corrective(
+            step_key, work, reference, unit, batches, **settings)
+        fac = (CorrectiveHeadFactorization(stats, unit) if unit.kind == "heads"
+               else stats.factorize(_corrective.DEFAULT_SELECTION))
+        k = self._widths([fac], [unit], None)[0] if k is None else k
+        return _selection(unit, fac, k)
+
+    def _corrective_group(self, work, reference, unit, k, step_key, cache, batches, settings,
+                          rewind) -> Selection:
         """A group read as several tensors, as slices of a concatenation or by a grouped
         convolution: ``J`` from the compressed model's statistics of all its readings (as
         ``"sequential"`` chooses it), then each reading's ``T`` fitted to the original model's
         reading by least squares (block-diagonal for a grouped convolution)."""
+        rewind()
         (fac,), self.n_calibration_samples_ = cache.get(step_key, work, [unit], batches,
                                                         **settings)
-        k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
+        k = self._widths([fac], [unit], None)[0] if k is None else k
         keep = np.asarray(fac.select(int(k))[0], dtype=np.int64)
         per_reading, squared = {}, []
         for consumer in reading_consumers(unit):
             key = None if step_key is None else fingerprint(step_key, "reads", consumer.reads)
+            rewind()
             stats, _ = cache.corrective(key, work, reference, unit, batches, consumer=consumer,
                                         **settings)
             T, error = _corrective.fit_kept(stats, keep, unit.blocks)

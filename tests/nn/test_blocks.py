@@ -88,7 +88,7 @@ def test_finds_the_encoder_layers_of_a_bert_layout():
     [{"tol": 0.05}, {"rank": 0.4}, {"target_flops": 0.5}, {"tol": 0.05, "method": "qr"}],
     ids=["tol", "rank", "target_flops", "qr"],
 )
-@pytest.mark.parametrize("calibration", ["original", "sequential"])
+@pytest.mark.parametrize("calibration", ["original", "sequential", "corrective"])
 def test_blockwise_equals_one_pass(params, calibration):
     model = make_stack()
     blockwise = fit(model, X, calibration=calibration, **params)
@@ -289,7 +289,7 @@ def test_block_outputs_are_recorded_in_the_statistics_pass(monkeypatch, tmp_path
     assert_same_models(again, fresh)
 
 
-@pytest.mark.parametrize("calibration", ["original", "sequential"])
+@pytest.mark.parametrize("calibration", ["original", "sequential", "corrective"])
 def test_target_flops_holds_one_blocks_statistics_at_a_time(monkeypatch, calibration):
     """The FLOP budget needs every unit's error curve, not its factorization: when a unit's
     statistics are factorized, no earlier unit's factorization is still alive."""
@@ -318,7 +318,7 @@ def test_target_flops_holds_one_blocks_statistics_at_a_time(monkeypatch, calibra
                                blocks=None))
 
 
-@pytest.mark.parametrize("calibration", ["original", "sequential"])
+@pytest.mark.parametrize("calibration", ["original", "sequential", "corrective"])
 def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypatch,
                                                                       calibration):
     """Block-wise, every candidate allocation is built side by side and the one a one-pass
@@ -348,11 +348,11 @@ def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypa
     assert_same_models(blockwise, one_pass)
 
 
-@pytest.mark.parametrize("calibration", ["original", "sequential"])
+@pytest.mark.parametrize("calibration", ["original", "sequential", "corrective"])
 def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
         tmp_path, monkeypatch, calibration):
     """With memory=, block outputs are files (the host holds none), and a run interrupted at
-    block 2 resumes without running blocks 0 and 1 again."""
+    block 2 resumes without running blocks 0 and 1 again (nor, corrective, their originals)."""
     model = make_stack()
     fresh = fit(model, X, calibration=calibration, rank=0.5)
     real_turn, real_init = _blocks._Runner.turn, _blocks._Runner.__init__
@@ -374,7 +374,9 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
     with pytest.raises(KeyboardInterrupt):
         fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
     stored = list((tmp_path / "joblib" / "skid_block_outputs").iterdir())
-    assert len(stored) == 2 and all(len(list(d.iterdir())) == 4 for d in stored)  # 4 batches
+    tapes_per_block = 2 if calibration == "corrective" else 1  # and the original's outputs
+    assert len(stored) == 2 * tapes_per_block
+    assert all(len(list(d.iterdir())) == 4 for d in stored)  # 4 batches
     monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
     ran.clear()
     resumed = fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
@@ -382,6 +384,8 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
     calibrating = ran[: ran.index(3) + 1]  # the compressed model runs afterwards (FLOPs)
     assert set(calibrating) == {2, 3}, calibrating
     assert_same_models(resumed, fresh)
+    __import__("joblib").Memory(tmp_path, verbose=0).clear(warn=False)
+    assert not (tmp_path / "joblib" / "skid_block_outputs").exists()  # cleared with the rest
 
 
 def test_an_incomplete_recording_leaves_no_tape(tmp_path):

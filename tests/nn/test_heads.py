@@ -355,19 +355,24 @@ def test_corrective_head_errors_are_the_fit_to_the_original():
                                                            rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("calibration", ["original", "sequential"])
-def test_blockwise_target_flops_with_heads_equals_one_pass(calibration):
-    """Heads and channels weighed together under a FLOP budget, block by block (error curves
-    with their valid head counts) and in one pass, give the same model."""
+@pytest.mark.parametrize("request_", [{"target_flops": 0.7}, {"rank": 0.5}],
+                         ids=["target_flops", "rank"])
+@pytest.mark.parametrize("calibration", ["original", "sequential", "corrective"])
+def test_blockwise_heads_and_channels_equal_one_pass(calibration, request_):
+    """Heads and channels, block by block (under a FLOP budget: error curves with their valid
+    head counts) and in one pass, give the same model in every calibration."""
     factory, inputs, _ = COMPRESSED["llama_gqa"]
     model = factory()
     (X,), _ = inputs(n=16)
-    fits = [NetworkCompressor(model, target_flops=0.7, calibration=calibration,
-                              blocks=blocks).fit(X) for blocks in ("auto", None)]
+    fits = [NetworkCompressor(model, calibration=calibration, blocks=blocks, **request_).fit(X)
+            for blocks in ("auto", None)]
     assert fits[0].blocks_ == "model.layers" and fits[1].blocks_ is None
     assert any(r["kind"] == "heads" and r["width_after"] < r["width_before"]
                for r in fits[0].layers_)
-    assert fits[0].layers_ == fits[1].layers_
+    assert [r["width_after"] for r in fits[0].layers_] == [
+        r["width_after"] for r in fits[1].layers_]
+    assert [r["error"] for r in fits[0].layers_] == pytest.approx(
+        [r["error"] for r in fits[1].layers_], rel=1e-6, abs=1e-9)
     a, b = (f.compressed_model_.state_dict() for f in fits)
     for name, tensor in a.items():
         torch.testing.assert_close(tensor, b[name], atol=1e-6, rtol=1e-5, msg=name)
