@@ -28,6 +28,8 @@ CASES = {
     "empty_rank1": (dict(target_flops=0.4), N_SAMPLES),
     "blocks": (dict(rank=0.5, calibration="sequential", blocks="layers"), 150),
     "blocks_empty_rank1": (dict(tol=0.05, blocks="layers"), N_SAMPLES),
+    "blocks_target_flops": (dict(target_flops=0.4, blocks="layers"), 150),
+    "blocks_corrective": (dict(rank=0.5, calibration="corrective", blocks="layers"), 150),
     "corrective": (dict(rank=0.5, calibration="corrective"), 150),
     "corrective_qr": (dict(tol=0.05, calibration="corrective", method="qr"), 170),
     "corrective_empty_rank1": (dict(rank=0.5, calibration="corrective"), N_SAMPLES),
