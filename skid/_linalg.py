@@ -271,6 +271,8 @@ def factorize_gram(
     product_eps: float | None = None,
     *,
     scale_exp: int = 0,
+    upper: bool = False,
+    overwrite: bool = False,
 ) -> PivotedFactorization:
     """Pivoted Cholesky of a Gram matrix ``XᵀX / 4**scale_exp`` (float64, m × m).
 
@@ -282,9 +284,14 @@ def factorize_gram(
     Gram of n rows has rank at most n, and pivots past that are rounding noise, which would
     give T huge entries. ``U`` and ``sq_norm`` are those of ``X`` itself (``sq_norm`` may be
     infinite for data beyond the float64 range of squares); pivots, T and errors are scale-free.
+
+    Only the upper triangle of ``gram`` is read by LAPACK. With ``upper`` it is the only one
+    checked too (the lower one may hold anything). ``overwrite``: ``gram`` is a contiguous
+    float64 NumPy array the caller no longer needs; it is scaled and factorized in place and
+    ``U`` is a view of it, so no m × m copy is made (otherwise one copy, which LAPACK writes).
     """
     gram = np.asarray(gram, dtype=np.float64)
-    if not np.isfinite(gram).all():
+    if not _finite(gram, upper):
         raise ValueError(
             "The statistics hold NaN or infinite values: the data (or the activations) "
             "contain NaN/Inf. Check the input for non-finite values."
@@ -292,18 +299,26 @@ def factorize_gram(
     m = gram.shape[0]
     diag_max = float(np.max(np.diagonal(gram), initial=0.0))
     shift = _exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
-    scaled = np.ldexp(gram, -shift) if shift else gram
-    sq_norm = float(np.trace(scaled))
+    if overwrite and gram.flags.f_contiguous:
+        a, lower = gram, 0
+    elif overwrite and gram.flags.c_contiguous:  # LAPACK's Fortran order reads the transpose:
+        a, lower = gram.T, 1  # the same triangle as its lower one
+    else:
+        a, lower = np.empty_like(gram, order="F"), 0  # the one copy, for LAPACK to overwrite
+        if not shift:
+            np.copyto(a, gram)
+    if shift:
+        np.ldexp(gram.T if lower else gram, -shift, out=a)
+    sq_norm = float(np.trace(a))
     cutoff = -1.0 if product_eps is None else m * product_eps * math.ldexp(diag_max, -shift)
-    with _small_step(m):  # a scaled copy is ours to overwrite: one m × m buffer fewer
-        factor, piv, rank, info = lapack.dpstrf(scaled, lower=0, tol=cutoff,
-                                                overwrite_a=scaled is not gram)
+    with _small_step(m):
+        factor, piv, rank, info = lapack.dpstrf(a, lower=lower, tol=cutoff, overwrite_a=True)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     if n_samples is not None:
         rank = min(rank, int(n_samples))
     perm = piv[:m].astype(np.int64) - 1
-    U = factor[:rank]
+    U = (factor.T if lower else factor)[:rank]
     for i in range(1, rank):  # the upper factor in place (np.triu would copy m × m)
         U[i, :i] = 0.0
     sq_tail = np.empty(m + 1)
@@ -379,15 +394,77 @@ def _scale_block(block, exp: int):
 #: Squared magnitudes safe to sum in each product dtype (outside: scale the block first).
 _GRAM_SAFE = {"float64": (2.0**-600, 2.0**1000), "float32": (2.0**-60, 2.0**100)}
 
+_TRIANGLE_STEP = 256  # columns per step of the in-place m × m loops (temporaries of m × 256)
+
+
+def _finite(a: np.ndarray, upper: bool = False) -> bool:
+    """Whether every entry of the square ``a`` (only its upper triangle with ``upper``) is
+    finite, checked by column blocks (masks of m × 256, not m × m)."""
+    m = a.shape[0]
+    for start in range(0, m, _TRIANGLE_STEP):
+        stop = min(start + _TRIANGLE_STEP, m)
+        bad = ~np.isfinite(a[: stop if upper else m, start:stop])
+        if (np.triu(bad, -start) if upper else bad).any():  # upper: rows i <= column j
+            return False
+    return True
+
+
+def _symmetrize(a: np.ndarray) -> None:
+    """Copy the upper triangle of the square NumPy array ``a`` onto its lower one, in place."""
+    m = a.shape[0]
+    for start in range(0, m, _TRIANGLE_STEP):
+        stop = min(start + _TRIANGLE_STEP, m)
+        a[stop:, start:stop] = a[start:stop, stop:].T
+        diag = a[start:stop, start:stop]
+        diag[...] = np.triu(diag) + np.triu(diag, 1).T
+
+
+def _add_into(total: np.ndarray, part: np.ndarray, factor: float = 1.0, upper: bool = True):
+    """``total += factor * part`` in place (``total`` float64 NumPy; only the upper triangle
+    with ``upper``), by column blocks: a float32 ``part`` is cast in the ufunc's buffer, and a
+    scaled one in float64 (in float32 small entries would underflow), never in an m × m
+    temporary."""
+    m = total.shape[0]
+    for start in range(0, m, _TRIANGLE_STEP):
+        stop = min(start + _TRIANGLE_STEP, m)
+        rows = slice(0, stop if upper else m)
+        out, piece = total[rows, start:stop], part[rows, start:stop]
+        if factor != 1.0:
+            piece = np.multiply(piece, factor, dtype=np.float64)
+        np.add(out, piece, out=out)
+
+
+def _syrk(block: np.ndarray, out: np.ndarray | None = None, beta: float = 0.0):
+    """The upper triangle of ``blockᵀ block`` (+ ``beta · out``) by BLAS ``?syrk`` (half the
+    flops of a full product), written into ``out`` (Fortran-ordered, of the block's dtype; a
+    new zeroed one when None: its lower triangle stays 0). None for a block that is neither C-
+    nor F-contiguous, which SciPy's wrapper would copy.
+    """
+    if block.flags.c_contiguous:  # blockᵀ is a Fortran-ordered m × n array a: a aᵀ
+        a, trans = block.T, 0
+    elif block.flags.f_contiguous:  # a = block itself: aᵀ a
+        a, trans = block, 1
+    else:
+        return None
+    if out is None:
+        out = np.zeros((block.shape[1], block.shape[1]), dtype=block.dtype, order="F")
+    syrk = scipy.linalg.blas.dsyrk if block.dtype == np.float64 else scipy.linalg.blas.ssyrk
+    return syrk(1.0, a, beta=beta, c=out, trans=trans, lower=0, overwrite_c=1)
+
 
 class GramAccumulator:
     """Streams row blocks of X into ``XᵀX`` (summed in float64, on the blocks' own device).
 
-    Memory is m × m whatever the number of rows. Each block's product is checked before it
+    Memory is m × m whatever the number of rows: the float64 statistic plus one block's
+    product in its product dtype, added in place. Each block's product is checked before it
     is added: a block with NaN/Inf raises and leaves the statistic as it was, and a block
     whose squares would overflow, or underflow into lost digits, is divided by a power of two
     first (exact). The statistic is kept as ``gram = XᵀX / 4**scale_exp`` (``scale_exp`` is 0
     unless some block needed scaling); every result of the ID is scale-free.
+
+    NumPy blocks are multiplied by BLAS ``?syrk``, which computes only the upper triangle (half
+    the flops of a full product); :meth:`factorize` reads only that triangle, and reading
+    :attr:`gram` fills in the lower one, in place. Torch and CuPy blocks are multiplied in full.
 
     Parameters
     ----------
@@ -400,11 +477,28 @@ class GramAccumulator:
 
     def __init__(self, precision: str = "float64"):
         self.precision = precision
-        self.gram = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._gram = None
+        self._upper = False  # only the upper triangle of _gram is valid
         self.n_samples = 0
         self.n_features = None
         self.scale_exp = 0
         self.float32_products = False
+
+    @property
+    def gram(self):
+        """The statistic ``XᵀX / 4**scale_exp`` (float64, m × m, symmetric; None before any
+        rows). Reading it fills the lower triangle from the upper one in place (no copy)."""
+        if self._upper:
+            _symmetrize(self._gram)
+            self._upper = False
+        return self._gram
+
+    @gram.setter
+    def gram(self, value) -> None:  # a whole symmetric statistic (e.g. summed over the ranks)
+        self._gram, self._upper = value, False
 
     def update(self, X) -> GramAccumulator:
         """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic."""
@@ -413,7 +507,7 @@ class GramAccumulator:
         if dtype == "float32" and not _array.exact_float32_matmul(X):
             dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
         with _quiet():  # overflow and underflow are checked and handled below
-            part = self._product(X, dtype, 0)
+            part, upper = self._product(X, dtype, 0)
         low, high = _GRAM_SAFE[dtype]
         largest = _array.max_diagonal(part)
         if not low <= largest <= high:  # NaN fails too
@@ -423,44 +517,89 @@ class GramAccumulator:
             exp = _exponent(amax)
             if amax > 0:
                 with _quiet():  # underflow of entries far below the largest one is harmless
-                    part = self._product(X, dtype, exp)
+                    part, upper = self._product(X, dtype, exp)
         else:
             exp = 0
-        if self.gram is None:  # a fresh float64 array on X's device
-            self.n_features, self.gram, self.scale_exp = X.shape[1], part, exp
-        else:
-            self._add_scaled(part, exp)
+        self._add(part, upper, exp)
+        self.n_features = X.shape[1]
         self.float32_products |= dtype == "float32"
         self.n_samples += X.shape[0]
         return self
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up; the two
-        scales are reconciled as for a new block)."""
-        if other.gram is None:
+        scales are reconciled as for a new block). ``other`` is not modified."""
+        if other._gram is None:
             return self
-        _check_block(other.gram, self.n_features)
-        if self.gram is None:
-            self.n_features = other.n_features
-            self.gram = other.gram.copy()
-            self.scale_exp = other.scale_exp
-        else:
-            self._add_scaled(other.gram, other.scale_exp)
+        _check_block(other._gram, self.n_features)
+        self.n_features = other.n_features
+        self._add(other._gram, other._upper, other.scale_exp, copy=True)
         self.n_samples += other.n_samples
         self.float32_products = self.float32_products or other.float32_products
         return self
 
-    def _add_scaled(self, part, exp: int) -> None:
-        """Add ``part``, a Gram divided by ``4**exp``, rescaling the smaller of the two."""
+    def _add(self, part, upper: bool, exp: int, copy: bool = False) -> None:
+        """Add ``part``, a Gram divided by ``4**exp`` (only its upper triangle valid when
+        ``upper``), in place, rescaling the smaller of the two; ``part`` becomes the statistic
+        when there is none yet (a copy of it with ``copy``)."""
+        if self._gram is None:
+            if isinstance(part, np.ndarray):  # "K": a Fortran-ordered part stays so, for LAPACK
+                part = part.astype(np.float64, order="K", copy=copy)
+            elif copy:
+                part = part.clone() if _array.array_kind(part) == "torch" else part.copy()
+            self._gram, self._upper, self.scale_exp = part, upper, exp
+            return
+        factor = 1.0
         if exp > self.scale_exp:
-            self.gram *= math.ldexp(1.0, 2 * (self.scale_exp - exp))
+            self._gram *= math.ldexp(1.0, 2 * (self.scale_exp - exp))
             self.scale_exp = exp
         elif exp < self.scale_exp:
-            part = part * math.ldexp(1.0, 2 * (exp - self.scale_exp))
-        self.gram += part
+            factor = math.ldexp(1.0, 2 * (exp - self.scale_exp))
+        if isinstance(self._gram, np.ndarray) and isinstance(part, np.ndarray):
+            self._upper = True  # a triangle is half the work, and no rounding asymmetry
+            _add_into(self._gram, part, factor)
+        else:  # arrays of two kinds (e.g. a torch statistic and a NumPy one merged in)
+            if upper:
+                part = part.copy(order="K")
+                _symmetrize(part)
+            self._gram += part * factor if factor != 1.0 else part
 
     def _product(self, X, dtype: str, exp: int):
-        """``(X / 2**exp)ᵀ (X / 2**exp)`` in float64, from products in ``dtype``."""
+        """``(X / 2**exp)ᵀ (X / 2**exp)`` from products in ``dtype``, and whether to read only
+        its upper triangle (NumPy: the statistic then stays exactly symmetric).
+
+        A NumPy X of one row block gives its product in ``dtype`` (cast into the float64
+        statistic as it is added); of several, their products summed in a float64 array here,
+        so that a bad block is caught before the statistic changes.
+        """
+        if not isinstance(X, np.ndarray) or not isinstance(self._gram, (np.ndarray, type(None))):
+            return self._full_product(X, dtype, exp), False
+        m = X.shape[1]
+        if dtype == "float64" and X.dtype == np.float64 and exp == 0:
+            slices = [slice(None)]  # nothing to upcast: one product, no block copies
+        else:
+            max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * m
+            slices = list(row_blocks(X.shape[0], m, max_elements))
+        total = None if len(slices) == 1 else np.zeros((m, m), order="F")
+        scratch = None
+        for rows in slices:
+            block = _scale_block(X[rows].astype(dtype, copy=False), exp)
+            if total is not None and dtype == "float64":
+                if _syrk(block, out=total, beta=1.0) is not None:  # summed in place
+                    continue
+            product = _syrk(block, out=scratch)  # one float32 buffer for all the blocks
+            if product is None:  # a strided view: the full product reads it in place
+                product = block.T @ block
+            else:
+                scratch = product
+            if total is None:
+                return product, True
+            _add_into(total, product)
+        return total, True
+
+    def _full_product(self, X, dtype: str, exp: int):
+        """``(X / 2**exp)ᵀ (X / 2**exp)`` in float64 from full products in ``dtype`` (any kind
+        of array, on its device)."""
         if dtype == "float64" and _array.dtype_name(X) == "float64" and exp == 0:
             return X.T @ X  # nothing to upcast: one product, no block copies
         max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
@@ -474,14 +613,31 @@ class GramAccumulator:
                 part += product
         return part
 
-    def factorize(self) -> PivotedFactorization:
-        """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host)."""
-        if self.gram is None:
+    def factorize(self, consume: bool = False) -> PivotedFactorization:
+        """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
+
+        Parameters
+        ----------
+        consume : bool
+            Hand the statistic over: a host statistic is factorized in place (no m × m copy),
+            and the accumulator is left empty, as new (also when the factorization raises).
+            A caller that goes on accumulating must leave it False.
+
+        Returns
+        -------
+        PivotedFactorization
+        """
+        if self._gram is None:
             raise ValueError("No data has been accumulated yet.")
         eps = float(np.finfo(np.float32).eps) if self.float32_products else None
-        return factorize_gram(
-            _array.to_numpy(self.gram), self.n_samples, eps, scale_exp=self.scale_exp
-        )
+        try:
+            return factorize_gram(
+                _array.to_numpy(self._gram), self.n_samples, eps, scale_exp=self.scale_exp,
+                upper=self._upper, overwrite=consume,
+            )  # fmt: skip
+        finally:
+            if consume:
+                self._clear()
 
 
 class QRAccumulator:
@@ -539,14 +695,29 @@ class QRAccumulator:
         self.n_samples += other.n_samples
         return self
 
-    def factorize(self) -> PivotedFactorization:
-        """Column-pivoted QR of the accumulated R factor (on the host)."""
+    def factorize(self, consume: bool = False) -> PivotedFactorization:
+        """Column-pivoted QR of the accumulated R factor (on the host).
+
+        Parameters
+        ----------
+        consume : bool
+            As in :meth:`GramAccumulator.factorize`, the accumulator is left empty (R, which
+            merges may share, is still copied).
+
+        Returns
+        -------
+        PivotedFactorization
+        """
         if self.R is None:
             raise ValueError("No data has been accumulated yet.")
         eps = float(np.finfo(self.dtype).eps)
-        return factorize_triangular(
-            _array.to_numpy(self.R), eps, self.n_samples, scale_exp=self.scale_exp
-        )
+        try:
+            return factorize_triangular(
+                _array.to_numpy(self.R), eps, self.n_samples, scale_exp=self.scale_exp
+            )
+        finally:
+            if consume:
+                self.__init__()
 
 
 def _folded(R, block):

@@ -103,3 +103,9 @@ def test_bench_scale_quick():
     # the bytes each rank sends do not depend on the calibration size
     assert len({row.split("|")[3] for row in traffic}) == 1
     assert len(table_rows(out, "InterpolativeDecomposition.fit on a Dask array")) == 1
+
+
+def test_bench_gram_quick():
+    out = run_quick("bench_gram.py")
+    assert len(table_rows(out, "accumulating")) == 4  # 2 precisions × {plain, skid}
+    assert len(table_rows(out, "pivoted Cholesky")) == 3

@@ -573,7 +573,7 @@ def _factorize(unit, accumulators):
         if unit.blocks > 1:
             return BlockFactorization.from_accumulators(accumulators, unit.blocks)
         if len(accumulators) == 1:
-            return accumulators[0].factorize()
+            return accumulators[0].factorize(consume=True)  # dropped after: no m × m copy
         return JointFactorization.from_accumulators(accumulators)
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc

@@ -1,0 +1,166 @@
+"""Time and peak memory of streaming a Gram matrix: skid's GramAccumulator against the plain way.
+
+The peer is the accumulation skid did before (reimplemented here): per batch NumPy's full
+``blockᵀ @ block`` (which itself runs ``?syrk`` and then fills the lower triangle element by
+element), cast to a new float64 m × m array and added, and a factorization that first makes a
+scaled m × m copy (and LAPACK's wrapper a Fortran-ordered one of that). skid multiplies by
+BLAS ``?syrk`` (the upper triangle only, half the flops of a full product), adds each product
+into the float64 statistic in place, and with ``factorize(consume=True)`` factorizes the
+statistic in its own storage. Time: median of rounds; memory: tracemalloc's peak over what was
+allocated before (NumPy's buffers are traced), measured in separate runs.
+
+    python benchmarks/bench_gram.py            # 4096×2048 float32 in batches of 256 rows
+    python benchmarks/bench_gram.py --quick    # 1024×512
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+from _models import print_table, set_threads
+from scipy.linalg import lapack
+
+from skid import _linalg
+
+
+class PlainGram:
+    """The plain accumulation (skid's before ?syrk): full products, float64 copies."""
+
+    def __init__(self, precision):
+        self.precision, self.gram, self.n_samples = precision, None, 0
+
+    def update(self, X):
+        dtype = "float64" if self.precision == "float64" else "float32"
+        part = None
+        max_elements = (_linalg._BLOCK_ELEMENTS if dtype == "float64"
+                        else _linalg._NATIVE_BLOCK_ROWS * X.shape[1])
+        for rows in _linalg.row_blocks(X.shape[0], X.shape[1], max_elements):
+            block = X[rows].astype(dtype, copy=False)
+            product = (block.T @ block).astype(np.float64)
+            part = product if part is None else part + product
+        if not math.isfinite(float(part.diagonal().max())):  # the check before adding
+            raise ValueError("non-finite")
+        if self.gram is None:
+            self.gram = part
+        else:
+            self.gram += part
+        self.n_samples += X.shape[0]
+        return self
+
+    def factorize(self):
+        gram = self.gram
+        if not np.isfinite(gram).all():
+            raise ValueError("non-finite")
+        diag_max = float(gram.diagonal().max())
+        shift = _linalg._exponent(diag_max) // 2 * 2
+        scaled = np.ldexp(gram, -shift) if shift else gram
+        cutoff = -1.0 if self.precision == "float64" else (  # skid's trust cutoff
+            gram.shape[0] * float(np.finfo(np.float32).eps) * math.ldexp(diag_max, -shift))
+        factor, piv, rank, _ = lapack.dpstrf(scaled, lower=0, tol=cutoff,
+                                             overwrite_a=scaled is not gram)
+        U = factor[:rank]
+        for i in range(1, rank):
+            U[i, :i] = 0.0
+        return piv, U
+
+
+def data(n, m, seed=0):
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, m // 4), dtype=np.float32)
+    X = latent @ rng.standard_normal((m // 4, m), dtype=np.float32)
+    return X + np.float32(0.05) * rng.standard_normal((n, m), dtype=np.float32)
+
+
+def accumulate(make, X, batch):
+    acc = make()
+    for start in range(0, X.shape[0], batch):
+        acc.update(X[start : start + batch])
+    return acc
+
+
+def timed(fn, rounds, setup=None):
+    times = []
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def traced_peak(fn, setup=None) -> float:
+    """Peak MiB that ``fn`` allocates above what was allocated when it started."""
+    if setup is not None:
+        setup()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def bench(n, m, batch, rounds):
+    X = data(n, m)
+    gram_mib = 8 * m * m / 2**20
+    rows = []
+    for precision in ("native", "float64"):
+        ways = {"plain blockᵀ @ block, float64 copies": lambda p=precision: PlainGram(p),
+                "skid ?syrk, in place": lambda p=precision: _linalg.GramAccumulator(p)}
+        results = {name: (timed(lambda mk=make: accumulate(mk, X, batch), rounds),
+                          traced_peak(lambda mk=make: accumulate(mk, X, batch)))
+                   for name, make in ways.items()}
+        plain_s, plain_mib = results["plain blockᵀ @ block, float64 copies"]
+        for name, (seconds, mib) in results.items():
+            rows.append((precision, name, seconds * 1e3, plain_s / seconds, mib,
+                         mib / gram_mib))
+    print_table(
+        f"accumulating {n}×{m} float32 in batches of {batch} rows (the float64 Gram: "
+        f"{gram_mib:.0f} MiB; median of {rounds} rounds)",
+        ["precision", "way", "time ms", "× faster", "peak MiB", "peak ÷ Gram"],
+        rows, ["s", "s", ".1f", ".2f", ".1f", ".2f"],
+    )
+
+    plain = accumulate(lambda: PlainGram("native"), X, batch)
+    ours = accumulate(lambda: _linalg.GramAccumulator("native"), X, batch)
+    kept = (ours._gram.copy(order="K"), ours._upper, ours.n_samples, ours.float32_products)
+
+    def refill():  # consume=True hands the statistic over: a fresh copy before each run
+        ours._gram = kept[0].copy(order="K")
+        ours._upper, ours.n_samples, ours.float32_products = kept[1:]
+
+    ways = {"plain (scaled m × m copy)": (plain.factorize, None),
+            "skid factorize()": (ours.factorize, None),
+            "skid factorize(consume=True)": (lambda: ours.factorize(consume=True), refill)}
+    rows = []
+    for name, (fn, setup) in ways.items():
+        mib = traced_peak(fn, setup)
+        rows.append((name, timed(fn, rounds, setup) * 1e3, mib, mib / gram_mib))
+    print_table(
+        f"pivoted Cholesky of that {m}×{m} Gram (float32 products; a consumed statistic is "
+        "refilled before each run, outside the clock and the trace)",
+        ["way", "time ms", "peak MiB", "peak ÷ Gram"], rows, ["s", ".1f", ".1f", ".2f"],
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1024×512 only")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--batch", type=int, default=256, help="rows per update")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS threads; 0: the libraries' defaults")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    n, m = (1024, 512) if args.quick else (4096, 2048)
+    bench(n, m, args.batch, 3 if args.quick else args.rounds)
+
+
+if __name__ == "__main__":
+    main()
