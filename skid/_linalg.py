@@ -502,7 +502,7 @@ class GramAccumulator:
 
     def update(self, X) -> GramAccumulator:
         """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic."""
-        X = _check_block(X, self.n_features)
+        X = _check_block(_array.host_view(X), self.n_features)  # CPU tensors: NumPy's syrk
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
         if dtype == "float32" and not _array.exact_float32_matmul(X):
             dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs

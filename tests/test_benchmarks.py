@@ -97,7 +97,8 @@ def test_bench_scale_quick():
     pytest.importorskip("distributed")
     out = run_quick("bench_scale.py")
     if "needs Linux's /proc/self/clear_refs" not in out:
-        assert len(table_rows(out, "peak memory and time vs number of blocks")) == 8
+        # 2 block counts × 6 modes (original, sequential, target_flops; one pass, block-wise)
+        assert len(table_rows(out, "peak memory and time vs number of blocks")) == 12
     traffic = table_rows(out, "statistics traffic per rank")
     assert len(traffic) == 2
     # the bytes each rank sends do not depend on the calibration size
