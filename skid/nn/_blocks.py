@@ -453,9 +453,9 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     :class:`ErrorCurve` (its statistics are freed block by block), the budget gives candidate
     widths from these original-model curves (as a one-pass fit does for every calibration),
     and a second walk folds them — building every candidate side by side when there are
-    several, each in its own copy of the model, so that the one whose outputs on the first
-    batch stay closest is kept, as a one-pass fit decides (the copies are weights; the
-    statistics are still one block's). ``"sequential"`` then walks a third time with the
+    several, each in its own copy of the model (sharing the model's tensors: it costs the
+    candidate's folded weights), so that the one whose outputs on the first batch stay closest
+    is kept, as a one-pass fit decides. ``"sequential"`` then walks a third time with the
     chosen widths, as does ``"corrective"``. With ``memory=`` the later walks read the
     statistics back.
     """
@@ -471,10 +471,12 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     del curves
     if len(candidates) > 1:
         reference = batch_outputs(work, batches.first)
-        pristine = copy.deepcopy(work) if mode != "original" else None
-        targets = [work] + [copy.deepcopy(work) for _ in candidates[1:]]
+        pristine = _sharing_copy(work) if mode != "original" else None
+        targets = [work] + [_sharing_copy(work) for _ in candidates[1:]]
         plans = _Walk(nc, targets, units, batches, key, cache, candidates).run(
             layout, device, home, "original")
+        for target in targets[1:]:
+            target.to(home)  # what was folded into a copy during its block's turn
         best = min(range(len(targets)),
                    key=lambda c: output_distance(targets[c], reference, batches.first))
         del targets[1:best], targets[best + 1:]  # the losers' models go now
@@ -484,6 +486,16 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
         candidates = [candidates[best]]
     return _Walk(nc, [work], units, batches, key, cache, candidates).run(
         layout, device, home, mode)[0]
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers.
+
+    Folding a selection replaces a module's tensors and never writes into them, so a copy
+    costs only what is folded into it (the candidate's narrower weights), not a model.
+    """
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _transplant(target: nn.Module, source: nn.Module) -> None:

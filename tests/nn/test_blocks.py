@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from skid import NetworkCompressor
+from skid._linalg import GramAccumulator
 from skid.nn import _blocks
 from skid.nn._calibration import calibration_passes
 
@@ -404,3 +405,20 @@ def test_an_incomplete_recording_leaves_no_tape(tmp_path):
     tape.position = 1
     out = tape.current(torch.device("cpu"))
     assert torch.equal(out[1]["a"], torch.ones(3))
+
+
+def test_a_sharing_copy_costs_only_what_is_folded_into_it():
+    from skid.nn._compressor import _apply, _selection
+    from skid.nn._graph import find_units
+
+    model = make_stack()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = _blocks._sharing_copy(model)
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    unit = next(u for u in find_units(model, (X[:4],), {})[0] if u.producer == "layers.1.up")
+    stats = GramAccumulator().update(torch.randn(64, 24))
+    _apply(twin, _selection(unit, stats.factorize(), 10))
+    assert twin.layers[1].up.out_features == 10 and model.layers[1].up.out_features == 24
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # the model's tensors are untouched
+    assert twin.layers[0].up.weight is model.layers[0].up.weight  # unfolded: still shared
