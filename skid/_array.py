@@ -39,15 +39,6 @@ def to_numpy(A) -> np.ndarray:
     return np.asarray(A)
 
 
-def host_view(X):
-    """A CPU torch tensor of float32/float64 as a NumPy view of the same memory (so NumPy's
-    BLAS routines, syrk among them, apply); anything else as it is."""
-    if array_kind(X) == "torch" and X.device.type == "cpu" and dtype_name(X) in (
-            "float32", "float64"):
-        return X.detach().numpy()
-    return X
-
-
 def dtype_name(X) -> str:
     """The dtype as a NumPy-style name ("float32", "int64", ...), for any kind."""
     return str(X.dtype).removeprefix("torch.")

@@ -200,3 +200,58 @@ def test_consume_factorizes_without_an_m_by_m_copy():
     finally:
         tracemalloc.stop()
     assert peak < 8 * m * m // 2  # column-block masks of the finiteness check
+
+
+# ------------------------------------------------------------------------------ torch blocks
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def narrow_steps(monkeypatch):
+    """Column steps of 8, so that a 40-wide triangle is built from several column blocks."""
+    monkeypatch.setattr(_linalg, "_TRIANGLE_STEP", 8)
+
+
+@pytest.mark.parametrize("precision", ["float64", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_torch_blocks_build_the_triangle_in_column_blocks(request, narrow_steps, precision,
+                                                         dtype, blocks):
+    if blocks == "several":
+        request.getfixturevalue("small_blocks")
+    X = data(50, 40)
+    acc = _linalg.GramAccumulator(precision)
+    for part in np.array_split(X, 3):
+        acc.update(torch.as_tensor(part, dtype=dtype))
+    assert acc._upper and isinstance(acc._gram, torch.Tensor)
+    assert acc._gram.dtype == torch.float64
+    exact = exact_gram(X.astype(np.float32) if dtype == torch.float32 else X)
+    gram = acc.gram.numpy()
+    np.testing.assert_array_equal(gram, gram.T)
+    tol = 1e-5 if acc.float32_products else 1e-12
+    np.testing.assert_allclose(gram, exact, rtol=0, atol=tol * np.abs(exact).max())
+    numpy_fac = _linalg.GramAccumulator("float64").update(X).factorize()
+    fac = acc.factorize(consume=True)
+    np.testing.assert_array_equal(fac.perm[:10], numpy_fac.perm[:10])
+
+
+def test_torch_nan_block_and_scaling_and_merge(small_blocks, narrow_steps):
+    X = data(60, 40, np.float32)
+    acc = _linalg.GramAccumulator("native").update(torch.as_tensor(X[:30]))
+    before = acc._gram.clone()
+    bad = torch.as_tensor(X[30:]).clone()
+    bad[-1, 3] = float("nan")
+    with pytest.raises(_linalg.NonFiniteDataError):
+        acc.update(bad)
+    assert torch.equal(acc._gram, before)  # untouched
+    big = _linalg.GramAccumulator("native").update(torch.as_tensor(X[30:]) * 1e20)
+    acc.merge(big)
+    expected = exact_gram(np.vstack([X[:30], X[30:].astype(np.float64) * 1e20]),
+                          acc.scale_exp)
+    np.testing.assert_allclose(acc.gram.numpy(), expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+    mixed = _linalg.GramAccumulator("native").update(X[:30]).merge(
+        _linalg.GramAccumulator("native").update(torch.as_tensor(X[30:])))
+    np.testing.assert_allclose(np.asarray(mixed.gram), exact_gram(X), rtol=0,
+                               atol=1e-5 * np.abs(exact_gram(X)).max())
