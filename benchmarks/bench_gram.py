@@ -7,7 +7,9 @@ scaled m × m copy (and LAPACK's wrapper a Fortran-ordered one of that). skid mu
 BLAS ``?syrk`` (the upper triangle only, half the flops of a full product), adds each product
 into the float64 statistic in place, and with ``factorize(consume=True)`` factorizes the
 statistic in its own storage. Time: median of rounds; memory: tracemalloc's peak over what was
-allocated before (NumPy's buffers are traced), measured in separate runs.
+allocated before (NumPy's buffers are traced), measured in separate runs. A third table does
+the same with torch tensors (what calibration hands the accumulator): torch's full product cast
+to float64 and added, against skid's upper triangle in column blocks on torch's threads.
 
     python benchmarks/bench_gram.py            # 4096×2048 float32 in batches of 256 rows
     python benchmarks/bench_gram.py --quick    # 1024×512
@@ -149,6 +151,34 @@ def bench(n, m, batch, rounds):
     )
 
 
+def bench_torch(n, m, batch, rounds):
+    import torch
+
+    X = torch.as_tensor(data(n, m))
+    batches = [X[start : start + batch] for start in range(0, n, batch)]
+
+    def plain():
+        gram = None
+        for block in batches:
+            part = (block.T @ block).double()
+            gram = part if gram is None else gram.add_(part)
+
+    def ours():
+        acc = _linalg.GramAccumulator("native")
+        for block in batches:
+            acc.update(block)
+
+    times = {"torch blockᵀ @ block, float64 copies": timed(plain, rounds),
+             "skid triangle in column blocks": timed(ours, rounds)}
+    base = times["torch blockᵀ @ block, float64 copies"]
+    print_table(
+        f"accumulating {n}×{m} float32 torch tensors in batches of {batch} rows, "
+        f"{torch.get_num_threads()} torch thread(s) (median of {rounds} rounds)",
+        ["way", "time ms", "× faster"],
+        [(name, t * 1e3, base / t) for name, t in times.items()], ["s", ".1f", ".2f"],
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024×512 only")
@@ -160,6 +190,7 @@ def main():
     set_threads(args.threads)
     n, m = (1024, 512) if args.quick else (4096, 2048)
     bench(n, m, args.batch, 3 if args.quick else args.rounds)
+    bench_torch(n, m, args.batch, 3 if args.quick else args.rounds)
 
 
 if __name__ == "__main__":
