@@ -5,9 +5,10 @@ Three tables, every peer measured in the same run:
 1. Peak memory and time of ``NetworkCompressor.fit`` against the number of blocks of a
    residual MLP stack (LayerNorm → Linear(W, H) → GELU → Linear(H, W), H-wide units, one per
    block): one pass (``blocks=None``) against block-wise (``blocks="layers"``), for
-   ``calibration="original"`` and ``"sequential"``. Peak resident memory above the start of
-   the call, one fresh subprocess per cell (torch's CPU allocations are invisible to
-   tracemalloc); time as a median of rounds, and ÷ one plain forward pass over the same data.
+   ``calibration="original"`` and ``"sequential"`` (``rank=0.5``) and for ``target_flops=0.5``.
+   Peak resident memory above the start of the call, one fresh subprocess per cell (torch's
+   CPU allocations are invisible to tracemalloc), also less the fit's working copy of the
+   model; time as a median of rounds, and ÷ one plain forward pass over the same data.
 2. Statistics traffic per rank of data-parallel calibration (2 Gloo ranks on localhost, each
    on half the data): bytes all-reduced/gathered per rank against the calibration size, and
    the prediction Σ 8·m² (one float64 Gram per unit) + the counts; the 2-rank fit's time
