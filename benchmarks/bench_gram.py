@@ -3,13 +3,17 @@
 The peer is the accumulation skid did before (reimplemented here): per batch NumPy's full
 ``blockᵀ @ block`` (which itself runs ``?syrk`` and then fills the lower triangle element by
 element), cast to a new float64 m × m array and added, and a factorization that first makes a
-scaled m × m copy (and LAPACK's wrapper a Fortran-ordered one of that). skid multiplies by
-BLAS ``?syrk`` (the upper triangle only, half the flops of a full product), adds each product
-into the float64 statistic in place, and with ``factorize(consume=True)`` factorizes the
-statistic in its own storage. Time: median of rounds; memory: tracemalloc's peak over what was
-allocated before (NumPy's buffers are traced), measured in separate runs. A third table does
-the same with torch tensors (what calibration hands the accumulator): torch's full product cast
-to float64 and added, against skid's upper triangle in column blocks on torch's threads.
+scaled m × m copy (and LAPACK's wrapper a Fortran-ordered one of that). skid stores only the
+upper triangle, in column panels 256 wide (about m (m + 256) / 2 entries), adds each panel's
+product ``block[:, :stop]ᵀ block[:, start:stop]`` into its panel in place (no m × m temporary),
+and factorizes one Fortran-ordered copy of the triangle in place (``factorize(consume=True)``
+releases each panel as it is copied). Time: median of rounds; memory: tracemalloc's peak over
+what was allocated before (NumPy's buffers are traced), measured in separate runs, and for the
+factorization also the resident set's peak above its start (Linux; tracemalloc counts an array
+when it is allocated, the resident set when its pages are touched, and no longer once it is
+released, which is what ``consume=True`` does panel by panel). A third
+table does the same with torch tensors (what calibration hands the accumulator): torch's full
+product cast to float64 and added, against skid's panels on torch's threads.
 
     python benchmarks/bench_gram.py            # 4096×2048 float32 in batches of 256 rows
     python benchmarks/bench_gram.py --quick    # 1024×512
@@ -18,13 +22,16 @@ to float64 and added, against skid's upper triangle in column blocks on torch's 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import math
+import os
 import statistics
 import time
 import tracemalloc
 
 import numpy as np
-from _models import print_table, set_threads
+from _models import peak_above_start, print_table, set_threads
 from scipy.linalg import lapack
 
 from skid import _linalg
@@ -114,7 +121,7 @@ def bench(n, m, batch, rounds):
     rows = []
     for precision in ("native", "float64"):
         ways = {"plain blockᵀ @ block, float64 copies": lambda p=precision: PlainGram(p),
-                "skid ?syrk, in place": lambda p=precision: _linalg.GramAccumulator(p)}
+                "skid triangle panels, in place": lambda p=precision: _linalg.GramAccumulator(p)}
         results = {name: (timed(lambda mk=make: accumulate(mk, X, batch), rounds),
                           traced_peak(lambda mk=make: accumulate(mk, X, batch)))
                    for name, make in ways.items()}
@@ -131,23 +138,33 @@ def bench(n, m, batch, rounds):
 
     plain = accumulate(lambda: PlainGram("native"), X, batch)
     ours = accumulate(lambda: _linalg.GramAccumulator("native"), X, batch)
-    kept = (ours._gram.copy(order="K"), ours._upper, ours.n_samples, ours.float32_products)
+    kept = (ours.triangle(), ours.n_features, ours.scale_exp, ours.n_samples,
+            ours.float32_products)
 
     def refill():  # consume=True hands the statistic over: a fresh copy before each run
-        ours._gram = kept[0].copy(order="K")
-        ours._upper, ours.n_samples, ours.float32_products = kept[1:]
+        ours.set_triangle(*kept[:3])
+        ours.n_samples, ours.float32_products = kept[3:]
 
-    ways = {"plain (scaled m × m copy)": (plain.factorize, None),
-            "skid factorize()": (ours.factorize, None),
-            "skid factorize(consume=True)": (lambda: ours.factorize(consume=True), refill)}
+    ways = {"plain (scaled m × m copy)": (plain.factorize, None, plain.gram.nbytes),
+            "skid factorize()": (ours.factorize, None, ours.nbytes),
+            "skid factorize(consume=True)": (lambda: ours.factorize(consume=True), refill,
+                                             ours.nbytes)}
+    resident = os.access("/proc/self/clear_refs", os.W_OK)
     rows = []
-    for name, (fn, setup) in ways.items():
-        mib = traced_peak(fn, setup)
-        rows.append((name, timed(fn, rounds, setup) * 1e3, mib, mib / gram_mib))
+    for name, (fn, setup, held) in ways.items():
+        mib, held = traced_peak(fn, setup), held / 2**20
+        if setup is not None:
+            setup()
+        rss = peak_above_start(fn) if resident else math.nan
+        rows.append((name, timed(fn, rounds, setup) * 1e3, held, mib, rss,
+                     (held + rss) / gram_mib))
     print_table(
         f"pivoted Cholesky of that {m}×{m} Gram (float32 products; a consumed statistic is "
-        "refilled before each run, outside the clock and the trace)",
-        ["way", "time ms", "peak MiB", "peak ÷ Gram"], rows, ["s", ".1f", ".1f", ".2f"],
+        "refilled before each run, outside the clock and the trace): the statistic held, "
+        "then the peak above it, traced (allocations) and resident (touched pages; "
+        "released ones count off)",
+        ["way", "time ms", "statistic MiB", "traced peak MiB", "resident peak MiB",
+         "(statistic + resident) ÷ Gram"], rows, ["s", ".1f", ".1f", ".1f", ".1f", ".2f"],
     )
 
 
@@ -169,7 +186,7 @@ def bench_torch(n, m, batch, rounds):
             acc.update(block)
 
     times = {"torch blockᵀ @ block, float64 copies": timed(plain, rounds),
-             "skid triangle in column blocks": timed(ours, rounds)}
+             "skid triangle panels": timed(ours, rounds)}
     base = times["torch blockᵀ @ block, float64 copies"]
     print_table(
         f"accumulating {n}×{m} float32 torch tensors in batches of {batch} rows, "
@@ -188,6 +205,8 @@ def main():
                         help="BLAS threads; 0: the libraries' defaults")
     args = parser.parse_args()
     set_threads(args.threads)
+    with contextlib.suppress(OSError, AttributeError):  # glibc: freed arrays go back to the OS,
+        ctypes.CDLL(None).mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: the resident set follows
     n, m = (1024, 512) if args.quick else (4096, 2048)
     bench(n, m, args.batch, 3 if args.quick else args.rounds)
     bench_torch(n, m, args.batch, 3 if args.quick else args.rounds)

@@ -11,8 +11,8 @@ Three tables, every peer measured in the same run:
    model; time as a median of rounds, and ÷ one plain forward pass over the same data.
 2. Statistics traffic per rank of data-parallel calibration (2 Gloo ranks on localhost, each
    on half the data): bytes all-reduced/gathered per rank against the calibration size, and
-   the prediction Σ 8·m² (one float64 Gram per unit) + the counts; the 2-rank fit's time
-   next to one process on all the data.
+   the prediction Σ 4·m(m+1) (the upper triangle of one float64 Gram per unit) + the counts;
+   the 2-rank fit's time next to one process on all the data.
 3. ``InterpolativeDecomposition.fit`` on a Dask array larger than the memory limit of every
    worker of a ``LocalCluster`` (chunks generated on the workers, never gathered), against
    Dask's own ``(X.T @ X).compute()`` on the same cluster (the floor of any exact ID).
@@ -196,7 +196,7 @@ def bench_traffic(args, sizes):
             lambda m=model, x=X: NetworkCompressor(m, rank=RANK, batch_size=BATCH_SIZE).fit(x),
             args.rounds)
         widths = ranks[0]["widths"]
-        predicted = sum(8 * m * m for m in widths)
+        predicted = sum(8 * (m * (m + 1) // 2) for m in widths)  # float64 triangles
         two = max(r["time"] for r in ranks)
         rows.append((n_rows, len(widths), ranks[0]["bytes"], ranks[1]["bytes"], predicted,
                      ranks[0]["bytes"] / predicted, two, single, two / single))
@@ -204,9 +204,9 @@ def bench_traffic(args, sizes):
         f"statistics traffic per rank: 2 Gloo ranks on localhost, each on half the rows; "
         f"stack of {args.traffic_blocks} blocks, H={args.hidden} (block-wise: one statistics "
         "pass per block, each adding 16 B of counts); bytes all-reduced per rank against "
-        "Σ 8·m² (one float64 Gram per unit)",
-        ["rows (all ranks)", "units", "rank 0 bytes", "rank 1 bytes", "Σ 8·m²",
-         "÷ Σ 8·m²", "2-rank fit s", "1-process fit s", "2 ranks ÷ 1"],
+        "Σ 4·m(m+1) (the upper triangle of one float64 Gram per unit)",
+        ["rows (all ranks)", "units", "rank 0 bytes", "rank 1 bytes", "Σ 4·m(m+1)",
+         "÷ Σ 4·m(m+1)", "2-rank fit s", "1-process fit s", "2 ranks ÷ 1"],
         rows, ["d", "d", "d", "d", "d", ".3f", ".3f", ".3f", ".2f"],
     )
 

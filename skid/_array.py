@@ -115,9 +115,32 @@ def max_abs(X) -> float:
     return max(high, -low)
 
 
-def max_diagonal(A) -> float:
-    """The largest diagonal entry of a square array, as a Python float (NaN propagates)."""
-    return float(A.diagonal().max())
+def max_column_sq_sum(X) -> float:
+    """The largest column sum of squares of the 2-D ``X``, summed in X's dtype: the largest
+    diagonal entry of ``XᵀX`` without the product (NaN propagates, infinite on overflow)."""
+    if X.shape[1] == 0:
+        return 0.0
+    kind = array_kind(X)
+    if kind == "numpy":
+        return float(np.einsum("ij,ij->j", X, X).max())  # no n × m temporary
+    return float((X * X).sum(0).max())
+
+
+def tril(A, k: int = 0):
+    """The lower triangle of the square ``A`` (below the k-th diagonal), in A's library."""
+    kind = array_kind(A)
+    if kind == "torch":
+        return A.tril(k)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.tril(A, k)
+    return np.tril(A, k)
+
+
+def copy(A):
+    """A copy of ``A`` in its own library and device."""
+    return A.clone() if array_kind(A) == "torch" else A.copy()
 
 
 def vstack(blocks, like):

@@ -394,7 +394,9 @@ def _scale_block(block, exp: int):
 #: Squared magnitudes safe to sum in each product dtype (outside: scale the block first).
 _GRAM_SAFE = {"float64": (2.0**-600, 2.0**1000), "float32": (2.0**-60, 2.0**100)}
 
-_TRIANGLE_STEP = 256  # columns per step of the in-place m × m loops (temporaries of m × 256)
+#: Columns per panel of the Gram's stored triangle (and per step of the other m × m loops):
+#: temporaries of m × 256.
+_TRIANGLE_STEP = 256
 
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:
@@ -409,83 +411,122 @@ def _finite(a: np.ndarray, upper: bool = False) -> bool:
     return True
 
 
-def _symmetrize(a) -> None:
-    """Copy the upper triangle of the square array ``a`` (NumPy or torch) onto its lower one,
-    in place."""
-    m = a.shape[0]
-    is_torch = _array.array_kind(a) == "torch"
-    for start in range(0, m, _TRIANGLE_STEP):
-        stop = min(start + _TRIANGLE_STEP, m)
-        a[stop:, start:stop] = a[start:stop, stop:].T
-        diag = a[start:stop, start:stop]
-        if is_torch:
-            diag.copy_(diag.triu() + diag.triu(1).T)
-        else:
-            diag[...] = np.triu(diag) + np.triu(diag, 1).T
+def triangle_size(m: int) -> int:
+    """Entries of the upper triangle of an m × m matrix, diagonal included."""
+    return m * (m + 1) // 2
 
 
-def _torch_upper_product(block):
-    """The upper triangle of ``blockᵀ block`` (a torch tensor; lower triangle 0), by column
-    blocks: about 9/16 of a full product's flops, run on torch's own threads and device.
-    (Handing CPU tensors to NumPy's ``syrk`` instead is faster on one thread, but OpenBLAS's
-    threads then spin against torch's between the two: measured slower on two.)"""
-    m = block.shape[1]
-    step = max(_TRIANGLE_STEP, -(-m // 8))
-    if m <= step:
-        return block.T @ block
-    out = block.new_zeros((m, m))
-    for start in range(0, m, step):
-        stop = min(start + step, m)
-        out[:stop, start:stop] = block[:, :stop].T @ block[:, start:stop]
-    return out
+def _panel_bounds(m: int):
+    """``(start, stop)`` of the column panels of an m × m triangle."""
+    return [(start, min(start + _TRIANGLE_STEP, m)) for start in range(0, m, _TRIANGLE_STEP)]
 
 
-def _add_into(total: np.ndarray, part: np.ndarray, factor: float = 1.0, upper: bool = True):
-    """``total += factor * part`` in place (``total`` float64 NumPy; only the upper triangle
-    with ``upper``), by column blocks: a float32 ``part`` is cast in the ufunc's buffer, and a
-    scaled one in float64 (in float32 small entries would underflow), never in an m × m
-    temporary."""
-    m = total.shape[0]
-    for start in range(0, m, _TRIANGLE_STEP):
-        stop = min(start + _TRIANGLE_STEP, m)
-        rows = slice(0, stop if upper else m)
-        out, piece = total[rows, start:stop], part[rows, start:stop]
-        if factor != 1.0:
-            piece = np.multiply(piece, factor, dtype=np.float64)
-        np.add(out, piece, out=out)
+def _panel_mask(width: int, stop: int, like):
+    """Where a stored panel (``width × stop``: ``G[stop - width : stop, :stop]``) holds the
+    upper triangle of G (row a: G's column ``stop - width + a``, rows up to it), as a boolean
+    array of ``like``'s kind; in row-major order, these entries are LAPACK's packed storage."""
+    start = stop - width
+    mask = np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]
+    return _array.from_numpy(mask, like)
 
 
-def _syrk(block: np.ndarray, out: np.ndarray | None = None, beta: float = 0.0):
-    """The upper triangle of ``blockᵀ block`` (+ ``beta · out``) by BLAS ``?syrk`` (half the
-    flops of a full product), written into ``out`` (Fortran-ordered, of the block's dtype; a
-    new zeroed one when None: its lower triangle stays 0). None for a block that is neither C-
-    nor F-contiguous, which SciPy's wrapper would copy.
-    """
-    if block.flags.c_contiguous:  # blockᵀ is a Fortran-ordered m × n array a: a aᵀ
-        a, trans = block.T, 0
-    elif block.flags.f_contiguous:  # a = block itself: aᵀ a
-        a, trans = block, 1
+def _blas_readable(a) -> bool:
+    """Whether BLAS reads the 2-D array in place (otherwise NumPy's matmul falls back to a
+    loop without BLAS). Row slices of C- or F-ordered arrays are; torch and CuPy handle
+    strides themselves."""
+    if not isinstance(a, np.ndarray):
+        return True
+    (s0, s1), (n, m), size = a.strides, a.shape, a.itemsize
+    return (s1 == size and s0 % size == 0 and s0 >= m * size) or (
+        s0 == size and s1 % size == 0 and s1 >= n * size
+    )
+
+
+def _gram_slices(X, dtype: str, exp: int) -> list:
+    """Row slices of X that :class:`GramAccumulator` multiplies one at a time."""
+    n, m = X.shape
+    if dtype == "float64" and _array.dtype_name(X) == "float64" and exp == 0 and (
+        _blas_readable(X)
+    ):
+        return [slice(None)]  # nothing to upcast or scale: the products read X in place
+    max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * m
+    return list(row_blocks(n, m, max_elements))
+
+
+def _gram_block(X, rows, dtype: str, exp: int):
+    """``X[rows] / 2**exp`` in ``dtype``, laid out for BLAS."""
+    block = _scale_block(_array.astype(X[rows], dtype), exp)
+    return block if _blas_readable(block) else np.ascontiguousarray(block)
+
+
+def _add_scaled(total, part, factor: float = 1.0) -> None:
+    """``total += factor · part`` in place, ``total`` float64 (a float32 ``part`` is cast in
+    the ufunc's buffer, and scaled in float64, where its small entries cannot underflow)."""
+    if _array.array_kind(total) == "torch":
+        total.add_(part, alpha=factor)  # computed in total's float64
+    elif factor == 1.0:
+        total += part
     else:
-        return None
-    if out is None:
-        out = np.zeros((block.shape[1], block.shape[1]), dtype=block.dtype, order="F")
-    syrk = scipy.linalg.blas.dsyrk if block.dtype == np.float64 else scipy.linalg.blas.ssyrk
-    return syrk(1.0, a, beta=beta, c=out, trans=trans, lower=0, overwrite_c=1)
+        total += _array.astype(part, "float64") * factor
+
+
+def _as_kind(part, like):
+    """``part`` in the library (and torch device) of ``like``."""
+    kind = _array.array_kind(like)
+    if _array.array_kind(part) == kind:
+        return part.to(like.device) if kind == "torch" else part
+    return _array.from_numpy(_array.to_numpy(part), like)
+
+
+def _add_product(total, left, right, factor: float, scratch, capacity: int):
+    """``total += factor · (left @ right)`` in place: the product in the operands' dtype and
+    library, written into ``scratch`` (a flat buffer of that dtype, reused; None: one of
+    ``capacity`` entries is made here), then added into the float64 ``total``. Returns the
+    scratch buffer."""
+    kind = _array.array_kind(left)
+    size = total.shape[0] * total.shape[1]
+    if kind != _array.array_kind(total):  # a statistic of another kind (merged in)
+        _add_scaled(total, _as_kind(left @ right, total), factor)
+    elif kind == "torch":
+        import torch
+
+        if left.dtype == total.dtype:  # float64 products: one GEMM, straight into the panel
+            total.addmm_(left, right, alpha=factor)
+            return scratch
+        if scratch is None:
+            scratch = left.new_empty(capacity)
+        out = scratch[:size].view(total.shape)
+        torch.mm(left, right, out=out)
+        total.add_(out, alpha=factor)
+    elif kind == "numpy":
+        if scratch is None:
+            scratch = np.empty(capacity, dtype=left.dtype)
+        out = scratch[:size].reshape(total.shape)
+        np.matmul(left, right, out=out)
+        _add_scaled(total, out, factor)
+    else:  # CuPy
+        _add_scaled(total, left @ right, factor)
+    return scratch
 
 
 class GramAccumulator:
     """Streams row blocks of X into ``XᵀX`` (summed in float64, on the blocks' own device).
 
-    Memory is m × m whatever the number of rows: the float64 statistic plus one block's
-    product in its product dtype, added in place. Each block's product is checked before it
-    is added: a block with NaN/Inf raises and leaves the statistic as it was, and a block
-    whose squares would overflow, or underflow into lost digits, is divided by a power of two
-    first (exact). The statistic is kept as ``gram = XᵀX / 4**scale_exp`` (``scale_exp`` is 0
-    unless some block needed scaling); every result of the ID is scale-free.
+    Only the upper triangle is stored, as column panels ``_TRIANGLE_STEP`` (256) wide: panel
+    p holds ``G[:stop_p, start_p:stop_p]``, column-major (kept as the C-ordered array of its
+    transpose, ``G[start_p:stop_p, :stop_p]``: for NumPy, the Fortran-ordered panel), in
+    float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
+    instead of m², whatever the number of rows. A block adds one product per panel,
+    ``block[:, :stop]ᵀ block[:, start:stop]`` (m × 256 at most), into that panel in place, so
+    accumulating holds the statistic and one panel's product, never an m × m temporary.
 
-    NumPy blocks are multiplied by BLAS ``?syrk``, which computes only the upper triangle (half
-    the flops of a full product); :meth:`factorize` reads only that triangle, and reading
-    :attr:`gram` fills in the lower one, in place. Torch and CuPy blocks are multiplied in full.
+    Each block is checked before anything is added, from its product's diagonal alone (its
+    columns' sums of squares: ``|G_ij| ≤ sqrt(G_ii G_jj)``, so a finite diagonal in range
+    means finite entries): a block with NaN/Inf raises and leaves the statistic as it was,
+    and a block whose squares would overflow, or underflow into lost digits, is divided by a
+    power of two first (exact). The statistic is kept as ``gram = XᵀX / 4**scale_exp``
+    (``scale_exp`` is 0 unless some block needed scaling); every result of the ID is
+    scale-free.
 
     Parameters
     ----------
@@ -501,189 +542,185 @@ class GramAccumulator:
         self._clear()
 
     def _clear(self) -> None:
-        self._gram = None
-        self._upper = False  # only the upper triangle of _gram is valid
+        self._panels = None  # the upper triangle, column panel by column panel
         self.n_samples = 0
         self.n_features = None
         self.scale_exp = 0
         self.float32_products = False
 
     @property
-    def gram(self):
-        """The statistic ``XᵀX / 4**scale_exp`` (float64, m × m, symmetric; None before any
-        rows). Reading it fills the lower triangle from the upper one in place (no copy)."""
-        if self._upper:
-            _symmetrize(self._gram)
-            self._upper = False
-        return self._gram
+    def nbytes(self) -> int:
+        """Bytes the statistic holds (0 before any rows)."""
+        return sum(int(panel.nbytes) for panel in self._panels or ())
 
-    @gram.setter
-    def gram(self, value) -> None:  # a whole symmetric statistic (e.g. summed over the ranks)
-        self._gram, self._upper = value, False
+    def _like(self):
+        """An array of the statistic's library and device."""
+        return self._panels[0] if self._panels else np.zeros(0)
+
+    @property
+    def gram(self):
+        """The statistic ``XᵀX / 4**scale_exp`` (float64, m × m, symmetric, in the statistic's
+        library and device; None before any rows): a new array, built from the triangle."""
+        if self._panels is None:
+            return None
+        m = self.n_features
+        gram = _array.zeros((m, m), self._like(), "float64")
+        for panel in self._panels:
+            width, stop = panel.shape
+            start = stop - width
+            gram[start:stop, :start] = panel[:, :start]
+            gram[:start, start:stop] = panel[:, :start].T
+            square = panel[:, start:stop]  # its lower triangle is the upper one of G's
+            gram[start:stop, start:stop] = _array.tril(square) + _array.tril(square, -1).T
+        return gram
+
+    def triangle(self):
+        """The statistic's upper triangle in LAPACK's packed storage (column j's rows 0..j,
+        columns in order): a new 1-D float64 array of ``triangle_size(m)`` entries in the
+        statistic's library and device; None before any rows. What data-parallel ranks sum;
+        :meth:`set_triangle` reads it back."""
+        if self._panels is None:
+            return None
+        like = self._like()
+        packed = _array.zeros((triangle_size(self.n_features),), like, "float64")
+        for panel in self._panels:
+            width, stop = panel.shape
+            entries = slice(triangle_size(stop - width), triangle_size(stop))
+            packed[entries] = panel[_panel_mask(width, stop, like)]
+        return packed
+
+    def set_triangle(self, values, n_features: int, scale_exp: int = 0) -> GramAccumulator:
+        """Make the statistic the packed upper triangle ``values`` (as :meth:`triangle` gives
+        it) of an ``n_features``-wide Gram divided by ``4**scale_exp``, kept in the library and
+        on the device of ``values``; the old statistic is released first."""
+        if tuple(values.shape) != (triangle_size(n_features),):
+            raise ValueError(f"A packed {n_features} × {n_features} triangle has "
+                             f"{triangle_size(n_features)} entries; got {tuple(values.shape)}.")
+        values = _array.astype(values, "float64")
+        self._panels = None
+        panels = []
+        for start, stop in _panel_bounds(n_features):
+            panel = _array.zeros((stop - start, stop), values, "float64")
+            panel[_panel_mask(stop - start, stop, values)] = values[
+                triangle_size(start) : triangle_size(stop)
+            ]
+            panels.append(panel)
+        self._panels, self.n_features, self.scale_exp = panels, n_features, scale_exp
+        return self
 
     def update(self, X) -> GramAccumulator:
-        """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic."""
+        """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic.
+
+        Every row block's diagonal is checked before any product is added, so a bad block
+        anywhere in X leaves the statistic as it was.
+        """
         X = _check_block(X, self.n_features)
+        if _array.array_kind(X) == "torch":
+            X = X.detach()  # a statistic, not a graph (products into buffers refuse graphs)
+        m = X.shape[1]
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
         if dtype == "float32" and not _array.exact_float32_matmul(X):
             dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
+        slices = _gram_slices(X, dtype, 0)
+        largest, block = 0.0, None
         with _quiet():  # overflow and underflow are checked and handled below
-            part, upper = self._product(X, dtype, 0)
+            for rows in slices:
+                block = _gram_block(X, rows, dtype, 0)
+                value = _array.max_column_sq_sum(block)  # the largest of blockᵀ block's diagonal
+                if not value <= largest:  # larger, or NaN
+                    largest = value
+                if not math.isfinite(value):
+                    break
+        kept = block if len(slices) == 1 else None  # multiplied below without a second copy
         low, high = _GRAM_SAFE[dtype]
-        largest = _array.max_diagonal(part)
+        exp = 0
         if not low <= largest <= high:  # NaN fails too
             amax = _array.max_abs(X)
             if not math.isfinite(amax):
                 raise _non_finite_data()
-            exp = _exponent(amax)
-            if amax > 0:
-                with _quiet():  # underflow of entries far below the largest one is harmless
-                    part, upper = self._product(X, dtype, exp)
-        else:
-            exp = 0
-        self._add(part, upper, exp)
-        self.n_features = X.shape[1]
+            exp = _exponent(amax)  # 0 for zeros
+            if exp:
+                slices, kept = _gram_slices(X, dtype, exp), None
+        if self._panels is None:
+            self._panels = [_array.zeros((stop - start, stop), X, "float64")
+                            for start, stop in _panel_bounds(m)]
+            self.scale_exp = exp
+        factor = self._reconcile(exp)
+        scratch = None  # one buffer for every panel's product, of the largest one's size
+        capacity = max((panel.shape[0] * panel.shape[1] for panel in self._panels), default=0)
+        with _quiet():  # underflow of entries far below the largest one is harmless
+            for rows in slices:
+                block = kept if kept is not None else _gram_block(X, rows, dtype, exp)
+                for panel in self._panels:
+                    width, stop = panel.shape
+                    scratch = _add_product(panel, block[:, stop - width : stop].T,
+                                           block[:, :stop], factor, scratch, capacity)
+        self.n_features = m
         self.float32_products |= dtype == "float32"
         self.n_samples += X.shape[0]
         return self
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
-        """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up; the two
-        scales are reconciled as for a new block). ``other`` is not modified."""
-        if other._gram is None:
+        """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up, panel by
+        panel; the two scales are reconciled as for a new block). ``other`` is not modified."""
+        if other._panels is None:
             return self
-        _check_block(other._gram, self.n_features)
+        if self.n_features is not None and other.n_features != self.n_features:
+            raise ValueError(f"The merged statistic has {other.n_features} columns; this one "
+                             f"has {self.n_features}.")
+        if self._panels is None:
+            self._panels = [_array.copy(panel) for panel in other._panels]
+            self.scale_exp = other.scale_exp
+        else:
+            factor = self._reconcile(other.scale_exp)
+            for ours, theirs in zip(self._panels, other._panels, strict=True):
+                _add_scaled(ours, _as_kind(theirs, ours), factor)
         self.n_features = other.n_features
-        self._add(other._gram, other._upper, other.scale_exp, copy=True)
         self.n_samples += other.n_samples
         self.float32_products = self.float32_products or other.float32_products
         return self
 
-    def _add(self, part, upper: bool, exp: int, copy: bool = False) -> None:
-        """Add ``part``, a Gram divided by ``4**exp`` (only its upper triangle valid when
-        ``upper``), in place, rescaling the smaller of the two; ``part`` becomes the statistic
-        when there is none yet (a copy of it with ``copy``)."""
-        if self._gram is None:
-            if isinstance(part, np.ndarray):  # "K": a Fortran-ordered part stays so, for LAPACK
-                part = part.astype(np.float64, order="K", copy=copy)
-            elif _array.array_kind(part) == "torch":
-                double = part.double()  # itself when it is float64 already
-                part = double.clone() if copy and double is part else double
-            elif copy:
-                part = part.copy()
-            self._gram, self._upper, self.scale_exp = part, upper, exp
-            return
-        factor = 1.0
+    def _reconcile(self, exp: int) -> float:
+        """Bring the statistic to the scale of a part divided by ``4**exp`` where that is the
+        larger (exact: a power of two); returns the factor to add the part with."""
         if exp > self.scale_exp:
-            self._gram *= math.ldexp(1.0, 2 * (self.scale_exp - exp))
+            for panel in self._panels:
+                panel *= math.ldexp(1.0, 2 * (self.scale_exp - exp))
             self.scale_exp = exp
-        elif exp < self.scale_exp:
-            factor = math.ldexp(1.0, 2 * (exp - self.scale_exp))
-        ours, theirs = _array.array_kind(self._gram), _array.array_kind(part)
-        if ours != theirs and {ours, theirs} == {"numpy", "torch"}:  # merged from the other kind
-            part = _array.from_numpy(part, like=self._gram) if ours == "torch" else (
-                _array.to_numpy(part))
-        kinds = {_array.array_kind(self._gram), _array.array_kind(part)}
-        if kinds == {"numpy"}:
-            self._upper = True  # a triangle is half the work, and no rounding asymmetry
-            _add_into(self._gram, part, factor)
-        elif kinds == {"torch"}:  # whole arrays: the statistic is upper-valid if either is
-            self._upper = self._upper or upper
-            self._gram.add_(part if factor == 1.0 else part.double() * factor)
-        else:  # arrays of two kinds (e.g. a torch statistic and a NumPy one merged in)
-            if upper:
-                part = part.copy(order="K") if isinstance(part, np.ndarray) else part.clone()
-                _symmetrize(part)
-            self._gram += part * factor if factor != 1.0 else part
-
-    def _product(self, X, dtype: str, exp: int):
-        """``(X / 2**exp)ᵀ (X / 2**exp)`` from products in ``dtype``, and whether to read only
-        its upper triangle (NumPy: the statistic then stays exactly symmetric).
-
-        A NumPy X of one row block gives its product in ``dtype`` (cast into the float64
-        statistic as it is added); of several, their products summed in a float64 array here,
-        so that a bad block is caught before the statistic changes.
-        """
-        if _array.array_kind(X) == "torch":
-            return self._torch_product(X, dtype, exp), True
-        if not isinstance(X, np.ndarray) or not isinstance(self._gram, (np.ndarray, type(None))):
-            return self._full_product(X, dtype, exp), False
-        m = X.shape[1]
-        if dtype == "float64" and X.dtype == np.float64 and exp == 0:
-            slices = [slice(None)]  # nothing to upcast: one product, no block copies
-        else:
-            max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * m
-            slices = list(row_blocks(X.shape[0], m, max_elements))
-        total = None if len(slices) == 1 else np.zeros((m, m), order="F")
-        scratch = None
-        for rows in slices:
-            block = _scale_block(X[rows].astype(dtype, copy=False), exp)
-            if total is not None and dtype == "float64":
-                if _syrk(block, out=total, beta=1.0) is not None:  # summed in place
-                    continue
-            product = _syrk(block, out=scratch)  # one float32 buffer for all the blocks
-            if product is None:  # a strided view: the full product reads it in place
-                product = block.T @ block
-            else:
-                scratch = product
-            if total is None:
-                return product, True
-            _add_into(total, product)
-        return total, True
-
-    def _torch_product(self, X, dtype: str, exp: int):
-        """The upper triangle of ``(X / 2**exp)ᵀ (X / 2**exp)`` for a torch X: in ``dtype``
-        for one row block (cast into the float64 statistic as it is added), summed in float64
-        over several (a bad block is caught before the statistic changes)."""
-        max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
-        slices = list(row_blocks(X.shape[0], X.shape[1], max_elements))
-        total = None
-        for rows in slices:
-            block = _scale_block(_array.astype(X[rows], dtype), exp)
-            product = _torch_upper_product(block)
-            if len(slices) == 1:
-                return product
-            total = product.double() if total is None else total.add_(product)
-        return total
-
-    def _full_product(self, X, dtype: str, exp: int):
-        """``(X / 2**exp)ᵀ (X / 2**exp)`` in float64 from full products in ``dtype`` (any kind
-        of array, on its device)."""
-        if dtype == "float64" and _array.dtype_name(X) == "float64" and exp == 0:
-            return X.T @ X  # nothing to upcast: one product, no block copies
-        max_elements = _BLOCK_ELEMENTS if dtype == "float64" else _NATIVE_BLOCK_ROWS * X.shape[1]
-        part = None
-        for rows in row_blocks(X.shape[0], X.shape[1], max_elements):
-            block = _scale_block(_array.astype(X[rows], dtype), exp)
-            product = _array.astype(block.T @ block, "float64")
-            if part is None:
-                part = product
-            else:
-                part += product
-        return part
+        return math.ldexp(1.0, 2 * (exp - self.scale_exp))
 
     def factorize(self, consume: bool = False) -> PivotedFactorization:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
+        The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
+        factorizes in place.
+
         Parameters
         ----------
         consume : bool
-            Hand the statistic over: a host statistic is factorized in place (no m × m copy),
-            and the accumulator is left empty, as new (also when the factorization raises).
-            A caller that goes on accumulating must leave it False.
+            Hand the statistic over: each panel is released as soon as it is copied (peak:
+            the m × m array and one panel), and the accumulator is left empty, as new (also
+            when the factorization raises). A caller that goes on accumulating must leave it
+            False.
 
         Returns
         -------
         PivotedFactorization
         """
-        if self._gram is None:
+        if self._panels is None:
             raise ValueError("No data has been accumulated yet.")
         eps = float(np.finfo(np.float32).eps) if self.float32_products else None
         try:
+            gram = np.zeros((self.n_features,) * 2, order="F")  # LAPACK reads its upper triangle
+            for p, panel in enumerate(self._panels):
+                width, stop = panel.shape
+                gram[:stop, stop - width : stop] = _array.to_numpy(panel).T
+                if consume:
+                    self._panels[p] = None  # the loop's name holds it until the next panel
+            panel = None
             return factorize_gram(
-                _array.to_numpy(self._gram), self.n_samples, eps, scale_exp=self.scale_exp,
-                upper=self._upper, overwrite=consume,
-            )  # fmt: skip
+                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True
+            )
         finally:
             if consume:
                 self._clear()

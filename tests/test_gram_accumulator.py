@@ -1,7 +1,9 @@
-"""GramAccumulator's storage: upper-triangle ``?syrk`` products added in place, a symmetric
-``gram`` for readers, merges, and factorizations that may consume the statistic."""
+"""GramAccumulator's storage: the upper triangle in column panels, each panel's product added
+in place, a symmetric ``gram`` for readers, the packed triangle data-parallel ranks sum, merges,
+and factorizations that may consume the statistic."""
 
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -30,11 +32,29 @@ def assert_gram(acc, X):
     np.testing.assert_allclose(gram, exact, rtol=0, atol=tol * np.abs(exact).max())
 
 
+def panels(acc):
+    """Copies of the stored panels (NumPy or CPU torch)."""
+    return [p.clone() if hasattr(p, "clone") else p.copy() for p in acc._panels]
+
+
+def assert_same_panels(acc, kept):
+    """Bit for bit."""
+    assert len(acc._panels) == len(kept)
+    for panel, before in zip(acc._panels, kept, strict=True):
+        np.testing.assert_array_equal(np.asarray(panel), np.asarray(before))
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that one update multiplies several blocks."""
     monkeypatch.setattr(_linalg, "_NATIVE_BLOCK_ROWS", 7)
     monkeypatch.setattr(_linalg, "_BLOCK_ELEMENTS", 7 * 40)
+
+
+@pytest.fixture
+def narrow_steps(monkeypatch):
+    """Panels 8 columns wide, so that a 40-wide triangle is stored in several panels."""
+    monkeypatch.setattr(_linalg, "_TRIANGLE_STEP", 8)
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
@@ -52,12 +72,12 @@ def test_products_equal_the_plain_gram(request, precision, dtype, order, n, bloc
     assert_gram(acc, np.vstack([X, X]))
 
 
-def test_strided_blocks_take_the_full_product():
-    X = data(60, 80)[:, ::2]  # neither C- nor F-contiguous: ?syrk would copy it
+def test_strided_blocks():
+    X = data(60, 80)[:, ::2]  # BLAS cannot read it in place: copied a row block at a time
     acc = _linalg.GramAccumulator().update(X)
     assert_gram(acc, X)
-    acc.update(data(5, 40, seed=1))  # a ?syrk product added to the full one
-    acc.update(X[::-1])  # and a full one to the sum
+    acc.update(data(5, 40, seed=1))  # a contiguous block added to the sum
+    acc.update(X[::-1])  # negative strides, copied too
     assert_gram(acc, np.vstack([X, data(5, 40, seed=1), X]))
 
 
@@ -77,16 +97,18 @@ def test_scaled_blocks(scale, dtype, precision):
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
-def test_a_nan_block_leaves_the_statistic_untouched(small_blocks, precision):
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_a_bad_row_block_leaves_the_statistic_bit_identical(small_blocks, narrow_steps,
+                                                            precision, bad_value):
     X = data(40, 40, np.float32)
     acc = _linalg.GramAccumulator(precision).update(X)
-    raw, upper = acc._gram.copy(), acc._upper
+    kept = panels(acc)
     bad = data(30, 40, np.float32, seed=1)
-    bad[-1, 3] = np.nan  # in the last of several row blocks
+    bad[-1, 3] = bad_value  # in the last of several row blocks: the first ones are fine
     with pytest.raises(_linalg.NonFiniteDataError):
         acc.update(bad)
-    np.testing.assert_array_equal(acc._gram, raw)
-    assert acc._upper == upper and acc.n_samples == 40 and acc.scale_exp == 0
+    assert_same_panels(acc, kept)
+    assert acc.n_samples == 40 and acc.scale_exp == 0
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
@@ -96,29 +118,36 @@ def test_merge_equals_one_accumulator_over_all_rows(precision):
     ours, theirs = _linalg.GramAccumulator(precision), _linalg.GramAccumulator(precision)
     ours.update(X)
     theirs.update(Y)
-    kept = theirs._gram.copy()
+    kept = panels(theirs)
     ours.merge(theirs)
-    np.testing.assert_array_equal(theirs._gram, kept)  # the merged one is not modified
+    assert_same_panels(theirs, kept)  # the merged one is not modified
     assert ours.n_samples == 90 and ours.scale_exp == whole.scale_exp
     np.testing.assert_allclose(ours.gram, whole.gram, rtol=1e-6)
-    empty = _linalg.GramAccumulator(precision).merge(theirs)  # a copy, upper triangle and all
-    assert empty._gram is not theirs._gram and empty._upper
+    empty = _linalg.GramAccumulator(precision).merge(theirs)  # a copy, panel by panel
+    assert not any(np.shares_memory(a, b) for a in empty._panels for b in theirs._panels)
     np.testing.assert_array_equal(empty.gram, theirs.gram)
+    with pytest.raises(ValueError, match="31 columns"):
+        ours.merge(_linalg.GramAccumulator(precision).update(data(5, 31)))
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
-def test_consume_gives_the_same_factorization_and_empties(order):
+def test_consume_gives_the_same_factorization_and_empties(narrow_steps, order):
     X = data(200, 60, np.float32, order)
-    for prepare in (lambda acc: None, lambda acc: acc.gram):  # upper triangle / whole Gram
-        acc = _linalg.GramAccumulator("native").update(X * np.float32(1e20))
-        prepare(acc)
-        kept = acc.factorize()
-        consumed = acc.factorize(consume=True)
-        assert acc._gram is None and acc.n_samples == 0 and acc.n_features is None
-        np.testing.assert_array_equal(consumed.perm, kept.perm)
-        np.testing.assert_array_equal(consumed.U, kept.U)
-        np.testing.assert_array_equal(consumed.errors, kept.errors)
-        assert consumed.trusted_rank == kept.trusted_rank and consumed.float32_products
+    acc = _linalg.GramAccumulator("native").update(X * np.float32(1e20))
+    gram, scale_exp = acc.gram, acc.scale_exp  # reading the Gram changes nothing
+    kept = acc.factorize()
+    np.testing.assert_array_equal(acc.gram, gram)
+    consumed = acc.factorize(consume=True)
+    assert acc._panels is None and acc.n_samples == 0 and acc.n_features is None
+    np.testing.assert_array_equal(consumed.perm, kept.perm)
+    np.testing.assert_array_equal(consumed.U, kept.U)
+    np.testing.assert_array_equal(consumed.errors, kept.errors)
+    assert consumed.trusted_rank == kept.trusted_rank and consumed.float32_products
+    # the symmetric Gram holds the triangle that was factorized, exactly
+    reference = _linalg.factorize_gram(gram, 200, float(np.finfo(np.float32).eps),
+                                       scale_exp=scale_exp)
+    np.testing.assert_array_equal(reference.perm, kept.perm)
+    np.testing.assert_array_equal(reference.U, kept.U)
 
 
 def test_factorize_gram_reads_one_triangle_in_any_layout():
@@ -140,13 +169,13 @@ def test_factorize_gram_reads_one_triangle_in_any_layout():
         _linalg.factorize_gram(torn)  # the NaN triangle is checked unless told it is unread
 
 
-def test_reading_the_gram_midway_keeps_the_sum_right():
+def test_reading_the_gram_midway_keeps_the_sum_right(narrow_steps):
     X = data(90, 25)
     acc = _linalg.GramAccumulator()
     for rows in (slice(0, 30), slice(30, 60), slice(60, 90)):
         acc.update(X[rows])
         acc.factorize()
-        assert_gram(acc, X[: rows.stop])  # fills the lower triangle, which later updates skip
+        assert_gram(acc, X[: rows.stop])
     np.testing.assert_allclose(
         acc.factorize().errors, _linalg.GramAccumulator().update(X).factorize().errors,
         rtol=1e-10, atol=1e-13,
@@ -176,30 +205,75 @@ def test_the_callers_data_are_not_modified(precision, order):
     np.testing.assert_array_equal(X, kept)
 
 
-def test_an_update_allocates_one_float32_product_not_a_float64_gram():
-    m, rows = 512, 256
-    X = data(2 * rows, m, np.float32)
-    acc = _linalg.GramAccumulator("native").update(X[:rows])
+def traced_peak(fn) -> int:
+    """Bytes ``fn`` allocates at its peak, above what was allocated before (NumPy's buffers
+    are traced)."""
     tracemalloc.start()
     try:
-        acc.update(X[rows:])
-        peak = tracemalloc.get_traced_memory()[1]
+        fn()
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    product32, gram64 = 4 * m * m, 8 * m * m
-    assert peak < product32 + gram64 // 4  # the plain way casts a float64 m × m temporary
 
 
-def test_consume_factorizes_without_an_m_by_m_copy():
+@pytest.mark.parametrize("m", [40, 512, 600])
+def test_the_statistic_stores_the_triangle_in_panels(m):
+    step = _linalg._TRIANGLE_STEP
+    acc = _linalg.GramAccumulator("native").update(data(30, m, np.float32))
+    stored = sum(w * stop for start, stop in _linalg._panel_bounds(m) for w in [stop - start])
+    assert acc.nbytes == 8 * stored == sum(p.nbytes for p in acc._panels)
+    if m % step == 0:
+        assert acc.nbytes == 8 * m * (m + step) // 2  # 0.75 m² for m = 2 · 256, not m²
+    assert all(p.dtype == np.float64 and p.T.flags.f_contiguous for p in acc._panels)
+    assert _linalg.GramAccumulator().nbytes == 0
+
+
+@pytest.mark.parametrize("precision, dtype", [("native", np.float32), ("float64", np.float64)])
+def test_an_update_allocates_one_panel_product_not_an_m_by_m_one(precision, dtype):
+    m, rows = 2048, 256
+    X = data(2 * rows, m, dtype)
+    acc = _linalg.GramAccumulator(precision).update(X[:rows])
+    peak = traced_peak(lambda: acc.update(X[rows:]))
+    panel_product = np.dtype(dtype).itemsize * m * _linalg._TRIANGLE_STEP  # 2 or 4 MiB
+    assert peak < panel_product + (1 << 20)  # an m × m float32 product alone is 16 MiB
+    assert_gram(acc, X)
+
+
+@pytest.mark.parametrize("m", [1, 40, 300])
+def test_the_packed_triangle_is_lapacks_and_reads_back(m):
+    X = data(50, m) * 1e200  # scaled: the triangle is of XᵀX / 4**scale_exp
+    acc = _linalg.GramAccumulator().update(X)
+    packed, gram = acc.triangle(), acc.gram
+    assert packed.shape == (_linalg.triangle_size(m),) == (m * (m + 1) // 2,)
+    np.testing.assert_array_equal(packed, gram.T[np.tril_indices(m)])  # column j's rows 0..j
+    back = _linalg.GramAccumulator().set_triangle(packed / 4, m, scale_exp=acc.scale_exp + 1)
+    np.testing.assert_array_equal(back.gram, gram / 4)
+    assert back.n_features == m and back.nbytes == acc.nbytes
+    back.n_samples = acc.n_samples  # (the ranks sum theirs apart)
+    np.testing.assert_array_equal(back.factorize().U, acc.factorize().U)
+    with pytest.raises(ValueError, match="entries"):
+        back.set_triangle(packed[1:], m)
+    assert _linalg.GramAccumulator().triangle() is None
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_factorize_copies_the_triangle_once_and_consume_frees_as_it_goes(monkeypatch,
+                                                                          consume):
     m = 600
     acc = _linalg.GramAccumulator().update(data(700, m))
-    tracemalloc.start()
-    try:
-        acc.factorize(consume=True)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 * m * m // 2  # column-block masks of the finiteness check
+    n_panels = len(acc._panels)
+    alive, refs, to_numpy = [], [weakref.ref(p) for p in acc._panels], _linalg._array.to_numpy
+
+    def copied(panel):  # how many panels are alive as each one is copied
+        alive.append(sum(ref() is not None for ref in refs))
+        return to_numpy(panel)
+
+    monkeypatch.setattr(_linalg._array, "to_numpy", copied)
+    peak = traced_peak(lambda: acc.factorize(consume=consume))
+    assert peak < 8 * m * m + 8 * m * _linalg._TRIANGLE_STEP + (1 << 20)  # the m × m copy
+    expected = [n_panels - p for p in range(n_panels)] if consume else [n_panels] * n_panels
+    assert alive == expected
+    assert (acc._panels is None) == consume
 
 
 # ------------------------------------------------------------------------------ torch blocks
@@ -207,25 +281,19 @@ def test_consume_factorizes_without_an_m_by_m_copy():
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture
-def narrow_steps(monkeypatch):
-    """Column steps of 8, so that a 40-wide triangle is built from several column blocks."""
-    monkeypatch.setattr(_linalg, "_TRIANGLE_STEP", 8)
-
-
 @pytest.mark.parametrize("precision", ["float64", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("blocks", ["one", "several"])
-def test_torch_blocks_build_the_triangle_in_column_blocks(request, narrow_steps, precision,
-                                                         dtype, blocks):
+def test_torch_blocks_build_the_triangle_in_column_panels(request, narrow_steps, precision,
+                                                          dtype, blocks):
     if blocks == "several":
         request.getfixturevalue("small_blocks")
     X = data(50, 40)
     acc = _linalg.GramAccumulator(precision)
     for part in np.array_split(X, 3):
         acc.update(torch.as_tensor(part, dtype=dtype))
-    assert acc._upper and isinstance(acc._gram, torch.Tensor)
-    assert acc._gram.dtype == torch.float64
+    assert all(isinstance(p, torch.Tensor) and p.dtype == torch.float64 for p in acc._panels)
+    assert acc.nbytes == 8 * 40 * (40 + 8) // 2
     exact = exact_gram(X.astype(np.float32) if dtype == torch.float32 else X)
     gram = acc.gram.numpy()
     np.testing.assert_array_equal(gram, gram.T)
@@ -236,15 +304,24 @@ def test_torch_blocks_build_the_triangle_in_column_blocks(request, narrow_steps,
     np.testing.assert_array_equal(fac.perm[:10], numpy_fac.perm[:10])
 
 
+def test_torch_tensors_that_require_grad():
+    X = torch.as_tensor(data(30, 20, np.float32)).requires_grad_()
+    for precision in ("native", "float64"):
+        gram = _linalg.GramAccumulator(precision).update(X).gram
+        assert not gram.requires_grad
+        exact = exact_gram(X.detach().numpy())
+        np.testing.assert_allclose(gram.numpy(), exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
 def test_torch_nan_block_and_scaling_and_merge(small_blocks, narrow_steps):
     X = data(60, 40, np.float32)
     acc = _linalg.GramAccumulator("native").update(torch.as_tensor(X[:30]))
-    before = acc._gram.clone()
+    before = panels(acc)
     bad = torch.as_tensor(X[30:]).clone()
     bad[-1, 3] = float("nan")
     with pytest.raises(_linalg.NonFiniteDataError):
         acc.update(bad)
-    assert torch.equal(acc._gram, before)  # untouched
+    assert_same_panels(acc, before)  # untouched
     big = _linalg.GramAccumulator("native").update(torch.as_tensor(X[30:]) * 1e20)
     acc.merge(big)
     expected = exact_gram(np.vstack([X[:30], X[30:].astype(np.float64) * 1e20]),
@@ -255,3 +332,10 @@ def test_torch_nan_block_and_scaling_and_merge(small_blocks, narrow_steps):
         _linalg.GramAccumulator("native").update(torch.as_tensor(X[30:])))
     np.testing.assert_allclose(np.asarray(mixed.gram), exact_gram(X), rtol=0,
                                atol=1e-5 * np.abs(exact_gram(X)).max())
+    packed = torch.as_tensor(mixed.triangle())  # as the ranks' all-reduce hands it back
+    reduced = _linalg.GramAccumulator().set_triangle(packed, 40)
+    assert all(isinstance(p, torch.Tensor) for p in reduced._panels)
+    np.testing.assert_array_equal(reduced.gram.numpy(), mixed.gram)
+    reduced.update(X[:5])  # NumPy rows into a torch statistic
+    np.testing.assert_allclose(reduced.gram.numpy(), exact_gram(np.vstack([X, X[:5]])),
+                               rtol=0, atol=1e-5 * np.abs(exact_gram(X)).max())

@@ -1,7 +1,7 @@
 """Data-parallel calibration: every rank's statistics combined over a ``torch.distributed`` group.
 
 Each rank streams its own shard of the calibration data; the statistics are sums over rows, so
-summing them over the ranks (the Gram matrices and the row counts; the TSQR factors are
+summing them over the ranks (the Grams' upper triangles and the row counts; the TSQR factors are
 gathered and refactored) gives every rank the statistics of all the data, and from there the
 same widths, selections and compressed model. The batch that decisions are tried on (the graph
 walk, the choice between ``target_flops`` allocations) is the first batch of the lowest rank
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .._array import float_dtype_for
-from .._linalg import GramAccumulator, QRAccumulator
+from .._linalg import GramAccumulator, QRAccumulator, triangle_size
 from ._trace import map_tensors
 
 __all__ = [
@@ -189,12 +189,16 @@ def reduce_cross(acc, width: int, n_samples: int) -> int:
 
 
 def _reduce_gram(acc: GramAccumulator, width: int, exp: int) -> None:
-    if acc.gram is None:
-        gram = torch.zeros(width, width, dtype=torch.float64)
-    else:  # the Gram is kept divided by 4**scale_exp
-        gram = torch.as_tensor(acc.gram) * math.ldexp(1.0, 2 * (acc.scale_exp - exp))
-    acc.gram = all_sum(gram)
-    acc.n_features, acc.scale_exp = width, exp
+    """The Gram's upper triangle (packed: width (width + 1) / 2 float64 entries, half of the
+    m × m matrix) summed over the ranks."""
+    packed = acc.triangle()
+    if packed is None:  # a rank without rows adds zeros
+        packed = torch.zeros(triangle_size(width), dtype=torch.float64)
+    else:
+        packed = torch.as_tensor(packed)  # a new array: scaled and reduced in place
+        if acc.scale_exp != exp:  # the Gram is kept divided by 4**scale_exp
+            packed.mul_(math.ldexp(1.0, 2 * (acc.scale_exp - exp)))
+    acc.set_triangle(all_sum(packed), width, exp)
 
 
 _DTYPE_CODES = {None: 0, "float32": 1, "float64": 2}

@@ -166,11 +166,12 @@ def test_memory_cache_is_read_or_computed_by_all_ranks_together(rank_results):
 
 
 @pytest.mark.slow
-def test_statistics_traffic_is_the_gram_sizes(rank_results):
-    """Per rank: one float64 m × m Gram per unit plus the counts, whatever the data size."""
-    grams = 8 * (32 * 32 + 32 * 32 + 24 * 24)
+def test_statistics_traffic_is_the_gram_triangles(rank_results):
+    """Per rank: the upper triangle of one float64 Gram per unit (m (m + 1) / 2 entries, about
+    half of the m × m Gram) plus the counts, whatever the data size."""
+    triangles = 8 * (32 * 33 // 2 + 32 * 33 // 2 + 24 * 25 // 2)
     counts = 8 * (1 + 3)
-    assert [r["traffic"] for r in rank_results] == [grams + counts] * 2
+    assert [r["traffic"] for r in rank_results] == [triangles + counts] * 2
 
 
 def test_without_initialised_group_auto_and_none_are_single_process():
