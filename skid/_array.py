@@ -123,7 +123,16 @@ def max_column_sq_sum(X) -> float:
     kind = array_kind(X)
     if kind == "numpy":
         return float(np.einsum("ij,ij->j", X, X).max())  # no n × m temporary
-    return float((X * X).sum(0).max())
+    # torch/CuPy einsum is 4× slower than a product and a sum; rows in chunks bound the temporary
+    sums = None
+    for start in range(0, X.shape[0], _SQ_SUM_ROWS):
+        chunk = X[start : start + _SQ_SUM_ROWS]
+        part = (chunk * chunk).sum(0)
+        sums = part if sums is None else sums + part
+    return 0.0 if sums is None else float(sums.max())
+
+
+_SQ_SUM_ROWS = 512  # rows squared at a time (a temporary of 512 × m)
 
 
 def tril(A, k: int = 0):
