@@ -37,7 +37,7 @@ import torch
 from _models import forward_pass, median_time, peak_above_start, print_table, set_threads
 from torch import nn
 
-from skid import InterpolativeDecomposition, NetworkCompressor
+from skid import InterpolativeDecomposition, NetworkCompressor, _linalg
 
 BATCH_SIZE = 256
 RANK = 0.5
@@ -112,7 +112,9 @@ def bench_blocks(args, block_counts):
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed blocks go back to the OS
     rows = []
-    gram_mib = 8 * args.hidden**2 / 2**20
+    # what one unit's statistic stores (the Gram's upper triangle), from the accumulator itself
+    one = _linalg.GramAccumulator().update(torch.zeros(1, args.hidden))
+    gram_mib = one.nbytes / 2**20
     for n_blocks in block_counts:
         done = {}
         for mode, (_, _, _, base) in MODES.items():
@@ -133,7 +135,7 @@ def bench_blocks(args, block_counts):
         f"model (its weights, the same in every mode: what is left is the calibration's own "
         f"memory); median time of {args.rounds} fits; ratios to the one-pass fit of the same "
         f"width request",
-        ["blocks", "mode", "Grams held (MiB)", "fit peak MiB", "÷ one pass",
+        ["blocks", "mode", "statistics held (MiB)", "fit peak MiB", "÷ one pass",
          "peak − model copy MiB", "÷ one pass", "fit s", "÷ forward pass", "time ÷ one pass"],
         rows, ["d", "s", ".1f", ".1f", ".2f", ".1f", ".2f", ".3f", ".1f", ".2f"],
     )
