@@ -109,6 +109,17 @@ def _rank_main(rank, port, out_dir):
         nc = NetworkCompressor(model, tol=0.1, memory=cache, batch_size=BATCH).fit(shard)
         results["memory_hit"] = summary(nc)
         results["memory_hit_passes"] = nc.n_calibration_passes_
+        # block-wise with memory=: each rank's block outputs are its own (keyed by rank)
+        model, X = make_model_and_data("blocks")
+        cache = os.path.join(out_dir, f"blocks_cache{rank}")
+        shard = X[:150] if rank == 0 else X[150:]
+        for _ in range(2):  # the second fit reads statistics and block outputs back
+            nc = NetworkCompressor(model, rank=0.5, calibration="sequential", memory=cache,
+                                   batch_size=BATCH).fit(shard)
+        results["blocks_memory"] = summary(nc)
+        results["blocks_memory_passes"] = nc.n_calibration_passes_
+        results["block_outputs"] = sorted(
+            os.listdir(os.path.join(cache, "joblib", "skid_block_outputs")))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # both ranks done before either tears Gloo down
     finally:
@@ -163,6 +174,18 @@ def test_memory_cache_is_read_or_computed_by_all_ranks_together(rank_results):
         for result in rank_results:
             assert_same_model(result[name], reference)
     assert [r["memory_hit_passes"] for r in rank_results] == [0, 0]
+
+
+@pytest.mark.slow
+def test_block_outputs_under_memory_are_each_ranks_own(rank_results):
+    model, X = make_model_and_data("blocks")
+    reference = summary(NetworkCompressor(model, rank=0.5, calibration="sequential",
+                                          batch_size=BATCH).fit(X))
+    for result in rank_results:
+        assert_same_model(result["blocks_memory"], reference)
+        assert result["blocks_memory_passes"] == 0 and result["block_outputs"]
+    keys = [set(r["block_outputs"]) for r in rank_results]
+    assert not keys[0] & keys[1]  # the same step, other rows: other keys
 
 
 @pytest.mark.slow
