@@ -129,15 +129,13 @@ class PivotedFactorization:
         """
         m = self.n_features
         k_solve = min(k, self.trusted_rank)
-        T_pivoted = np.zeros((k, m))
-        T_pivoted[:, :k] = np.eye(k)
+        T = np.zeros((k, m))  # written in the original column order: no pivoted copy
+        T[np.arange(k), self.perm[:k]] = 1.0
         if k_solve > 0 and k < m:
             with _small_step(m):
-                T_pivoted[:k_solve, k:] = scipy.linalg.solve_triangular(
+                T[:k_solve, self.perm[k:]] = scipy.linalg.solve_triangular(
                     self.U[:k_solve, :k_solve], self.U[:k_solve, k:], check_finite=False
                 )
-        T = np.empty_like(T_pivoted)
-        T[:, self.perm] = T_pivoted
         return self.perm[:k].copy(), T
 
 

@@ -380,3 +380,14 @@ def test_randomized_route_scales_extreme_data():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="contain NaN or infinite"):
         _linalg.randomized_factorization(bad, 8, np.random.default_rng(0))
+
+
+def test_select_writes_T_in_the_original_column_order():
+    """Kept columns get identity columns of T, and T reconstructs X to the reported error."""
+    m, k = 512, 256
+    X = np.random.default_rng(3).standard_normal((700, m))
+    fac = _linalg.GramAccumulator().update(X).factorize()
+    keep, T = fac.select(k)
+    np.testing.assert_array_equal(T[:, keep], np.eye(k))
+    residual = np.linalg.norm(X - X[:, keep] @ T) / np.linalg.norm(X)
+    assert residual == pytest.approx(fac.errors[k], rel=1e-6)
