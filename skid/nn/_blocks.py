@@ -23,7 +23,6 @@ interrupted run resumes without recomputing them or running the finished blocks 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import itertools
 import os
@@ -44,6 +43,7 @@ from ._calibration import (
     running_to_the_end,
     to_inputs,
 )
+from ._surgery import sharing_copy
 from ._trace import map_tensors
 
 __all__ = ["BlockLayout", "blockwise_plan", "find_blocks"]
@@ -471,8 +471,8 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     del curves
     if len(candidates) > 1:
         reference = batch_outputs(work, batches.first)
-        pristine = _sharing_copy(work) if mode != "original" else None
-        targets = [work] + [_sharing_copy(work) for _ in candidates[1:]]
+        pristine = sharing_copy(work) if mode != "original" else None
+        targets = [work] + [sharing_copy(work) for _ in candidates[1:]]
         plans = _Walk(nc, targets, units, batches, key, cache, candidates).run(
             layout, device, home, "original")
         for target in targets[1:]:
@@ -486,16 +486,6 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
         candidates = [candidates[best]]
     return _Walk(nc, [work], units, batches, key, cache, candidates).run(
         layout, device, home, mode)[0]
-
-
-def _sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s modules that shares its parameters and buffers.
-
-    Folding a selection replaces a module's tensors and never writes into them, so a copy
-    costs only what is folded into it (the candidate's narrower weights), not a model.
-    """
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def _transplant(target: nn.Module, source: nn.Module) -> None:
@@ -542,7 +532,7 @@ class _Walk:
         _, dtype = model_device_dtype(self.work)
         store = _TapeStore(self.cache.memory)
         if mode == "corrective":
-            self.reference = copy.deepcopy(self.work)  # before the runner swaps members out
+            self.reference = sharing_copy(self.work)  # before the runner swaps members out
         runner = _Runner(self.work, layout, device, home, store)
         self.runners = [runner]
         try:

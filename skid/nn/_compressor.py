@@ -51,7 +51,7 @@ from ._heads import (
 from ._joint import interpolations_for
 from ._model_checks import check_model
 from ._plan import Selection, offset_of
-from ._surgery import apply_selection, concat_widths, weight_gram
+from ._surgery import apply_selection, concat_widths, sharing_copy, weight_gram
 
 __all__ = ["NetworkCompressor"]
 
@@ -590,7 +590,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 key, work, units, batches, method=self.method_, precision=self._gram_precision,
                 verbose=self.verbose)
             widths = self._widths(facs, units, flops_info, work, batches)
-        reference = copy.deepcopy(work)  # the original, on the calibration device
+        reference = sharing_copy(work)  # the original (folds into work replace its tensors)
         plan = []
         for i, unit in enumerate(units):
             step_key = None if key is None else fingerprint(
@@ -880,7 +880,7 @@ def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:
     reference = batch_outputs(work, batch)
 
     def output_error(widths) -> float:
-        trial = copy.deepcopy(work)
+        trial = sharing_copy(work)
         for unit, fac, k in zip(units, facs, widths, strict=True):
             _apply(trial, _selection(unit, fac, k))
         return output_distance(trial, reference, batch)

@@ -45,7 +45,9 @@ def register_layer_kind(module_type: type, *, in_width, out_width, slice_out, fo
         ``fold_in(module, T)``, in place: replace the input channels ``z`` (m,) by
         ``T.T @ z[keep]``, i.e. the weight ``W`` (out, m) acting as ``z ↦ W z`` becomes
         ``W Tᵀ`` (out, k). ``T`` is a float64 tensor of shape (k, m) on the weight's device;
-        cast the result back to the weight's dtype.
+        cast the result back to the weight's dtype. Both verbs assign new tensors (as in the
+        example below) and never write into the old ones: the compressor's working copies of
+        a model share tensor storage.
     as_samples : callable, optional
         ``as_samples(module, x) -> (rows, in_width)`` view of the layer's input; default
         ``x.reshape(-1, in_width(module))``.

@@ -22,7 +22,9 @@ calibration all read the kind from here. The verbs the ID needs:
 
 Every verb updates the module's metadata (``out_features``, ``in_channels``,
 ``num_features``, ``groups`` ...) together with its tensors, and builds the new tensors with
-the weight's dtype and device. A new layer kind is one decorated class::
+the weight's dtype and device: it replaces a module's tensors and never writes into them, so
+a :func:`sharing_copy` of a model can be compressed without touching the model. A new layer
+kind is one decorated class::
 
     @register_surgery(MyLinear)
     class _MyLinearSurgery:
@@ -30,6 +32,8 @@ the weight's dtype and device. A new layer kind is one decorated class::
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import scipy.linalg
@@ -44,6 +48,7 @@ __all__ = [
     "concat_widths",
     "fold_in",
     "register_surgery",
+    "sharing_copy",
     "slice_channels",
     "slice_out",
     "surgery_for",
@@ -55,6 +60,21 @@ _REGISTRY: dict[type, object] = {}
 _BY_NAME: dict[str, object] = {}
 _VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples", "weight_gram")
 _WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules over the same tensor storage.
+
+    The verbs replace tensors and never write into them, so folding a selection into the copy
+    leaves ``model`` as it was, and the copy costs only what is folded into it, not a model.
+    Each parameter gets a parameter object of its own (over the same data), so moving one of
+    the two models to another device (``Module.to`` swaps a parameter's ``.data``) does not
+    move the other; ties between parameters are kept.
+    """
+    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    memo.update((id(b), b) for b in model.buffers())  # ``Module.to`` replaces buffers
+    return copy.deepcopy(model, memo)
 
 
 def register_surgery(*types: type):

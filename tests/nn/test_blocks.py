@@ -410,15 +410,20 @@ def test_an_incomplete_recording_leaves_no_tape(tmp_path):
 def test_a_sharing_copy_costs_only_what_is_folded_into_it():
     from skid.nn._compressor import _apply, _selection
     from skid.nn._graph import find_units
+    from skid.nn._surgery import sharing_copy
 
     model = make_stack()
+    model.layers[3].norm.weight = model.layers[2].norm.weight  # a tie
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    twin = _blocks._sharing_copy(model)
-    assert all(a is b for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    twin = sharing_copy(model)
+    pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
+    assert all(a is not b and a.data_ptr() == b.data_ptr() for a, b in pairs)
+    assert twin.layers[3].norm.weight is twin.layers[2].norm.weight
     unit = next(u for u in find_units(model, (X[:4],), {})[0] if u.producer == "layers.1.up")
     stats = GramAccumulator().update(torch.randn(64, 24))
     _apply(twin, _selection(unit, stats.factorize(), 10))
+    twin.layers[2].up.weight.data = torch.zeros(24, 12)  # what Module.to does to a parameter
     assert twin.layers[1].up.out_features == 10 and model.layers[1].up.out_features == 24
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name  # the model's tensors are untouched
-    assert twin.layers[0].up.weight is model.layers[0].up.weight  # unfolded: still shared
+    assert twin.layers[0].up.weight.data_ptr() == model.layers[0].up.weight.data_ptr()
