@@ -373,8 +373,8 @@ def test_blockwise_heads_and_channels_equal_one_pass(calibration, request_):
     fits = [NetworkCompressor(model, calibration=calibration, blocks=blocks, **request_).fit(X)
             for blocks in ("auto", None)]
     assert fits[0].blocks_ == "model.layers" and fits[1].blocks_ is None
-    assert any(r["kind"] == "heads" and r["width_after"] < r["width_before"]
-               for r in fits[0].layers_)
+    cut = [r["kind"] for r in fits[0].layers_ if r["width_after"] < r["width_before"]]
+    assert "heads" in cut if "rank" in request_ else cut  # a budget may spare the heads
     assert [r["width_after"] for r in fits[0].layers_] == [
         r["width_after"] for r in fits[1].layers_]
     assert [r["error"] for r in fits[0].layers_] == pytest.approx(
