@@ -8,7 +8,6 @@ name to one deep copy. The work is done by ``_graph``, ``_calibration``, ``_budg
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import numbers
 import os
@@ -50,6 +49,8 @@ from ._heads import (
 )
 from ._joint import interpolations_for
 from ._model_checks import check_model
+from ._outputs import ModelOutputs, cached_outputs, collect_outputs
+from ._outputs import primary_output as _first_tensor
 from ._plan import Selection, offset_of
 from ._surgery import apply_selection, concat_widths, sharing_copy, weight_gram
 
@@ -770,30 +771,46 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         return self.transform(X).argmax(axis=1)
 
     def score(self, X, y=None) -> float:
-        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``."""
+        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``.
+
+        Both compare per position along the class axis (see :func:`skid.metrics.agreement`):
+        per token for (n, seq, vocab) logits, per pixel for (n, C, H, W) maps.
+        """
         if y is None:
             return metrics.agreement(self, X)
         return metrics.accuracy(self, X, y)
 
-    def _original_outputs(self, X) -> np.ndarray:
-        """The original model's outputs on ``X``, like :meth:`transform`.
+    def outputs(self, X, *, original=False) -> ModelOutputs:
+        """The compressed (or the original) model's outputs on ``X``, per batch, unflattened.
 
-        With ``memory`` they are cached by content, so the candidates of a grid search
-        (clones, one per setting) run the original model over a test fold once.
+        What :mod:`skid.metrics` compares: each batch's output as the model returns it (a
+        Hugging Face ``ModelOutput``'s ``logits``), with the batch's ``attention_mask``,
+        ``labels`` and token ids. :meth:`transform` is the same values flattened.
+
+        Parameters
+        ----------
+        X : tensor, ndarray, dict of those, or iterable of batches
+            Batched like the calibration data.
+        original : bool, default=False
+            The uncompressed model's outputs instead. With ``memory`` they are cached by
+            content, so the candidates of a grid search (clones, one per setting) run the
+            original model over a test fold once.
+
+        Returns
+        -------
+        ModelOutputs
+            ``values``, ``masks``, ``labels``, ``tokens``: one entry per batch;
+            ``flat()`` gives the (n_samples, n_outputs) array.
         """
         check_is_fitted(self, "compressed_model_")
-        if self.memory is None:
-            return model_outputs(self._original_model, X, self.batch_size)
-        batches = Batches(X, self.batch_size, reusable=True)
-        model_key = getattr(self, "_model_key", None)
-        if model_key is None:  # memory was set after fit
-            example = example_inputs(batches.first, *model_device_dtype(self._original_model))
-            model_key = model_fingerprint(self._original_model, *example)
-        key = fingerprint(model_key, batches.fingerprint())
-        cached = StatisticsCache(self.memory).memory.cache(
-            _keyed_outputs, ignore=["model", "batches", "batch_size"]
-        )
-        return cached(key, model=self._original_model, batches=batches, batch_size=self.batch_size)
+        if not original:
+            return collect_outputs(self.compressed_model_, X, self.batch_size)
+        return cached_outputs(self._original_model, X, self.batch_size, self.memory,
+                              getattr(self, "_model_key", None))
+
+    def _original_outputs(self, X) -> np.ndarray:
+        """The original model's outputs on ``X``, flattened like :meth:`transform`."""
+        return self.outputs(X, original=True).flat()
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -937,49 +954,6 @@ def _layer_report(selection: Selection) -> dict:
     }
 
 
-def _keyed_outputs(key, *, model, batches, batch_size) -> np.ndarray:
-    """:func:`model_outputs` with a content key as the cache's argument (joblib hashes it)."""
-    return model_outputs(model, batches, batch_size)
-
-
 def model_outputs(model: nn.Module, X, batch_size: int) -> np.ndarray:
-    """A model's outputs on ``X`` (eval, no_grad), first tensor, as (n_samples, outputs)."""
-    device, dtype = model_device_dtype(model)
-    outputs = []
-    with _eval_mode(model), torch.no_grad():
-        for batch in Batches(X, batch_size):
-            args, kwargs = to_inputs(batch, device, dtype)
-            out = _first_tensor(run_model(model, args, kwargs, what="batch"))
-            out = out.reshape(out.shape[0], -1) if out.ndim else out.reshape(1, 1)
-            if out.dtype in (torch.float16, torch.bfloat16):
-                out = out.float()
-            outputs.append(out.cpu())
-    return torch.cat(outputs).numpy()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the duration, then every submodule's training flag as it was."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def _first_tensor(output) -> torch.Tensor:
-    """A model output reduced to its first tensor (tuple, list, dict or HF ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "values") and callable(output.values):
-        items = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        items = list(output)
-    else:
-        items = []
-    for item in items:
-        with contextlib.suppress(TypeError):
-            return _first_tensor(item)
-    raise TypeError(f"The model returned a {type(output).__name__} without any tensor.")
+    """A model's outputs on ``X`` (eval, no_grad) as (n_samples, outputs): :meth:`transform`."""
+    return collect_outputs(model, X, batch_size).flat()
