@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import _corrective, _policy, metrics
 from .._linalg import PivotedFactorization, factorize_for_outputs
+from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _budget, _distributed
@@ -807,6 +808,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             return collect_outputs(self.compressed_model_, X, self.batch_size)
         return cached_outputs(self._original_model, X, self.batch_size, self.memory,
                               getattr(self, "_model_key", None))
+
+    def report(self) -> str:
+        """The per-unit report as a text table: the one ``skid compress`` prints.
+
+        One row per pruned unit of ``layers_`` (its kind, producer, consumer, width before →
+        after, the fraction kept, the ID error), then the FLOPs and parameters kept.
+        ``print(nc.report())`` to read it; ``pandas.DataFrame(nc.layers_)`` for a frame.
+        """
+        check_is_fitted(self, "compressed_model_")
+        return format_units_report(self.layers_, self.flops_, self.params_)
 
     def _original_outputs(self, X) -> np.ndarray:
         """The original model's outputs on ``X``, flattened like :meth:`transform`."""

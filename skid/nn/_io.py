@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,6 +72,8 @@ def save_compressed(model, path) -> Path:
     }
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    # safetensors creates its file 0600; give the weights the plan's (umask-given) mode
+    shutil.copymode(directory / PLAN_FILE, directory / WEIGHTS_FILE)
     return directory
 
 
@@ -130,8 +133,8 @@ def _safetensors():
         import safetensors.torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "save_compressed/load_compressed need the safetensors package: "
-            "pip install 'skid[io]' (or pip install safetensors)."
+            "save_compressed/load_compressed need the safetensors package, a dependency of "
+            "skid: pip install safetensors."
         ) from exc
     return safetensors.torch
 
