@@ -102,7 +102,8 @@ def _add_demo_parser(commands):
         help="train a small CNN on the bundled digits data and compress it",
         description="Train a small CNN on scikit-learn's bundled digits images (offline, a "
         "few seconds, fixed seed), compress it with the interpolative decomposition at "
-        "several tolerances and at half the FLOPs, and print one table: FLOPs and "
+        "several tolerances (default: 0.3 to 0.01) and FLOP budgets (default: 50% and 25% "
+        "of the FLOPs), and print one table: FLOPs and "
         "parameters kept, per-layer widths, test accuracy, top-1 agreement with the "
         "original model, and the time each compression took.",
     )
