@@ -799,7 +799,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ModelOutputs
+        skid.nn.ModelOutputs
             ``values``, ``masks``, ``labels``, ``tokens``: one entry per batch;
             ``flat()`` gives the (n_samples, n_outputs) array.
         """
