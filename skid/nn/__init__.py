@@ -5,4 +5,10 @@ from ._io import load_compressed, save_compressed
 from ._kinds import register_layer_kind
 from ._outputs import ModelOutputs
 
-__all__ = ["ModelOutputs", "NetworkCompressor", "load_compressed", "register_layer_kind", "save_compressed"]
+__all__ = [
+    "ModelOutputs",
+    "NetworkCompressor",
+    "load_compressed",
+    "register_layer_kind",
+    "save_compressed",
+]
