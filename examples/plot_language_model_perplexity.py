@@ -150,8 +150,8 @@ for method, marker in (("ID", "o"), ("ID without T", "s"), ("magnitude", "^")):
     ax.plot([r["FLOPs kept"] for r in rows], [r[method] for r in rows], marker=marker,
             label=method)
 ax.axhline(perplexity(lm), color="0.4", linestyle=":", label="original")
-ax.set(xlabel="fraction of the model's FLOPs kept", ylabel="held-out perplexity (log scale)",
-       yscale="log", title="tiny LLaMA, every MLP narrowed (no fine-tuning)")
+ax.set(xlabel="fraction of the model's FLOPs kept", ylabel="held-out perplexity",
+       title="tiny LLaMA, every MLP narrowed (no fine-tuning)")
 ax.grid(alpha=0.3)
 ax.legend()
 plt.show()
