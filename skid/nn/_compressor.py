@@ -757,7 +757,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_outputs)
-            A tuple or dict-like output is reduced to its first tensor.
+            A Hugging Face ``ModelOutput`` is read by its ``logits``, another tuple or
+            dict-like output by its first tensor. :meth:`outputs` gives them per batch,
+            unflattened ((n, seq, vocab) logits, (n, C, H, W) maps).
         """
         check_is_fitted(self, "compressed_model_")
         return model_outputs(self.compressed_model_, X, self.batch_size)
@@ -768,7 +770,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         return self.fit(model, X).transform(X)
 
     def predict(self, X) -> np.ndarray:
-        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,)."""
+        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,).
+
+        For (n, classes) outputs; per position (tokens, pixels) the metrics use
+        :meth:`outputs`.
+        """
         return self.transform(X).argmax(axis=1)
 
     def score(self, X, y=None) -> float:
