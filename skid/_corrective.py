@@ -42,7 +42,6 @@ from ._linalg import (  # the Gram route blocks rows as GramAccumulator does
 )
 
 __all__ = [
-    "DEFAULT_SELECTION",
     "SELECTIONS",
     "CorrectiveFactorization",
     "CrossAccumulator",
@@ -52,7 +51,6 @@ __all__ = [
 #: Ways to choose J: ``"gram"`` (pivoted Cholesky of the compressed Gram, the default — see
 #: benchmarks/README.md, bench_fidelity.py) and ``"greedy"`` (greedy on the cross statistic).
 SELECTIONS = ("gram", "greedy")
-DEFAULT_SELECTION = "gram"
 
 
 @dataclass(frozen=True)
