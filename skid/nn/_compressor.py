@@ -1,9 +1,9 @@
-"""NetworkCompressor: model-preserving compression of a torch model (orchestration only).
+"""NetworkCompressor: model-preserving compression of a torch model (its surface only).
 
-``fit`` reads as a list of steps: walk the graph on a couple of samples → calibrate every unit
-in one streamed pass → widths from the error curves → selections (the plan) → apply them by
-name to one deep copy. The work is done by ``_graph``, ``_calibration``, ``_budget``,
-``_surgery`` and ``_flops``.
+``fit`` reads as a list of steps: check the parameters into one :class:`FitSettings` → the
+data → a deep copy of the model → its units (``_graph``, ``_heads``) → its blocks
+(``_blocks``) → FLOPs (``_flops``) → the plan (``_planner`` over one pass, or
+``_blockwise`` block by block), applied to the copy → the report.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from ._model_checks import check_model
 from ._objectives import (
     Calibration,
     Objective,
-    OutputsObjective,
     Registered,
     calibration_names,
     objective_names,
@@ -106,25 +105,30 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
-    objective : {"activations", "outputs"}, default="activations"
-        What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
-        input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
+    objective : {"activations", "outputs"} or Objective, default="activations"
+        What the kept channels must reconstruct (a registered name or an
+        :class:`skid.nn.Objective`, e.g. ``OutputsObjective(pivots="greedy")``).
+        ``"activations"`` (the paper): the consumer's input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
         ``"outputs"``: what the consumer computes from it, ``Z Wᵀ`` (its weights enter the
         pivoting: columns are scaled by the norms of the consumer weights that read them);
         ``tol`` and the errors are then ``‖(Z − Z_J T) Wᵀ‖_F / ‖Z Wᵀ‖_F`` (for convolutions
         and flattened inputs, without the cross terms between kernel positions). ``T`` is
-        the least-squares fit on ``Z`` either way.
-    calibration : {"original", "sequential", "corrective"}, default="original"
+        the least-squares fit on ``Z`` either way. With ``calibration="corrective"`` the
+        pivots come from the compressed model's ``Z_c`` scaled by those weight norms ``D``,
+        ``T`` is the least-squares fit of the original's ``Z_o``, and ``tol`` and the errors
+        are ``‖(Z_o − Z_c[:, J] T) D‖_F / ‖Z_o D‖_F``.
+    calibration : {"original", "sequential", "corrective"} or Calibration, default="original"
         ``"original"``: every unit's ID from the original model's activations, one pass.
         ``"sequential"``: units in forward order, each from the model compressed so far (one
         pass per unit; with ``target_flops`` the widths come from a first, original pass).
         ``"corrective"``: units in forward order; channels chosen from the compressed model's
         consumer input ``Z_c`` and ``T`` fitted by least squares to the *original* model's
         ``Z_o`` (``min ‖Z_o − Z_c[:, J] T‖_F``), so each consumer sees what the original fed
-        it, upstream errors included. Two truncated passes per unit (the original and the
-        compressed model on the same batches; one for the first unit) and a second copy of
-        the model on ``device``. Widths as ``"sequential"``; ``tol`` is then met against
-        ``Z_o`` (a unit whose upstream error alone exceeds it keeps its full width).
+        it, upstream errors included (``CorrectiveCalibration(selection="greedy")`` chooses
+        ``J`` greedily on the cross statistic instead). Two truncated passes per unit (the
+        original and the compressed model on the same batches; one for the first unit) and a
+        second copy of the model on ``device``. Widths as ``"sequential"``; ``tol`` is then
+        met against ``Z_o`` (a unit whose upstream error alone exceeds it keeps its full width).
     blocks : "auto", str or None, default="auto"
         Block-wise calibration. ``"auto"`` finds the longest ``nn.ModuleList`` whose members
         run one after another on the previous one's output (HF decoder/encoder layers); a
@@ -183,6 +187,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
         input ``Z_o``, upstream units' errors included; for ``objective="outputs"``, the same
         for the consumer's output ``Z Wᵀ``.
+    plan_ : Plan
+        The applied plan: ``plan_.selections`` holds one selection per unit in forward
+        order (``unit``, ``keep``, ``interpolation`` — block-wise, emptied once folded —
+        and ``error``; heads: ``heads``, ``kv_heads``), ``plan_.layers`` is ``layers_``.
     skipped_ : list of dict
         ``producer`` and ``reason`` for every Linear/Conv layer left alone.
     flops_ : dict
@@ -421,14 +429,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device={self.device!r} is not a torch device: {exc}") from exc
-        settings = FitSettings.from_params(self.get_params(deep=False))
-        if (isinstance(settings.objective, OutputsObjective)
-                and settings.calibration.needs_reference):
-            raise ValueError(
-                "objective='outputs' is not supported with calibration='corrective' yet: use "
-                "calibration='original' or 'sequential' with it, or objective='activations'."
-            )
-        return settings
+        return FitSettings.from_params(self.get_params(deep=False))
 
     def _find_units(self, work, example, settings):
         """Units of the work copy; NotPrunableError listing every skipped layer if none."""

@@ -86,6 +86,9 @@ class OutputsObjective(Objective):
         return unit_kind(unit).for_outputs(work, unit, fac, self.pivots)
 
     def corrective_factorization(self, work, unit, stats, selection):
+        if self.pivots != "scaled":
+            raise ValueError(f"OutputsObjective(pivots={self.pivots!r}) has no corrective "
+                             "form: use pivots='scaled' with calibration='corrective'.")
         return unit_kind(unit).corrective_for_outputs(work, unit, stats, self.pivots)
 
 

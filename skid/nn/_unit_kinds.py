@@ -65,6 +65,11 @@ class UnitKind:
         """The corrective factorization of ``stats`` (:class:`CrossStatistics`)."""
         return stats.factorize(selection)
 
+    def corrective_for_outputs(self, work, unit, stats, pivots: str):
+        """The corrective factorization with channels weighted by the consumers' weights."""
+        weights = sum(consumer_weight_gram(work, unit, c) for c in unit.consumers)
+        return stats.factorize_weighted(np.sqrt(np.maximum(np.diag(weights), 0.0)))
+
 
 class _Channels(UnitKind):
     def select(self, unit, fac, k) -> Selection:
@@ -148,6 +153,10 @@ class _Heads(UnitKind):
 
     def corrective_factorization(self, stats, unit, selection):
         return CorrectiveHeadFactorization(stats, unit)
+
+    def corrective_for_outputs(self, work, unit, stats, pivots):
+        weights = consumer_weight_gram(work, unit, unit.consumers[0])
+        return CorrectiveHeadFactorization(stats, unit, weights)
 
 
 _KINDS: dict[str, UnitKind] = {"channels": _Channels(), "heads": _Heads()}
