@@ -108,7 +108,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     objective : {"activations", "outputs"} or Objective, default="activations"
         What the kept channels must reconstruct (a registered name or an
         :class:`skid.nn.Objective`, e.g. ``OutputsObjective(pivots="greedy")``).
-        ``"activations"`` (the paper): the consumer's input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
+        ``"activations"`` (the paper): the consumer's input ``Z``; ``tol`` and the reported
+        errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
         ``"outputs"``: what the consumer computes from it, ``Z Wᵀ`` (its weights enter the
         pivoting: columns are scaled by the norms of the consumer weights that read them);
         ``tol`` and the errors are then ``‖(Z − Z_J T) Wᵀ‖_F / ‖Z Wᵀ‖_F`` (for convolutions
