@@ -280,3 +280,14 @@ def test_merge_over_gives_what_one_process_accumulates(method="gram"):
         np.testing.assert_allclose(stats.cross, whole.cross)
         np.testing.assert_allclose(stats.sq_cols, whole.sq_cols)
         assert stats.sq_norm == pytest.approx(whole.sq_norm)
+
+
+def test_the_user_guides_custom_objective_runs(capsys):
+    """The worked example of "Extending skid" (docs/user_guide.rst), run as written."""
+    import re
+
+    guide = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "user_guide.rst").read_text()
+    section = guide[guide.index("Extending skid\n"):]
+    (code,) = re.findall(r"\.\. code-block:: python\n\n((?:(?:   .*)?\n)+)", section)[:1]
+    exec("\n".join(line[3:] for line in code.splitlines()), {"__name__": "guide"})
+    assert capsys.readouterr().out.split() == ["8", "16", "16"]
