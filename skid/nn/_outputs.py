@@ -1,9 +1,10 @@
-"""A model's outputs on some data, batch by batch and unflattened: what ``skid.metrics`` compares.
+"""A model's outputs: on a whole data set, batch by batch and unflattened (what
+``skid.metrics`` compares; ``transform`` flattens them), or on one calibration batch (the
+``target_flops`` candidates are compared on it).
 
 :class:`ModelOutputs` keeps each batch's output as the model returned it ((n, classes),
 (n, seq, vocab), (n, C, H, W), ...), together with what the batch says about its positions
 (``attention_mask``) and its targets (``labels``, or the token ids of a language model).
-``NetworkCompressor.transform`` is the same values flattened per sample.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from ._calibration import (
     to_inputs,
 )
 
-__all__ = ["ModelOutputs", "collect_outputs", "primary_output"]
+__all__ = [
+    "ModelOutputs",
+    "batch_outputs",
+    "cached_outputs",
+    "collect_outputs",
+    "first_tensor",
+    "model_outputs",
+    "output_distance",
+]
 
 
 @dataclass
@@ -81,7 +90,7 @@ def collect_outputs(model: nn.Module, X, batch_size: int) -> ModelOutputs:
     with eval_mode(model), torch.no_grad():
         for batch in Batches(X, batch_size):
             args, kwargs = to_inputs(batch, device, dtype)
-            out = primary_output(run_model(model, args, kwargs, what="batch"))
+            out = first_tensor(run_model(model, args, kwargs, what="batch"))
             out = out.reshape(1, 1) if out.ndim == 0 else out
             out = out[:, None] if out.ndim == 1 else out
             if out.dtype in (torch.float16, torch.bfloat16) or not out.is_floating_point():
@@ -93,6 +102,25 @@ def collect_outputs(model: nn.Module, X, batch_size: int) -> ModelOutputs:
             tokens = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
             collected.tokens.append(None if tokens is None else tokens.cpu().numpy())
     return collected
+
+
+def model_outputs(model: nn.Module, X, batch_size: int) -> np.ndarray:
+    """A model's outputs on ``X`` (eval, no_grad) as (n_samples, outputs): ``transform``."""
+    return collect_outputs(model, X, batch_size).flat()
+
+
+def batch_outputs(model, batch) -> torch.Tensor:
+    """``model``'s output on one calibration batch, in float64: what the candidates of
+    ``target_flops`` are compared on."""
+    device, dtype = model_device_dtype(model)
+    args, kwargs = to_inputs(batch, device, dtype)
+    with torch.no_grad():
+        return first_tensor(run_model(model, args, kwargs)).double()
+
+
+def output_distance(model, reference, batch) -> float:
+    """Frobenius distance of ``model``'s outputs on ``batch`` from ``reference``."""
+    return float(torch.linalg.vector_norm(batch_outputs(model, batch) - reference))
 
 
 def cached_outputs(model: nn.Module, X, batch_size: int, memory, model_key=None) -> ModelOutputs:
@@ -140,7 +168,7 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
-def primary_output(output) -> torch.Tensor:
+def first_tensor(output) -> torch.Tensor:
     """The tensor a model's output stands for: a Hugging Face ``ModelOutput``'s ``logits`` (not
     its ``loss``, which comes first when the batch carries ``labels``), else the first tensor of
     a tuple, list or dict."""
@@ -157,5 +185,5 @@ def primary_output(output) -> torch.Tensor:
         items = []
     for item in items:
         with contextlib.suppress(TypeError):
-            return primary_output(item)
+            return first_tensor(item)
     raise TypeError(f"The model returned a {type(output).__name__} without any tensor.")
