@@ -28,6 +28,8 @@ import itertools
 import os
 import shutil
 import uuid
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -81,6 +83,13 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
     ``spec`` is None (off), ``"auto"`` (the longest ``ModuleList`` that runs in sequence and
     that no unit straddles; None if there is none) or a qualified name (an error if that list
     does not qualify).
+
+    Block-wise calibration must give the one-pass result, so the chosen list is tried on
+    ``example`` as the calibration will run it (:func:`_replay_check`): if replaying finished
+    blocks changes what a later block or unit sees (the model reads a block's output other than
+    through the next block: a head over several blocks' states, a hook that edits outputs), or
+    the model cannot run that way, ``"auto"`` warns with the reason and returns None (one pass)
+    and a named list raises it.
     """
     if spec is None:
         return None
@@ -96,16 +105,33 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
     if not candidates:
         return None
     calls = _record_calls(model, example, [modules[n] for n in candidates], units)
-    best, reasons = None, {}
+    layouts, reasons = [], {}
     for name in candidates:
         layout, reason = _layout(name, modules[name], calls, units)
         if layout is None:
             reasons[name] = reason
-        elif best is None or layout.size > best.size:
-            best = layout
-    if best is None and spec != "auto":
+        else:
+            layouts.append(layout)
+    # the longest chain, if replaying its finished blocks changes nothing any unit sees
+    for layout in sorted(layouts, key=lambda lay: -lay.size):
+        reason = _replay_check(model, example, layout, calls, units)
+        if reason is None:
+            return layout
+        reasons[layout.name] = reason
+        if spec == "auto":
+            from ._compressor import _caller_outside_skid
+
+            warnings.warn(
+                f"blocks='auto': {layout.name!r} is not calibrated block by block, since "
+                f"{reason} Calibrating in one pass over the whole model instead (the same "
+                "result, with every unit's statistics in memory at once); pass blocks=None "
+                "to choose this without the warning.",
+                UserWarning, stacklevel=_caller_outside_skid(),
+            )
+            return None
+    if spec != "auto":
         raise ValueError(f"blocks={spec!r} cannot be calibrated block by block: {reasons[spec]}")
-    return best
+    return None
 
 
 def _record_calls(model, example, lists, units):
@@ -177,6 +203,112 @@ def _layout(name, module_list, calls, units):
     layout = BlockLayout(name, len(module_list), tuple(before), tuple(after),
                          tuple(tuple(i) for i in inside))
     return layout, None
+
+
+def _replay_check(model, example, layout, calls, units):
+    """None when the runner's replays reproduce, on ``example``, every block's output and the
+    inputs of every module of the units after the blocks; else why not (a sentence).
+
+    Each pass runs as a calibration pass does: the blocks before block ``b`` replay block
+    ``b - 1``'s recorded output (the tape), block ``b`` runs; then every block replays the
+    last one's output while the units after the blocks read their inputs.
+    """
+    _, members = calls
+    module_list = model.get_submodule(layout.name)
+    outputs = [members[id(m)][0][2] for m in module_list]
+    after = sorted({n for i in layout.after for n in _unit_modules(units[i])})
+    try:
+        for b in range(1, layout.size):
+            got = _replayed_pass(model, example, module_list, outputs[b - 1], b)
+            if not _same_values(got, outputs[b]):
+                return (f"block {b}'s output changes when the blocks before it are replayed: "
+                        "the model reads their outputs other than through the next block "
+                        "(e.g. a head or a later block over several blocks' states, or a hook "
+                        "on a block that edits its output).")
+        if after:
+            reference = _replayed_pass(model, example, module_list, None, None, after)
+            got = _replayed_pass(model, example, module_list, outputs[-1], None, after)
+            for name in after:
+                if not _same_values(got.get(name), reference.get(name)):
+                    return (f"the input of {name!r} (after the blocks) changes when the blocks "
+                            "are replayed: the model reads the outputs of blocks other than the "
+                            "last (e.g. a head over several blocks' states).")
+    except Exception as exc:  # noqa: BLE001 -- whatever stops it, one pass is the answer
+        cause = exc.__cause__ if isinstance(exc, ValueError) and exc.__cause__ else exc
+        return (f"the model does not run with its finished blocks replayed "
+                f"({type(cause).__name__}: {cause}).")
+    return None
+
+
+def _replayed_pass(model, example, module_list, entry, stop, watch=()):
+    """One pass on ``example`` with the members before ``stop`` (all when None) replaying
+    ``entry`` (none when ``entry`` is None): member ``stop``'s output, or the first inputs of the
+    modules named in ``watch`` (by name)."""
+    members = list(module_list)
+    replayed = [] if entry is None else members[: len(members) if stop is None else stop]
+    seen, handles = {}, []
+
+    def keep_output(module, args, output):
+        seen["output"] = output
+        raise _StopForward
+
+    def keep_input(name):
+        def hook(module, args, kwargs):
+            if name not in seen:
+                seen[name] = map_tensors((args, kwargs), torch.clone)
+
+        return hook
+
+    modules = dict(model.named_modules())
+    tape = _Tape([entry])
+    try:
+        if stop is not None:
+            handles.append(members[stop].register_forward_hook(keep_output))
+        for name in watch:
+            handles.append(modules[name].register_forward_pre_hook(keep_input(name),
+                                                                   with_kwargs=True))
+        with _replacing(replayed, tape, example_device(example)), torch.no_grad():
+            args, kwargs = example
+            try:
+                model(*args, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen.get("output") if stop is not None else seen
+
+
+def example_device(example):
+    """The device of the first tensor of ``example`` (CPU if it holds none)."""
+    first = _first_input(*example)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _same_values(a, b) -> bool:
+    """Whether two outputs hold equal tensors (NaN where the other has NaN) in the same places."""
+    flat_a, flat_b = _tensors(a), _tensors(b)
+    return len(flat_a) == len(flat_b) and all(map(_same_tensor, flat_a, flat_b))
+
+
+def _same_tensor(x, y) -> bool:
+    if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+        return False
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.equal(x, y)
+    nan = torch.isnan(x)
+    return torch.equal(nan, torch.isnan(y)) and torch.equal(x[~nan], y[~nan])
+
+
+def _tensors(value) -> list:
+    """The tensors in ``value`` (tuples, lists, dicts, NamedTuples, ModelOutputs), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _emptied(T):
@@ -307,20 +439,53 @@ class _Recorder:
         return None
 
 
-class _Replay(nn.Module):
-    """Stands in for a block member: returns the tape's entry for the current batch.
+class _Replay:
+    """A block member's forward while it replays: the tape's entry for the current batch.
 
-    The first member's replay advances the tape (members run once per batch, in order).
+    The member itself stays in place, only its ``forward`` is replaced (see
+    :func:`_replacing`): a model that reads its blocks' attributes, or hooks on them, sees the
+    real blocks. The first member's replay advances the tape (members run once per batch, in
+    order).
     """
 
     def __init__(self, tape: _Tape, advances: bool, device):
-        super().__init__()
         self.tape, self.advances, self.device = tape, advances, device
 
-    def forward(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         if self.advances:
             self.tape.position += 1
         return self.tape.current(self.device)
+
+
+def _replay(member: nn.Module, replay) -> None:
+    """Replace ``member``'s forward by ``replay`` (None: give it back its own).
+
+    The forward is set on the instance, so ``nn.Module.__call__`` (and its hooks) run as usual.
+    An instance-level forward that was there first (accelerate's device hooks set one) is kept
+    aside and put back.
+    """
+    state = member.__dict__
+    if replay is None:
+        if "_skid_own_forward" in state:
+            own = state.pop("_skid_own_forward")
+            state.pop("forward", None)
+            if own is not None:
+                state["forward"] = own
+        return
+    state.setdefault("_skid_own_forward", state.get("forward"))
+    state["forward"] = replay
+
+
+@contextlib.contextmanager
+def _replacing(members, tape: _Tape, device):
+    """``members`` replay ``tape`` for the duration, their own forwards back afterwards."""
+    try:
+        for i, member in enumerate(members):
+            _replay(member, _Replay(tape, i == 0, device))
+        yield
+    finally:
+        for member in members:
+            _replay(member, None)
 
 
 def _keeping_outputs(recorder: _Recorder):
@@ -338,8 +503,19 @@ def _move(module: nn.Module, device) -> None:
     module.to(device)
 
 
+def _move_trunk(model: nn.Module, module_list: nn.ModuleList, device) -> None:
+    """Move ``model`` except the members of ``module_list`` (they stay where they are)."""
+    members = dict(module_list._modules)
+    module_list._modules.clear()
+    try:
+        model.to(device)
+    finally:
+        module_list._modules.update(members)
+
+
 class _Runner:
-    """Keeps the trunk on ``device`` and swaps members in for their turn, replays otherwise."""
+    """Keeps the trunk on ``device``; a member is moved in for its turn and replays otherwise
+    (in place, with its forward replaced: see :class:`_Replay`)."""
 
     def __init__(self, model, layout: BlockLayout, device, home, store: _TapeStore):
         self.model, self.device, self.home, self.store = model, device, home, store
@@ -347,17 +523,18 @@ class _Runner:
         self.members = list(self.list)
         self.tape = _Tape()
         self._recorder = None
-        for i in range(len(self.members)):
-            self.list[i] = _Replay(self.tape, i == 0, device)
-        model.to(device)  # the trunk only: the members are out
+        self.active = True  # False once closed (tests watch it)
+        for i, member in enumerate(self.members):
+            _replay(member, _Replay(self.tape, i == 0, device))
+        _move_trunk(model, self.list, device)
 
     def turn(self, i: int):
-        """Put member ``i`` (on the device) into its place; every other member replays."""
+        """Move member ``i`` to the device and let it run; every other member replays."""
         _move(self.members[i], self.device)
-        self.list[i] = self.members[i]
+        _replay(self.members[i], None)
 
     def end_turn(self, i: int) -> None:
-        self.list[i] = _Replay(self.tape, i == 0, self.device)
+        _replay(self.members[i], _Replay(self.tape, i == 0, self.device))
         _move(self.members[i], self.home)
 
     @contextlib.contextmanager
@@ -414,8 +591,9 @@ class _Runner:
         self.tape.outputs = outputs
 
     def close(self) -> None:
-        for i, member in enumerate(self.members):
-            self.list[i] = member
+        for member in self.members:
+            _replay(member, None)
+        self.active = False
         self.model.to(self.home)
 
 
