@@ -25,9 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping
 
@@ -46,6 +43,10 @@ from ._calibration import (
     to_inputs,
 )
 from ._surgery import sharing_copy
+from ._tapes import Recorder as _Recorder
+from ._tapes import Tape as _Tape
+from ._tapes import TapeStore as _TapeStore
+from ._tapes import flatten
 from ._trace import map_tensors
 
 __all__ = ["BlockLayout", "blockwise_plan", "find_blocks"]
@@ -65,6 +66,8 @@ class BlockLayout:
         Units outside the blocks whose consumer runs before / after the blocks.
     inside : tuple of tuple of int
         Per block, its units in forward order.
+    types : tuple of dict
+        Per block, the classes of its output on the example, by qualified name.
     """
 
     name: str
@@ -72,6 +75,8 @@ class BlockLayout:
     before: tuple[int, ...]
     after: tuple[int, ...]
     inside: tuple[tuple[int, ...], ...]
+    # per block, the classes its output is made of (a stored tape is rebuilt with these)
+    types: tuple[dict, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------------- detection
@@ -201,7 +206,7 @@ def _layout(name, module_list, calls, units):
         else:
             after.append(index)
     layout = BlockLayout(name, len(module_list), tuple(before), tuple(after),
-                         tuple(tuple(i) for i in inside))
+                         tuple(tuple(i) for i in inside), tuple(_types(r[0][2]) for r in records))
     return layout, None
 
 
@@ -311,6 +316,14 @@ def _tensors(value) -> list:
     return []
 
 
+def _types(output) -> dict:
+    """The classes of a block's output (none when a tape could not store it anyway)."""
+    try:
+        return flatten(output)[2]
+    except TypeError:
+        return {}
+
+
 def _emptied(T):
     """A new ``(0, m)`` array of ``T``'s kind (torch or NumPy), sharing no memory with it."""
     if isinstance(T, torch.Tensor):
@@ -357,86 +370,6 @@ def _same(a, b) -> bool:
 
 
 # ---------------------------------------------------------------------------------- running
-
-
-class _Tape:
-    """The cached outputs of one block, one entry per calibration batch: on the host, or
-    files (``torch.save``, read back one batch at a time) in a :class:`_TapeStore` folder."""
-
-    def __init__(self, outputs=None):
-        self.outputs = outputs or []
-        self.position = -1
-
-    def rewind(self) -> None:
-        self.position = -1
-
-    def current(self, device):
-        entry = self.outputs[self.position]
-        if isinstance(entry, str):  # a file of the store
-            return torch.load(entry, map_location=device, weights_only=True)
-        return map_tensors(entry, lambda t: t.to(device))
-
-
-class _TapeStore:
-    """Block outputs on disk, under ``memory=``'s folder, by content key.
-
-    A tape is written into a fresh folder and renamed into place once every batch is in, so
-    a folder under its key is always complete: an interrupted run leaves no half tape, and a
-    resumed one replays the finished blocks' outputs instead of running them again.
-    ``memory.clear()`` removes them with the statistics.
-    """
-
-    def __init__(self, memory):
-        backend = getattr(memory, "store_backend", None)
-        location = getattr(backend, "location", None)
-        self.root = None if location is None else os.path.join(location, "skid_block_outputs")
-
-    def folder(self, key):
-        return None if self.root is None or key is None else os.path.join(self.root, key)
-
-    def load(self, key, n_batches: int):
-        """The stored tape under ``key`` (a list of file names), or None."""
-        folder = self.folder(key)
-        if folder is None or not os.path.isdir(folder):
-            return None
-        files = [os.path.join(folder, f"{i}.pt") for i in range(n_batches)]
-        return files if all(map(os.path.isfile, files)) else None
-
-
-class _Recorder:
-    """Takes a block's output for each batch: kept on the host, or written into a new
-    folder that :meth:`finish` renames to the tape's key (``folder`` None: host)."""
-
-    def __init__(self, folder=None):
-        self.final = folder
-        self.folder = None if folder is None else f"{folder}.{os.getpid()}.{uuid.uuid4().hex}"
-        if self.folder is not None:
-            os.makedirs(self.folder)
-        self.outputs = []
-
-    def append(self, output) -> None:
-        output = map_tensors(output, lambda t: t.detach().to("cpu"))
-        if self.folder is None:
-            self.outputs.append(output)
-            return
-        path = os.path.join(self.folder, f"{len(self.outputs)}.pt")
-        torch.save(output, path)
-        self.outputs.append(path)
-
-    def finish(self, n_batches: int):
-        """The tape's entries once all ``n_batches`` are in (else None, and nothing kept)."""
-        complete = len(self.outputs) == n_batches
-        if self.folder is None:
-            return self.outputs if complete else None
-        if complete:
-            try:
-                os.replace(self.folder, self.final)
-            except OSError:  # another process stored the same tape first: use that one
-                shutil.rmtree(self.folder, ignore_errors=True)
-            names = [os.path.basename(p) for p in self.outputs]
-            return [os.path.join(self.final, n) for n in names]
-        shutil.rmtree(self.folder, ignore_errors=True)
-        return None
 
 
 class _Replay:
@@ -521,6 +454,7 @@ class _Runner:
         self.model, self.device, self.home, self.store = model, device, home, store
         self.list = model.get_submodule(layout.name)
         self.members = list(self.list)
+        self.types = layout.types or ({},) * len(self.members)
         self.tape = _Tape()
         self._recorder = None
         self.active = True  # False once closed (tests watch it)
@@ -568,7 +502,7 @@ class _Runner:
     def record(self, i: int, batches, dtype, key=None) -> None:
         """Member ``i``'s output on every batch becomes the tape: read back from ``memory=``
         when a run stored it under ``key``, else recorded by running the model up to it."""
-        stored = self.store.load(key, batches.n_batches)
+        stored = self.store.load(key, batches.n_batches, self.types[i])
         if stored is not None:
             self.tape.outputs = stored
             return
