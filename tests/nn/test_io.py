@@ -206,7 +206,7 @@ def test_weights_of_another_model_are_refused(tmp_path):
                     tmp_path / "other")
     (path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors")
                                              .read_bytes())
-    _rejected(factory, path, r"model\.safetensors holds .0\.0\.weight. .*does not have")
+    _rejected(factory, path, r"model\.safetensors holds .0\.0\.bias. .*does not have")
 
 
 @pytest.mark.parametrize("value, message", [(999, r"must lie in \[0, "), (-5, r"must lie in"),
