@@ -522,6 +522,8 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
                     f"model do not pair up row for row ({exc}); corrective calibration "
                     "needs the consumer to see the same rows in both.") from exc
     n_samples = _distributed.reduce_cross(accumulator, _statistic_width(unit), n_samples)
+    if getattr(accumulator, "n_samples", None) == 0:
+        raise ValueError(_no_rows_message(unit, unit.consumer))
     statistics = accumulator.statistics()
     if not (np.isfinite(statistics.first).all() and np.isfinite(statistics.cross).all()):
         raise ValueError(
@@ -567,6 +569,8 @@ def _factorize(unit, accumulators):
                 f"No calibration data reached {consumer.name!r} (a consumer of "
                 f"{unit.producer!r}): the forward pass never called it."
             )
+        if getattr(accumulator, "n_samples", None) == 0:
+            raise ValueError(_no_rows_message(unit, consumer.name))
     try:
         if unit.kind == "heads":  # whole heads from the output projection's Gram
             return HeadFactorization(_statistic_gram(accumulators[0]), unit)
@@ -577,6 +581,14 @@ def _factorize(unit, accumulators):
         return JointFactorization.from_accumulators(accumulators)
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
+
+
+def _no_rows_message(unit, consumer) -> str:
+    return (
+        f"No non-padding rows reached {consumer!r} (a consumer of {unit.producer!r}): every "
+        "row was left out as padding (X's attention_mask is 0 everywhere), or X holds no "
+        "rows. Give calibration data with real tokens (attention_mask 1 where they are)."
+    )
 
 
 def _non_finite_message(unit, consumer=None) -> str:
