@@ -658,13 +658,7 @@ class StatisticsCache:
         cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
         args = (key, units, method, precision)
         kwargs = dict(model=model, batches=batches, verbose=verbose)
-        if _distributed.current() is None:
-            return cached(*args, **kwargs)
-        # Data-parallel: every rank reads the cache, or every rank computes (collectively).
-        if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
-            return cached(*args, **kwargs)
-        result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
-        return result[0] if isinstance(result[1], dict) else result
+        return _agreed_call(cached, args, kwargs)
 
     def corrective(self, key, model, reference, unit, batches, *, method, precision, verbose,
                    consumer=None):
@@ -674,8 +668,21 @@ class StatisticsCache:
             return corrective_statistics(model, reference, unit, batches, **settings)
         cached = self.memory.cache(
             _keyed_corrective, ignore=["model", "reference", "batches", "verbose"])
-        return cached(key, unit, method, precision, consumer, model=model, reference=reference,
-                      batches=batches, verbose=verbose)
+        args = (key, unit, method, precision, consumer)
+        kwargs = dict(model=model, reference=reference, batches=batches, verbose=verbose)
+        return _agreed_call(cached, args, kwargs)
+
+
+def _agreed_call(cached, args, kwargs):
+    """``cached(*args, **kwargs)``; data-parallel, every rank reads the cache or every rank
+    computes (the computation reduces over the ranks: one rank skipping it leaves the others
+    waiting)."""
+    if _distributed.current() is None:
+        return cached(*args, **kwargs)
+    if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
+        return cached(*args, **kwargs)
+    result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
+    return result[0] if isinstance(result[1], dict) else result
 
 
 def _keyed_corrective(key, unit, method, precision, consumer, *, model, reference, batches,

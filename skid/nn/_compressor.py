@@ -332,6 +332,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         model, X = self._fit_arguments(args, kwargs)
         self._check_params()
         with _distributed.active(_distributed.resolve(self.process_group)):
+            _distributed.check_agreement(model, self.get_params(deep=False))  # before any sum
             return self._fit(model, X)
 
     def _fit(self, model, X):
