@@ -4,10 +4,11 @@ A model's *blocks* are the members of an ``nn.ModuleList`` that run one after an
 the previous one's output (HF decoder/encoder layers). Calibrating block by block holds only
 that block's statistics, and only that block needs to be on the calibration device:
 
-* every member except the current one is swapped for a :class:`_Replay` that hands back the
-  previous block's outputs, cached for every calibration batch (the *tape*: on the host, or
-  with ``memory=`` as files under its folder), so a pass costs the code around the blocks
-  (embeddings, masks) plus one block;
+* every member except the current one *replays*: it stays in place (the model's forward may
+  read its attributes, hooks on it still run) but its forward is replaced by a
+  :class:`_Replay` that hands back the previous block's outputs, cached for every calibration
+  batch (the *tape*, :mod:`skid.nn._tapes`: on the host, or with ``memory=`` as files under
+  its folder), so a pass costs the code around the blocks (embeddings, masks) plus one block;
 * the block's units get their statistics from those inputs (``unit_statistics`` with the
   model's own code computing every extra argument: masks, rotary embeddings); the same pass
   records the block's outputs as the next tape (``"original"``), or a pass after its units
@@ -15,9 +16,12 @@ that block's statistics, and only that block needs to be on the calibration devi
 * units outside the blocks are calibrated before them (those whose consumer runs before the
   first block) or after them, with every member replayed.
 
-With ``calibration="original"`` the statistics are those of one pass over the whole model, so
-the result is the same. Statistics and tapes go through ``memory=``, keyed per block, so an
-interrupted run resumes without recomputing them or running the finished blocks again.
+This reproduces one pass only if the model reads each block's output through the next block
+alone; :func:`find_blocks` tries the replays on the example first and otherwise calibrates in
+one pass (with a warning that says why). With ``calibration="original"`` the statistics are
+those of one pass over the whole model, so the result is the same. Statistics and tapes go
+through ``memory=``, keyed per block, so an interrupted run resumes without recomputing them
+or running the finished blocks again.
 """
 
 from __future__ import annotations

@@ -230,13 +230,23 @@ class Recorder:
         self.outputs, self.entries, self.types = [], [], {}
 
     def append(self, output) -> None:
-        if self.folder is None:
-            self.outputs.append(map_tensors(output, lambda t: t.detach().to("cpu")))
-            return
-        self.types.update(flatten(output)[2])
-        path = os.path.join(self.folder, f"{len(self.outputs)}.tape")
-        self.entries.append(_write(path, output))
-        self.outputs.append(TapeFile(path, self.types))
+        if self.folder is not None:
+            try:
+                self.types.update(flatten(output)[2])
+            except TypeError:  # an object a tape cannot hold: this tape stays on the host
+                self._to_host()
+            else:
+                path = os.path.join(self.folder, f"{len(self.outputs)}.tape")
+                self.entries.append(_write(path, output))
+                self.outputs.append(TapeFile(path, self.types))
+                return
+        self.outputs.append(map_tensors(output, lambda t: t.detach().to("cpu")))
+
+    def _to_host(self) -> None:
+        """Read back what was written and record on the host from now on (nothing stored)."""
+        self.outputs = [entry.read("cpu") for entry in self.outputs]
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
 
     def finish(self, n_batches: int):
         """The tape's entries once all ``n_batches`` are in (else None, and nothing kept).

@@ -147,3 +147,39 @@ def test_a_resumed_fit_re_records_a_damaged_tape(tmp_path, monkeypatch, damage, 
     assert calibration_passes() > before
     assert_same_models(resumed, fresh)
     assert all(store(tmp_path).load(p.parent.name, 4, {}) is not None for p in tapes)
+
+
+class Opaque:
+    """Something a block returns that a tape cannot store."""
+
+
+def test_an_output_a_tape_cannot_store_stays_on_the_host(tmp_path):
+    from torch import nn
+
+    from .test_blocks import Block
+
+    class OddBlock(Block):
+        def forward(self, x):
+            return super().forward(x), Opaque()
+
+    class OddChain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(6, 12)
+            self.layers = nn.ModuleList(OddBlock(12, 24) for _ in range(3))
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            h = self.stem(x)
+            for layer in self.layers:
+                h = layer(h)[0]
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = OddChain().eval()
+    blockwise = fit(model, X, rank=0.5, calibration="sequential", memory=tmp_path)
+    assert blockwise.blocks_ == "layers"
+    assert_same_models(blockwise, fit(model, X, rank=0.5, calibration="sequential",
+                                      blocks=None))
+    root = tmp_path / "joblib" / "skid_block_outputs"
+    assert not root.exists() or not list(root.iterdir())  # nothing half-stored
