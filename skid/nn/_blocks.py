@@ -276,7 +276,7 @@ def _replayed_pass(model, example, module_list, entry, stop, watch=()):
         for name in watch:
             handles.append(modules[name].register_forward_pre_hook(keep_input(name),
                                                                    with_kwargs=True))
-        with _replacing(replayed, tape, example_device(example)), torch.no_grad():
+        with _replacing(replayed, tape, _example_device(example)), torch.no_grad():
             args, kwargs = example
             try:
                 model(*args, **kwargs)
@@ -288,7 +288,7 @@ def _replayed_pass(model, example, module_list, entry, stop, watch=()):
     return seen.get("output") if stop is not None else seen
 
 
-def example_device(example):
+def _example_device(example):
     """The device of the first tensor of ``example`` (CPU if it holds none)."""
     first = _first_input(*example)
     return torch.device("cpu") if first is None else first.device
