@@ -124,7 +124,7 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
             return layout
         reasons[layout.name] = reason
         if spec == "auto":
-            from ._compressor import _caller_outside_skid
+            from ._planner import _caller_outside_skid
 
             warnings.warn(
                 f"blocks='auto': {layout.name!r} is not calibrated block by block, since "
