@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from skid import InterpolativeDecomposition, _linalg
+from skid._linalg import _blocking
 
 
 def data(n, m, dtype=np.float64, order="C", seed=0):
@@ -47,14 +48,14 @@ def assert_same_panels(acc, kept):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that one update multiplies several blocks."""
-    monkeypatch.setattr(_linalg, "_NATIVE_BLOCK_ROWS", 7)
-    monkeypatch.setattr(_linalg, "_BLOCK_ELEMENTS", 7 * 40)
+    monkeypatch.setattr(_blocking, "_NATIVE_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_blocking, "_BLOCK_ELEMENTS", 7 * 40)
 
 
 @pytest.fixture
 def narrow_steps(monkeypatch):
     """Panels 8 columns wide, so that a 40-wide triangle is stored in several panels."""
-    monkeypatch.setattr(_linalg, "_TRIANGLE_STEP", 8)
+    monkeypatch.setattr(_blocking, "_TRIANGLE_STEP", 8)
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
