@@ -116,6 +116,71 @@ def _add_product(total, left, right, factor: float, scratch, capacity: int):
     return scratch
 
 
+#: Largest buffer (bytes) for a row block's whole product (see :func:`_whole_product`): up
+#: to it an update needs no pass over X before the products; past it (the widest layers) the
+#: products go panel by panel through an m × 256 buffer, after a pass that checks the block.
+_WHOLE_PRODUCT_BYTES = 8 << 20
+
+
+def _whole_entries(m: int, kind: str) -> int:
+    """Entries of :func:`_whole_product`'s buffer for an m-wide block of the library ``kind``."""
+    if kind == "numpy":
+        return m * m
+    return sum((stop - start) * stop for start, stop in _panel_bounds(m))
+
+
+def _whole_products(X, dtype: str, products: str) -> bool:
+    """Whether :class:`GramAccumulator` multiplies X's blocks whole (``products``: its
+    parameter)."""
+    if products not in ("auto", "whole", "panels"):
+        raise ValueError(f"products must be 'auto', 'whole' or 'panels'; got {products!r}.")
+    m = X.shape[1]
+    if products != "auto" or m == 0:
+        return products == "whole" and m > 0
+    size = _whole_entries(m, _array.array_kind(X)) * np.dtype(dtype).itemsize
+    return size <= _WHOLE_PRODUCT_BYTES
+
+
+def _whole_product(block, buffer):
+    """Each panel's rows ``G[start:stop, :stop]`` of ``G = blockᵀ block``, as views into
+    ``buffer`` (flat, of the block's dtype and library; None: a new one). NumPy computes G in
+    one ``?syrk`` (half a GEMM's flops: the call of the floor ``XᵀX`` itself); torch and CuPy,
+    which have no ``syrk``, multiply panel by panel (the triangle's flops, not a full GEMM's).
+    Returns ``(buffer, rows)``."""
+    kind = _array.array_kind(block)
+    m = block.shape[1]
+    bounds = _panel_bounds(m)
+    if buffer is None:
+        size = _whole_entries(m, kind)
+        buffer = block.new_empty(size) if kind == "torch" else _xp(block).empty(
+            size, dtype=block.dtype)
+    if kind == "numpy":
+        square = buffer.reshape(m, m)
+        np.matmul(block.T, block, out=square)
+        return buffer, [square[start:stop, :stop] for start, stop in bounds]
+    rows, offset = [], 0
+    for start, stop in bounds:
+        part = buffer[offset : offset + (stop - start) * stop].reshape(stop - start, stop)
+        _xp(block).matmul(block[:, start:stop].T, block[:, :stop], out=part)
+        rows.append(part)
+        offset += (stop - start) * stop
+    return buffer, rows
+
+
+def _xp(a):
+    """The array library of ``a`` (``numpy``, ``torch`` or ``cupy``), for its ``matmul``."""
+    kind = _array.array_kind(a)
+    if kind == "numpy":
+        return np
+    if kind == "torch":
+        import torch
+
+        return torch
+    import cupy
+
+    return cupy
+
+
 class GramAccumulator:
     """Streams row blocks of X into ``XᵀX`` (summed in float64, on the blocks' own device).
 
@@ -142,10 +207,18 @@ class GramAccumulator:
         matrix at once). ``"native"``: float32 (and half) blocks are multiplied in float32 over
         ``_NATIVE_BLOCK_ROWS`` rows at a time and summed in float64 — twice as fast, reliable
         for relative errors down to :data:`FLOAT32_GRAM_RELIABLE_ERROR`.
+    products : {"auto", "whole", "panels"}
+        How an update multiplies a row block: ``"whole"``, all of ``blockᵀ block`` into one
+        buffer (NumPy: one ``?syrk``, the call of the floor ``XᵀX`` itself; torch and CuPy:
+        the panels' products), checked by its diagonal before it is added; ``"panels"``, a
+        pass over the block that checks it, then one product per panel through an m × 256
+        buffer (the accumulator's only way before; the least memory); ``"auto"``, whole up to
+        ``_WHOLE_PRODUCT_BYTES`` of buffer (8 MiB), panels past it.
     """
 
-    def __init__(self, precision: str = "float64"):
+    def __init__(self, precision: str = "float64", products: str = "auto"):
         self.precision = precision
+        self.products = products
         self._clear()
 
     def _clear(self) -> None:
@@ -218,16 +291,69 @@ class GramAccumulator:
     def update(self, X) -> GramAccumulator:
         """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic.
 
-        Every row block's diagonal is checked before any product is added, so a bad block
+        Every row block's diagonal is checked before its product is added, and a bad block
         anywhere in X leaves the statistic as it was.
         """
         X = _check_block(X, self.n_features)
         if _array.array_kind(X) == "torch":
             X = X.detach()  # a statistic, not a graph (products into buffers refuse graphs)
-        m = X.shape[1]
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
         if dtype == "float32" and not _array.exact_float32_matmul(X):
             dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
+        if not _whole_products(X, dtype, self.products):
+            self._update_panels(X, dtype)
+        elif self._panels is None or len(_gram_slices(X, dtype, 0)) == 1:
+            self._update_whole(X, dtype)
+        else:  # several blocks into a statistic that must survive a bad one: a part, merged
+            return self.merge(GramAccumulator(self.precision, self.products).update(X))
+        self.n_features = X.shape[1]
+        self.float32_products |= dtype == "float32"
+        self.n_samples += X.shape[0]
+        return self
+
+    def _update_whole(self, X, dtype: str) -> None:
+        """Each row block's whole product (:func:`_whole_product`) into one buffer, its
+        diagonal checked, then added into the panels: no pass over X before the products. A
+        statistic that had rows takes a single block here (checked before anything is added);
+        an empty one is emptied again on a bad block, or redone, scaled, when the blocks'
+        squares leave the safe range."""
+        low, high = _GRAM_SAFE[dtype]
+        fresh = self._panels is None
+        exp, scaled, buffer = 0, False, None
+        while True:
+            if fresh:
+                self._panels = [_array.zeros((stop - start, stop), X, "float64")
+                                for start, stop in _panel_bounds(X.shape[1])]
+                self.scale_exp = exp
+            factor, largest = None, 0.0  # the scales are reconciled once a block is checked
+            with _quiet():  # overflow and underflow are checked and handled here
+                for rows in _gram_slices(X, dtype, exp):
+                    buffer, parts = _whole_product(_gram_block(X, rows, dtype, exp), buffer)
+                    for part in parts:  # the block's sums of squares: G's diagonal
+                        width, stop = part.shape
+                        value = float(part[:, stop - width :].diagonal().max())
+                        if not value <= largest and largest == largest:  # NaN stays
+                            largest = value
+                    if not largest <= high or (not fresh and largest < low):
+                        break  # NaN, Inf or squares near overflow; or one block to scale
+                    factor = self._reconcile(exp) if factor is None else factor
+                    for panel, part in zip(self._panels, parts, strict=True):
+                        _add_scaled(panel, _as_kind(part, panel), factor)
+            if largest <= high and (scaled or low <= largest):
+                return
+            amax = _array.max_abs(X)  # the scale that brings every square into range
+            if scaled or not math.isfinite(amax):
+                if fresh:
+                    self._clear()
+                raise _non_finite_data()
+            if amax == 0.0:  # zeros: nothing to add
+                return
+            exp, scaled = _exponent(amax), True
+
+    def _update_panels(self, X, dtype: str) -> None:
+        """Panel by panel (wide statistics): every block's diagonal is checked from its column
+        sums of squares first, then each block adds one product per panel."""
+        m = X.shape[1]
         slices = _gram_slices(X, dtype, 0)
         largest, block = 0.0, None
         with _quiet():  # overflow and underflow are checked and handled below
@@ -262,10 +388,6 @@ class GramAccumulator:
                     width, stop = panel.shape
                     scratch = _add_product(panel, block[:, stop - width : stop].T,
                                            block[:, :stop], factor, scratch, capacity)
-        self.n_features = m
-        self.float32_products |= dtype == "float32"
-        self.n_samples += X.shape[0]
-        return self
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up, panel by
