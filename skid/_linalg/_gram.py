@@ -329,11 +329,11 @@ class GramAccumulator:
             with _quiet():  # overflow and underflow are checked and handled here
                 for rows in _gram_slices(X, dtype, exp):
                     buffer, parts = _whole_product(_gram_block(X, rows, dtype, exp), buffer)
-                    for part in parts:  # the block's sums of squares: G's diagonal
-                        width, stop = part.shape
-                        value = float(part[:, stop - width :].diagonal().max())
-                        if not value <= largest and largest == largest:  # NaN stays
-                            largest = value
+                    maxima = [part[:, part.shape[1] - part.shape[0] :].diagonal().max()
+                              for part in parts]  # of G's diagonal: the sums of squares
+                    value = float(_xp(parts[0]).stack(maxima).max())  # one read (one sync)
+                    if not value <= largest and largest == largest:  # larger, or NaN (stays)
+                        largest = value
                     if not largest <= high or (not fresh and largest < low):
                         break  # NaN, Inf or squares near overflow; or one block to scale
                     factor = self._reconcile(exp) if factor is None else factor
