@@ -147,15 +147,44 @@ def main() -> None:
         times = interleaved({"forward": lambda: embed(model, calib), "fit": fit}, rounds)
         rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
         splits.append((label, *time_split(fit)))
-    print_table(f"MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
-                f"({torch.get_num_threads()} torch thread(s), median of {rounds} interleaved "
-                "rounds)", ["prune", "forward s", "fit s", "fit ÷ forward"], rows,
-                ["s", ".2f", ".2f", ".2f"])
-    print_table("MiniLM, where fit's time goes (shares of one fit under cProfile): the model's "
-                "forward code, the calibration hooks' Gram products and the rest of the hooks, "
+    llama_rows(rows, splits, 64 if args.quick else 512, rounds)
+    print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
+                f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
+                f"of {rounds} interleaved rounds)",
+                ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
+    print_table("MiniLM and LLaMA, where fit's time goes (shares of one fit under cProfile): the "
+                "model's forward code, the calibration hooks' Gram products and the rest of the "
+                "hooks, "
                 "factorization (pivoted Cholesky, head selection, T), surgery",
                 ["prune", "forward", "Gram", "hooks, rest", "factorization", "surgery", "other"],
                 splits, ["s"] + [".1%"] * 6)
+
+
+def llama_rows(rows, splits, n, rounds) -> None:
+    """The cost rows of the LLaMA-shaped LM of ``_llm.py`` (its shape, random weights: the
+    cost does not need the training), ``n`` windows of its 64 tokens in batches of 32."""
+    import transformers
+    from _llm import HEAD_DIM, HEADS, HIDDEN, INNER, KV_HEADS, LAYERS, SEQ, stdlib_tokens, windows
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        max_position_embeddings=SEQ, tie_word_embeddings=False)).eval()
+    ids = windows(stdlib_tokens(300_000)[0], n, seed=1)[:, :-1]
+
+    def forward():
+        with torch.no_grad():
+            for start in range(0, n, 32):
+                model(input_ids=ids[start : start + 32])
+
+    for label, prune in (("LLaMA channels", "channels"),
+                         ("LLaMA channels + heads", ("channels", "heads"))):
+        fit = lambda p=prune: NetworkCompressor(  # noqa: E731
+            model, tol=0.05, prune=p, batch_size=32).fit({"input_ids": ids})
+        times = interleaved({"forward": forward, "fit": fit}, rounds)
+        rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
+        splits.append((label, *time_split(fit)))
 
 
 def interleaved(ways: dict, rounds: int) -> dict:
