@@ -188,9 +188,10 @@ class GramAccumulator:
     p holds ``G[:stop_p, start_p:stop_p]``, column-major (kept as the C-ordered array of its
     transpose, ``G[start_p:stop_p, :stop_p]``: for NumPy, the Fortran-ordered panel), in
     float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
-    instead of m², whatever the number of rows. A block adds one product per panel,
-    ``block[:, :stop]ᵀ block[:, start:stop]`` (m × 256 at most), into that panel in place, so
-    accumulating holds the statistic and one panel's product, never an m × m temporary.
+    instead of m², whatever the number of rows. Each panel's rows of a block's product are
+    added into it in place; the products are made whole, or panel by panel through an
+    m × 256 buffer for the widest statistics (``products``), so accumulating never holds an
+    m × m temporary past ``_WHOLE_PRODUCT_BYTES``.
 
     Each block is checked before anything is added, from its product's diagonal alone (its
     columns' sums of squares: ``|G_ij| ≤ sqrt(G_ii G_jj)``, so a finite diagonal in range
