@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import metrics
+from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _distributed
@@ -46,7 +47,7 @@ from ._objectives import (
     calibration_names,
     objective_names,
 )
-from ._outputs import keyed_outputs, model_outputs
+from ._outputs import ModelOutputs, cached_outputs, collect_outputs, model_outputs
 from ._planner import plan_one_pass
 from ._settings import FitSettings
 from ._unit_kinds import unit_kind
@@ -487,7 +488,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_outputs)
-            A tuple or dict-like output is reduced to its first tensor.
+            A Hugging Face ``ModelOutput`` is read by its ``logits``, another tuple or
+            dict-like output by its first tensor. :meth:`outputs` gives them per batch,
+            unflattened ((n, seq, vocab) logits, (n, C, H, W) maps).
         """
         check_is_fitted(self, "compressed_model_")
         return model_outputs(self.compressed_model_, X, self.batch_size)
@@ -498,34 +501,64 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         return self.fit(model, X).transform(X)
 
     def predict(self, X) -> np.ndarray:
-        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,)."""
+        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,).
+
+        For (n, classes) outputs; per position (tokens, pixels) the metrics use
+        :meth:`outputs`.
+        """
         return self.transform(X).argmax(axis=1)
 
     def score(self, X, y=None) -> float:
-        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``."""
+        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``.
+
+        Both compare per position along the class axis (see :func:`skid.metrics.agreement`):
+        per token for (n, seq, vocab) logits, per pixel for (n, C, H, W) maps.
+        """
         if y is None:
             return metrics.agreement(self, X)
         return metrics.accuracy(self, X, y)
 
-    def _original_outputs(self, X) -> np.ndarray:
-        """The original model's outputs on ``X``, like :meth:`transform`.
+    def outputs(self, X, *, original=False) -> ModelOutputs:
+        """The compressed (or the original) model's outputs on ``X``, per batch, unflattened.
 
-        With ``memory`` they are cached by content, so the candidates of a grid search
-        (clones, one per setting) run the original model over a test fold once.
+        What :mod:`skid.metrics` compares: each batch's output as the model returns it (a
+        Hugging Face ``ModelOutput``'s ``logits``), with the batch's ``attention_mask``,
+        ``labels`` and token ids. :meth:`transform` is the same values flattened.
+
+        Parameters
+        ----------
+        X : tensor, ndarray, dict of those, or iterable of batches
+            Batched like the calibration data.
+        original : bool, default=False
+            The uncompressed model's outputs instead. With ``memory`` they are cached by
+            content, so the candidates of a grid search (clones, one per setting) run the
+            original model over a test fold once.
+
+        Returns
+        -------
+        skid.nn.ModelOutputs
+            ``values``, ``masks``, ``labels``, ``tokens``: one entry per batch;
+            ``flat()`` gives the (n_samples, n_outputs) array.
         """
         check_is_fitted(self, "compressed_model_")
-        if self.memory is None:
-            return model_outputs(self._original_model, X, self.batch_size)
-        batches = Batches(X, self.batch_size, reusable=True)
-        model_key = getattr(self, "_model_key", None)
-        if model_key is None:  # memory was set after fit
-            example = example_inputs(batches.first, *model_device_dtype(self._original_model))
-            model_key = model_fingerprint(self._original_model, *example)
-        key = fingerprint(model_key, batches.fingerprint())
-        cached = StatisticsCache(self.memory).memory.cache(
-            keyed_outputs, ignore=["model", "batches", "batch_size"]
-        )
-        return cached(key, model=self._original_model, batches=batches, batch_size=self.batch_size)
+        if not original:
+            return collect_outputs(self.compressed_model_, X, self.batch_size)
+        return cached_outputs(self._original_model, X, self.batch_size, self.memory,
+                              getattr(self, "_model_key", None))
+
+    def report(self) -> str:
+        """The per-unit report as a text table: the one ``skid compress`` prints.
+
+        One row per pruned unit of ``layers_`` (its kind, producer, consumer, width before →
+        after, the fraction kept, the ID error), then the FLOPs and parameters kept.
+        ``print(nc.report())`` to read it; ``pandas.DataFrame(nc.layers_)`` for a frame.
+        """
+        check_is_fitted(self, "compressed_model_")
+        return format_units_report(self.layers_, self.flops_, self.params_)
+
+    def _original_outputs(self, X) -> np.ndarray:
+        """The original model's outputs on ``X``, flattened like :meth:`transform`."""
+        return self.outputs(X, original=True).flat()
 
 
 # ---------------------------------------------------------------------------------- helpers

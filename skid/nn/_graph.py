@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .._validation import suggest
+from .._validation import nearest_names
 from ..exceptions import InvalidParameterError
 from ._plan import ChannelGroup, Consumer, Skipped
 from ._surgery import surgery_for
@@ -691,7 +691,7 @@ def _check_names(names, modules: dict, what: str) -> set[str]:
         if name not in modules:
             raise InvalidParameterError(
                 f"{what}: the model has no module {name!r}"
-                f"{suggest(name, [n for n in modules if n])}"
+                f"{nearest_names(name, [n for n in modules if n])}"
             )
         checked.add(name)
     return checked

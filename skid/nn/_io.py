@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,6 +74,8 @@ def save_compressed(model, path) -> Path:
     }
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    # safetensors creates its file 0600; give the weights the plan's (umask-given) mode
+    shutil.copymode(directory / PLAN_FILE, directory / WEIGHTS_FILE)
     return directory
 
 
@@ -154,8 +157,8 @@ def _safetensors():
         import safetensors.torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "save_compressed/load_compressed need the safetensors package: "
-            "pip install 'skid[io]' (or pip install safetensors)."
+            "save_compressed/load_compressed need the safetensors package, a dependency of "
+            "skid: pip install safetensors."
         ) from exc
     return safetensors.torch
 
