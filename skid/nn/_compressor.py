@@ -41,7 +41,6 @@ from ._calibration import (
     to_inputs,
 )
 from ._flops import count_flops, count_params
-from ._graph import find_units
 from ._heads import (
     CorrectiveHeadFactorization,
     apply_head_selection,
@@ -51,12 +50,13 @@ from ._heads import (
 from ._joint import interpolations_for
 from ._model_checks import check_model
 from ._plan import Selection, offset_of
+from ._residual_stages import find_channel_groups, residual_report
 from ._surgery import apply_selection, concat_widths, sharing_copy, weight_gram
 
 __all__ = ["NetworkCompressor"]
 
-#: What ``prune`` may name: channel groups, attention heads.
-_STRUCTURES = ("channels", "heads")
+#: What ``prune`` may name: channel groups, attention heads, CNN residual streams.
+_STRUCTURES = ("channels", "heads", "residual")
 
 #: Pivot rule of ``objective="outputs"`` (see :func:`skid._linalg.factorize_for_outputs`).
 _OUTPUT_PIVOTS = "scaled"
@@ -454,9 +454,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             run_model(work, args, kwargs, what="first samples of the calibration data")
         prune = {self.prune} if isinstance(self.prune, str) else set(self.prune)
         units, skipped = [], []
-        if "channels" in prune:
-            units, skipped = find_units(work, args, kwargs, layers=self.layers,
-                                        exclude=self.exclude)
+        if prune & {"channels", "residual"}:
+            units, skipped = find_channel_groups(
+                work, args, kwargs, layers=self.layers, exclude=self.exclude,
+                channels="channels" in prune, residual="residual" in prune)
         if "heads" in prune:
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=self.exclude)
             if self.layers != "auto":  # heads are named by their attention block
@@ -925,7 +926,7 @@ def _layer_report(selection: Selection) -> dict:
             "kv_heads_after": int(selection.kv_heads.size if unit.group_size > 1
                                   else selection.heads.size),
         }
-    return {
+    row = {
         "producer": unit.producer,
         "consumer": unit.consumer,
         "kind": unit.kind,
@@ -935,6 +936,7 @@ def _layer_report(selection: Selection) -> dict:
         "width_after": int(selection.keep.numel()),
         "error": float(selection.error),
     }
+    return {**row, **residual_report(unit)} if unit.kind == "residual" else row
 
 
 def _keyed_outputs(key, *, model, batches, batch_size) -> np.ndarray:

@@ -59,8 +59,10 @@ class _Blocked(Exception):
 
 
 # Elementwise ops that may join two tensors carrying the group's channels (a gate). An
-# ``add`` of two varying tensors is a residual connection: left alone for now.
+# ``add`` of two varying tensors is a residual connection: it joins only when the walk is
+# asked for residual streams (``residual=True``), which makes the group a ``"residual"`` unit.
 _GATE_OPS = frozenset({"mul", "rmul", "imul", "div", "truediv", "true_divide"})
+_RESIDUAL_OPS = frozenset({"add", "radd", "iadd", "sub", "rsub", "isub"})
 
 
 class _GroupWalk:
@@ -72,8 +74,10 @@ class _GroupWalk:
     ops) adds that producer, and anything else blocks the whole group with its reason.
     """
 
-    def __init__(self, graph: Graph, seed: int):
+    def __init__(self, graph: Graph, seed: int, residual: bool = False):
         self.graph = graph
+        self.join_ops = _GATE_OPS | _RESIDUAL_OPS if residual else _GATE_OPS
+        self.residual = False  # whether an add joined producers (a residual stream)
         node = graph.nodes[seed]
         self.width = _out_width(graph.modules[node.module], node.kind)
         self.members: dict[int, _Channels] = {}
@@ -170,6 +174,7 @@ class _GroupWalk:
             offsets=tuple((name, self.passthroughs[name][1]) for name in passthroughs
                           if self.passthroughs[name][1]),
             blocks=blocks,
+            kind="residual" if self.residual else "channels",
         )
 
     # -- one op using a member ------------------------------------------------------------
@@ -233,10 +238,11 @@ class _GroupWalk:
         if others:
             if state.before:
                 raise _Blocked(f"`{node.name}` joins concatenated channels with another tensor")
-            if node.kind != "function" or node.name not in _GATE_OPS:
+            if node.kind != "function" or node.name not in self.join_ops:
                 raise _Blocked(
                     f"its channels enter `{node.name}` with another tensor that varies along "
                     "the channels (a residual connection or a gate)")
+            self.residual |= node.name in _RESIDUAL_OPS
             for value in others:
                 self.add_producer(self.gate_producer(node, value))
             self.joins.append((index, axis))
@@ -545,7 +551,7 @@ def _reduce(graph: Graph, state: _Channels, node: Node) -> _Channels:
 # Public entry point.
 
 def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="auto",
-               exclude=()) -> tuple[list[ChannelGroup], list[Skipped]]:
+               exclude=(), residual=False) -> tuple[list[ChannelGroup], list[Skipped]]:
     """Find the prunable channel groups of ``model`` by following one forward pass.
 
     A group starts at a producer (``nn.Linear`` or ``nn.Conv{1,2,3}d`` with ``groups=1``).
@@ -573,6 +579,10 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     exclude : iterable of str, default=()
         Modules never to prune: a unit is dropped if its producer, its consumer or one of
         its passthroughs is named here or lies inside a named module.
+    residual : bool, default=False
+        Let an ``add``/``sub`` join producers as a product does: the channels of a CNN stage's
+        residual stream (every writer added into it, every dense reader of it) become one
+        group of kind ``"residual"``. Groups that meet no such add are found as without it.
 
     Returns
     -------
@@ -593,7 +603,7 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     excluded = _check_names(exclude, modules, "exclude")
     args = example_args if isinstance(example_args, (tuple, list)) else (example_args,)
     graph = record(model, tuple(args), dict(example_kwargs or {}))
-    units, skipped = _restrict(*_all_units(graph, model), wanted, excluded)
+    units, skipped = _restrict(*_all_units(graph, model, residual), wanted, excluded)
     first_call = {}
     for index, node in enumerate(graph.nodes):
         first_call.setdefault(node.module, index)
@@ -601,7 +611,7 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     return units, skipped
 
 
-def _all_units(graph: Graph, model: nn.Module):
+def _all_units(graph: Graph, model: nn.Module, residual: bool = False):
     """Groups and skip records for every Linear/Conv producer candidate, in forward order."""
     units, skipped, seen = [], [], set()
     shared = _shared_parameter_owners(model)
@@ -614,7 +624,7 @@ def _all_units(graph: Graph, model: nn.Module):
             continue
         walk = None
         try:
-            walk = _GroupWalk(graph, index)
+            walk = _GroupWalk(graph, index, residual)
             unit = walk.run()
             _check_single_use(graph, unit, shared, used_directly)
             units.append(unit)
