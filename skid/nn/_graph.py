@@ -244,7 +244,8 @@ class _GroupWalk:
                     "the channels (a residual connection or a gate)")
             self.residual |= node.name in _RESIDUAL_OPS
             for value in others:
-                self.add_producer(self.gate_producer(node, value))
+                for producer in self.joined_producers(node, value):
+                    self.add_producer(producer)
             self.joins.append((index, axis))
         if out_shape != shape and not any(graph.values[v].shape == out_shape for v in varying):
             raise _Blocked(f"{node.describe()} broadcasts its channels over new axes")
@@ -259,26 +260,35 @@ class _GroupWalk:
         return [v for v in node.inputs if v not in self.members
                 and not _constant_along_channels(graph.values[v].shape, out_shape, axis)]
 
-    def gate_producer(self, join: Node, value: int) -> int:
-        """The producer whose channels reach ``value`` through per-channel ops only."""
+    def joined_producers(self, join: Node, value: int) -> list[int]:
+        """The producers whose channels reach ``value`` through per-channel ops (and, in a
+        residual stream, through other adds: ``a + (b + c)``, or a stream entered mid-way)."""
         graph = self.graph
-        while True:
+        found, todo = [], [value]
+        while todo:
+            value = todo.pop()
+            if value in self.members:
+                continue
             index = graph.values[value].producer
             node = graph.nodes[index] if index is not None else None
-            if node is None:
-                break
-            if node.kind in ("linear", "conv") and _is_candidate(graph.modules[node.module]):
-                return index
-            if _is_elementwise_op(graph, node) or node.kind in ("norm", "prelu", "pool"):
+            if node is not None and node.kind in ("linear", "conv") and _is_candidate(
+                    graph.modules[node.module]):
+                found.append(index)
+                continue
+            if node is not None and (_is_elementwise_op(graph, node)
+                                     or node.kind in ("norm", "prelu", "pool")):
                 shape = graph.values[node.outputs[0]].shape
                 varying = [v for v in node.inputs if graph.values[v].shape == shape]
                 if len(varying) == 1 and node.first == varying[0]:
-                    value = varying[0]
+                    todo.append(varying[0])
                     continue
-            break
-        raise _Blocked(
-            f"its channels enter `{join.name}` with another tensor that varies along the "
-            "channels and is not made by a Linear/Conv layer through per-channel operations")
+                if node.kind == "function" and node.name in self.join_ops & _RESIDUAL_OPS:
+                    todo.extend(varying)
+                    continue
+            raise _Blocked(
+                f"its channels enter `{join.name}` with another tensor that varies along the "
+                "channels and is not made by a Linear/Conv layer through per-channel operations")
+        return found
 
     def check_join(self, index: int, axis: int) -> None:
         """After the walk, every varying operand of a gate carries the group's channels."""
