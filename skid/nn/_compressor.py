@@ -99,7 +99,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
-    prune : {"channels", "heads"} or collection of them, default=("channels", "heads")
+    prune : {"channels", "heads", "residual"} or collection of them, \
+            default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
         widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
         ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
@@ -111,6 +112,14 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
+        ``"residual"``: the residual stream of a CNN stage (ResNet/ResNeXt/RegNet basic and
+        bottleneck blocks, MobileNetV2/EfficientNet projection streams), the channels between
+        two downsamples, as one unit: its writers (the stage's first conv or projection
+        shortcut and every block's last conv, with their BatchNorms) keep the same channels
+        ``J``, chosen by the joint ID of every reading of the stream, and each dense reader
+        (every block's first conv, the next stage's projection and first conv, the pooled
+        classifier) gets its own ``T``. Its width counts in every writer and reader for
+        ``target_flops``; ``tol`` bounds the root mean square of the readings' errors.
     objective : {"activations", "outputs"}, default="activations"
         What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
         input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
@@ -178,9 +187,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned channel group: ``kind`` (``"channels"``), ``producers`` and
-        ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
-        each), ``width_before``, ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is
+        One per pruned channel group: ``kind`` (``"channels"`` or ``"residual"``),
+        ``producers`` and ``consumers`` (lists of qualified names; a stream's writers and
+        readers), ``producer`` and ``consumer`` (the first of each), ``width_before``,
+        ``width_after``, ``error``; a residual stream's row adds ``passthroughs`` (the
+        per-channel modules sliced with it). ``pandas.DataFrame(layers_)`` is
         the report. ``error`` is the relative error on the calibration data of what the
         consumers see: the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the
         model it was calibrated on (the original, or for ``"sequential"`` the model compressed
