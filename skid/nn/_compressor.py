@@ -47,7 +47,7 @@ from ._heads import (
     find_heads,
     in_forward_order,
 )
-from ._joint import interpolations_for
+from ._joint import interpolations_for, reading_error
 from ._model_checks import check_model
 from ._plan import Selection, offset_of
 from ._residual_stages import find_channel_groups, residual_report
@@ -659,7 +659,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         per_consumer = tuple(per_reading[c.reads] for c in unit.consumers)
         return Selection(
             unit=unit, keep=torch.as_tensor(keep), interpolation=per_consumer[0],
-            error=float(np.sqrt(np.mean(squared))),
+            error=reading_error(unit, squared),
             interpolations=per_consumer if unit.n_readings > 1 else None,
         )
 

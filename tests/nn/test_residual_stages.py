@@ -258,3 +258,21 @@ def test_a_parameter_added_to_the_stream_blocks_it():
 
     _, skipped = find_units(Positional().eval(), torch.randn(2, 3, 4, 4), residual=True)
     assert "not made by a Linear/Conv layer" in {s.producer: s.reason for s in skipped}["stem"]
+
+
+def test_the_stream_error_sums_its_readings():
+    """Every reading of a stream feeds another block: its error curve (what ``tol`` and the
+    budget see, and the reported error) is the root of the *sum* of the readings' squared
+    relative errors, ``sqrt(n_readings)`` times their root mean square."""
+    from skid.nn._calibration import Batches, unit_statistics
+    from skid.nn._joint import JointFactorization
+
+    model, x = make_stages("resnet50_stages"), _data("resnet50_stages")
+    units, _ = find_units(model, x[:2], residual=True)
+    stream = [u for u in units if u.kind == "residual"][1]
+    (fac,), _ = unit_statistics(model, [stream], Batches(x, 32))
+    assert isinstance(fac, JointFactorization) and stream.n_readings == 3
+    mean = JointFactorization(fac.factors, 1e-8)
+    np.testing.assert_allclose(fac.errors, np.sqrt(3) * mean.errors, rtol=1e-12)
+    nc = NetworkCompressor(model, rank=0.5, prune="residual", method="qr").fit(x)
+    assert nc.layers_[1]["error"] == pytest.approx(fac.errors[12], rel=1e-6)
