@@ -571,7 +571,8 @@ def _factorize(unit, accumulators):
         if unit.kind == "heads":  # whole heads from the output projection's Gram
             return HeadFactorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:
-            return BlockFactorization.from_accumulators(accumulators, unit.blocks)
+            return BlockFactorization.from_accumulators(accumulators, unit.blocks,
+                                                        sums_readings(unit))
         if len(accumulators) == 1:
             return accumulators[0].factorize(consume=True)  # dropped after: no m × m copy
         return JointFactorization.from_accumulators(accumulators, summed=sums_readings(unit))

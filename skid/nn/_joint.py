@@ -129,9 +129,11 @@ class BlockFactorization:
     dtype_eps : float
     blocks : int
         Number of channel blocks; divides ``m``.
+    summed : bool, default=False
+        As in :class:`JointFactorization`.
     """
 
-    def __init__(self, factors, dtype_eps: float, blocks: int):
+    def __init__(self, factors, dtype_eps: float, blocks: int, summed: bool = False):
         self.factors = [np.asarray(f, dtype=np.float64) for f in factors]
         m = self.factors[0].shape[1]
         if m % blocks:
@@ -149,12 +151,14 @@ class BlockFactorization:
                                                                   strict=True))
         total = float(sq_norms.sum())
         per_block = np.sqrt(tails / total) if total > 0 else np.zeros(self.size + 1)
-        self.errors = per_block[np.arange(m + 1) // blocks]
+        scale = np.sqrt(len(self.factors)) if summed else 1.0
+        self.errors = scale * per_block[np.arange(m + 1) // blocks]
 
     @classmethod
-    def from_accumulators(cls, accumulators, blocks: int) -> BlockFactorization:
+    def from_accumulators(cls, accumulators, blocks: int,
+                          summed: bool = False) -> BlockFactorization:
         factors, eps = _roots(accumulators)
-        return cls(factors, eps, blocks)
+        return cls(factors, eps, blocks, summed)
 
     @property
     def n_features(self) -> int:

@@ -13,6 +13,7 @@ from skid.exceptions import NotPrunableError
 from skid.nn import NetworkCompressor
 from skid.nn._graph import find_units
 
+from .models import BasicBlock, _finish
 from .residual_models import STAGES, make_stages
 
 _PRUNABLE = ("resnet50_stages", "mobilenetv2_stages", "depthwise_stage")
@@ -276,3 +277,61 @@ def test_the_stream_error_sums_its_readings():
     np.testing.assert_allclose(fac.errors, np.sqrt(3) * mean.errors, rtol=1e-12)
     nc = NetworkCompressor(model, rank=0.5, prune="residual", method="qr").fit(x)
     assert nc.layers_[1]["error"] == pytest.approx(fac.errors[12], rel=1e-6)
+
+
+class _GroupedReader(nn.Module):
+    """A stream of two writers read by a grouped 1×1 conv (ResNeXt-style) and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.grouped, self.fc = nn.Conv2d(8, 6, 1, groups=2), nn.Linear(8, 4)
+
+    def forward(self, x):
+        s = torch.relu(self.a(x) + self.b(x))
+        return self.fc(s.mean((2, 3))) + self.grouped(s).mean((1, 2, 3))[:, None]
+
+
+def test_a_grouped_reader_keeps_equal_counts_per_group():
+    model, x = _GroupedReader().eval(), torch.randn(64, 3, 6, 6)
+    full = NetworkCompressor(model, rank=1.0, prune="residual").fit(x)
+    assert _gap(model, full.compressed_model_, x[:8]) < 1e-5
+    nc = NetworkCompressor(model, rank=0.5, prune="residual").fit(x)
+    (selection,) = nc._selections
+    assert selection.unit.blocks == 2
+    assert sorted((selection.keep.numpy() // 4).tolist()) == [0, 0, 1, 1]
+
+
+def test_exclude_and_layers_act_on_the_whole_stream():
+    model, x = make_stages("resnet50_stages"), _data("resnet50_stages")
+    nc = NetworkCompressor(model, rank=0.5, prune="residual", exclude=["layer2.1"]).fit(x)
+    assert [row["producer"] for row in nc.layers_] == ["layer1.0.downsample.0"]
+    reason = {s["producer"]: s["reason"] for s in nc.skipped_}["layer2.2.conv3"]
+    assert "'layer2.1.conv3' is inside 'layer2.1'" in reason
+    nc = NetworkCompressor(model, rank=0.5, prune="residual", layers=["layer2.2.conv3"]).fit(x)
+    assert [row["producer"] for row in nc.layers_] == ["layer2.0.downsample.0"]
+
+
+def test_a_stream_across_blocks_turns_block_wise_calibration_off():
+    """A stage's stream runs through every block of its list: no block holds it, so
+    ``blocks="auto"`` calibrates in one pass and naming the list says why it cannot."""
+    class Listed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.ModuleList(BasicBlock(8, 8) for _ in range(3))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = _finish(Listed(), 0), torch.randn(64, 3, 6, 6)
+    assert NetworkCompressor(model, rank=0.5, prune="channels").fit(x).blocks_ == "blocks"
+    nc = NetworkCompressor(model, rank=1.0, prune=("channels", "residual")).fit(x)
+    assert nc.blocks_ is None and _gap(model, nc.compressed_model_, x[:8]) < 1e-5
+    with pytest.raises(ValueError, match="blocks='blocks' cannot be calibrated block by block"):
+        NetworkCompressor(model, rank=0.5, prune="residual", blocks="blocks").fit(x)
