@@ -11,16 +11,20 @@ training images, 400 unlabeled calibration images, 397 held out), in torchvision
 Each is compressed under ``target_flops`` with ``prune="channels"`` (the block interiors: what
 skid pruned before) and with ``prune=("channels", "residual")`` (the stages' streams as well,
 each by the joint ID of its readings), one-pass (``"original"``) and ``"corrective"``
-calibration. Reported: FLOPs and parameters kept, held-out top-1 agreement with the original
-model and accuracy, mean over the seeds. Deterministic on one machine (seeded training).
+calibration; and, one-pass, the stream's error curve taken as the root *mean* square of its
+readings' errors (as for a gate's readings) instead of skid's root *sum* square. Reported:
+FLOPs and parameters kept, held-out top-1 agreement with the original model and accuracy, mean
+over the seeds. Deterministic on one machine (seeded training).
 
-    python benchmarks/bench_residual.py            # about 4 minutes on one core
+    python benchmarks/bench_residual.py            # about 6 minutes on one core
     python benchmarks/bench_residual.py --quick    # one seed, 3 epochs, two budgets
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from unittest import mock
 
 import numpy as np
 import torch
@@ -30,10 +34,22 @@ from torch import nn
 from skid import NetworkCompressor
 from skid._demo import fit_classifier
 from skid.metrics import top1_agreement
+from skid.nn import _calibration, _joint
 from tests.nn.digits import digits_data
 from tests.nn.models import BasicBlock, InvertedResidual
 
-PRUNE = {"channels": ("channels",), "channels + residual": ("channels", "residual")}
+PRUNE = {"channels": ("channels",), "channels + residual": ("channels", "residual"),
+         "channels + residual, readings averaged": ("channels", "residual")}
+
+
+def averaged_readings(label: str):
+    """For the ablation: every unit's error is the root mean square of its readings'."""
+    if "averaged" not in label:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for module in (_calibration, _joint):
+        stack.enter_context(mock.patch.object(module, "sums_readings", lambda unit: False))
+    return stack
 
 
 class DigitsResNet(nn.Module):
@@ -116,9 +132,11 @@ def main() -> None:
             for budget in budgets:
                 for calibration in calibrations:
                     for label, prune in PRUNE.items():
-                        key = (budget, calibration, label)
-                        results.setdefault(key, []).append(
-                            measure(model, data, budget, prune, calibration))
+                        if "averaged" in label and calibration != "original":
+                            continue
+                        with averaged_readings(label):
+                            result = measure(model, data, budget, prune, calibration)
+                        results.setdefault((budget, calibration, label), []).append(result)
         rows = []
         for (budget, calibration, label), runs in results.items():
             mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "streams"}

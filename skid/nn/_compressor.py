@@ -119,7 +119,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``J``, chosen by the joint ID of every reading of the stream, and each dense reader
         (every block's first conv, the next stage's projection and first conv, the pooled
         classifier) gets its own ``T``. Its width counts in every writer and reader for
-        ``target_flops``; ``tol`` bounds the root mean square of the readings' errors.
+        ``target_flops``; its error (what ``tol`` bounds and the budget weighs) is the root of
+        the *sum* of its readings' squared relative errors: each reading feeds another block.
+        Transformer streams (through LayerNorm/RMSNorm) are skipped with the reason.
     objective : {"activations", "outputs"}, default="activations"
         What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
         input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
@@ -195,7 +197,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         the report. ``error`` is the relative error on the calibration data of what the
         consumers see: the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the
         model it was calibrated on (the original, or for ``"sequential"`` the model compressed
-        so far; for consumers reading different tensors, the root mean square over them); for
+        so far; for consumers reading different tensors, the root mean square over them, the
+        root of their sum for a residual stream); for
         ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
         input ``Z_o``, upstream units' errors included; for ``objective="outputs"``, the same
         for the consumer's output ``Z Wᵀ``.
