@@ -110,3 +110,11 @@ def test_bench_gram_quick():
     out = run_quick("bench_gram.py")
     assert len(table_rows(out, "accumulating")) == 4  # 2 precisions × {plain, skid}
     assert len(table_rows(out, "pivoted Cholesky")) == 3
+
+
+def test_bench_residual_quick():
+    out = run_quick("bench_residual.py")
+    for model in ("ResNet", "MobileNetV2"):
+        rows = table_rows(out, f"digits {model}")
+        assert len(rows) == 3  # channels, channels + residual, the averaged ablation
+        assert "/" in rows[1].split("|")[-2]  # the stream widths are reported
