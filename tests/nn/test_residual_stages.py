@@ -335,3 +335,40 @@ def test_a_stream_across_blocks_turns_block_wise_calibration_off():
     assert nc.blocks_ is None and _gap(model, nc.compressed_model_, x[:8]) < 1e-5
     with pytest.raises(ValueError, match="blocks='blocks' cannot be calibrated block by block"):
         NetworkCompressor(model, rank=0.5, prune="residual", blocks="blocks").fit(x)
+
+
+@pytest.mark.parametrize("name, writers", [
+    ("resnet50_stem", ("layer1.0.downsample.0", "layer1.0.conv3")),
+    ("resnext", ("layer1.0.downsample.0", "layer1.0.conv3")),
+    ("mbconv_se", ("stem.0", "project.0")),
+])
+def test_the_blocks_streams_are_exact_at_full_width(name, writers):
+    from .blocks import BLOCKS, make_block
+
+    model, x = make_block(name), BLOCKS[name][1](64)
+    nc = NetworkCompressor(model, rank=1.0, prune=("channels", "residual")).fit(x)
+    assert [tuple(r["producers"]) for r in nc.layers_ if r["kind"] == "residual"] == [writers]
+    assert _gap(model, nc.compressed_model_, BLOCKS[name][1](8, seed=1)) < 1e-5
+
+
+def test_an_in_place_add_into_the_stream():
+    """``x += block(x)``: the in-place add makes a new value of the stream's tensor."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.a1, self.a2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x += self.a2(torch.relu(self.a1(x)))
+            return self.fc(torch.relu(x).mean((2, 3)))
+
+    model, x = InPlace().eval(), torch.randn(64, 3, 6, 6)
+    nc = NetworkCompressor(model, rank=1.0, prune="residual").fit(x)
+    assert nc.layers_[0]["producers"] == ["stem", "a2"]
+    assert nc.layers_[0]["consumers"] == ["a1", "fc"]
+    assert _gap(model, nc.compressed_model_, x[:8]) < 1e-5
+    half = NetworkCompressor(model, rank=0.5, prune="residual").fit(x).compressed_model_
+    assert half.stem.out_channels == half.a2.out_channels == half.fc.in_features == 4
