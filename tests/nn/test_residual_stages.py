@@ -372,3 +372,16 @@ def test_an_in_place_add_into_the_stream():
     assert _gap(model, nc.compressed_model_, x[:8]) < 1e-5
     half = NetworkCompressor(model, rank=0.5, prune="residual").fit(x).compressed_model_
     assert half.stem.out_channels == half.a2.out_channels == half.fc.in_features == 4
+
+
+def test_stream_statistics_are_cached_apart_from_the_channel_groups(tmp_path):
+    """``memory=``: a refit reads the streams' statistics back; a fit without "residual" does
+    not take them for its own units."""
+    model, x = make_stages("resnet50_stages"), _data("resnet50_stages", 48)
+    prune = ("channels", "residual")
+    first = NetworkCompressor(model, rank=0.5, prune=prune, memory=tmp_path).fit(x)
+    second = NetworkCompressor(model, tol=0.1, prune=prune, memory=tmp_path).fit(x)
+    assert first.n_calibration_passes_ > 0 and second.n_calibration_passes_ == 0
+    plain = NetworkCompressor(model, rank=0.5, prune="channels", memory=tmp_path).fit(x)
+    assert plain.n_calibration_passes_ > 0
+    assert {r["kind"] for r in plain.layers_} == {"channels"}
