@@ -385,3 +385,28 @@ def test_stream_statistics_are_cached_apart_from_the_channel_groups(tmp_path):
     plain = NetworkCompressor(model, rank=0.5, prune="channels", memory=tmp_path).fit(x)
     assert plain.n_calibration_passes_ > 0
     assert {r["kind"] for r in plain.layers_} == {"channels"}
+
+
+def test_pre_activation_readers_slice_their_batchnorm():
+    """Pre-activation blocks read the stream through ``relu(bn(x))``: the BatchNorm acts per
+    channel on the stream and keeps ``J`` with it; the conv after it takes ``T``."""
+    class PreAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(2))
+            self.conv = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for bn, conv in zip(self.bn, self.conv, strict=True):
+                x = x + conv(torch.relu(bn(x)))
+            return self.fc(x.mean((2, 3)))
+
+    model, x = _finish(PreAct(), 0), torch.randn(64, 3, 6, 6)
+    nc = NetworkCompressor(model, rank=1.0, prune="residual", blocks=None).fit(x)
+    (row,) = nc.layers_
+    assert row["passthroughs"] == ["bn.0", "bn.1"] and row["consumers"] == [
+        "conv.0", "conv.1", "fc"]
+    assert _gap(model, nc.compressed_model_, x[:8]) < 1e-5
