@@ -118,3 +118,10 @@ def test_bench_residual_quick():
         rows = table_rows(out, f"digits {model}")
         assert len(rows) == 3  # channels, channels + residual, the averaged ablation
         assert "/" in rows[1].split("|")[-2]  # the stream widths are reported
+
+
+def test_bench_objectives_quick():
+    out = run_quick("bench_objectives.py")
+    assert len(table_rows(out, "digits CNN, objective × calibration")) == 4
+    if "not installed" not in out:
+        assert len(table_rows(out, "MiniLM, FFN at half width")) == 4

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ._graph import find_units
 
-__all__ = ["find_channel_groups", "residual_report"]
+__all__ = ["find_channel_groups"]
 
 
 def find_channel_groups(model, args, kwargs, *, layers="auto", exclude=(), channels=True,
@@ -53,10 +53,3 @@ def find_channel_groups(model, args, kwargs, *, layers="auto", exclude=(), chann
     if not channels:
         units = [unit for unit in units if unit.kind == "residual"]
     return units, skipped
-
-
-def residual_report(unit) -> dict:
-    """What a ``layers_`` row of a residual stream adds to a channel group's (whose
-    ``producers`` are the writers and ``consumers`` the readers): the per-channel modules
-    sliced with the stream (the writers' BatchNorms, per-channel readers)."""
-    return {"passthroughs": list(unit.passthroughs)}

@@ -153,11 +153,10 @@ def test_prune_picks_the_axes():
 
 
 def test_every_reader_gets_its_own_interpolation():
-    """The readings differ (one per block), so the readers' ``T`` differ; the joint error is
-    the root mean square of the readings' relative errors."""
+    """The readings differ (one per block), so the readers' ``T`` differ."""
     nc = NetworkCompressor(make_stages("resnet50_stages"), rank=0.5, prune="residual")
     nc.fit(_data("resnet50_stages"))
-    selection = nc._selections[1]
+    selection = nc.plan_.selections[1]
     assert selection.unit.n_readings == 3
     folds = selection.interpolations
     assert len(folds) == 3 and not torch.allclose(folds[0], folds[2])
@@ -297,7 +296,7 @@ def test_a_grouped_reader_keeps_equal_counts_per_group():
     full = NetworkCompressor(model, rank=1.0, prune="residual").fit(x)
     assert _gap(model, full.compressed_model_, x[:8]) < 1e-5
     nc = NetworkCompressor(model, rank=0.5, prune="residual").fit(x)
-    (selection,) = nc._selections
+    (selection,) = nc.plan_.selections
     assert selection.unit.blocks == 2
     assert sorted((selection.keep.numpy() // 4).tolist()) == [0, 0, 1, 1]
 
