@@ -60,7 +60,7 @@ class _Blocked(Exception):
 
 # Elementwise ops that may join two tensors carrying the group's channels (a gate). An
 # ``add`` of two varying tensors is a residual connection: it joins only when the walk is
-# asked for residual streams (``residual=True``), which makes the group a ``"residual"`` unit.
+# asked for residual streams (``residual=True``): the group is then a ``"residual_stage"``.
 _GATE_OPS = frozenset({"mul", "rmul", "imul", "div", "truediv", "true_divide"})
 _RESIDUAL_OPS = frozenset({"add", "radd", "iadd", "sub", "rsub", "isub"})
 
@@ -174,7 +174,7 @@ class _GroupWalk:
             offsets=tuple((name, self.passthroughs[name][1]) for name in passthroughs
                           if self.passthroughs[name][1]),
             blocks=blocks,
-            kind="residual" if self.residual else "channels",
+            kind="residual_stage" if self.residual else "channels",
         )
 
     # -- one op using a member ------------------------------------------------------------
@@ -592,7 +592,7 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     residual : bool, default=False
         Let an ``add``/``sub`` join producers as a product does: the channels of a CNN stage's
         residual stream (every writer added into it, every dense reader of it) become one
-        group of kind ``"residual"``. Groups that meet no such add are found as without it.
+        group of kind ``"residual_stage"``. Groups that meet no such add are found as without it.
 
     Returns
     -------

@@ -30,7 +30,7 @@ def sums_readings(unit) -> bool:
     (a residual stream, read once per block: measured on the digits ResNet and MobileNetV2 in
     ``benchmarks/bench_residual.py``, the mean let ``target_flops`` cut the stream too deep)
     rather than their root mean square (a gate's or a fan-out's readings of one block)."""
-    return unit.kind == "residual"
+    return unit.kind == "residual_stage"
 
 
 def reading_error(unit, squared) -> float:

@@ -6,10 +6,11 @@ stage's projection shortcut) and every block's last conv, each through its per-c
 BatchNorm. Every block's first conv, the next stage's downsample and first conv, or the pooled
 classifier read it. The graph walk (:func:`skid.nn._graph.find_units` with ``residual=True``)
 follows the channels through those adds as it follows a gate's product, so the stage is one
-:class:`~skid.nn._plan.ChannelGroup` of kind ``"residual"``: every writer (and its BatchNorm)
-keeps the same channels ``J`` — an identity shortcut then adds ``J`` to ``J`` — per-channel
-ops after an add (ReLU) and per-channel readers (a depthwise conv, a pre-activation BatchNorm)
-are sliced with them, and each dense reader gets its own least-squares ``T``. The readers see
+:class:`~skid.nn._plan.ChannelGroup` of kind ``"residual_stage"`` (its ``layers_`` row says
+``"residual"``, as a transformer stream's): every writer (and its BatchNorm) keeps the same
+channels ``J`` — an identity shortcut then adds ``J`` to ``J`` — per-channel ops after an add
+(ReLU) and per-channel readers (a depthwise conv, a pre-activation BatchNorm) are sliced with
+them, and each dense reader gets its own least-squares ``T``. The readers see
 different tensors (one per block), so ``J`` is the joint ID of their readings, each weighted to
 unit norm (:class:`~skid.nn._joint.JointFactorization`); calibration, budgets and surgery are
 those of any multi-reading channel group.
@@ -44,12 +45,12 @@ def find_channel_groups(model, args, kwargs, *, layers="auto", exclude=(), chann
     Returns
     -------
     units : list of ChannelGroup
-        In forward order; ``kind`` is ``"channels"`` or ``"residual"``.
+        In forward order; ``kind`` is ``"channels"`` or ``"residual_stage"``.
     skipped : list of Skipped
         Every candidate producer left alone, with the reason.
     """
     units, skipped = find_units(model, args, kwargs, layers=layers, exclude=exclude,
                                 residual=residual)
     if not channels:
-        units = [unit for unit in units if unit.kind == "residual"]
+        units = [unit for unit in units if unit.kind == "residual_stage"]
     return units, skipped

@@ -22,7 +22,7 @@ _CALIBRATIONS = ("original", "sequential", "corrective")
 
 def _streams(units):
     return [(u.producers, tuple((c.name, c.reads) for c in u.consumers), u.passthroughs)
-            for u in units if u.kind == "residual"]
+            for u in units if u.kind == "residual_stage"]
 
 
 def _data(name, n=96, seed=0):
@@ -89,7 +89,7 @@ def test_stream_entered_mid_way_or_nested_adds_find_every_writer():
             return self.read(torch.relu(self.a(x) + (self.b(x) + self.c(x))))
 
     units, _ = find_units(Nested().eval(), torch.randn(2, 3, 4, 4), residual=True)
-    assert [(u.kind, u.producers) for u in units] == [("residual", ("a", "b", "c"))]
+    assert [(u.kind, u.producers) for u in units] == [("residual_stage", ("a", "b", "c"))]
 
 
 @pytest.mark.parametrize("calibration", _CALIBRATIONS)
@@ -269,7 +269,7 @@ def test_the_stream_error_sums_its_readings():
 
     model, x = make_stages("resnet50_stages"), _data("resnet50_stages")
     units, _ = find_units(model, x[:2], residual=True)
-    stream = [u for u in units if u.kind == "residual"][1]
+    stream = [u for u in units if u.kind == "residual_stage"][1]
     (fac,), _ = unit_statistics(model, [stream], Batches(x, 32))
     assert isinstance(fac, JointFactorization) and stream.n_readings == 3
     mean = JointFactorization(fac.factors, 1e-8)
