@@ -113,6 +113,14 @@ def test_bench_gram_quick():
     assert len(table_rows(out, "pivoted Cholesky")) == 3
 
 
+def test_bench_residual_quick():
+    out = run_quick("bench_residual.py")
+    for model in ("ResNet", "MobileNetV2"):
+        rows = table_rows(out, f"digits {model}")
+        assert len(rows) == 3  # channels, channels + residual, the averaged ablation
+        assert "/" in rows[1].split("|")[-2]  # the stream widths are reported
+
+
 def test_bench_objectives_quick():
     out = run_quick("bench_objectives.py")
     assert len(table_rows(out, "digits CNN, objective × calibration")) == 4

@@ -29,7 +29,7 @@ from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from . import _distributed
 from ._fingerprint import describe_execution
 from ._heads import HeadFactorization
-from ._joint import BlockFactorization, JointFactorization
+from ._joint import BlockFactorization, JointFactorization, sums_readings
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
 
@@ -574,10 +574,11 @@ def _factorize(unit, accumulators):
         if unit.kind == "heads":  # whole heads from the output projection's Gram
             return HeadFactorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:
-            return BlockFactorization.from_accumulators(accumulators, unit.blocks)
+            return BlockFactorization.from_accumulators(accumulators, unit.blocks,
+                                                        sums_readings(unit))
         if len(accumulators) == 1:
             return accumulators[0].factorize(consume=True)  # dropped after: no m × m copy
-        return JointFactorization.from_accumulators(accumulators)
+        return JointFactorization.from_accumulators(accumulators, summed=sums_readings(unit))
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
 
