@@ -37,7 +37,6 @@ from ._calibration import (
     run_model,
 )
 from ._flops import count_flops, count_params
-from ._graph import find_units
 from ._heads import find_heads, in_forward_order
 from ._model_checks import check_model
 from ._objectives import (
@@ -49,13 +48,14 @@ from ._objectives import (
 )
 from ._outputs import ModelOutputs, cached_outputs, collect_outputs, model_outputs
 from ._planner import plan_one_pass
+from ._residual_stages import find_channel_groups
 from ._settings import FitSettings
 from ._unit_kinds import unit_kind
 
 __all__ = ["NetworkCompressor"]
 
-#: What ``prune`` may name: channel groups, attention heads.
-_STRUCTURES = ("channels", "heads")
+#: What ``prune`` may name: channel groups, attention heads, CNN residual streams.
+_STRUCTURES = ("channels", "heads", "residual")
 
 class NetworkCompressor(TransformerMixin, BaseEstimator):
     """Compress a trained torch model with the interpolative decomposition, without fine-tuning.
@@ -94,7 +94,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
-    prune : {"channels", "heads"} or collection of them, default=("channels", "heads")
+    prune : {"channels", "heads", "residual"} or collection of them, \
+            default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
         widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
         ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
@@ -106,6 +107,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
+        ``"residual"``: the residual stream of a CNN stage (ResNet/ResNeXt/RegNet basic and
+        bottleneck blocks, MobileNetV2/EfficientNet projection streams), the channels between
+        two downsamples, as one unit: its writers (the stage's first conv or projection
+        shortcut and every block's last conv, with their BatchNorms) keep the same channels
+        ``J``, chosen by the joint ID of every reading of the stream, and each dense reader
+        (every block's first conv, the next stage's projection and first conv, the pooled
+        classifier) gets its own ``T``. Its width counts in every writer and reader for
+        ``target_flops``; its error (what ``tol`` bounds and the budget weighs) is the root of
+        the *sum* of its readings' squared relative errors: each reading feeds another block.
+        Transformer streams (through LayerNorm/RMSNorm) are skipped with the reason.
     objective : {"activations", "outputs"} or Objective, default="activations"
         What the kept channels must reconstruct (a registered name or an
         :class:`skid.nn.Objective`, e.g. ``OutputsObjective(pivots="greedy")``).
@@ -179,13 +190,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned channel group: ``kind`` (``"channels"``), ``producers`` and
-        ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
-        each), ``width_before``, ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is
-        the report. ``error`` is the relative error on the calibration data of what the
-        consumers see: the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the
-        model it was calibrated on (the original, or for ``"sequential"`` the model compressed
-        so far; for consumers reading different tensors, the root mean square over them); for
+        One per pruned channel group: ``kind`` (``"channels"`` or ``"residual"``),
+        ``producers`` and ``consumers`` (lists of qualified names; a stream's writers and
+        readers), ``producer`` and ``consumer`` (the first of each), ``width_before``,
+        ``width_after``, ``error``; a residual stream's row adds ``passthroughs`` (the
+        per-channel modules sliced with it). ``pandas.DataFrame(layers_)`` is the report.
+        ``error`` is the relative error on the calibration data of what the consumers see:
+        the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the model it was
+        calibrated on (the original, or for ``"sequential"`` the model compressed so far; for
+        consumers reading different tensors, the root mean square over them, the root of
+        their sum for a residual stream); for
         ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
         input ``Z_o``, upstream units' errors included; for ``objective="outputs"``, the same
         for the consumer's output ``Z Wᵀ``.
@@ -337,6 +351,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         model, X = self._fit_arguments(args, kwargs)
         settings = self._check_params()
         with _distributed.active(_distributed.resolve(self.process_group)):
+            _distributed.check_agreement(model, self.get_params(deep=False))  # before any sum
             return self._fit(model, X, settings)
 
     def _fit(self, model, X, settings: FitSettings):
@@ -440,9 +455,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             run_model(work, args, kwargs, what="first samples of the calibration data")
         prune = settings.prune
         units, skipped = [], []
-        if "channels" in prune:
-            units, skipped = find_units(work, args, kwargs, layers=settings.layers,
-                                        exclude=settings.exclude)
+        if prune & {"channels", "residual"}:
+            units, skipped = find_channel_groups(
+                work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
+                channels="channels" in prune, residual="residual" in prune)
         if "heads" in prune:
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
             if settings.layers != "auto":  # heads are named by their attention block
