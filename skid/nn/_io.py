@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._mha import PRUNED_FORMS
+
 __all__ = ["load_compressed", "save_compressed"]
 
 FORMAT = "skid-compressed"
@@ -111,7 +113,9 @@ def load_compressed(model: nn.Module, path) -> nn.Module:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{plan_path} is not valid JSON: {exc}") from exc
     changes = _checked_changes(plan, model, plan_path)  # everything checked before any change
-    for module, attributes, shapes in changes:
+    for module, form, attributes, shapes in changes:
+        if form is not None:  # a class the compressor gives a pruned block (same tensors)
+            form(module)
         _resize(module, attributes, shapes)
     missing, unexpected = load_model(model, os.fspath(weights_path), strict=False)
     if missing or unexpected:
@@ -199,14 +203,22 @@ def _checked_changes(plan, model: nn.Module, where: Path) -> list:
         module = modules[name]
         if not isinstance(entry, dict) or set(entry) != {"class", "attributes", "tensors"}:
             raise bad(f"entry of {name!r} must have exactly 'class', 'attributes', 'tensors'")
-        if entry["class"] != type(module).__name__:
+        form = _pruned_form(module, entry["class"])
+        if entry["class"] != type(module).__name__ and form is None:
             raise bad(
                 f"{name!r} is a {entry['class']} in the plan but a {type(module).__name__} here: "
                 "build the same architecture as the original"
             )
-        changes.append((module, _checked_attributes(name, module, entry["attributes"], bad),
+        changes.append((module, form, _checked_attributes(name, module, entry["attributes"], bad),
                         _checked_shapes(name, module, entry["tensors"], bad)))
     return changes
+
+
+def _pruned_form(module: nn.Module, class_name):
+    """The in-place conversion of ``module`` to ``class_name``, when that is the class the
+    compressor gives such a module with fewer heads (``PrunedMultiheadAttention``), else None."""
+    base, convert = PRUNED_FORMS.get(class_name, (None, None))
+    return convert if base is not None and type(module) is base else None
 
 
 def _checked_attributes(name, module, attributes, bad) -> dict:
@@ -236,6 +248,12 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
             raise bad(
                 f"shape {shape!r} of {name}.{key} must list {tensors[key].ndim} integers no "
                 f"larger than {list(tensors[key].shape)} (compression only narrows)"
+            )
+        if key in module._non_persistent_buffers_set and list(tensors[key].shape) != shape:
+            raise bad(
+                f"{name}.{key} is a non-persistent buffer narrowed by the compression: its "
+                "values are not in the saved weights, so it cannot be restored (torch.save the "
+                "compressed model instead)"
             )
     return shapes
 

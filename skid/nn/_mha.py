@@ -27,7 +27,7 @@ from torch import nn
 
 from ._surgery import register_surgery
 
-__all__ = ["PrunedMultiheadAttention", "to_plain", "to_pruned"]
+__all__ = ["PRUNED_FORMS", "PrunedMultiheadAttention", "to_plain", "to_pruned"]
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -144,6 +144,10 @@ def to_plain(module: nn.Module) -> None:
     if type(module) is PrunedMultiheadAttention:
         module.__class__ = nn.MultiheadAttention
         module._qkv_same_embed_dim = module.in_proj_weight is not None
+
+
+#: Class name → (the class it is made from, the conversion): what ``load_compressed`` may apply.
+PRUNED_FORMS = {"PrunedMultiheadAttention": (nn.MultiheadAttention, to_pruned)}
 
 
 @register_surgery(PrunedMultiheadAttention)
