@@ -496,6 +496,8 @@ def apply_head_selection(model: nn.Module, selection: HeadSelection) -> nn.Modul
         fold_in(model.get_submodule(unit.consumer), selection.interpolation)
         _restore(block, layout)
         return model
+    if layout.form:  # a copy that find_heads did not see (a baseline's) takes the form here
+        FORMS[layout.form][0](block)
     rows = _rows(heads, d)
     q = model.get_submodule(unit.name(layout.queries))
     if layout.fused:

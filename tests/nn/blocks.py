@@ -449,9 +449,10 @@ class TorchvisionViT(nn.Module):
     """torchvision's ``VisionTransformer`` in small: ``conv_proj``, ``class_token``,
     ``encoder.layers`` of ``EncoderBlock``, ``heads``."""
 
-    def __init__(self, image=8, patch=4, hidden_dim=32, num_heads=4, depth=2, classes=5):
+    def __init__(self, image=8, patch=4, hidden_dim=32, num_heads=4, depth=2, classes=5,
+                 channels=3):
         super().__init__()
-        self.conv_proj = nn.Conv2d(3, hidden_dim, patch, patch)
+        self.conv_proj = nn.Conv2d(channels, hidden_dim, patch, patch)
         self.class_token = nn.Parameter(0.02 * torch.randn(1, 1, hidden_dim))
         self.pos_embedding = nn.Parameter(
             0.02 * torch.randn(1, (image // patch) ** 2 + 1, hidden_dim))
