@@ -57,11 +57,15 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
     for name, module in model.named_modules():
         if module_kind(module) in ("linear", "conv") or name in own:
             handles += _attribution_hooks(module, name, counter, per_module)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        # nn.MultiheadAttention's fused kernels are ops the counter does not count
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), counter:
             model(*args, **kwargs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
         for module, training in modes.items():

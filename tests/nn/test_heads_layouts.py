@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from skid.nn import NetworkCompressor
@@ -230,6 +231,15 @@ def test_pruned_encoder_layer_never_takes_the_fused_path():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["torchvision_vit", "transformer_encoder"])
+def test_flops_count_multihead_attention_outside_its_fused_kernels(name):
+    """At all heads the compressed model has the FLOPs of the original (the plain class runs
+    its fused kernel, which the counter does not see unless it is turned off)."""
+    _, _, nc, _ = _fit(name, rank=1.0, tol=0, prune="heads")
+    assert nc.flops_["after"] == nc.flops_["before"]
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_full_rank_encoder_keeps_the_fast_path():
     model, X, nc, _ = _fit("transformer_encoder", rank=1.0, tol=0, prune="heads")
     attention = nc.compressed_model_.encoder.layers[0].self_attn
@@ -265,3 +275,32 @@ def test_find_heads_leaves_blocks_it_skips_as_they_were():
     model = make_block("transformer_encoder")
     find_heads(model, (torch.randn(2, 7, 6),), {}, exclude=("encoder.layers.1",))
     assert type(model.encoder.layers[1].self_attn) is nn.MultiheadAttention
+
+
+class _KeyDimAttention(nn.Module):
+    """timm EfficientFormer's ``Attention``: per head ``[q_h | k_h | v_h]`` of widths
+    ``key_dim, key_dim, val_dim`` in one ``qkv`` (not three equal blocks of heads)."""
+
+    def __init__(self, dim=16, key_dim=4, num_heads=4):
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, key_dim
+        self.qkv = nn.Linear(dim, 3 * key_dim * num_heads)
+        self.proj = nn.Linear(key_dim * num_heads, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3).split(
+            [self.key_dim, self.key_dim, self.val_dim], dim=3)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+def test_interleaved_and_normed_heads_are_skipped_with_the_reason():
+    from skid.nn._heads import attention_layout
+
+    assert "key_dim" in attention_layout(_KeyDimAttention())
+    from .blocks import Attention
+
+    normed = Attention(16, 4)
+    normed.norm = nn.LayerNorm(16)  # timm's scale_norm
+    assert "scale_norm" in attention_layout(normed)
