@@ -15,10 +15,10 @@ magnitude; and what ``nn.MultiheadAttention`` with fewer heads costs at inferenc
    and no_grad: the original (its fused fast path), the compression at all heads (the plain
    class again: fast path), the same function as ``PrunedMultiheadAttention`` with all heads
    (the standard path: what the class change alone costs), and half the heads. Medians of
-   ``--rounds`` rounds, one thread; ratios to the original in the same run.
+   ``--rounds`` interleaved rounds, one thread; ratios to the original in the same run.
 
-    python benchmarks/bench_vit_heads.py            # three seeds (about two minutes)
-    python benchmarks/bench_vit_heads.py --quick    # one seed, fewer rounds
+    python benchmarks/bench_vit_heads.py            # three seeds (a few minutes)
+    python benchmarks/bench_vit_heads.py --quick    # a smoke run
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ MODELS = {
 }
 
 
-def train(name, seed):
+def train(name, seed, epochs):
     data = digits_data(seed)
     torch.manual_seed(seed)
-    model = fit_classifier(MODELS[name](), data.X_train, data.y_train, epochs=40,
+    model = fit_classifier(MODELS[name](), data.X_train, data.y_train, epochs=epochs,
                            batch_size=50, lr=2e-3, seed=seed)
     return model, data
 
@@ -81,16 +81,16 @@ def magnitude(model, selection) -> HeadSelection:
     return HeadSelection(unit, heads, heads, None, float("nan"))
 
 
-def fidelity(seeds) -> list:
+def fidelity(seeds, ranks=RANKS, epochs=40) -> list:
     rows = []
     for name in MODELS:
         results = {}
         for seed in seeds:
-            model, data = train(name, seed)
+            model, data = train(name, seed, epochs)
             reference = predictions(model, data.X_test)
             results.setdefault(("original", 1.0), []).append(
                 (1.0, float((reference == data.y_test).float().mean())))
-            for rank in RANKS:
+            for rank in ranks:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     nc = NetworkCompressor(model, rank=rank, prune="heads").fit(data.X_calib)
@@ -118,10 +118,10 @@ def encoder(d_model=256, nhead=8, layers=4):
     return torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
 
 
-def timings(rounds) -> list:
-    model = encoder()
-    X = torch.randn(32, 64, 256, generator=torch.Generator().manual_seed(0))
-    calibration = torch.randn(64, 64, 256, generator=torch.Generator().manual_seed(1))
+def timings(rounds, width=256) -> list:
+    model = encoder(width)
+    X = torch.randn(32, 64, width, generator=torch.Generator().manual_seed(0))
+    calibration = torch.randn(64, 64, width, generator=torch.Generator().manual_seed(1))
     full = NetworkCompressor(model, rank=1.0, tol=0, prune="heads", blocks=None).fit(
         calibration).compressed_model_
     standard = copy.deepcopy(model)
@@ -136,31 +136,35 @@ def timings(rounds) -> list:
         reference = model(X)
         exact = float((standard(X) - reference).abs().max())
 
-        def run(m):
-            return lambda: m(X)
-
         for m in variants.values():  # warm up
             m(X)
-        seconds = {k: median_time(run(m), rounds) for k, m in variants.items()}
+        times = {k: [] for k in variants}
+        for _ in range(rounds):  # interleaved: the machine's load drifts alike for all
+            for k, m in variants.items():
+                times[k].append(median_time(lambda m=m: m(X), 1))
+        seconds = {k: float(np.median(t)) for k, t in times.items()}
     base = seconds["original (fast path)"]
     return [[k, 1e3 * s, s / base] for k, s in seconds.items()], exact
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 5 timing rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one seed, 5 epochs, rank 0.5, a 64-wide encoder")
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (median)")
+    parser.add_argument("--timing-only", action="store_true", help="only part 2")
     options = parser.parse_args()
     set_threads(1)
     seeds = (0,) if options.quick else (0, 1, 2)
-    rows = fidelity(seeds)
-    print_table(f"heads of a ViT on the digits (prune='heads'; mean of seeds {seeds}; "
-                "agreement with the original on 397 test digits)",
-                ["model", "rank", "method", "agreement", "accuracy"], rows,
-                ["s", "s", "s", ".3f", ".3f"])
-    table, exact = timings(5 if options.quick else options.rounds)
-    print_table("nn.TransformerEncoder (256 wide, 8 heads, 4 layers; 32 × 64 tokens), eval, "
-                "no_grad, 1 thread",
+    if not options.timing_only:
+        print_table(f"heads of a ViT on the digits (prune='heads'; mean of seeds {seeds}; "
+                    "agreement with the original on 397 test digits)",
+                    ["model", "rank", "method", "agreement", "accuracy"],
+                    fidelity(seeds, (0.5,), 5) if options.quick else fidelity(seeds),
+                    ["s", "s", "s", ".3f", ".3f"])
+    table, exact = timings(3, 64) if options.quick else timings(options.rounds)
+    print_table(f"nn.TransformerEncoder ({64 if options.quick else 256} wide, 8 heads, 4 "
+                "layers; 32 × 64 tokens), eval, no_grad, 1 thread",
                 ["variant", "ms (median)", "× original"], table, ["s", ".1f", ".2f"])
     print(f"\nPrunedMultiheadAttention with all heads vs the original: max |difference| "
           f"{exact:.2e}")
