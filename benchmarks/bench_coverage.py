@@ -103,6 +103,8 @@ def measure(names) -> dict:
     from skid.nn._graph import find_units
     from tests.nn.models import call_args
 
+    # nn.MultiheadAttention's fused kernels are not counted: the same (unfused) ops both sides
+    torch.backends.mha.set_fastpath_enabled(False)
     found = architectures()
     results = {}
     for name in names:
