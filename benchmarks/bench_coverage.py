@@ -37,12 +37,13 @@ QUICK = ("mlp", "mbconv_se", "hf_llama", "timm_vit")
 
 def architectures() -> dict:
     """name -> (factory, make_input) for every test architecture available here."""
-    from tests.nn.blocks import BLOCKS, make_block
+    from tests.nn import blocks
     from tests.nn.models import ARCHITECTURES
 
     found = dict(ARCHITECTURES)
-    found.update({name: (lambda name=name: make_block(name), make_input)
-                  for name, (_, make_input) in BLOCKS.items()})
+    found.update({name: (lambda name=name: blocks.make_block(name), entry[1])
+                  for name, entry in (*blocks.BLOCKS.items(),
+                                      *getattr(blocks, "ATTENTION_BLOCKS", {}).items())})
     try:
         import transformers  # noqa: F401
     except ImportError:

@@ -515,11 +515,11 @@ BLOCKS = {
     "inception": (Inception, _images(3, 8, 8)),
     "fire": (Fire, _images(3, 17, 17)),
     "gated_mlp": (GatedMLP, _images(5, 4)),
-    **{name: entry[:2] for name, entry in ATTENTION_BLOCKS.items()},
 }
 
 
 def make_block(name: str, seed: int = 0) -> nn.Module:
-    """The named block, seeded, eval mode, with non-trivial BatchNorm statistics."""
+    """The named block (of ``BLOCKS`` or ``ATTENTION_BLOCKS``), seeded, eval mode, with
+    non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
-    return _finish(BLOCKS[name][0](), seed)
+    return _finish((BLOCKS[name] if name in BLOCKS else ATTENTION_BLOCKS[name])[0](), seed)
