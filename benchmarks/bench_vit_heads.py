@@ -96,9 +96,9 @@ def fidelity(seeds, ranks=RANKS, epochs=40) -> list:
                     nc = NetworkCompressor(model, rank=rank, prune="heads").fit(data.X_calib)
                 candidates = {
                     "ID": nc.compressed_model_,
-                    "ID without T": heads_sliced(model, nc._selections),
+                    "ID without T": heads_sliced(model, nc.plan_.selections),
                     "magnitude": heads_sliced(model, [magnitude(model, s)
-                                                      for s in nc._selections]),
+                                                      for s in nc.plan_.selections]),
                 }
                 for method, pruned in candidates.items():
                     out = predictions(pruned, data.X_test)

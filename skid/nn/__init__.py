@@ -4,6 +4,31 @@ from ._compressor import NetworkCompressor
 from ._io import load_compressed, save_compressed
 from ._kinds import register_layer_kind
 from ._mha import PrunedMultiheadAttention
+from ._objectives import (
+    ActivationsObjective,
+    Calibration,
+    CorrectiveCalibration,
+    Objective,
+    OriginalCalibration,
+    OutputsObjective,
+    SequentialCalibration,
+    register_calibration,
+    register_objective,
+)
 
-__all__ = ["NetworkCompressor", "PrunedMultiheadAttention", "load_compressed",
-           "register_layer_kind", "save_compressed"]
+__all__ = [
+    "ActivationsObjective",
+    "Calibration",
+    "CorrectiveCalibration",
+    "NetworkCompressor",
+    "Objective",
+    "OriginalCalibration",
+    "OutputsObjective",
+    "PrunedMultiheadAttention",
+    "SequentialCalibration",
+    "load_compressed",
+    "register_calibration",
+    "register_layer_kind",
+    "register_objective",
+    "save_compressed",
+]

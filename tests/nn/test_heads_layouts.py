@@ -133,7 +133,7 @@ def test_per_head_tensors_follow_the_kept_heads():
         for row in nc.layers_:
             block = nc.compressed_model_.get_submodule(row["attention"])
             original = model.get_submodule(row["attention"])
-            heads = [int(h) for h in nc._selections[nc.layers_.index(row)].heads]
+            heads = [int(h) for h in nc.plan_.selections[nc.layers_.index(row)].heads]
             for tensor, (axis, per_head) in tensors.items():
                 kept = np.concatenate([np.arange(h * per_head, (h + 1) * per_head)
                                        for h in heads])
