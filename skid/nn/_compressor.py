@@ -37,7 +37,7 @@ from ._calibration import (
 )
 from ._flops import count_flops, count_params
 from ._graph import find_units
-from ._heads import find_heads, in_forward_order
+from ._heads import find_heads, in_forward_order, release_heads
 from ._model_checks import check_model
 from ._objectives import (
     Calibration,
@@ -446,7 +446,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
             if settings.layers != "auto":  # heads are named by their attention block
                 wanted = {n if isinstance(n, str) else n[0] for n in settings.layers}
-                heads = [h for h in heads if h.attention in wanted or h.producer in wanted]
+                dropped = [h for h in heads if h.attention not in wanted
+                           and h.producer not in wanted]
+                release_heads(work, dropped)
+                heads = [h for h in heads if h not in dropped]
             units = in_forward_order(work, units + heads, args, kwargs)
             skipped += skipped_heads
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]

@@ -41,6 +41,7 @@ __all__ = [
     "attention_layout",
     "find_heads",
     "in_forward_order",
+    "release_heads",
 ]
 
 #: Attributes holding a head count or a heads-wide size, and how each follows a new count:
@@ -201,6 +202,13 @@ def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(
 def _restore(module, layout):
     if layout.form:
         FORMS[layout.form][1](module)
+
+
+def release_heads(model: nn.Module, units) -> None:
+    """Give the blocks of ``units`` that will not be pruned back their own class (the form
+    :func:`find_heads` gave them, e.g. ``PrunedMultiheadAttention``, is for pruning)."""
+    for unit in units:
+        _restore(model.get_submodule(unit.attention), unit.layout)
 
 
 def _head_unit(model, name, layout):

@@ -304,3 +304,13 @@ def test_interleaved_and_normed_heads_are_skipped_with_the_reason():
     normed = Attention(16, 4)
     normed.norm = nn.LayerNorm(16)  # timm's scale_norm
     assert "scale_norm" in attention_layout(normed)
+
+
+def test_blocks_left_out_by_layers_keep_their_class():
+    model, X, nc, _ = _fit("torchvision_vit", rank=0.5, prune="heads",
+                           layers=["encoder.layers.0.self_attention"])
+    layers = nc.compressed_model_.encoder.layers
+    assert [r["attention"] for r in nc.layers_ if r["kind"] == "heads"] == [
+        "encoder.layers.0.self_attention"]
+    assert isinstance(layers[0].self_attention, PrunedMultiheadAttention)
+    assert type(layers[1].self_attention) is nn.MultiheadAttention
