@@ -95,10 +95,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Modules never to prune (with everything inside them).
     prune : {"channels", "heads"} or collection of them, default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
-        widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
-        ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
-        fused ``c_attn``): whole heads are kept by a block ID of the output projection's
-        input and the least-squares correction is folded into the output projection; with
+        widths). ``"heads"``: the heads of attention blocks (HF LLaMA/Qwen2/Mistral/ViT,
+        BERT/RoBERTa, DistilBERT, GPT-2, BART/Marian/Whisper, CLIP; timm's ``Attention`` and
+        Swin ``WindowAttention``; ``nn.MultiheadAttention``, which becomes
+        :class:`~skid.nn.PrunedMultiheadAttention` when it loses heads; the table is in
+        ``skid/nn/_attention_layouts.py``): whole heads are kept by a block ID of the output
+        projection's input and the least-squares correction is folded into it; with
         grouped-query attention every key/value group keeps the same number of query heads,
         or whole groups go, whichever has the smaller error, so the model's own code runs.
         For heads, ``rank`` is the fraction of each key/value group's heads, ``width_before``
