@@ -98,7 +98,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         widths). ``"heads"``: the heads of attention blocks (HF LLaMA/Qwen2/Mistral/ViT,
         BERT/RoBERTa, DistilBERT, GPT-2, BART/Marian/Whisper, CLIP; timm's ``Attention`` and
         Swin ``WindowAttention``; ``nn.MultiheadAttention``, which becomes
-        :class:`~skid.nn.PrunedMultiheadAttention` when it loses heads; the table is in
+        ``skid.nn.PrunedMultiheadAttention`` when it loses heads; the table is in
         ``skid/nn/_attention_layouts.py``): whole heads are kept by a block ID of the output
         projection's input and the least-squares correction is folded into it; with
         grouped-query attention every key/value group keeps the same number of query heads,
