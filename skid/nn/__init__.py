@@ -15,11 +15,13 @@ from ._objectives import (
     register_calibration,
     register_objective,
 )
+from ._outputs import ModelOutputs
 
 __all__ = [
     "ActivationsObjective",
     "Calibration",
     "CorrectiveCalibration",
+    "ModelOutputs",
     "NetworkCompressor",
     "Objective",
     "OriginalCalibration",

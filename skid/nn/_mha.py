@@ -146,8 +146,9 @@ def to_plain(module: nn.Module) -> None:
         module._qkv_same_embed_dim = module.in_proj_weight is not None
 
 
-#: Class name → (the class it is made from, the conversion): what ``load_compressed`` may apply.
-PRUNED_FORMS = {"PrunedMultiheadAttention": (nn.MultiheadAttention, to_pruned)}
+#: Class name → (the class it is made from, the conversion, its inverse): what
+#: ``load_compressed`` may apply.
+PRUNED_FORMS = {"PrunedMultiheadAttention": (nn.MultiheadAttention, to_pruned, to_plain)}
 
 
 @register_surgery(PrunedMultiheadAttention)

@@ -57,17 +57,10 @@ def _split(X):
     return ((), X) if isinstance(X, dict) else ((X,), {})
 
 
-#: Block-wise replay stand-ins break nn.TransformerEncoder's forward (it reads
-#: ``layers[0].self_attn``) until the replay fix of issue 18 item 1: one pass for those.
-ONE_PASS = {"transformer_encoder", "transformer_encoder_seq_first"}
-
-
 def _fit(name, n=16, **params):
     build, make_input, blocks = CASES[name]
     model = build()
     X = make_input(n)
-    if name in ONE_PASS:
-        params.setdefault("blocks", None)
     return model, X, NetworkCompressor(model, **params).fit(X), blocks
 
 
