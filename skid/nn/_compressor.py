@@ -37,7 +37,7 @@ from ._calibration import (
     run_model,
 )
 from ._flops import count_flops, count_params
-from ._heads import find_heads, in_forward_order
+from ._heads import find_heads, in_forward_order, release_heads
 from ._model_checks import check_model
 from ._objectives import (
     Calibration,
@@ -97,10 +97,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     prune : {"channels", "heads", "residual"} or collection of them, \
             default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
-        widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
-        ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
-        fused ``c_attn``): whole heads are kept by a block ID of the output projection's
-        input and the least-squares correction is folded into the output projection; with
+        widths). ``"heads"``: the heads of attention blocks (HF LLaMA/Qwen2/Mistral/ViT,
+        BERT/RoBERTa, DistilBERT, GPT-2, BART/Marian/Whisper, CLIP; timm's ``Attention`` and
+        Swin ``WindowAttention``; ``nn.MultiheadAttention``, which becomes
+        ``skid.nn.PrunedMultiheadAttention`` when it loses heads; the table is in
+        ``skid/nn/_attention_layouts.py``): whole heads are kept by a block ID of the output
+        projection's input and the least-squares correction is folded into it; with
         grouped-query attention every key/value group keeps the same number of query heads,
         or whole groups go, whichever has the smaller error, so the model's own code runs.
         For heads, ``rank`` is the fraction of each key/value group's heads, ``width_before``
@@ -463,7 +465,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
             if settings.layers != "auto":  # heads are named by their attention block
                 wanted = {n if isinstance(n, str) else n[0] for n in settings.layers}
-                heads = [h for h in heads if h.attention in wanted or h.producer in wanted]
+                dropped = [h for h in heads if h.attention not in wanted
+                           and h.producer not in wanted]
+                release_heads(work, dropped)
+                heads = [h for h in heads if h not in dropped]
             units = in_forward_order(work, units + heads, args, kwargs)
             skipped += skipped_heads
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
