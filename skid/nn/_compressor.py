@@ -26,7 +26,7 @@ from .. import _corrective, _policy, metrics
 from .._linalg import PivotedFactorization, factorize_for_outputs
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
-from . import _budget, _distributed
+from . import _budget, _distributed, _hf_config, _residual, _uniform
 from ._blocks import blockwise_plan, find_blocks
 from ._calibration import (
     Batches,
@@ -55,8 +55,8 @@ from ._surgery import apply_selection, concat_widths, sharing_copy, weight_gram
 
 __all__ = ["NetworkCompressor"]
 
-#: What ``prune`` may name: channel groups, attention heads.
-_STRUCTURES = ("channels", "heads")
+#: What ``prune`` may name: channel groups, attention heads, the residual stream.
+_STRUCTURES = ("channels", "heads", "residual")
 
 #: Pivot rule of ``objective="outputs"`` (see :func:`skid._linalg.factorize_for_outputs`).
 _OUTPUT_PIVOTS = "scaled"
@@ -257,6 +257,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
         "prune": [Options(_STRUCTURES), SubsetOf(_STRUCTURES)],
+        "stream": [Options(("rotate", "select"))],
+        "uniform": [bool],
         "objective": [Options(("activations", "outputs"))],
         "calibration": [Options(("original", "sequential", "corrective"))],
         "blocks": [None, str],
@@ -278,6 +280,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         layers="auto",
         exclude=(),
         prune=("channels", "heads"),
+        stream="rotate",
+        uniform=False,
         objective="activations",
         calibration="original",
         blocks="auto",
@@ -295,6 +299,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.layers = layers
         self.exclude = exclude
         self.prune = prune
+        self.stream = stream
+        self.uniform = uniform
         self.objective = objective
         self.calibration = calibration
         self.blocks = blocks
@@ -358,6 +364,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self._model_key = None if self.memory is None else model_fingerprint(work, *example)
         key = None if self.memory is None else self._cache_key(self._model_key, batches, units)
         plan = self._plan(work, units, batches, key, (module_flops, flops_before))
+        _hf_config.update(work, plan, uniform=self.uniform)
         self.n_calibration_passes_ = calibration_passes() - passes_before
         self.flops_ = {"before": int(flops_before), "after": int(count_flops(work, *example)[0])}
         self.params_ = {"before": int(params_before), "after": int(count_params(work))}
@@ -437,7 +444,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns the example inputs on the device where ``work`` now is (``_stage``).
         """
         stage, device, dtype = placement
-        self._block_layout = find_blocks(work, example, self.blocks, units)
+        if any(_residual.is_residual(u) for u in units) and self.blocks is not None:
+            if self.blocks != "auto":
+                raise ValueError(
+                    f"blocks={self.blocks!r} with prune including 'residual': the residual "
+                    "stream spans every block, and its block-wise calibration is not "
+                    "supported yet; use blocks='auto' or None (one pass over the model).")
+            units = [u for u in units if not _residual.is_residual(u)]
+            self._block_layout = None  # the stream spans every block: one pass
+        else:
+            self._block_layout = find_blocks(work, example, self.blocks, units)
         self.blocks_ = None if self._block_layout is None else self._block_layout.name
         self._stage = stage if self._block_layout is not None else device
         if self._block_layout is not None:
@@ -464,6 +480,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 heads = [h for h in heads if h.attention in wanted or h.producer in wanted]
             units = in_forward_order(work, units + heads, args, kwargs)
             skipped += skipped_heads
+        if "residual" in prune:  # after the rest: "sequential" sees them compressed first
+            streams, skipped_stream = _residual.find(work, example, exclude=self.exclude,
+                                                     layers=self.layers)
+            units, skipped = units + streams, skipped + skipped_stream
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
         if self.verbose:
             for s in skipped:
@@ -473,8 +493,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             raise NotPrunableError(
                 f"No prunable unit in this {type(work).__name__} (prune={self.prune!r}): no "
                 f"Linear/Conv layer's output channels reach only following Linear/Conv layers "
-                f"through per-channel operations and gates, and no attention block's heads "
-                f"can be pruned.{reasons or ' The model has no Linear/Conv layer.'}"
+                f"through per-channel operations and gates, no attention block's heads "
+                f"and no residual stream can be pruned."
+                f"{reasons or ' The model has no Linear/Conv layer.'}"
             )
         return units
 
@@ -502,15 +523,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         if self.calibration == "original" or (
             self.target_flops is not None and self.calibration == "sequential"
         ):
-            facs, self.n_calibration_samples_ = cache.get(
-                key,
-                work,
-                units,
-                batches,
-                method=self.method_,
-                precision=self._gram_precision,
-                verbose=self.verbose,
-            )
+            facs = self._statistics(work, units, batches, key, cache)
             _warn_few_rows(units, facs)
             facs = self._for_objective(work, units, facs)
             widths = self._widths(facs, units, flops_info, work, batches)
@@ -528,15 +541,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         plan = []
         for i, unit in enumerate(units):
             step_key = None if key is None else fingerprint(key, i, _plan_content(plan))
-            (fac,), self.n_calibration_samples_ = cache.get(
-                step_key,
-                work,
-                [unit],
-                batches,
-                method=self.method_,
-                precision=self._gram_precision,
-                verbose=self.verbose,
-            )
+            (fac,) = self._statistics(work, [unit], batches, step_key, cache)
             _warn_few_rows([unit], [fac])
             (fac,) = self._for_objective(work, [unit], [fac])
             k = widths[i] if widths is not None else self._widths([fac], [unit], None)[0]
@@ -545,6 +550,25 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             _apply(work, selection)
             plan.append(selection)
         return plan
+
+    def _statistics(self, work, units, batches, key, cache) -> list:
+        """Every unit's factorization from one pass over ``work`` (the stream from its own)."""
+        others = [u for u in units if not _residual.is_residual(u)]
+        facs = []
+        if others:
+            facs, self.n_calibration_samples_ = cache.get(
+                key, work, others, batches, method=self.method_,
+                precision=self._gram_precision, verbose=self.verbose)
+        facs = iter(facs)
+        result = []
+        for unit in units:
+            if _residual.is_residual(unit):
+                fac = _residual.factorize(work, unit, batches, self.stream)
+                self.n_calibration_samples_ = fac.n_calibration_samples
+                result.append(fac)
+            else:
+                result.append(next(facs))
+        return result
 
     def _for_objective(self, work, units, facs) -> list:
         """The factorizations re-pivoted for the consumers' outputs when ``objective`` says so.
@@ -560,6 +584,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             return facs
         result, kept = [], []
         for unit, fac in zip(units, facs, strict=True):
+            if unit.kind == "residual":  # a rotation has no consumer-specific pivots
+                result.append(fac)
+                continue
             if unit.kind == "heads":
                 result.append(fac.for_outputs(_consumer_weight_gram(work, unit,
                                                                     unit.consumers[0])))
@@ -613,6 +640,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         settings = dict(method=self.method_, precision=self._gram_precision,
                         verbose=self.verbose)
         rewind = before_pass or (lambda: None)
+        if _residual.is_residual(unit):  # the stream of the compressed model (no T to fit)
+            rewind()
+            (fac,) = self._statistics(work, [unit], batches, step_key, cache)
+            k = self._widths([fac], [unit], None)[0] if k is None else k
+            return _selection(unit, fac, k)
         if not _corrective_applies(unit):
             return self._corrective_group(work, reference, unit, k, step_key, cache, batches,
                                           settings, rewind)
@@ -663,6 +695,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             if len(candidates) == 1:
                 return candidates[0]
             return _most_faithful(work, units, facs, candidates, batches.first)
+        if self.uniform:
+            return _uniform.widths(units, facs, rank=self.rank, tol=self.tol)
         if self.rank is not None:
             return np.array([
                 fac.width_for_rank(self.rank) if u.kind == "heads"
@@ -675,6 +709,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         head counts rounded to counts the model's code runs. ``facs`` need only ``errors``
         (and, for heads, ``valid_counts`` and ``valid``): an :class:`ErrorCurve` will do."""
         module_flops, total = flops_info
+        if self.uniform:
+            return _uniform.flops_candidates(units, facs, flops_info, self.target_flops,
+                                             concat_widths(work, units))
         model = _budget.FlopsModel.from_units(units, module_flops, total,
                                               concat_widths(work, units))
         minimum = [fac.valid_counts[0] if u.kind == "heads" else 1
@@ -826,6 +863,8 @@ def _apply(model, selection) -> None:
     """Apply a channel group's or an attention block's selection to ``model`` in place."""
     if selection.unit.kind == "heads":
         apply_head_selection(model, selection)
+    elif selection.unit.kind == "residual":
+        _residual.apply(model, selection)
     else:
         apply_selection(model, selection)
 
@@ -856,7 +895,7 @@ def _warn_few_rows(units, facs) -> None:
 
 def _selection(unit, fac, k) -> Selection:
     """The plan record of one unit kept at width ``k`` (heads: the nearest valid count)."""
-    if unit.kind == "heads":
+    if unit.kind in ("heads", "residual"):
         return fac.select(int(k))
     if fac.n_features != unit.width:
         raise RuntimeError(
@@ -910,6 +949,8 @@ def _plan_content(plan) -> list:
 def _layer_report(selection: Selection) -> dict:
     """One row of ``layers_`` (for heads, widths count heads)."""
     unit = selection.unit
+    if unit.kind == "residual":
+        return _residual.report_row(selection)
     if unit.kind == "heads":
         return {
             "producer": unit.producer,

@@ -253,3 +253,5 @@ def _resize(module: nn.Module, attributes: dict, shapes: dict) -> None:
             module._buffers[key] = new
     for key, value in attributes.items():
         setattr(module, key, value)
+    if isinstance(getattr(module, "normalized_shape", None), tuple) and "weight" in shapes:
+        module.normalized_shape = tuple(shapes["weight"])  # a narrowed stream's LayerNorm

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import _linalg
 from . import _distributed, _surgery
-from ._calibration import model_device_dtype, run_model, to_inputs
+from ._calibration import batch_size_of, model_device_dtype, run_model, to_inputs
 from ._stream import Stream, get, random_rotation
 
 __all__ = ["StreamFactorization", "StreamSelection", "apply_stream_selection",
@@ -42,8 +42,9 @@ __all__ = ["StreamFactorization", "StreamSelection", "apply_stream_selection",
 # ------------------------------------------------------------------------------ statistics
 
 
-def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, list]:
-    """One Gram per norm of its normalized input rows (float64, d × d), and the row counts.
+def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, list, int]:
+    """One Gram per norm of its normalized input rows (float64, d × d), the row counts, and
+    the number of samples.
 
     Each row is the stream at one token as that norm sees it, centered for LayerNorm and
     divided by its RMS: what the norm passes on (before its gain), so every token counts once
@@ -53,7 +54,7 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
     d = stream.width
     grams = [torch.zeros(d, d, dtype=torch.float64, device=device) for _ in stream.norms]
     counts = [0] * len(stream.norms)
-    mask = [None]
+    mask, samples = [None], 0
 
     def hook_for(i):
         def hook(module, args):
@@ -75,12 +76,14 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
                 am = kwargs.get("attention_mask")
                 mask[0] = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else None
                 run_model(model, args, kwargs)
+                samples += batch_size_of(args, kwargs)
     finally:
         for h in handles:
             h.remove()
     grams = [_distributed.all_sum(g).cpu().numpy() for g in grams]
-    counts = [int(c) for c in _distributed.all_sum(torch.tensor(counts, dtype=torch.float64))]
-    return grams, counts
+    counts = _distributed.all_sum(torch.tensor([*counts, samples], dtype=torch.float64))
+    counts = [int(c) for c in counts]
+    return grams, counts[:-1], counts[-1]
 
 
 def normalized_rows(x: torch.Tensor, form: str) -> torch.Tensor:
@@ -126,12 +129,15 @@ class StreamFactorization:
         Per norm, the Gram of its normalized input rows (:func:`stream_statistics`).
     counts : list of int
         Rows behind each Gram.
+    n_samples : int, optional
+        Calibration samples behind them.
     how : {"rotate", "select"}
         One orthogonal basis sliced (default), or kept coordinates by the joint ID.
     """
 
-    def __init__(self, stream: Stream, grams, counts, how: str = "rotate"):
+    def __init__(self, stream: Stream, grams, counts, how: str = "rotate", n_samples=None):
         self.stream, self.grams, self.counts, self.how = stream, grams, counts, how
+        self.n_calibration_samples = n_samples
         self.n_samples = min(counts) if counts else 0
         total = sum(grams)
         d = stream.width
@@ -261,12 +267,7 @@ def _least_squares(gram: np.ndarray, keep: np.ndarray) -> np.ndarray:
 def apply_stream_selection(model: nn.Module, selection: StreamSelection) -> nn.Module:
     """Rewrite ``model``'s stream in place (tensors are replaced, never written into)."""
     stream = selection.unit
-    if stream.tied:
-        warnings.warn(
-            f"The output head and the input embedding share one weight ({stream.tied}); the "
-            "stream's rewrite folds the final norm's gain into the head, so they are untied "
-            "(the embedding's parameters are counted twice from now on).",
-            UserWarning, stacklevel=3)
+    if stream.tied:  # the final norm's gain folds into the head, not into the embedding
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "tie_word_embeddings"):
             config.tie_word_embeddings = False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._plan import Skipped
+from ._plan import Consumer, Skipped
 
 __all__ = ["LAYOUTS", "Norm", "Stream", "StreamLayout", "find_stream"]
 
@@ -79,6 +79,15 @@ class Stream:
     @property
     def producers(self) -> tuple[str, ...]:
         return self.writers
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """The readers, as the FLOP model and the width rules see a unit's consumers."""
+        return tuple(Consumer(r) for r in self.readers)
+
+    @property
+    def offsets(self) -> tuple:
+        return ()
 
     def before(self, name: str) -> tuple:
         """The stream is never part of a concatenation (FlopsModel's question)."""

@@ -1,0 +1,95 @@
+"""The estimator's entry points for ``prune="residual"`` (transformer streams).
+
+The stream is one more unit in the plan: found after the channel groups and heads (and placed
+after them, so ``"sequential"`` calibrates it on the model compressed so far), with an error
+curve the width rules read like any other, a selection that :func:`apply` folds in, and one
+``layers_`` row. Its statistics are one Gram per reading norm from a pass over the whole model.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ._plan import Skipped
+from ._rotation import (
+    StreamFactorization,
+    StreamSelection,
+    apply_stream_selection,
+    check_stream,
+    stream_statistics,
+)
+from ._stream import Stream, find_stream
+
+__all__ = ["apply", "factorize", "find", "is_residual", "report_row"]
+
+
+def find(work, example, *, exclude=(), layers="auto") -> tuple[list, list]:
+    """``([stream], [])`` when the model's stream can be pruned, else ``([], [Skipped])``.
+
+    ``exclude`` naming any module of the stream (or a module holding one) leaves it alone;
+    ``layers`` restricts pruning to the stream when it names ``"residual"`` or one of the
+    stream's modules.
+    """
+    stream, skipped = find_stream(work)
+    if stream is None:
+        return [], [skipped]
+    excluded = [m for m in (*stream.writers, *stream.readers, *(n.name for n in stream.norms))
+                if any(m == e or m.startswith(e + ".") for e in _names(exclude))]
+    if excluded:
+        return [], [Skipped(stream.producer, f"residual stream: {excluded[0]!r} is excluded, "
+                                             "and the stream's width is shared by all of it")]
+    if layers != "auto":
+        wanted = {n if isinstance(n, str) else n[0] for n in layers}
+        if not wanted & {"residual", *stream.writers, *stream.readers}:
+            return [], []
+    reason = check_stream(work, stream, example)
+    if reason is not None:
+        return [], [Skipped(stream.producer, reason)]
+    if stream.tied:
+        # Untie rather than keep one weight with T = I: the head then reads the stream through
+        # the final norm's gain exactly, at the cost of a second vocabulary-sized matrix.
+        warnings.warn(
+            f"The output head and the input embedding share one weight "
+            f"({', '.join(' = '.join(pair) for pair in stream.tied)}); pruning the residual "
+            "stream folds the final norm's gain into the head, so the compressed model unties "
+            "them (its config says tie_word_embeddings=False; the embedding's parameters are "
+            "counted twice).", UserWarning, stacklevel=4)
+    return [stream], []
+
+
+def _names(exclude) -> list:
+    return [exclude] if isinstance(exclude, str) else list(exclude)
+
+
+def is_residual(unit) -> bool:
+    return isinstance(unit, Stream)
+
+
+def factorize(work, stream: Stream, batches, how: str) -> StreamFactorization:
+    """The stream's error curve and selections, from a pass of ``batches`` through ``work``."""
+    grams, counts, n_samples = stream_statistics(work, stream, batches)
+    return StreamFactorization(stream, grams, counts, how, n_samples)
+
+
+def apply(model, selection: StreamSelection) -> None:
+    apply_stream_selection(model, selection)
+
+
+def report_row(selection: StreamSelection) -> dict:
+    """The stream's ``layers_`` row: writers, readers and norms, widths, error."""
+    stream = selection.unit
+    return {
+        "producer": stream.producer,
+        "consumer": stream.consumer,
+        "kind": "residual",
+        "producers": list(stream.writers),
+        "consumers": list(stream.readers),
+        "width_before": int(stream.width),
+        "width_after": int(selection.width),
+        "error": float(selection.error),
+        "norms": [n.name for n in stream.norms],
+        "stream": selection.how,
+        "norm": {"rms": "RMSNorm", "rms_offset": "RMSNorm (1 + w)",
+                 "layer": "LayerNorm (writers made zero-mean)"}[stream.form],
+        "untied": [list(pair) for pair in stream.tied],
+    }
