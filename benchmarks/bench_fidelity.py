@@ -374,6 +374,29 @@ def print_llm(steps: int, n_calib: int, n_test: int) -> None:
         ["setting", "method", "heads kept", "MLP width", "FLOPs kept", "perplexity",
          "÷ original"],
         heads_table(steps, n_calib, n_test), ["s", "s", "d", "d", ".3f", ".3f", ".3f"])
+    print_stream(steps, n_calib, n_test)
+
+
+def print_stream(steps: int, n_calib: int, n_test: int) -> None:
+    """The same LM's residual stream (hidden size): methods, then with the other axes."""
+    from _llm import HIDDEN
+    from _llm_stream import combined_table, stream_rank, stream_table
+
+    rank = stream_rank(steps, n_calib)
+    print(f"\nstream directions (of {HIDDEN}) for 1 / 5 / 10 % relative error of the "
+          f"normalized stream: {rank[0.01]} / {rank[0.05]} / {rank[0.1]} (byte vocabulary: "
+          "an unusually low-rank stream)")
+    print_table(
+        "LLaMA-shaped causal LM, residual stream (hidden size) pruned alone: held-out "
+        "perplexity, no fine-tuning",
+        ["method", "hidden kept", "FLOPs kept", "perplexity", "÷ original"],
+        stream_table(steps, n_calib, n_test), ["s", "d", ".3f", ".3f", ".3f"])
+    print_table(
+        "LLaMA-shaped causal LM, one target_flops budget over the axes: held-out perplexity",
+        ["target_flops", "axes", "hidden", "FLOPs kept", "layer params kept", "perplexity",
+         "÷ original"],
+        combined_table(steps, n_calib, n_test),
+        ["s", "s", "d", ".3f", ".3f", ".3f", ".3f"])
 
 
 if __name__ == "__main__":

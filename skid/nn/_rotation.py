@@ -138,6 +138,7 @@ class StreamFactorization:
     def __init__(self, stream: Stream, grams, counts, how: str = "rotate", n_samples=None):
         self.stream, self.grams, self.counts, self.how = stream, grams, counts, how
         self.n_calibration_samples = n_samples
+        self.least_squares = False
         self.n_samples = min(counts) if counts else 0
         total = sum(grams)
         d = stream.width
@@ -190,9 +191,14 @@ class StreamFactorization:
             read = write + np.outer(np.ones(k) / math.sqrt(k), np.ones(d) / math.sqrt(d))
         else:
             write = read = self.basis[:, :k].T
-        write, read = torch.from_numpy(np.ascontiguousarray(write)), torch.from_numpy(
-            np.ascontiguousarray(read))
-        return StreamSelection(self.stream, write, (read,) * len(self.grams),
+        reads = (read,) * len(self.grams)
+        if self.least_squares and self.stream.form != "layer":
+            # each norm's readers get the least-squares map from the kept directions instead
+            # of the plain projection (measured in bench_fidelity: not the better default)
+            reads = tuple(_least_squares(self.basis.T @ g @ self.basis, np.arange(k))
+                          @ self.basis.T for g in self.grams)
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        return StreamSelection(self.stream, as_tensor(write), tuple(map(as_tensor, reads)),
                                (scale,) * len(self.grams), float(self.errors[k]), "rotate")
 
 
