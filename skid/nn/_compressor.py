@@ -563,7 +563,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         result = []
         for unit in units:
             if _residual.is_residual(unit):
-                fac = _residual.factorize(work, unit, batches, self.stream)
+                fac = _residual.factorize(work, unit, batches, self.stream, cache=cache,
+                                          key=key)
                 self.n_calibration_samples_ = fac.n_calibration_samples
                 result.append(fac)
             else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import warnings
 
+from . import _distributed
+from ._calibration import fingerprint
 from ._plan import Skipped
 from ._rotation import (
     StreamFactorization,
@@ -65,10 +67,24 @@ def is_residual(unit) -> bool:
     return isinstance(unit, Stream)
 
 
-def factorize(work, stream: Stream, batches, how: str) -> StreamFactorization:
-    """The stream's error curve and selections, from a pass of ``batches`` through ``work``."""
-    grams, counts, n_samples = stream_statistics(work, stream, batches)
+def factorize(work, stream: Stream, batches, how: str, *, cache=None,
+              key=None) -> StreamFactorization:
+    """The stream's error curve and selections, from a pass of ``batches`` through ``work``
+    (read back from ``cache.memory`` when ``key``, a content key of model, data and settings,
+    was computed before; one process only)."""
+    memory = getattr(cache, "memory", None)
+    if memory is None or key is None or _distributed.current() is not None:
+        statistics = stream_statistics(work, stream, batches)
+    else:
+        cached = memory.cache(_keyed_statistics, ignore=["model", "batches"])
+        statistics = cached(fingerprint(key, "residual"), stream, model=work, batches=batches)
+    grams, counts, n_samples = statistics
     return StreamFactorization(stream, grams, counts, how, n_samples)
+
+
+def _keyed_statistics(key, stream, *, model, batches):
+    """:func:`stream_statistics` with a content key as the cache's argument."""
+    return stream_statistics(model, stream, batches)
 
 
 def apply(model, selection: StreamSelection) -> None:

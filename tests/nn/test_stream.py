@@ -277,3 +277,17 @@ def test_stream_error_curve_is_the_principal_tail():
     np.testing.assert_allclose(fac.errors, expected, atol=1e-12)
     selection = fac.select(3)
     np.testing.assert_allclose(selection.write @ selection.write.T, np.eye(3), atol=1e-12)
+
+
+def test_memory_reads_the_stream_statistics_back(tmp_path, monkeypatch):
+    from skid.nn import _residual
+
+    model, X = _model("llama")
+    calls = []
+    original = _residual.stream_statistics
+    monkeypatch.setattr(_residual, "stream_statistics",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = NetworkCompressor(model, rank=0.5, prune="residual", memory=tmp_path).fit(X)
+    again = NetworkCompressor(model, rank=0.75, prune="residual", memory=tmp_path).fit(X)
+    assert len(calls) == 1
+    assert first.layers_[0]["width_after"] == 8 and again.layers_[0]["width_after"] == 12
