@@ -99,7 +99,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
-    prune : {"channels", "heads"} or collection of them, default=("channels", "heads")
+    prune : {"channels", "heads", "residual"} or collection of them, \
+            default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
         widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
         ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
@@ -111,6 +112,37 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
+        ``"residual"``: the residual stream of a pre-norm transformer (its hidden size; HF
+        LLaMA, Qwen2/3, Mistral, Gemma, GPT-2, ViT), one unit written by the embeddings and
+        every layer adding into it and read through every norm: see ``stream``. ``rank`` is
+        the fraction of the hidden size; ``tol`` bounds the relative error of the normalized
+        stream summed over every norm's input; under ``target_flops`` the stream's width
+        counts in every layer reading or writing it. Calibrated in one pass over the whole
+        model (``blocks="auto"`` then calibrates the other units in that pass too) after the
+        other units, so ``"sequential"``/``"corrective"`` compute it on the model compressed
+        so far (a rotation has no ``T`` to fit to the original). Tied input/output embeddings
+        are untied (with a warning). Streams that cannot be pruned are listed in ``skipped_``
+        with the reason (post-norm BERT, sandwich norms, a model whose output is the stream).
+    stream : {"rotate", "select"}, default="rotate"
+        How the stream is narrowed. ``"rotate"``: every norm's gain is folded into its readers
+        and the stream is written in one orthogonal basis — the principal directions of the
+        normalized stream, one Gram per norm input summed — whose last directions are sliced
+        (exact at full width: RMS norms commute with a rotation; LayerNorm streams are made
+        zero-mean and kept in the zero-sum subspace, so the model's own LayerNorm still
+        applies); no matrix is added on the shortcuts and the result is the model's own
+        classes with a smaller hidden size. ``"select"``: the joint ID keeps stream
+        coordinates (one kept set for every writer, a least-squares ``T`` and one RMS constant
+        per norm; RMS-norm streams only).
+    uniform : bool, default=False
+        Give every repeated unit of a kind (every MLP, every attention block, the stream) one
+        width, chosen by the same rule applied to the kind as a whole (``tol``: the widest
+        any member needs; ``target_flops``: the budget over the kinds, each with the root
+        mean square of its members' errors), so a Hugging Face model stays homogeneous: its
+        ``config`` then carries ``hidden_size``, ``intermediate_size``,
+        ``num_attention_heads``, ``num_key_value_heads`` and an explicit ``head_dim``, and
+        ``compressed_model_.save_pretrained(dir)`` reloads with ``from_pretrained(dir)``
+        (a warning says when the config cannot describe the widths). The stream's width is
+        written into the config either way.
     objective : {"activations", "outputs"}, default="activations"
         What the kept channels must reconstruct. ``"activations"`` (the paper): the consumer's
         input ``Z``; ``tol`` and the reported errors are ``‖Z − Z_J T‖_F / ‖Z‖_F``.
@@ -178,7 +210,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned channel group: ``kind`` (``"channels"``), ``producers`` and
+        One per pruned unit: ``kind`` (``"channels"``, ``"heads"``, ``"residual"``; the
+        stream's row lists its writers as ``producers``, its readers as ``consumers`` and
+        ``norms``, with ``stream``, ``norm`` and ``untied``), ``producers`` and
         ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
         each), ``width_before``, ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is
         the report. ``error`` is the relative error on the calibration data of what the
@@ -614,9 +648,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """
         widths = None
         if self.target_flops is not None:
-            facs, self.n_calibration_samples_ = cache.get(
-                key, work, units, batches, method=self.method_, precision=self._gram_precision,
-                verbose=self.verbose)
+            facs = self._statistics(work, units, batches, key, cache)
             widths = self._widths(facs, units, flops_info, work, batches)
         reference = sharing_copy(work)  # the original (folds into work replace its tensors)
         plan = []

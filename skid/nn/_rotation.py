@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import _linalg
-from . import _distributed, _surgery
+from . import _calibration, _distributed, _surgery
 from ._calibration import batch_size_of, model_device_dtype, run_model, to_inputs
 from ._stream import Stream, get, random_rotation
 
@@ -77,6 +77,7 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
                 mask[0] = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else None
                 run_model(model, args, kwargs)
                 samples += batch_size_of(args, kwargs)
+                _calibration._passes += 1  # n_calibration_passes_ counts this pass too
     finally:
         for h in handles:
             h.remove()

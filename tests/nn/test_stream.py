@@ -291,3 +291,9 @@ def test_memory_reads_the_stream_statistics_back(tmp_path, monkeypatch):
     again = NetworkCompressor(model, rank=0.75, prune="residual", memory=tmp_path).fit(X)
     assert len(calls) == 1
     assert first.layers_[0]["width_after"] == 8 and again.layers_[0]["width_after"] == 12
+
+
+def test_calibration_passes_count_the_stream_pass():
+    _, X, nc = _fit("llama", rank=0.5, prune=ALL, batch_size=8)
+    assert nc.n_calibration_passes_ == 2 * 3  # the units' pass and the stream's, 3 batches
+    assert nc.n_calibration_samples_ == 24
