@@ -2,12 +2,12 @@
 
 Table 1, hidden size kept at 87.5 / 75 / 62.5 / 50 %, every other width whole:
 
-- rotation: ``prune="residual"`` (one orthogonal basis of the normalized stream — one Gram per
-  reading norm, summed at unit weight per token — sliced; the default);
-- rotation, gain-weighted Grams: the same with each norm's Gram weighted by its gain,
+- rotation + per-reader T: ``prune="residual"`` (one orthogonal basis of the normalized
+  stream — one Gram per reading norm, summed at unit weight per token — sliced, and each norm's
+  readers get the least-squares map from the kept directions; the default);
+- rotation, projection: the same basis, readers reading the plain projection;
+- rotation, gain-weighted Grams: the projection with each norm's Gram weighted by its gain,
   ``diag(g) G diag(g)`` (what its readers see), for the basis;
-- rotation + per-reader T: each norm's readers get the least-squares map from the kept
-  directions instead of the projection;
 - joint ID + per-reader T: ``stream="select"`` (kept stream coordinates, a least-squares T and
   an RMS constant per norm);
 - joint ID, same J, no T: those coordinates, readers just dropping the rest.
@@ -58,8 +58,9 @@ def stream_table(steps: int, n_calib: int, n_test: int) -> list:
     weighted = StreamFactorization(stream, [g[:, None] * G * g[None, :]
                                             for g, G in zip(gains, rotate.grams, strict=True)],
                                    rotate.counts)
-    corrected = copy.copy(rotate)
-    corrected.least_squares = True
+    weighted.least_squares = False
+    projected = copy.copy(rotate)
+    projected.least_squares = False
     rows = [("original", HIDDEN, 1.0, base, 1.0)]
     for fraction in KEPT:
         k = round(fraction * HIDDEN)
@@ -69,9 +70,9 @@ def stream_table(steps: int, n_calib: int, n_test: int) -> list:
         no_t = StreamSelection(stream, joint.write, (joint.write,) * len(stream.norms),
                                joint.scales, joint.error, "select")
         for name, candidate in (
-            ("rotation", nc.compressed_model_),
+            ("rotation + per-reader T", nc.compressed_model_),
+            ("rotation, projection", _rewritten(model, projected.select(k))),
             ("rotation, gain-weighted Grams", _rewritten(model, weighted.select(k))),
-            ("rotation + per-reader T", _rewritten(model, corrected.select(k))),
             ("joint ID + per-reader T", _rewritten(model, joint)),
             ("joint ID, same J, no T", _rewritten(model, no_t)),
         ):

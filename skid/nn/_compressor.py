@@ -126,7 +126,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     stream : {"rotate", "select"}, default="rotate"
         How the stream is narrowed. ``"rotate"``: every norm's gain is folded into its readers
         and the stream is written in one orthogonal basis — the principal directions of the
-        normalized stream, one Gram per norm input summed — whose last directions are sliced
+        normalized stream, one Gram per norm input summed — whose last directions are sliced,
+        each norm's readers reading the kept directions through their least-squares map
         (exact at full width: RMS norms commute with a rotation; LayerNorm streams are made
         zero-mean and kept in the zero-sum subspace, so the model's own LayerNorm still
         applies); no matrix is added on the shortcuts and the result is the model's own

@@ -7,7 +7,10 @@ model's function unchanged, with no matrix on the shortcuts (the basis is the sa
 add). Keeping the first ``k`` columns of ``Q`` (the principal directions of the normalized
 stream, one Gram per reading norm summed) makes the hidden size ``k``. The norm now averages
 over ``k`` coordinates instead of ``d``: its gain becomes the constant ``sqrt(d / k)``, exact at
-full width and right for every token whose energy lies in the kept directions.
+full width and right for every token whose energy lies in the kept directions. Each norm's
+readers then read the kept directions through the least-squares map to what that norm saw
+(from its own Gram) rather than the plain projection: on the benchmark's LLaMA that is better
+at every width (``bench_fidelity.py``); ``errors`` stay the projection's, an upper bound.
 
 LayerNorm first subtracts the mean: writing the stream in a basis orthogonal to the all-ones
 vector makes every writer zero-mean (exact), and mapping the ``k - 1`` kept directions into the
@@ -139,7 +142,7 @@ class StreamFactorization:
     def __init__(self, stream: Stream, grams, counts, how: str = "rotate", n_samples=None):
         self.stream, self.grams, self.counts, self.how = stream, grams, counts, how
         self.n_calibration_samples = n_samples
-        self.least_squares = False
+        self.least_squares = True
         self.n_samples = min(counts) if counts else 0
         total = sum(grams)
         d = stream.width
@@ -187,17 +190,20 @@ class StreamFactorization:
             write, reads = torch.from_numpy(write), tuple(torch.from_numpy(t) for t in reads)
             return StreamSelection(self.stream, write, reads, tuple(scales),
                                    float(self.errors[k]), "select")
-        if self.stream.form == "layer":
-            write = helmert(k) @ self.basis[:, : k - 1].T  # zero-sum rows: the stream stays
-            read = write + np.outer(np.ones(k) / math.sqrt(k), np.ones(d) / math.sqrt(d))
+        if self.stream.form == "layer":  # k - 1 directions in the zero-sum subspace of R^k
+            kept, into = k - 1, helmert(k)
+            ones = np.outer(np.ones(k) / math.sqrt(k), np.ones(d) / math.sqrt(d))
         else:
-            write = read = self.basis[:, :k].T
-        reads = (read,) * len(self.grams)
-        if self.least_squares and self.stream.form != "layer":
-            # each norm's readers get the least-squares map from the kept directions instead
-            # of the plain projection (measured in bench_fidelity: not the better default)
-            reads = tuple(_least_squares(self.basis.T @ g @ self.basis, np.arange(k))
-                          @ self.basis.T for g in self.grams)
+            kept, into, ones = k, np.eye(k), 0.0
+        write = into @ self.basis[:, :kept].T
+        if self.least_squares:
+            # each norm's readers: the least-squares map from the kept directions of what that
+            # norm sees, rather than the plain projection (better on every width measured)
+            reads = tuple(into @ _least_squares(self.basis.T @ g @ self.basis,
+                                                np.arange(kept)) @ self.basis.T + ones
+                          for g in self.grams)
+        else:
+            reads = (write + ones,) * len(self.grams)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         return StreamSelection(self.stream, as_tensor(write), tuple(map(as_tensor, reads)),
                                (scale,) * len(self.grams), float(self.errors[k]), "rotate")
@@ -333,7 +339,9 @@ def _norm_and_readers(model, norm, read: torch.Tensor, scale: float, form: str) 
                 raise ValueError(
                     f"{norm.name}: a LayerNorm bias with a zero gain cannot be rewritten for "
                     "readers without a bias")
-            new_bias = read.to(bias.device) @ (bias.detach().double() / gain)
+            # readers see read.T @ b': the b' closest to b / g (exact at full width)
+            r = read.to(bias.device)
+            new_bias = torch.linalg.solve(r @ r.T, r @ (bias.detach().double() / gain))
     for name in norm.readers:
         reader = model.get_submodule(name)
         if folded_bias is not None:
