@@ -12,7 +12,9 @@ Table 1, hidden size kept at 87.5 / 75 / 62.5 / 50 %, every other width whole:
   an RMS constant per norm);
 - joint ID, same J, no T: those coordinates, readers just dropping the rest.
 
-Table 2, the stream with the other axes under one FLOP budget against MLP + heads alone.
+Table 2, the stream with the other axes under one FLOP budget against MLP + heads alone, and a
+SliceGPT-style re-implementation (``_slicegpt.py``: a rotation per position, shortcut matrices
+counted) at the layer parameters of the combined axes.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import copy
 
 import numpy as np
 import torch
-from _llm import HIDDEN, trained, windows
+from _llm import HIDDEN, SEQ, trained, windows
+from _slicegpt import layer_params as slicegpt_params
+from _slicegpt import slicegpt
 
 from skid import NetworkCompressor
 from skid.nn import _residual
 from skid.nn._calibration import Batches, example_inputs
+from skid.nn._flops import count_flops
 from skid.nn._rotation import StreamFactorization, StreamSelection, apply_stream_selection
 
 KEPT = (0.875, 0.75, 0.625, 0.5)
@@ -99,15 +104,31 @@ def combined_table(steps: int, n_calib: int, n_test: int) -> list:
             ("stream + MLP + heads", dict(prune=("channels", "heads", "residual"))),
             ("stream + MLP + heads, uniform", dict(prune=("channels", "heads", "residual"),
                                                    uniform=True)))
+    work = copy.deepcopy(model)
+    example = example_inputs(calib, "cpu", torch.float32)
+    (stream,), _ = _residual.find(work, example)
+    grams = _residual.factorize(work, stream, Batches(calib, 32), "rotate").grams
+    flops_before = count_flops(model, *example)[0]
     for budget in BUDGETS:
         for label, params in axes:
             nc = NetworkCompressor(model, target_flops=budget, batch_size=32,
                                    **params).fit(calib)
             small = nc.compressed_model_
             value = _perplexity(small, test)
+            kept = _layer_params(small) / layers
             rows.append((f"{budget:.2f}", label, int(small.config.hidden_size),
-                         nc.flops_["after"] / nc.flops_["before"],
-                         _layer_params(small) / layers, value, value / base))
+                         nc.flops_["after"] / nc.flops_["before"], kept, value, value / base))
+        # SliceGPT-style at the layer parameters of the last row (the combined axes), its
+        # shortcut matrices counted: the widest slice within them
+        for k in range(HIDDEN, 0, -1):
+            sliced = slicegpt(model, stream, grams, k)
+            if slicegpt_params(sliced) / layers <= kept:
+                break
+        shortcut_flops = 4 * SEQ * k * k * len(model.model.layers)  # 2 (k × k) per layer
+        flops = (count_flops(sliced, *example)[0] + shortcut_flops) / flops_before
+        value = _perplexity(sliced, test)
+        rows.append((f"{budget:.2f}", "SliceGPT-style (per-position Q, shortcuts)", k, flops,
+                     slicegpt_params(sliced) / layers, value, value / base))
     return rows
 
 
