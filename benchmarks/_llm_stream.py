@@ -49,7 +49,7 @@ def _rewritten(model, selection) -> torch.nn.Module:
     return small
 
 
-def stream_table(steps: int, n_calib: int, n_test: int) -> list:
+def stream_table(steps: int, n_calib: int, n_test: int, kept=KEPT) -> list:
     """Rows (method, hidden kept, FLOPs kept, perplexity, ratio)."""
     model, train, held_out = trained(steps)
     calib = {"input_ids": windows(train, n_calib, seed=1)[:, :-1]}
@@ -67,7 +67,7 @@ def stream_table(steps: int, n_calib: int, n_test: int) -> list:
     projected = copy.copy(rotate)
     projected.least_squares = False
     rows = [("original", HIDDEN, 1.0, base, 1.0)]
-    for fraction in KEPT:
+    for fraction in kept:
         k = round(fraction * HIDDEN)
         nc = NetworkCompressor(model, rank=fraction, prune="residual", batch_size=32).fit(calib)
         flops = nc.flops_["after"] / nc.flops_["before"]
@@ -91,7 +91,7 @@ def _layer_params(model) -> int:
     return sum(p.numel() for p in model.model.layers.parameters())
 
 
-def combined_table(steps: int, n_calib: int, n_test: int) -> list:
+def combined_table(steps: int, n_calib: int, n_test: int, budgets=BUDGETS) -> list:
     """Rows (budget, axes, hidden, FLOPs kept, layer params kept, perplexity, ratio)."""
     model, train, held_out = trained(steps)
     calib = {"input_ids": windows(train, n_calib, seed=1)[:, :-1]}
@@ -109,7 +109,7 @@ def combined_table(steps: int, n_calib: int, n_test: int) -> list:
     (stream,), _ = _residual.find(work, example)
     grams = _residual.factorize(work, stream, Batches(calib, 32), "rotate").grams
     flops_before = count_flops(model, *example)[0]
-    for budget in BUDGETS:
+    for budget in budgets:
         for label, params in axes:
             nc = NetworkCompressor(model, target_flops=budget, batch_size=32,
                                    **params).fit(calib)
