@@ -485,7 +485,6 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                     f"blocks={self.blocks!r} with prune including 'residual': the residual "
                     "stream spans every block, and its block-wise calibration is not "
                     "supported yet; use blocks='auto' or None (one pass over the model).")
-            units = [u for u in units if not _residual.is_residual(u)]
             self._block_layout = None  # the stream spans every block: one pass
         else:
             self._block_layout = find_blocks(work, example, self.blocks, units)

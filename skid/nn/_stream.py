@@ -52,6 +52,8 @@ class Stream:
         ``(head, embedding)`` pairs sharing one weight; the rotation unties them.
     config_field : str or None
         The model config's name for the hidden size (``"hidden_size"``, ``"n_embd"``).
+    parameters : tuple of str
+        The writers that are parameters rather than modules (no FLOPs of their own).
     """
 
     width: int
@@ -60,6 +62,7 @@ class Stream:
     form: str
     tied: tuple = ()
     config_field: str | None = "hidden_size"
+    parameters: tuple[str, ...] = ()
     kind: str = "residual"
 
     @property
@@ -95,7 +98,7 @@ class Stream:
 
     def modules(self) -> tuple[str, ...]:
         """Every module whose FLOPs scale with the stream's width (parameters left out)."""
-        writers = tuple(w for w in self.writers if not _is_parameter_path(w))
+        writers = tuple(w for w in self.writers if w not in self.parameters)
         return (*writers, *(n.name for n in self.norms), *self.readers)
 
 
@@ -220,7 +223,8 @@ def find_stream(model: nn.Module) -> tuple[Stream | None, Skipped | None]:
                  if w in names and getattr(names[h], "weight", None) is not None
                  and names[h].weight is getattr(names[w], "weight", None))
     stream = Stream(width=width, writers=tuple(writers), norms=tuple(norms), form=layout.form,
-                    tied=tied, config_field=layout.config_field)
+                    tied=tied, config_field=layout.config_field,
+                    parameters=tuple(w for w in writers if w not in names))
     return stream, None
 
 
@@ -241,30 +245,13 @@ def _norm_width(norm: nn.Module) -> int:
     return int(weight.shape[0])
 
 
-def _is_parameter_path(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in _PARAMETER_WRITERS
-
-
-#: Stream-sized parameters that write the stream (ViT's embeddings).
-_PARAMETER_WRITERS = ("cls_token", "mask_token", "position_embeddings", "distillation_token")
-
-
-def is_parameter_writer(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a ``module.parameter`` path rather than a module."""
-    return isinstance(_get(model, name), nn.Parameter)
-
-
-def _get(model: nn.Module, name: str):
+def get(model: nn.Module, name: str):
+    """A module or a ``module.parameter`` of ``model`` by qualified name."""
     try:
         return model.get_submodule(name)
     except AttributeError:
         owner, _, attr = name.rpartition(".")
         return getattr(model.get_submodule(owner), attr)
-
-
-def get(model: nn.Module, name: str):
-    """A module or a ``module.parameter`` of ``model`` by qualified name."""
-    return _get(model, name)
 
 
 def random_rotation(width: int, seed: int = 0) -> torch.Tensor:
