@@ -237,7 +237,8 @@ def check_stream(model: nn.Module, stream: Stream, example) -> str | None:
         before = _first_tensor(run_model(model, args, kwargs)).double()
         after = _first_tensor(run_model(trial, args, kwargs)).double()
     if before.shape == after.shape:
-        tol = 1e-8 if model_device_dtype(model)[1] == torch.float64 else 1e-3
+        # rounding of a rotated model against a wrong description (an error of order 1)
+        tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(model_device_dtype(model)[1], 5e-2)
         scale = float(before.norm()) or 1.0
         if float((after - before).norm()) <= tol * scale:
             return None

@@ -297,3 +297,12 @@ def test_calibration_passes_count_the_stream_pass():
     _, X, nc = _fit("llama", rank=0.5, prune=ALL, batch_size=8)
     assert nc.n_calibration_passes_ == 2 * 3  # the units' pass and the stream's, 3 batches
     assert nc.n_calibration_samples_ == 24
+
+
+def test_half_precision_model_keeps_its_dtype_and_stream():
+    model, X = _model("llama")
+    model = model.to(torch.bfloat16)
+    nc = NetworkCompressor(model, rank=0.75, prune="residual").fit(X)
+    small = nc.compressed_model_
+    assert nc.layers_[0]["kind"] == "residual"
+    assert all(p.dtype == torch.bfloat16 for p in small.parameters())
