@@ -386,8 +386,8 @@ def print_stream(steps: int, n_calib: int, n_test: int, quick: bool = False) -> 
 
     rank = stream_rank(steps, n_calib)
     print(f"\nstream directions (of {HIDDEN}) for 1 / 5 / 10 % relative error of the "
-          f"normalized stream: {rank[0.01]} / {rank[0.05]} / {rank[0.1]} (byte vocabulary: "
-          "an unusually low-rank stream)")
+          f"normalized stream: {rank[0.01]} / {rank[0.05]} / {rank[0.1]} (a toy model with a "
+          "byte vocabulary: a real LLM's stream differs)")
     print_table(
         "LLaMA-shaped causal LM, residual stream (hidden size) pruned alone: held-out "
         "perplexity, no fine-tuning",
