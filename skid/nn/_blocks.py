@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .._validation import suggest
-from . import _distributed
+from . import _distributed, _uniform
 from ._calibration import (
     _StopForward,
     fingerprint,
@@ -463,11 +463,15 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
 
     device = home if nc.device is None else torch.device(nc.device)
     mode = nc.calibration
-    if nc.target_flops is None:
+    uniform_tol = nc.uniform and nc.target_flops is None and nc.rank is None
+    if nc.target_flops is None and not uniform_tol:
         return _Walk(nc, [work], units, batches, key, cache).run(layout, device, home, mode)[0]
     curves = _Walk(nc, [work], units, batches, key, cache).run(layout, device, home,
                                                                 "collect")[0]
-    candidates = nc._flops_candidates(curves, units, flops_info, work)
+    if uniform_tol:  # one width per kind of repeated unit needs every unit's curve first
+        candidates = [_uniform.widths(units, curves, tol=nc.tol)]
+    else:
+        candidates = nc._flops_candidates(curves, units, flops_info, work)
     del curves
     if len(candidates) > 1:
         reference = batch_outputs(work, batches.first)

@@ -555,7 +555,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         if self.calibration == "corrective":
             return self._corrective(work, units, batches, key, cache, flops_info)
         if self.calibration == "original" or (
-            self.target_flops is not None and self.calibration == "sequential"
+            (self.target_flops is not None or self.uniform) and self.calibration == "sequential"
         ):
             facs = self._statistics(work, units, batches, key, cache)
             _warn_few_rows(units, facs)
@@ -647,7 +647,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``"sequential"``; ``tol``/``rank`` widths from each step's corrective error curve.
         """
         widths = None
-        if self.target_flops is not None:
+        if self.target_flops is not None or self.uniform:  # widths of the whole model
             facs = self._statistics(work, units, batches, key, cache)
             widths = self._widths(facs, units, flops_info, work, batches)
         reference = sharing_copy(work)  # the original (folds into work replace its tensors)

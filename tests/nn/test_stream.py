@@ -306,3 +306,18 @@ def test_half_precision_model_keeps_its_dtype_and_stream():
     small = nc.compressed_model_
     assert nc.layers_[0]["kind"] == "residual"
     assert all(p.dtype == torch.bfloat16 for p in small.parameters())
+
+
+@pytest.mark.parametrize("calibration", ["sequential", "corrective"])
+def test_uniform_widths_hold_in_forward_calibrations(calibration):
+    _, _, nc = _fit("qwen2", tol=0.2, prune=ALL, uniform=True, calibration=calibration)
+    for kind in ("channels", "heads"):
+        assert len({r["width_after"] for r in nc.layers_ if r["kind"] == kind}) == 1
+
+
+def test_uniform_tol_holds_block_wise():
+    model, X = _model("llama")
+    nc = NetworkCompressor(model, tol=0.2, uniform=True, blocks="auto").fit(X)
+    assert nc.blocks_ is not None
+    for kind in ("channels", "heads"):
+        assert len({r["width_after"] for r in nc.layers_ if r["kind"] == kind}) == 1
