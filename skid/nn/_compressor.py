@@ -117,12 +117,14 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         every layer adding into it and read through every norm: see ``stream``. ``rank`` is
         the fraction of the hidden size; ``tol`` bounds the relative error of the normalized
         stream summed over every norm's input; under ``target_flops`` the stream's width
-        counts in every layer reading or writing it. Calibrated in one pass over the whole
-        model (``blocks="auto"`` then calibrates the other units in that pass too) after the
-        other units, so ``"sequential"``/``"corrective"`` compute it on the model compressed
-        so far (a rotation has no ``T`` to fit to the original). Tied input/output embeddings
-        are untied (with a warning). Streams that cannot be pruned are listed in ``skipped_``
-        with the reason (post-norm BERT, sandwich norms, a model whose output is the stream).
+        counts in every layer reading or writing it. Calibrated by a pass over the whole model
+        (block-wise calibration runs the other units block by block and the stream in a pass
+        of its own; with ``target_flops`` everything is one pass, ``blocks="auto"`` falling
+        back to it), after the other units, so ``"sequential"``/``"corrective"`` compute it
+        on the model compressed so far (a rotation has no ``T`` to fit to the original).
+        Tied input/output embeddings are untied (with a warning). Streams that cannot be
+        pruned are listed in ``skipped_`` with the reason (post-norm BERT, sandwich norms, a
+        model whose output is the stream).
     stream : {"rotate", "select"}, default="rotate"
         How the stream is narrowed. ``"rotate"``: every norm's gain is folded into its readers
         and the stream is written in one orthogonal basis — the principal directions of the
@@ -479,15 +481,18 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns the example inputs on the device where ``work`` now is (``_stage``).
         """
         stage, device, dtype = placement
-        if any(_residual.is_residual(u) for u in units) and self.blocks is not None:
+        others = [u for u in units if not _residual.is_residual(u)]
+        if len(others) < len(units) and self.blocks is not None and (
+                self.target_flops is not None or not others):
             if self.blocks != "auto":
                 raise ValueError(
-                    f"blocks={self.blocks!r} with prune including 'residual': the residual "
-                    "stream spans every block, and its block-wise calibration is not "
-                    "supported yet; use blocks='auto' or None (one pass over the model).")
-            self._block_layout = None  # the stream spans every block: one pass
+                    f"blocks={self.blocks!r} with prune including 'residual' and "
+                    f"{'target_flops' if others else 'no other unit'}: the stream's width is "
+                    "budgeted with the other units in one pass over the model; use "
+                    "blocks='auto' or None.")
+            self._block_layout = None  # one pass over the whole model
         else:
-            self._block_layout = find_blocks(work, example, self.blocks, units)
+            self._block_layout = find_blocks(work, example, self.blocks, others)
         self.blocks_ = None if self._block_layout is None else self._block_layout.name
         self._stage = stage if self._block_layout is not None else device
         if self._block_layout is not None:
@@ -549,9 +554,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """Statistics → widths → selections, applied to ``work``; returns the selections."""
         cache = StatisticsCache(self.memory)
         if self._block_layout is not None:
-            layout = self._block_layout
-            return blockwise_plan(self, work, units, layout, batches, key, cache, flops_info,
-                                  self._stage)
+            return self._blockwise(work, units, batches, key, cache, flops_info)
         if self.calibration == "corrective":
             return self._corrective(work, units, batches, key, cache, flops_info)
         if self.calibration == "original" or (
@@ -569,6 +572,25 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 return plan
             return self._sequential(work, units, batches, key, cache, widths)
         return self._sequential(work, units, batches, key, cache, None)
+
+    def _blockwise(self, work, units, batches, key, cache, flops_info):
+        """The units block by block; the stream (never under ``target_flops`` here) from a
+        pass over the whole model where ``work`` waits: before the blocks fold anything for
+        ``"original"``, after them otherwise (the model compressed so far)."""
+        streams = [u for u in units if _residual.is_residual(u)]
+        others = [u for u in units if not _residual.is_residual(u)]
+        early = self._statistics(work, streams, batches, key, cache) if (
+            self.calibration == "original") else None
+        plan = blockwise_plan(self, work, others, self._block_layout, batches, key, cache,
+                              flops_info, self._stage)
+        for i, stream in enumerate(streams):
+            step_key = None if key is None else fingerprint(key, "after", _plan_content(plan))
+            (fac,) = [early[i]] if early else self._statistics(work, [stream], batches,
+                                                               step_key, cache)
+            selection = _selection(stream, fac, self._widths([fac], [stream], None)[0])
+            _apply(work, selection)
+            plan.append(selection)
+        return plan
 
     def _sequential(self, work, units, batches, key, cache, widths):
         """Each unit from the model compressed so far (fixed ``widths`` or this fit's rule)."""

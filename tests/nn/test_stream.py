@@ -235,10 +235,22 @@ def test_stream_after_the_other_units_in_forward_calibrations(calibration):
     assert _relative(_run(nc.compressed_model_, X), _run(model, X)) < 1e-5
 
 
-def test_named_blocks_with_the_stream_are_refused():
+def test_named_blocks_with_the_stream_under_target_flops_are_refused():
     model, X = _model("llama")
-    with pytest.raises(ValueError, match="block-wise"):
-        NetworkCompressor(model, rank=0.5, prune="residual", blocks="model.layers").fit(X)
+    with pytest.raises(ValueError, match="one pass"):
+        NetworkCompressor(model, target_flops=0.5, prune=ALL, blocks="model.layers").fit(X)
+
+
+@pytest.mark.parametrize("calibration", ["original", "sequential", "corrective"])
+def test_block_wise_calibration_with_the_stream_matches_one_pass(calibration):
+    model, X = _model("llama")
+    params = dict(rank=0.5, prune=ALL, calibration=calibration)
+    blockwise = NetworkCompressor(model, blocks="model.layers", **params).fit(X)
+    one_pass = NetworkCompressor(model, blocks=None, **params).fit(X)
+    assert blockwise.blocks_ == "model.layers" and one_pass.blocks_ is None
+    assert blockwise.layers_[-1]["kind"] == "residual"
+    torch.testing.assert_close(_run(blockwise.compressed_model_, X),
+                               _run(one_pass.compressed_model_, X), rtol=1e-4, atol=1e-4)
 
 
 def test_post_norm_stream_is_skipped_with_its_reason():
@@ -294,7 +306,7 @@ def test_memory_reads_the_stream_statistics_back(tmp_path, monkeypatch):
 
 
 def test_calibration_passes_count_the_stream_pass():
-    _, X, nc = _fit("llama", rank=0.5, prune=ALL, batch_size=8)
+    _, X, nc = _fit("llama", rank=0.5, prune=ALL, batch_size=8, blocks=None)
     assert nc.n_calibration_passes_ == 2 * 3  # the units' pass and the stream's, 3 batches
     assert nc.n_calibration_samples_ == 24
 
