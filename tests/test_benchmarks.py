@@ -114,3 +114,10 @@ def test_bench_gram_quick():
     out = run_quick("bench_gram.py")
     assert len(table_rows(out, "accumulating")) == 4  # 2 precisions × {plain, skid}
     assert len(table_rows(out, "pivoted Cholesky")) == 3
+
+
+def test_bench_objectives_quick():
+    out = run_quick("bench_objectives.py")
+    assert len(table_rows(out, "digits CNN, objective × calibration")) == 4
+    if "not installed" not in out:
+        assert len(table_rows(out, "MiniLM, FFN at half width")) == 4

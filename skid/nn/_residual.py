@@ -21,8 +21,9 @@ from ._rotation import (
     stream_statistics,
 )
 from ._stream import Stream, find_stream
+from ._unit_kinds import UnitKind, register_unit_kind
 
-__all__ = ["apply", "factorize", "find", "is_residual", "report_row"]
+__all__ = ["apply", "blockwise", "factorize", "find", "is_residual", "report_row"]
 
 
 def find(work, example, *, exclude=(), layers="auto") -> tuple[list, list]:
@@ -57,6 +58,34 @@ def find(work, example, *, exclude=(), layers="auto") -> tuple[list, list]:
             "them (its config says tie_word_embeddings=False; the embedding's parameters are "
             "counted twice).", UserWarning, stacklevel=4)
     return [stream], []
+
+
+def blockwise(settings, work, units, layout, batches, key, cache, flops_info, home):
+    """Block-wise calibration with a stream (never under ``target_flops``): the other units
+    block by block, the stream from a pass of its own over the whole model where it waits —
+    before the blocks fold anything for ``"original"``, after them otherwise (the model
+    compressed so far)."""
+    from ._blockwise import blockwise_plan
+    from ._planner import Plan, Planner, StatisticsSource, plan_content, select
+    from ._planner import apply as fold
+
+    streams = [u for u in units if is_residual(u)]
+    others = [u for u in units if not is_residual(u)]
+    source = StatisticsSource(work, batches, cache, settings)
+    planner = Planner(settings, streams, flops_info)
+    early = None
+    if streams and not settings.calibration.follows_compression:
+        early = source.statistics(key, streams)
+    plan = blockwise_plan(settings, work, others, layout, batches, key, cache, flops_info,
+                          home)
+    selections = list(plan.selections)
+    for i, stream in enumerate(streams):
+        step = None if key is None else fingerprint(key, "after", plan_content(selections))
+        fac = early[i] if early is not None else source.statistics(step, [stream])[0]
+        selection = select(stream, fac, planner.widths([fac], [stream])[0])
+        fold(work, selection)
+        selections.append(selection)
+    return Plan(tuple(selections), plan.n_samples)
 
 
 def _names(exclude) -> list:
@@ -109,3 +138,33 @@ def report_row(selection: StreamSelection) -> dict:
                  "layer": "LayerNorm (writers made zero-mean)"}[stream.form],
         "untied": [list(pair) for pair in stream.tied],
     }
+
+
+class _StreamKind(UnitKind):
+    """The planner's view of a stream: its own statistics, a rotation, one report row."""
+
+    fits_corrective = False  # a rotation has no T to fit to the original model
+
+    def statistics(self, source, key, unit):
+        fac = factorize(source.work, unit, source.batches, source.settings.stream,
+                        cache=source.cache, key=key)
+        source.n_samples = fac.n_calibration_samples
+        return fac
+
+    def select(self, unit, fac, k):
+        return fac.select(int(k))
+
+    def apply(self, model, selection) -> None:
+        apply(model, selection)
+
+    def report(self, selection) -> dict:
+        return report_row(selection)
+
+    def smallest(self, fac) -> int:
+        return 2 if fac.stream.form == "layer" else 1  # LayerNorm: one direction and its sum
+
+    def for_outputs(self, work, unit, fac, pivots):
+        return fac  # one basis for every reader: no consumer to weigh the pivots by
+
+
+register_unit_kind("residual", _StreamKind())

@@ -36,6 +36,7 @@ from torch import nn
 from .. import _linalg
 from . import _calibration, _distributed, _surgery
 from ._calibration import batch_size_of, model_device_dtype, run_model, to_inputs
+from ._outputs import first_tensor
 from ._stream import Stream, get, random_rotation
 
 __all__ = ["StreamFactorization", "StreamSelection", "apply_stream_selection",
@@ -234,8 +235,8 @@ def check_stream(model: nn.Module, stream: Stream, example) -> str | None:
         warnings.simplefilter("ignore")  # the untying warning belongs to the real rewrite
         apply_stream_selection(trial, rotation_selection(stream))
     with torch.no_grad():
-        before = _first_tensor(run_model(model, args, kwargs)).double()
-        after = _first_tensor(run_model(trial, args, kwargs)).double()
+        before = first_tensor(run_model(model, args, kwargs)).double()
+        after = first_tensor(run_model(trial, args, kwargs)).double()
     if before.shape == after.shape:
         # rounding of a rotated model against a wrong description (an error of order 1)
         tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(model_device_dtype(model)[1], 5e-2)
@@ -246,12 +247,6 @@ def check_stream(model: nn.Module, stream: Stream, example) -> str | None:
             "outputs, so something reads or writes the stream that the layout does not "
             "describe (or the model outputs the stream itself, e.g. a last hidden state); "
             "its hidden size is left alone")
-
-
-def _first_tensor(output):
-    from ._compressor import _first_tensor as first
-
-    return first(output)
 
 
 def helmert(n: int) -> np.ndarray:

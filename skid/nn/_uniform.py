@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _policy
 from . import _budget
+from ._unit_kinds import unit_kind
 
 __all__ = ["classes", "flops_candidates", "widths"]
 
@@ -39,8 +40,7 @@ def widths(units, facs, *, rank=None, tol=None) -> np.ndarray:
     per_unit = []
     for unit, fac in zip(units, facs, strict=True):
         if rank is not None:
-            k = (fac.width_for_rank(rank) if unit.kind == "heads"
-                 else _budget.widths_for_rank([unit.width], rank)[0])
+            k = unit_kind(unit).width_for_rank(unit, fac, rank)
         else:
             k = _policy.width_for_tol(fac.errors, tol)
         per_unit.append(int(k))
@@ -84,13 +84,12 @@ def flops_candidates(units, facs, flops_info, target: float, concat_widths=None)
         concat_widths)
     errors = [np.sqrt(np.mean([np.asarray(facs[i].errors) ** 2 for i in m], axis=0))
               for m in members]
-    minimum = [facs[m[0]].valid_counts[0] if units[m[0]].kind == "heads" else 1
-               for m in members]
+    minimum = [unit_kind(units[m[0]]).smallest(facs[m[0]]) for m in members]
     return [np.array([_valid(units[i], facs[i], int(widths[c])) for i, c in enumerate(number)],
                      dtype=np.int64)
             for widths in _budget.flops_candidates(errors, model, target, minimum)]
 
 
 def _valid(unit, fac, k: int) -> int:
-    """A head count the model's code runs (the same for every member of a class)."""
-    return int(fac.valid(k)) if unit.kind == "heads" else int(k)
+    """A width the model's code runs (a head count: the same for every member of a class)."""
+    return int(unit_kind(unit).runnable(fac, k))
