@@ -333,3 +333,14 @@ def test_uniform_tol_holds_block_wise():
     assert nc.blocks_ is not None
     for kind in ("channels", "heads"):
         assert len({r["width_after"] for r in nc.layers_ if r["kind"] == kind}) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stream_on_cuda_stays_there_and_is_exact():
+    model, X = _model("llama")
+    model = model.cuda()
+    X = {k: v.cuda() for k, v in X.items()}
+    nc = NetworkCompressor(model, rank=1.0, prune="residual").fit(X)
+    small = nc.compressed_model_
+    assert all(p.is_cuda for p in small.parameters())
+    assert _relative(_run(small, X), _run(model, X)) < 1e-4
