@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import metrics
+from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _distributed, _hf_config, _residual
@@ -36,7 +37,6 @@ from ._calibration import (
     run_model,
 )
 from ._flops import count_flops, count_params
-from ._graph import find_units
 from ._heads import find_heads, in_forward_order
 from ._model_checks import check_model
 from ._objectives import (
@@ -46,14 +46,15 @@ from ._objectives import (
     calibration_names,
     objective_names,
 )
-from ._outputs import keyed_outputs, model_outputs
+from ._outputs import ModelOutputs, cached_outputs, collect_outputs, model_outputs
 from ._planner import plan_one_pass
+from ._residual_stages import find_channel_groups
 from ._settings import FitSettings
 from ._unit_kinds import unit_kind
 
 __all__ = ["NetworkCompressor"]
 
-#: What ``prune`` may name: channel groups, attention heads.
+#: What ``prune`` may name: channel groups, attention heads, residual streams.
 _STRUCTURES = ("channels", "heads", "residual")
 
 class NetworkCompressor(TransformerMixin, BaseEstimator):
@@ -106,9 +107,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
-        ``"residual"``: the residual stream of a pre-norm transformer (its hidden size; HF
-        LLaMA, Qwen2/3, Mistral, Gemma, GPT-2, ViT), one unit written by the embeddings and
-        every layer adding into it and read through every norm: see ``stream``. ``rank`` is
+        ``"residual"``: residual streams, one unit each. A pre-norm transformer's stream (its
+        hidden size; HF LLaMA, Qwen2/3, Mistral, Gemma, GPT-2, ViT) is written by the
+        embeddings and every layer adding into it and read through every norm: see
+        ``stream``. ``rank`` is
         the fraction of the hidden size; ``tol`` bounds the relative error of the normalized
         stream summed over every norm's input; under ``target_flops`` the stream's width
         counts in every layer reading or writing it. Calibrated by a pass over the whole model
@@ -118,10 +120,19 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         on the model compressed so far (a rotation has no ``T`` to fit to the original).
         Tied input/output embeddings are untied (with a warning). Streams that cannot be
         pruned are listed in ``skipped_`` with the reason (post-norm BERT, sandwich norms, a
-        model whose output is the stream).
+        model whose output is the stream). A CNN stage's stream (ResNet/ResNeXt/RegNet basic
+        and bottleneck blocks, MobileNetV2/EfficientNet projection streams), the channels
+        between two downsamples, is one unit too: its writers (the stage's first conv or projection
+        shortcut and every block's last conv, with their BatchNorms) keep the same channels
+        ``J``, chosen by the joint ID of every reading of the stream, and each dense reader
+        (every block's first conv, the next stage's projection and first conv, the pooled
+        classifier) gets its own ``T``. Its width counts in every writer and reader for
+        ``target_flops``; its error (what ``tol`` bounds and the budget weighs) is the root of
+        the *sum* of its readings' squared relative errors: each reading feeds another block.
     stream : {"rotate", "select"}, default="rotate"
-        How the stream is narrowed. ``"rotate"``: every norm's gain is folded into its readers
-        and the stream is written in one orthogonal basis — the principal directions of the
+        How a transformer's stream is narrowed (a CNN stage's always keeps channels).
+        ``"rotate"``: every norm's gain is folded into its readers and the stream is written
+        in one orthogonal basis — the principal directions of the
         normalized stream, one Gram per norm input summed — whose last directions are sliced,
         each norm's readers reading the kept directions through their least-squares map
         (exact at full width: RMS norms commute with a rotation; LayerNorm streams are made
@@ -213,15 +224,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned unit: ``kind`` (``"channels"``, ``"heads"``, ``"residual"``; the
-        stream's row lists its writers as ``producers``, its readers as ``consumers`` and
-        ``norms``, with ``stream``, ``norm`` and ``untied``), ``producers`` and
-        ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
-        each), ``width_before``, ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is
-        the report. ``error`` is the relative error on the calibration data of what the
-        consumers see: the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the
-        model it was calibrated on (the original, or for ``"sequential"`` the model compressed
-        so far; for consumers reading different tensors, the root mean square over them); for
+        One per pruned unit: ``kind`` (``"channels"``, ``"heads"`` or ``"residual"``),
+        ``producers`` and ``consumers`` (lists of qualified names; a stream's writers and
+        readers), ``producer`` and ``consumer`` (the first of each), ``width_before``,
+        ``width_after``, ``error``; a CNN stage's row adds ``passthroughs`` (the per-channel
+        modules sliced with it), a transformer stream's ``norms``, ``stream``, ``norm`` and
+        ``untied``. ``pandas.DataFrame(layers_)`` is the report.
+        ``error`` is the relative error on the calibration data of what the consumers see:
+        the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the model it was
+        calibrated on (the original, or for ``"sequential"`` the model compressed so far; for
+        consumers reading different tensors, the root mean square over them, the root of
+        their sum for a residual stream); for
         ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
         input ``Z_o``, upstream units' errors included; for ``objective="outputs"``, the same
         for the consumer's output ``Z Wᵀ``.
@@ -379,6 +392,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         model, X = self._fit_arguments(args, kwargs)
         settings = self._check_params()
         with _distributed.active(_distributed.resolve(self.process_group)):
+            _distributed.check_agreement(model, self.get_params(deep=False))  # before any sum
             return self._fit(model, X, settings)
 
     def _fit(self, model, X, settings: FitSettings):
@@ -486,9 +500,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             run_model(work, args, kwargs, what="first samples of the calibration data")
         prune = settings.prune
         units, skipped = [], []
-        if "channels" in prune:
-            units, skipped = find_units(work, args, kwargs, layers=settings.layers,
-                                        exclude=settings.exclude)
+        if prune & {"channels", "residual"}:
+            units, skipped = find_channel_groups(
+                work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
+                channels="channels" in prune, residual="residual" in prune)
         if "heads" in prune:
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
             if settings.layers != "auto":  # heads are named by their attention block
@@ -499,6 +514,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         if "residual" in prune:  # after the rest: "sequential" sees them compressed first
             streams, skipped_stream = _residual.find(work, example, exclude=settings.exclude,
                                                      layers=settings.layers)
+            if any(u.kind == "residual_stage" for u in units):
+                skipped_stream = []  # a CNN's streams were found: no transformer to miss
             units, skipped = units + streams, skipped + skipped_stream
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
         if settings.verbose:
@@ -553,7 +570,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_outputs)
-            A tuple or dict-like output is reduced to its first tensor.
+            A Hugging Face ``ModelOutput`` is read by its ``logits``, another tuple or
+            dict-like output by its first tensor. :meth:`outputs` gives them per batch,
+            unflattened ((n, seq, vocab) logits, (n, C, H, W) maps).
         """
         check_is_fitted(self, "compressed_model_")
         return model_outputs(self.compressed_model_, X, self.batch_size)
@@ -564,34 +583,64 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         return self.fit(model, X).transform(X)
 
     def predict(self, X) -> np.ndarray:
-        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,)."""
+        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,).
+
+        For (n, classes) outputs; per position (tokens, pixels) the metrics use
+        :meth:`outputs`.
+        """
         return self.transform(X).argmax(axis=1)
 
     def score(self, X, y=None) -> float:
-        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``."""
+        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``.
+
+        Both compare per position along the class axis (see :func:`skid.metrics.agreement`):
+        per token for (n, seq, vocab) logits, per pixel for (n, C, H, W) maps.
+        """
         if y is None:
             return metrics.agreement(self, X)
         return metrics.accuracy(self, X, y)
 
-    def _original_outputs(self, X) -> np.ndarray:
-        """The original model's outputs on ``X``, like :meth:`transform`.
+    def outputs(self, X, *, original=False) -> ModelOutputs:
+        """The compressed (or the original) model's outputs on ``X``, per batch, unflattened.
 
-        With ``memory`` they are cached by content, so the candidates of a grid search
-        (clones, one per setting) run the original model over a test fold once.
+        What :mod:`skid.metrics` compares: each batch's output as the model returns it (a
+        Hugging Face ``ModelOutput``'s ``logits``), with the batch's ``attention_mask``,
+        ``labels`` and token ids. :meth:`transform` is the same values flattened.
+
+        Parameters
+        ----------
+        X : tensor, ndarray, dict of those, or iterable of batches
+            Batched like the calibration data.
+        original : bool, default=False
+            The uncompressed model's outputs instead. With ``memory`` they are cached by
+            content, so the candidates of a grid search (clones, one per setting) run the
+            original model over a test fold once.
+
+        Returns
+        -------
+        skid.nn.ModelOutputs
+            ``values``, ``masks``, ``labels``, ``tokens``: one entry per batch;
+            ``flat()`` gives the (n_samples, n_outputs) array.
         """
         check_is_fitted(self, "compressed_model_")
-        if self.memory is None:
-            return model_outputs(self._original_model, X, self.batch_size)
-        batches = Batches(X, self.batch_size, reusable=True)
-        model_key = getattr(self, "_model_key", None)
-        if model_key is None:  # memory was set after fit
-            example = example_inputs(batches.first, *model_device_dtype(self._original_model))
-            model_key = model_fingerprint(self._original_model, *example)
-        key = fingerprint(model_key, batches.fingerprint())
-        cached = StatisticsCache(self.memory).memory.cache(
-            keyed_outputs, ignore=["model", "batches", "batch_size"]
-        )
-        return cached(key, model=self._original_model, batches=batches, batch_size=self.batch_size)
+        if not original:
+            return collect_outputs(self.compressed_model_, X, self.batch_size)
+        return cached_outputs(self._original_model, X, self.batch_size, self.memory,
+                              getattr(self, "_model_key", None))
+
+    def report(self) -> str:
+        """The per-unit report as a text table: the one ``skid compress`` prints.
+
+        One row per pruned unit of ``layers_`` (its kind, producer, consumer, width before →
+        after, the fraction kept, the ID error), then the FLOPs and parameters kept.
+        ``print(nc.report())`` to read it; ``pandas.DataFrame(nc.layers_)`` for a frame.
+        """
+        check_is_fitted(self, "compressed_model_")
+        return format_units_report(self.layers_, self.flops_, self.params_)
+
+    def _original_outputs(self, X) -> np.ndarray:
+        """The original model's outputs on ``X``, flattened like :meth:`transform`."""
+        return self.outputs(X, original=True).flat()
 
 
 # ---------------------------------------------------------------------------------- helpers
