@@ -58,6 +58,10 @@ def test_bench_fidelity_quick():
             assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
     summary = table_rows(out, "summary: top-1 agreement")
     assert any("target_flops=0.25" in row for row in summary)
+    if "no causal-LM table" not in out:
+        assert len(table_rows(out, "LLaMA-shaped causal LM, residual stream")) == 6
+        combined = table_rows(out, "LLaMA-shaped causal LM, one target_flops budget")
+        assert sum("SliceGPT" in row for row in combined) == 1
     for model in ("digits CNN", "digits MLP"):
         for sweep in ("target_flops", "rank"):
             rows = table_rows(out, f"{model}, calibration modes, {sweep} sweep")

@@ -351,6 +351,9 @@ def _resize(module: nn.Module, attributes: dict, shapes: dict):
             module._buffers[key] = new
     for key, value in attributes.items():
         setattr(module, key, value)
+    if isinstance(getattr(module, "normalized_shape", None), tuple) and "weight" in shapes:
+        values.setdefault("normalized_shape", module.normalized_shape)  # put back on failure
+        module.normalized_shape = tuple(shapes["weight"])  # a narrowed stream's LayerNorm
     return restore
 
 
