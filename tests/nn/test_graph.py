@@ -274,12 +274,12 @@ def test_functional_per_channel_bias_blocks():
 
 
 def test_internal_error_while_following_is_a_skip(monkeypatch):
-    import skid.nn._graph as graph_module
+    import skid.nn._channel_walk as walk_module
 
     def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(graph_module, "_check_linear_consumer", broken)
+    monkeypatch.setattr(walk_module, "_check_linear_consumer", broken)
     units, skipped = find_units(ARCHITECTURES["mlp"][0](), torch.randn(2, 8))
     assert units == []
     assert _reasons(skipped)["0"] == "skid could not follow its channels (boom)"
