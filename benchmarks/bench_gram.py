@@ -46,8 +46,8 @@ class PlainGram:
     def update(self, X):
         dtype = "float64" if self.precision == "float64" else "float32"
         part = None
-        max_elements = (_linalg._BLOCK_ELEMENTS if dtype == "float64"
-                        else _linalg._NATIVE_BLOCK_ROWS * X.shape[1])
+        max_elements = (_linalg.BLOCK_ELEMENTS if dtype == "float64"
+                        else _linalg.NATIVE_BLOCK_ROWS * X.shape[1])
         for rows in _linalg.row_blocks(X.shape[0], X.shape[1], max_elements):
             block = X[rows].astype(dtype, copy=False)
             product = (block.T @ block).astype(np.float64)
@@ -66,7 +66,7 @@ class PlainGram:
         if not np.isfinite(gram).all():
             raise ValueError("non-finite")
         diag_max = float(gram.diagonal().max())
-        shift = _linalg._exponent(diag_max) // 2 * 2
+        shift = _linalg.binary_exponent(diag_max) // 2 * 2
         scaled = np.ldexp(gram, -shift) if shift else gram
         cutoff = -1.0 if self.precision == "float64" else (  # skid's trust cutoff
             gram.shape[0] * float(np.finfo(np.float32).eps) * math.ldexp(diag_max, -shift))

@@ -218,11 +218,11 @@ def _frob_norm(X) -> float:
         import torch
 
         return float(torch.linalg.vector_norm(X.to(torch.float64)))
-    xp = _xp(X)
+    xp = array_namespace(X)
     return float(xp.linalg.norm(X.astype("float64", copy=False).ravel()))
 
 
-def _xp(X):
+def array_namespace(X):
     if array_kind(X) == "cupy":
         import cupy
 

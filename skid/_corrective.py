@@ -34,8 +34,8 @@ import scipy.linalg
 
 from . import _array
 from ._linalg import (  # the Gram route blocks rows as GramAccumulator does
-    _BLOCK_ELEMENTS,
-    _NATIVE_BLOCK_ROWS,
+    BLOCK_ELEMENTS,
+    NATIVE_BLOCK_ROWS,
     QRAccumulator,
     factorize_gram,
     row_blocks,
@@ -405,7 +405,7 @@ class CrossAccumulator:
         factor of a TSQR of ``[Z_c | Z_o]`` (2m columns, in the data's dtype).
     precision : {"float64", "native"}
         Gram route: products of float32 blocks in float32, summed in float64 every
-        ``_NATIVE_BLOCK_ROWS`` rows (``"native"``), or in float64 (as
+        ``NATIVE_BLOCK_ROWS`` rows (``"native"``), or in float64 (as
         :class:`skid._linalg.GramAccumulator`).
     """
 
@@ -453,7 +453,7 @@ class CrossAccumulator:
             self._gram = _array.zeros((self.n_features,) * 2, Zc, "float64")
             self._cross = _array.zeros((self.n_features,) * 2, Zc, "float64")
             self._sq_cols = _array.zeros((self.n_features,), Zc, "float64")
-        step = _NATIVE_BLOCK_ROWS * self.n_features if dtype == "float32" else _BLOCK_ELEMENTS
+        step = NATIVE_BLOCK_ROWS * self.n_features if dtype == "float32" else BLOCK_ELEMENTS
         for rows in row_blocks(Zc.shape[0], self.n_features, step):
             bc = _array.astype(Zc[rows], dtype)
             gram = _array.astype(bc.T @ bc, "float64")
@@ -545,7 +545,7 @@ def _agree(A, B) -> bool:
         gap, norm = torch.linalg.vector_norm(A - B), torch.linalg.vector_norm(B)
         return bool(gap <= max(A.shape[1], 16) * eps * norm)
     eps = float(np.finfo(A.dtype).eps)
-    xp = _array._xp(A)
+    xp = _array.array_namespace(A)
     return bool(xp.linalg.norm(A - B) <= max(A.shape[1], 16) * eps * xp.linalg.norm(B))
 
 

@@ -48,8 +48,8 @@ def assert_same_panels(acc, kept):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that one update multiplies several blocks."""
-    monkeypatch.setattr(_blocking, "_NATIVE_BLOCK_ROWS", 7)
-    monkeypatch.setattr(_blocking, "_BLOCK_ELEMENTS", 7 * 40)
+    monkeypatch.setattr(_blocking, "NATIVE_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_blocking, "BLOCK_ELEMENTS", 7 * 40)
 
 
 @pytest.fixture(params=["whole", "panels"])
@@ -61,7 +61,7 @@ def products(request):
 @pytest.fixture
 def narrow_steps(monkeypatch):
     """Panels 8 columns wide, so that a 40-wide triangle is stored in several panels."""
-    monkeypatch.setattr(_blocking, "_TRIANGLE_STEP", 8)
+    monkeypatch.setattr(_blocking, "TRIANGLE_STEP", 8)
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
@@ -284,9 +284,9 @@ def traced_peak(fn) -> int:
 
 @pytest.mark.parametrize("m", [40, 512, 600])
 def test_the_statistic_stores_the_triangle_in_panels(m):
-    step = _linalg._TRIANGLE_STEP
+    step = _linalg.TRIANGLE_STEP
     acc = _linalg.GramAccumulator("native").update(data(30, m, np.float32))
-    stored = sum(w * stop for start, stop in _linalg._panel_bounds(m) for w in [stop - start])
+    stored = sum(w * stop for start, stop in _gram._panel_bounds(m) for w in [stop - start])
     assert acc.nbytes == 8 * stored == sum(p.nbytes for p in acc._panels)
     if m % step == 0:
         assert acc.nbytes == 8 * m * (m + step) // 2  # 0.75 m² for m = 2 · 256, not m²
@@ -300,7 +300,7 @@ def test_an_update_allocates_one_panel_product_not_an_m_by_m_one(precision, dtyp
     X = data(2 * rows, m, dtype)
     acc = _linalg.GramAccumulator(precision).update(X[:rows])
     peak = traced_peak(lambda: acc.update(X[rows:]))
-    panel_product = np.dtype(dtype).itemsize * m * _linalg._TRIANGLE_STEP  # 2 or 4 MiB
+    panel_product = np.dtype(dtype).itemsize * m * _linalg.TRIANGLE_STEP  # 2 or 4 MiB
     assert peak < panel_product + (1 << 20)  # an m × m float32 product alone is 16 MiB
     assert_gram(acc, X)
 
@@ -336,7 +336,7 @@ def test_factorize_copies_the_triangle_once_and_consume_frees_as_it_goes(monkeyp
 
     monkeypatch.setattr(_linalg._array, "to_numpy", copied)
     peak = traced_peak(lambda: acc.factorize(consume=consume))
-    assert peak < 8 * m * m + 8 * m * _linalg._TRIANGLE_STEP + (1 << 20)  # the m × m copy
+    assert peak < 8 * m * m + 8 * m * _linalg.TRIANGLE_STEP + (1 << 20)  # the m × m copy
     expected = [n_panels - p for p in range(n_panels)] if consume else [n_panels] * n_panels
     assert alive == expected
     assert (acc._panels is None) == consume

@@ -33,7 +33,8 @@ The package, one job per module (each re-exported here, so ``from skid._linalg i
 
 from __future__ import annotations
 
-# Every name the single module had, private ones included: callers and tests reach them here.
+# The package's names, and the helpers its modules share (public in the module that holds
+# them); a module-private helper is reached in its own module (tests: ``_linalg._gram``).
 # ruff: noqa: F401
 from .. import _array, _policy
 
@@ -41,42 +42,24 @@ from .. import _array, _policy
 from .._policy import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
 from ._block_pivoting import BlockPivotedFactorization
 from ._blocking import (
-    _BLOCK_ELEMENTS,
-    _NATIVE_BLOCK_ROWS,
-    _TRIANGLE_STEP,
+    BLOCK_ELEMENTS,
+    NATIVE_BLOCK_ROWS,
+    TRIANGLE_STEP,
     NonFiniteDataError,
-    _check_block,
-    _exponent,
-    _non_finite_data,
-    _quiet,
-    _scale_block,
+    binary_exponent,
+    check_block,
+    non_finite_data,
+    quiet,
     row_blocks,
+    scale_block,
 )
-from ._cholesky import _finite, factorize_gram
-from ._factorization import PivotedFactorization, _ldexp_inf, _relative_errors
-from ._gram import (
-    _GRAM_SAFE,
-    GramAccumulator,
-    _add_product,
-    _add_scaled,
-    _as_kind,
-    _blas_readable,
-    _gram_block,
-    _gram_slices,
-    _panel_bounds,
-    _panel_mask,
-    triangle_size,
-)
-from ._outputs import _cholesky_in_order, _output_greedy_order, _pivots, factorize_for_outputs
-from ._randomized import (
-    _ENTRY_SAFE,
-    _cross_products,
-    _data_exponent,
-    _normal_equations,
-    randomized_factorization,
-)
-from ._threads import _SMALL_FACTOR, _small_step
-from ._tsqr import QRAccumulator, _folded, factorize_triangular
+from ._cholesky import factorize_gram
+from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
+from ._gram import GramAccumulator, triangle_size
+from ._outputs import factorize_for_outputs
+from ._randomized import randomized_factorization
+from ._threads import small_step
+from ._tsqr import QRAccumulator, factorize_triangular
 
 __all__ = [
     "FLOAT32_GRAM_RELIABLE_ERROR",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from ._factorization import _relative_errors
-from ._threads import _small_step
+from ._factorization import relative_errors
+from ._threads import small_step
 
 
 class BlockPivotedFactorization:
@@ -69,7 +69,7 @@ class BlockPivotedFactorization:
         remaining = list(range(self.n_blocks))
         order, sq_tail = [], [sq_norm]
         served = set()
-        with _small_step(S.shape[0]):
+        with small_step(S.shape[0]):
             while remaining:
                 if rounds and served >= {labels[b] for b in remaining}:
                     served = set()  # every group has had its turn this round
@@ -85,7 +85,7 @@ class BlockPivotedFactorization:
                 sq_tail.append(self._energy(S))
         sq_tail = np.asarray(sq_tail)
         sq_tail[-1] = 0.0  # every column kept: nothing left, whatever the rounding says
-        return np.asarray(order, dtype=np.int64), _relative_errors(sq_tail, sq_norm)
+        return np.asarray(order, dtype=np.int64), relative_errors(sq_tail, sq_norm)
 
     def _energy(self, S) -> float:
         """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights."""
@@ -113,6 +113,6 @@ class BlockPivotedFactorization:
         columns = np.concatenate([self.blocks[b] for b in kept]) if k else np.array([], int)
         if not k:
             return kept.copy(), columns, np.zeros((0, self.gram.shape[0]))
-        with _small_step(self.gram.shape[0]):
+        with small_step(self.gram.shape[0]):
             T = scipy.linalg.pinvh(self.gram[np.ix_(columns, columns)]) @ self.gram[columns]
         return kept.copy(), columns, T

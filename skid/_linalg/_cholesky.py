@@ -8,9 +8,9 @@ import numpy as np
 from scipy.linalg import lapack
 
 from . import _blocking
-from ._blocking import _exponent
-from ._factorization import PivotedFactorization, _ldexp_inf, _relative_errors
-from ._threads import _small_step
+from ._blocking import binary_exponent
+from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
+from ._threads import small_step
 
 
 def factorize_gram(
@@ -46,7 +46,7 @@ def factorize_gram(
         )
     m = gram.shape[0]
     diag_max = float(np.max(np.diagonal(gram), initial=0.0))
-    shift = _exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
+    shift = binary_exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
     if overwrite and gram.flags.f_contiguous:
         a, lower = gram, 0
     elif overwrite and gram.flags.c_contiguous:  # LAPACK's Fortran order reads the transpose:
@@ -59,7 +59,7 @@ def factorize_gram(
         np.ldexp(gram.T if lower else gram, -shift, out=a)
     sq_norm = float(np.trace(a))
     cutoff = -1.0 if product_eps is None else m * product_eps * math.ldexp(diag_max, -shift)
-    with _small_step(m):
+    with small_step(m):
         factor, piv, rank, info = lapack.dpstrf(a, lower=lower, tol=cutoff, overwrite_a=True)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
@@ -73,12 +73,12 @@ def factorize_gram(
     sq_tail[0] = sq_norm
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(np.einsum("ij,ij->i", U, U))
     sq_tail[rank + 1 :] = sq_tail[rank]
-    errors = _relative_errors(sq_tail, sq_norm)
+    errors = relative_errors(sq_tail, sq_norm)
     half = shift // 2 + scale_exp
     if half:
         np.ldexp(U, half, out=U)
     return PivotedFactorization(
-        perm, U, _ldexp_inf(sq_norm, 2 * half), errors, rank, n_samples,
+        perm, U, ldexp_inf(sq_norm, 2 * half), errors, rank, n_samples,
         float32_products=product_eps is not None,
     )  # fmt: skip
 
@@ -87,8 +87,8 @@ def _finite(a: np.ndarray, upper: bool = False) -> bool:
     """Whether every entry of the square ``a`` (only its upper triangle with ``upper``) is
     finite, checked by column blocks (masks of m × 256, not m × m)."""
     m = a.shape[0]
-    for start in range(0, m, _blocking._TRIANGLE_STEP):
-        stop = min(start + _blocking._TRIANGLE_STEP, m)
+    for start in range(0, m, _blocking.TRIANGLE_STEP):
+        stop = min(start + _blocking.TRIANGLE_STEP, m)
         bad = ~np.isfinite(a[: stop if upper else m, start:stop])
         if (np.triu(bad, -start) if upper else bad).any():  # upper: rows i <= column j
             return False

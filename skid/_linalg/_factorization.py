@@ -8,7 +8,7 @@ import numpy as np
 import scipy.linalg
 
 from .. import _policy
-from ._threads import _small_step
+from ._threads import small_step
 
 
 class PivotedFactorization:
@@ -79,14 +79,14 @@ class PivotedFactorization:
         T = np.zeros((k, m))  # written in the original column order: no pivoted copy
         T[np.arange(k), self.perm[:k]] = 1.0
         if k_solve > 0 and k < m:
-            with _small_step(m):
+            with small_step(m):
                 T[:k_solve, self.perm[k:]] = scipy.linalg.solve_triangular(
                     self.U[:k_solve, :k_solve], self.U[:k_solve, k:], check_finite=False
                 )
         return self.perm[:k].copy(), T
 
 
-def _relative_errors(sq_tail: np.ndarray, sq_norm: float) -> np.ndarray:
+def relative_errors(sq_tail: np.ndarray, sq_norm: float) -> np.ndarray:
     """Relative errors from the squared tail norms, made nonincreasing and ending at 0."""
     sq_tail = np.minimum.accumulate(np.maximum(sq_tail, 0.0))
     sq_tail[-1] = 0.0
@@ -95,7 +95,7 @@ def _relative_errors(sq_tail: np.ndarray, sq_norm: float) -> np.ndarray:
     return np.sqrt(sq_tail / sq_norm)
 
 
-def _ldexp_inf(value: float, exp: int) -> float:
+def ldexp_inf(value: float, exp: int) -> float:
     """``value * 2**exp``, infinite past the float64 range."""
     try:
         return math.ldexp(value, exp)

@@ -8,7 +8,14 @@ import numpy as np
 
 from .. import _array
 from . import _blocking
-from ._blocking import _check_block, _exponent, _non_finite_data, _quiet, _scale_block, row_blocks
+from ._blocking import (
+    binary_exponent,
+    check_block,
+    non_finite_data,
+    quiet,
+    row_blocks,
+    scale_block,
+)
 from ._cholesky import factorize_gram
 from ._factorization import PivotedFactorization
 
@@ -23,7 +30,7 @@ def triangle_size(m: int) -> int:
 
 def _panel_bounds(m: int):
     """``(start, stop)`` of the column panels of an m × m triangle."""
-    step = _blocking._TRIANGLE_STEP
+    step = _blocking.TRIANGLE_STEP
     return [(start, min(start + step, m)) for start in range(0, m, step)]
 
 
@@ -55,14 +62,14 @@ def _gram_slices(X, dtype: str, exp: int) -> list:
         _blas_readable(X)
     ):
         return [slice(None)]  # nothing to upcast or scale: the products read X in place
-    max_elements = (_blocking._BLOCK_ELEMENTS if dtype == "float64"
-                    else _blocking._NATIVE_BLOCK_ROWS * m)
+    max_elements = (_blocking.BLOCK_ELEMENTS if dtype == "float64"
+                    else _blocking.NATIVE_BLOCK_ROWS * m)
     return list(row_blocks(n, m, max_elements))
 
 
 def _gram_block(X, rows, dtype: str, exp: int):
     """``X[rows] / 2**exp`` in ``dtype``, laid out for BLAS."""
-    block = _scale_block(_array.astype(X[rows], dtype), exp)
+    block = scale_block(_array.astype(X[rows], dtype), exp)
     return block if _blas_readable(block) else np.ascontiguousarray(block)
 
 
@@ -184,7 +191,7 @@ def _xp(a):
 class GramAccumulator:
     """Streams row blocks of X into ``XᵀX`` (summed in float64, on the blocks' own device).
 
-    Only the upper triangle is stored, as column panels ``_TRIANGLE_STEP`` (256) wide: panel
+    Only the upper triangle is stored, as column panels ``TRIANGLE_STEP`` (256) wide: panel
     p holds ``G[:stop_p, start_p:stop_p]``, column-major (kept as the C-ordered array of its
     transpose, ``G[start_p:stop_p, :stop_p]``: for NumPy, the Fortran-ordered panel), in
     float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
@@ -206,7 +213,7 @@ class GramAccumulator:
     precision : {"float64", "native"}
         ``"float64"``: each sub-block is upcast and multiplied in float64 (never the whole
         matrix at once). ``"native"``: float32 (and half) blocks are multiplied in float32 over
-        ``_NATIVE_BLOCK_ROWS`` rows at a time and summed in float64 — twice as fast, reliable
+        ``NATIVE_BLOCK_ROWS`` rows at a time and summed in float64 — twice as fast, reliable
         for relative errors down to :data:`FLOAT32_GRAM_RELIABLE_ERROR`.
     products : {"auto", "whole", "panels"}
         How an update multiplies a row block: ``"whole"``, all of ``blockᵀ block`` into one
@@ -295,7 +302,7 @@ class GramAccumulator:
         Every row block's diagonal is checked before its product is added, and a bad block
         anywhere in X leaves the statistic as it was.
         """
-        X = _check_block(X, self.n_features)
+        X = check_block(X, self.n_features)
         if _array.array_kind(X) == "torch":
             X = X.detach()  # a statistic, not a graph (products into buffers refuse graphs)
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
@@ -327,7 +334,7 @@ class GramAccumulator:
                                 for start, stop in _panel_bounds(X.shape[1])]
                 self.scale_exp = exp
             factor, largest = None, 0.0  # the scales are reconciled once a block is checked
-            with _quiet():  # overflow and underflow are checked and handled here
+            with quiet():  # overflow and underflow are checked and handled here
                 for rows in _gram_slices(X, dtype, exp):
                     buffer, parts = _whole_product(_gram_block(X, rows, dtype, exp), buffer)
                     maxima = [part[:, part.shape[1] - part.shape[0] :].diagonal().max()
@@ -346,10 +353,10 @@ class GramAccumulator:
             if scaled or not math.isfinite(amax):
                 if fresh:
                     self._clear()
-                raise _non_finite_data()
+                raise non_finite_data()
             if amax == 0.0:  # zeros: nothing to add
                 return
-            exp, scaled = _exponent(amax), True
+            exp, scaled = binary_exponent(amax), True
 
     def _update_panels(self, X, dtype: str) -> None:
         """Panel by panel (wide statistics): every block's diagonal is checked from its column
@@ -357,7 +364,7 @@ class GramAccumulator:
         m = X.shape[1]
         slices = _gram_slices(X, dtype, 0)
         largest, block = 0.0, None
-        with _quiet():  # overflow and underflow are checked and handled below
+        with quiet():  # overflow and underflow are checked and handled below
             for rows in slices:
                 block = _gram_block(X, rows, dtype, 0)
                 value = _array.max_column_sq_sum(block)  # the largest of blockᵀ block's diagonal
@@ -371,8 +378,8 @@ class GramAccumulator:
         if not low <= largest <= high:  # NaN fails too
             amax = _array.max_abs(X)
             if not math.isfinite(amax):
-                raise _non_finite_data()
-            exp = _exponent(amax)  # 0 for zeros
+                raise non_finite_data()
+            exp = binary_exponent(amax)  # 0 for zeros
             if exp:
                 slices, kept = _gram_slices(X, dtype, exp), None
         if self._panels is None:
@@ -382,7 +389,7 @@ class GramAccumulator:
         factor = self._reconcile(exp)
         scratch = None  # one buffer for every panel's product, of the largest one's size
         capacity = max((panel.shape[0] * panel.shape[1] for panel in self._panels), default=0)
-        with _quiet():  # underflow of entries far below the largest one is harmless
+        with quiet():  # underflow of entries far below the largest one is harmless
             for rows in slices:
                 block = kept if kept is not None else _gram_block(X, rows, dtype, exp)
                 for panel in self._panels:

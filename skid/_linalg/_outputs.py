@@ -6,8 +6,8 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import lapack
 
-from ._factorization import PivotedFactorization, _relative_errors
-from ._threads import _small_step
+from ._factorization import PivotedFactorization, relative_errors
+from ._threads import small_step
 
 
 def factorize_for_outputs(fac: PivotedFactorization, weight_gram, how: str = "scaled"):
@@ -55,14 +55,14 @@ def factorize_for_outputs(fac: PivotedFactorization, weight_gram, how: str = "sc
     sq_tail = np.zeros(m + 1)
     sq_tail[0] = sq_norm
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(per_row)
-    return PivotedFactorization(order, U, sq_norm, _relative_errors(sq_tail, sq_norm), rank,
+    return PivotedFactorization(order, U, sq_norm, relative_errors(sq_tail, sq_norm), rank,
                                 fac.n_samples, fac.float32_products)
 
 
 def _pivots(gram):
     """Pivot order and rank of LAPACK's pivoted Cholesky."""
     m = gram.shape[0]
-    with _small_step(m):
+    with small_step(m):
         _, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=-1.0)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
@@ -75,7 +75,7 @@ def _output_greedy_order(gram, weight_gram, cutoff):
     m = S.shape[0]
     gain = np.einsum("ij,ji->i", S, weight_gram @ S)
     order, free = [], np.ones(m, dtype=bool)
-    with _small_step(m):
+    with small_step(m):
         for _ in range(m):
             diag = np.diag(S)
             score = np.where(free & (diag > cutoff), gain / np.where(diag > 0, diag, 1), -1.0)
@@ -99,7 +99,7 @@ def _cholesky_in_order(gram, order, rank):
     m = g.shape[0]
     U = np.zeros((rank, m))
     if rank:
-        with _small_step(m):
+        with small_step(m):
             U11 = scipy.linalg.cholesky(g[:rank, :rank], lower=False, check_finite=False)
             U[:, :rank] = U11
             U[:, rank:] = scipy.linalg.solve_triangular(

@@ -8,8 +8,8 @@ import numpy as np
 import scipy.linalg
 
 from .. import _array
-from ._blocking import _exponent, _non_finite_data, _quiet, _scale_block, row_blocks
-from ._threads import _small_step
+from ._blocking import binary_exponent, non_finite_data, quiet, row_blocks, scale_block
+from ._threads import small_step
 
 _ENTRY_SAFE = {"float64": (2.0**-300, 2.0**450), "float32": (2.0**-30, 2.0**50)}
 
@@ -18,9 +18,9 @@ def _data_exponent(X, dtype: str) -> int:
     """0 for data of a safe magnitude for ``dtype``, else the exponent that scales it."""
     amax = _array.max_abs(X)
     if not math.isfinite(amax):
-        raise _non_finite_data()
+        raise non_finite_data()
     low, high = _ENTRY_SAFE[dtype]
-    return 0 if amax == 0 or low <= amax <= high else _exponent(amax)
+    return 0 if amax == 0 or low <= amax <= high else binary_exponent(amax)
 
 
 def randomized_factorization(X, k: int, rng: np.random.Generator, oversample: int = 10):
@@ -38,13 +38,13 @@ def randomized_factorization(X, k: int, rng: np.random.Generator, oversample: in
     n_sketch = min(k + oversample, n)
     sketch = np.zeros((n_sketch, m))
     for rows in row_blocks(n, m):
-        block = _scale_block(_array.astype(X[rows], dtype), exp)
+        block = scale_block(_array.astype(X[rows], dtype), exp)
         omega = rng.standard_normal((n_sketch, block.shape[0]), dtype=np.float32)
-        with _quiet():
+        with quiet():
             sketch += _array.to_numpy(_array.from_numpy(omega, block, dtype) @ block)
     if not np.isfinite(sketch).all():
-        raise _non_finite_data()
-    with _small_step(m):
+        raise non_finite_data()
+    with small_step(m):
         _, piv = scipy.linalg.qr(sketch, mode="r", pivoting=True, check_finite=False)
     selected = piv[:k].astype(np.int64)
     cross, sq_norm = _cross_products(X, selected, exp)
@@ -60,7 +60,7 @@ def _cross_products(X, selected, exp=0):
     cross = None
     sq_norm = 0.0
     for rows in row_blocks(n, m):
-        block = _scale_block(_array.astype(X[rows], "float64"), exp)
+        block = scale_block(_array.astype(X[rows], "float64"), exp)
         part = block[:, _array.from_numpy(selected, block)].T @ block
         cross = part if cross is None else cross + part
         sq_norm += _array.frob_norm(block) ** 2

@@ -8,7 +8,7 @@ _SMALL_FACTOR = 2048  # m × m steps up to this size run on one BLAS thread
 _controller = None
 
 
-def _small_step(m: int):
+def small_step(m: int):
     """Context for an m × m step on the host: one BLAS thread when m is small.
 
     After the big product, the idle workers of NumPy's OpenBLAS keep spinning on the cores for

@@ -8,9 +8,16 @@ import numpy as np
 import scipy.linalg
 
 from .. import _array
-from ._blocking import _check_block, _exponent, _non_finite_data, _quiet, _scale_block, row_blocks
-from ._factorization import PivotedFactorization, _ldexp_inf, _relative_errors
-from ._threads import _small_step
+from ._blocking import (
+    binary_exponent,
+    check_block,
+    non_finite_data,
+    quiet,
+    row_blocks,
+    scale_block,
+)
+from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
+from ._threads import small_step
 
 
 def factorize_triangular(
@@ -24,10 +31,10 @@ def factorize_triangular(
     if not np.isfinite(R).all():
         raise ValueError("The data contain NaN or infinite values; remove or impute them.")
     p, m = R.shape
-    shift = _exponent(float(np.max(np.abs(R), initial=0.0)))
+    shift = binary_exponent(float(np.max(np.abs(R), initial=0.0)))
     if shift:
         R = np.ldexp(R, -shift)
-    with _small_step(m):
+    with small_step(m):
         U, perm = scipy.linalg.qr(R, mode="r", pivoting=True, check_finite=False)
     U = U[: min(p, m)]
     row_sq = np.einsum("ij,ij->i", U, U)
@@ -39,10 +46,10 @@ def factorize_triangular(
     trusted = int(np.count_nonzero(diag > cutoff)) if diag.size and diag[0] > 0 else 0
     if n_samples is not None:
         trusted = min(trusted, int(n_samples))
-    errors = _relative_errors(sq_tail, sq_norm)
+    errors = relative_errors(sq_tail, sq_norm)
     shift += scale_exp
     return PivotedFactorization(
-        perm.astype(np.int64), np.ldexp(U, shift), _ldexp_inf(sq_norm, 2 * shift), errors,
+        perm.astype(np.int64), np.ldexp(U, shift), ldexp_inf(sq_norm, 2 * shift), errors,
         trusted, n_samples,
     )  # fmt: skip
 
@@ -64,20 +71,20 @@ class QRAccumulator:
 
     def update(self, X) -> QRAccumulator:
         """Fold the rows of the 2-D array ``X`` into R (at most m × m)."""
-        X = _check_block(X, self.n_features)
+        X = check_block(X, self.n_features)
         dtype = self.dtype or _array.float_dtype_for(X)
         for rows in row_blocks(X.shape[0], X.shape[1]):
             block = _array.astype(X[rows], dtype)
-            R = _folded(self.R, _scale_block(block, self.scale_exp))
+            R = _folded(self.R, scale_block(block, self.scale_exp))
             if R is None:  # overflow, or NaN/Inf in the block
                 amax = _array.max_abs(block)
                 if not math.isfinite(amax):
-                    raise _non_finite_data()
-                exp = max(_exponent(amax), self.scale_exp)
-                previous = None if self.R is None else _scale_block(self.R, exp - self.scale_exp)
-                R = _folded(previous, _scale_block(block, exp))
+                    raise non_finite_data()
+                exp = max(binary_exponent(amax), self.scale_exp)
+                previous = None if self.R is None else scale_block(self.R, exp - self.scale_exp)
+                R = _folded(previous, scale_block(block, exp))
                 if R is None:
-                    raise _non_finite_data()
+                    raise non_finite_data()
                 self.scale_exp = exp
             self.R = R
         if self.n_features is None:
@@ -89,14 +96,14 @@ class QRAccumulator:
         """Fold in the rows accumulated by ``other``: R of its R stacked under ours."""
         if other.R is None:
             return self
-        _check_block(other.R, self.n_features)
+        check_block(other.R, self.n_features)
         if self.R is None:
             self.n_features, self.dtype = other.n_features, other.dtype
             self.R, self.scale_exp = other.R, other.scale_exp
         else:
             exp = max(self.scale_exp, other.scale_exp)  # both R's at the larger scale
-            ours = _scale_block(self.R, exp - self.scale_exp)
-            theirs = _scale_block(other.R, exp - other.scale_exp)
+            ours = scale_block(self.R, exp - self.scale_exp)
+            theirs = scale_block(other.R, exp - other.scale_exp)
             self.R = _array.qr_r(_array.vstack([ours, theirs], like=ours))
             self.scale_exp = exp
         self.n_samples += other.n_samples
@@ -130,6 +137,6 @@ class QRAccumulator:
 def _folded(R, block):
     """The R factor of ``[R; block]``, or None when it is not finite."""
     stacked = block if R is None else _array.vstack([R, block], like=block)
-    with _quiet():
+    with quiet():
         new_R = _array.qr_r(stacked)
     return new_R if math.isfinite(_array.max_abs(new_R)) else None

@@ -37,19 +37,16 @@ from torch import nn
 
 from .._validation import suggest
 from ._calibration import (
-    _StopForward,
+    StopForward,
     run_model,
     running_to_the_end,
     to_inputs,
 )
 from ._outputs import first_tensor
-from ._tapes import Recorder as _Recorder
-from ._tapes import Tape as _Tape
-from ._tapes import TapeStore as _TapeStore
-from ._tapes import flatten
+from ._tapes import Recorder, Tape, TapeStore, flatten
 from ._trace import map_tensors
 
-__all__ = ["BlockLayout", "Runner", "TapeStore", "find_blocks"]
+__all__ = ["BlockLayout", "Runner", "find_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +121,14 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
             return layout
         reasons[layout.name] = reason
         if spec == "auto":
-            from ._planner import _caller_outside_skid
+            from ._planner import caller_outside_skid
 
             warnings.warn(
                 f"blocks='auto': {layout.name!r} is not calibrated block by block, since "
                 f"{reason} Calibrating in one pass over the whole model instead (the same "
                 "result, with every unit's statistics in memory at once); pass blocks=None "
                 "to choose this without the warning.",
-                UserWarning, stacklevel=_caller_outside_skid(),
+                UserWarning, stacklevel=caller_outside_skid(),
             )
             return None
     if spec != "auto":
@@ -260,7 +257,7 @@ def _replayed_pass(model, example, module_list, entry, stop, watch=()):
 
     def keep_output(module, args, output):
         seen["output"] = output
-        raise _StopForward
+        raise StopForward
 
     def keep_input(name):
         def hook(module, args, kwargs):
@@ -270,7 +267,7 @@ def _replayed_pass(model, example, module_list, entry, stop, watch=()):
         return hook
 
     modules = dict(model.named_modules())
-    tape = _Tape([entry])
+    tape = Tape([entry])
     try:
         if stop is not None:
             handles.append(members[stop].register_forward_hook(keep_output))
@@ -281,7 +278,7 @@ def _replayed_pass(model, example, module_list, entry, stop, watch=()):
             args, kwargs = example
             try:
                 model(*args, **kwargs)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         for handle in handles:
@@ -402,7 +399,7 @@ class _Replay:
     order).
     """
 
-    def __init__(self, tape: _Tape, advances: bool, device):
+    def __init__(self, tape: Tape, advances: bool, device):
         self.tape, self.advances, self.device = tape, advances, device
 
     def __call__(self, *args, **kwargs):
@@ -431,7 +428,7 @@ def _replay(member: nn.Module, replay) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(members, tape: _Tape, device):
+def _replacing(members, tape: Tape, device):
     """``members`` replay ``tape`` for the duration, their own forwards back afterwards."""
     try:
         for i, member in enumerate(members):
@@ -442,12 +439,12 @@ def _replacing(members, tape: _Tape, device):
             _replay(member, None)
 
 
-def _keeping_outputs(recorder: _Recorder):
+def _keeping_outputs(recorder: Recorder):
     """A forward hook that hands the member's output to ``recorder`` and ends the pass there."""
 
     def hook(module, args, output):
         recorder.append(output)
-        raise _StopForward
+        raise StopForward
 
     return hook
 
@@ -467,16 +464,16 @@ def _move_trunk(model: nn.Module, module_list: nn.ModuleList, device) -> None:
         module_list._modules.update(members)
 
 
-class _Runner:
+class Runner:
     """Keeps the trunk on ``device``; a member is moved in for its turn and replays otherwise
     (in place, with its forward replaced: see :class:`_Replay`)."""
 
-    def __init__(self, model, layout: BlockLayout, device, home, store: _TapeStore):
+    def __init__(self, model, layout: BlockLayout, device, home, store: TapeStore):
         self.model, self.device, self.home, self.store = model, device, home, store
         self.list = model.get_submodule(layout.name)
         self.members = list(self.list)
         self.types = layout.types or ({},) * len(self.members)
-        self.tape = _Tape()
+        self.tape = Tape()
         self._recorder = None
         self.active = True  # False once closed (tests watch it)
         for i, member in enumerate(self.members):
@@ -501,7 +498,7 @@ class _Runner:
         if not wanted:
             yield
             return
-        recorder = _Recorder(self.store.folder(key))
+        recorder = Recorder(self.store.folder(key))
         handle = self.members[i].register_forward_hook(_keeping_outputs(recorder))
         try:
             with running_to_the_end():
@@ -527,7 +524,7 @@ class _Runner:
         if stored is not None:
             self.tape.outputs = stored
             return
-        recorder = _Recorder(self.store.folder(key))
+        recorder = Recorder(self.store.folder(key))
         handle = self.members[i].register_forward_hook(_keeping_outputs(recorder))
         self.tape.rewind()
         try:
@@ -536,7 +533,7 @@ class _Runner:
                     args, kwargs = to_inputs(batch, self.device, dtype)
                     try:
                         run_model(self.model, args, kwargs)
-                    except _StopForward:
+                    except StopForward:
                         pass
         finally:
             handle.remove()
@@ -550,7 +547,3 @@ class _Runner:
             _replay(member, None)
         self.active = False
         self.model.to(self.home)
-
-
-# What the block-wise driver (:mod:`skid.nn._blockwise`) builds on.
-Runner, TapeStore = _Runner, _TapeStore

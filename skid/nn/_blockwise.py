@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from . import _distributed
-from ._blocks import Runner, TapeStore
+from ._blocks import Runner
 from ._calibration import fingerprint, model_device_dtype
 from ._outputs import batch_outputs, output_distance
 from ._planner import Plan, Planner, StatisticsSource, apply, plan_content
 from ._surgery import sharing_copy
+from ._tapes import TapeStore
 
 __all__ = ["ErrorCurve", "blockwise_plan"]
 

@@ -37,6 +37,7 @@ __all__ = [
     "Batches",
     "StatisticsCache",
     "calibration_passes",
+    "count_calibration_pass",
     "corrective_statistics",
     "example_inputs",
     "model_device_dtype",
@@ -52,6 +53,12 @@ _passes = 0  # calibration forward passes (one per batch) run in this process
 def calibration_passes() -> int:
     """Number of calibration forward passes (batches through a hooked model) so far."""
     return _passes
+
+
+def count_calibration_pass() -> None:
+    """Count one more calibration pass run outside this module (a stream rotation's)."""
+    global _passes
+    _passes += 1
 
 
 # --------------------------------------------------------------------------------- batches
@@ -274,7 +281,7 @@ def run_model(model: nn.Module, args, kwargs, what: str = "calibration batch"):
     """``model(*args, **kwargs)``, with the model's own failure reworded to point at X."""
     try:
         return model(*args, **kwargs)
-    except _StopForward:
+    except StopForward:
         raise
     except Exception as exc:
         raise ValueError(
@@ -303,7 +310,7 @@ class _NonFiniteActivations(BaseException):
     the model's own ``except Exception``) lets it through, to be raised as a ValueError."""
 
 
-class _StopForward(BaseException):
+class StopForward(BaseException):
     """Raised by the last hook of a batch: the rest of the forward pass is not needed.
 
     A BaseException so that a model's own ``except Exception`` cannot swallow it.
@@ -361,7 +368,7 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
                 _passes += 1
                 try:
                     run_model(model, args, kwargs)
-                except _StopForward:
+                except StopForward:
                     pass
                 except _NonFiniteActivations as exc:
                     raise ValueError(str(exc)) from None
@@ -452,7 +459,7 @@ def _accumulating_hook(unit, consumer, accumulator, state: _HookState, columns=s
             raise _NonFiniteActivations(_non_finite_message(unit, consumer.name)) from None
         state.seen.add(consumer.name if key is None else key)
         if len(state.seen) == state.n_consumers and not _RUN_TO_THE_END.get():
-            raise _StopForward  # every consumer has been seen: the rest is not needed
+            raise StopForward  # every consumer has been seen: the rest is not needed
 
     return hook
 
@@ -548,12 +555,12 @@ def _consumer_input(model, unit, args, kwargs, mask, consumer=None):
     def hook(module, inputs):
         x = _drop_padding(module, inputs[0], mask)
         captured.append(as_samples(module, x, consumer.positions)[:, columns])
-        raise _StopForward
+        raise StopForward
 
     handle = model.get_submodule(consumer.name).register_forward_pre_hook(hook)
     try:
         run_model(model, args, kwargs)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()

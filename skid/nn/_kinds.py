@@ -80,7 +80,7 @@ def register_layer_kind(module_type: type, *, in_width, out_width, slice_out, fo
             raise TypeError(f"{name} must be callable; got {func!r}")
     if as_samples is not None and not callable(as_samples):
         raise TypeError(f"as_samples must be callable or None; got {as_samples!r}")
-    _surgery._REGISTRY[module_type] = _ChannelsLastKind(
+    _surgery.KINDS_BY_TYPE[module_type] = _ChannelsLastKind(
         in_width, out_width, slice_out, fold_in, as_samples)
 
 
@@ -97,7 +97,7 @@ class _ChannelsLastKind:
         return int(self._out(module))
 
     def in_width(self, module, positions=1):
-        return _surgery._check_positions(int(self._in(module)), positions)
+        return _surgery.check_positions(int(self._in(module)), positions)
 
     def slice_out(self, module, keep):
         self._slice_out(module, keep)
@@ -106,7 +106,7 @@ class _ChannelsLastKind:
     def fold_in(self, module, T, positions=1):
         weight = _any_tensor(module)
         m = self.in_width(module, positions)
-        T = _surgery._interpolation(T, weight, m)
+        T = _surgery.as_interpolation(T, weight, m)
         if positions > 1:  # channel-major flatten: every channel's positions move together
             T = torch.kron(T, torch.eye(positions, dtype=T.dtype, device=T.device))
         self._fold_in(module, T)
@@ -145,27 +145,27 @@ class _TransposedLinearKind:
         return module.nf
 
     def in_width(self, module, positions=1):
-        return _surgery._check_positions(module.weight.shape[0], positions)
+        return _surgery.check_positions(module.weight.shape[0], positions)
 
     def slice_out(self, module, keep):
-        _surgery._take(module, ("weight",), keep, dim=1)
-        _surgery._take(module, ("bias",), keep)
+        _surgery.take_entries(module, ("weight",), keep, dim=1)
+        _surgery.take_entries(module, ("bias",), keep)
         module.nf = len(keep)
 
     def fold_in(self, module, T, positions=1):
         weight = module.weight.detach()
         m = self.in_width(module, positions)
-        T = _surgery._interpolation(T, weight, m)
+        T = _surgery.as_interpolation(T, weight, m)
         w = weight.to(torch.float64).reshape(m, positions, -1)
         folded = torch.einsum("mpo,km->kpo", w, T).reshape(-1, weight.shape[1])
-        _surgery._set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
+        _surgery.set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         if hasattr(module, "nx"):
             module.nx = folded.shape[0]
 
     def weight_gram(self, module, positions=1):
         m = self.in_width(module, positions)
         weight = module.weight.reshape(m, positions, -1).permute(2, 0, 1)  # (out, m, positions)
-        return _surgery._weight_gram(weight)
+        return _surgery.gram_of_weight(weight)
 
     def as_samples(self, module, x, positions=1):
         m = self.in_width(module, positions)
@@ -174,10 +174,10 @@ class _TransposedLinearKind:
         return x.reshape(-1, m, positions).transpose(1, 2).reshape(-1, m)
 
 
-_surgery._BY_NAME.update({
+_surgery.KINDS_BY_NAME.update({
     "transformers.pytorch_utils.Conv1D": _TransposedLinearKind(),
     # timm's Linear only overrides forward (a bias cast for TorchScript): an nn.Linear.
-    "timm.layers.linear.Linear": _surgery._REGISTRY[nn.Linear],
+    "timm.layers.linear.Linear": _surgery.KINDS_BY_TYPE[nn.Linear],
     # BatchNorm2d followed by its own dropout and activation, all per channel.
-    "timm.layers.norm_act.BatchNormAct2d": _surgery._REGISTRY[nn.BatchNorm2d],
+    "timm.layers.norm_act.BatchNormAct2d": _surgery.KINDS_BY_TYPE[nn.BatchNorm2d],
 })

@@ -142,7 +142,7 @@ class Planner:
             warnings.warn(
                 f"objective={objective!r} does not apply to the groups of {kept}: their "
                 "consumers read different tensors or are grouped convolutions; they keep the "
-                "activation objective.", UserWarning, stacklevel=_caller_outside_skid(),
+                "activation objective.", UserWarning, stacklevel=caller_outside_skid(),
             )
         return result
 
@@ -244,7 +244,7 @@ class Planner:
                     "read again to recompute them on a finer one; pass a tensor, a list or a "
                     "DataLoader (or method='qr').",
                     UserWarning,
-                    stacklevel=_caller_outside_skid(),
+                    stacklevel=caller_outside_skid(),
                 )
                 return facs, widths
             for (method, precision), idx in finer.items():
@@ -380,7 +380,7 @@ def _corrective_applies(unit) -> bool:
         c.before for c in unit.consumers)
 
 
-def _caller_outside_skid() -> int:
+def caller_outside_skid() -> int:
     """The ``stacklevel`` that makes a warning point at the first caller outside skid."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     frame, level = sys._getframe(1), 1
@@ -400,5 +400,5 @@ def _warn_few_rows(units, facs) -> None:
                 "channels are fitted to the data, and the rest of the kept channels only copy "
                 f"themselves. Calibrate on at least {unit.width} rows.",
                 UserWarning,
-                stacklevel=_caller_outside_skid(),
+                stacklevel=caller_outside_skid(),
             )

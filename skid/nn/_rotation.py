@@ -81,7 +81,7 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
                 mask[0] = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else None
                 run_model(model, args, kwargs)
                 samples += batch_size_of(args, kwargs)
-                _calibration._passes += 1  # n_calibration_passes_ counts this pass too
+                _calibration.count_calibration_pass()  # n_calibration_passes_ counts it too
     finally:
         for h in handles:
             h.remove()
@@ -294,29 +294,29 @@ def _write(model, name: str, M: torch.Tensor) -> None:
     if isinstance(target, nn.Parameter):  # e.g. ViT's class token (..., d)
         owner, _, attr = name.rpartition(".")
         new = (target.detach().double() @ M.T.to(target.device)).to(target.dtype)
-        _surgery._set_tensor(model.get_submodule(owner), attr, new.contiguous())
+        _surgery.set_tensor(model.get_submodule(owner), attr, new.contiguous())
         return
     weight = target.weight.detach()
     M = M.to(weight.device)
     if isinstance(target, nn.Embedding):
-        _surgery._set_tensor(target, "weight", _cast(weight.double() @ M.T, weight))
+        _surgery.set_tensor(target, "weight", _cast(weight.double() @ M.T, weight))
         target.embedding_dim = M.shape[0]
         return
     if isinstance(target, nn.Linear):
-        _surgery._set_tensor(target, "weight", _cast(M @ weight.double(), weight))
+        _surgery.set_tensor(target, "weight", _cast(M @ weight.double(), weight))
         target.out_features = M.shape[0]
     elif isinstance(target, nn.modules.conv._ConvNd) and target.groups == 1:
         w = torch.einsum("kd,d...->k...", M, weight.double())
-        _surgery._set_tensor(target, "weight", _cast(w, weight))
+        _surgery.set_tensor(target, "weight", _cast(w, weight))
         target.out_channels = M.shape[0]
     elif hasattr(target, "nf"):  # HF Conv1D: y = x W + b, W (in, out)
-        _surgery._set_tensor(target, "weight", _cast(weight.double() @ M.T, weight))
+        _surgery.set_tensor(target, "weight", _cast(weight.double() @ M.T, weight))
         target.nf = M.shape[0]
     else:
         raise TypeError(f"cannot rewrite the output of {name!r} ({type(target).__name__})")
     bias = getattr(target, "bias", None)
     if bias is not None:
-        _surgery._set_tensor(target, "bias", _cast(M @ bias.detach().double(), bias))
+        _surgery.set_tensor(target, "bias", _cast(M @ bias.detach().double(), bias))
 
 
 def _norm_and_readers(model, norm, read: torch.Tensor, scale: float, form: str) -> None:
@@ -344,18 +344,18 @@ def _norm_and_readers(model, norm, read: torch.Tensor, scale: float, form: str) 
             with torch.no_grad():  # the reader's response to the bias: W b
                 shift = reader(folded_bias.to(reader.weight.dtype)) - reader(
                     torch.zeros_like(folded_bias, dtype=reader.weight.dtype))
-            _surgery._set_tensor(reader, "bias", (reader.bias.detach() + shift).contiguous())
+            _surgery.set_tensor(reader, "bias", (reader.bias.detach() + shift).contiguous())
         T = read.to(weight.device) * gain[None, :].to(read.device)
         _surgery.fold_in(reader, T)
     constant = torch.full((k,), scale, dtype=torch.float64, device=weight.device)
     if form == "rms_offset":
         constant = constant - 1.0
-    _surgery._set_tensor(module, "weight", _cast(constant, weight))
+    _surgery.set_tensor(module, "weight", _cast(constant, weight))
     if bias is not None:
         value = torch.zeros(k, dtype=torch.float64, device=bias.device)
         if folded_bias is None and bool(torch.any(bias != 0)):
             value = new_bias
-        _surgery._set_tensor(module, "bias", _cast(value, bias))
+        _surgery.set_tensor(module, "bias", _cast(value, bias))
     if hasattr(module, "normalized_shape"):
         module.normalized_shape = (k,)
 

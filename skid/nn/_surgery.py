@@ -56,9 +56,9 @@ __all__ = [
     "weight_gram",
 ]
 
-_REGISTRY: dict[type, object] = {}
+KINDS_BY_TYPE: dict[type, object] = {}
 # Kinds of optional packages, by ``f"{cls.__module__}.{cls.__qualname__}"`` (never imported).
-_BY_NAME: dict[str, object] = {}
+KINDS_BY_NAME: dict[str, object] = {}
 _VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples", "weight_gram")
 _WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
 
@@ -92,7 +92,7 @@ def register_surgery(*types: type):
             raise TypeError(f"{cls.__name__} implements none of the verbs {_VERBS}")
         entry = cls()
         for module_type in types:
-            _REGISTRY[module_type] = entry
+            KINDS_BY_TYPE[module_type] = entry
         return cls
     return decorate
 
@@ -110,14 +110,14 @@ def surgery_for(module: nn.Module, verb: str | None = None):
                                 f"do: {', '.join(v for v in _VERBS if hasattr(entry, v))}")
             return entry
     raise TypeError(f"skid has no surgery for {type(module).__name__}; supported kinds: "
-                    f"{', '.join(sorted(t.__name__ for t in _REGISTRY))}")
+                    f"{', '.join(sorted(t.__name__ for t in KINDS_BY_TYPE))}")
 
 
 def registered(cls: type):
     """The entry registered for exactly this class (by type, or by qualified name), or None."""
-    entry = _REGISTRY.get(cls)
+    entry = KINDS_BY_TYPE.get(cls)
     if entry is None:
-        entry = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        entry = KINDS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     return entry
 
 
@@ -192,7 +192,7 @@ def _index(keep, module: nn.Module) -> torch.Tensor:
     return keep.to(device=device, dtype=torch.int64).reshape(-1)
 
 
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace a parameter (keeping ``requires_grad``) or a buffer of ``module``."""
     old = getattr(module, name)
     if isinstance(old, nn.Parameter):
@@ -201,15 +201,15 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(module, name, value)
 
 
-def _take(module: nn.Module, names, keep: torch.Tensor, dim: int = 0) -> None:
+def take_entries(module: nn.Module, names, keep: torch.Tensor, dim: int = 0) -> None:
     """Keep the entries ``keep`` along ``dim`` of every named tensor that is not None."""
     for name in names:
         tensor = getattr(module, name, None)
         if tensor is not None:
-            _set_tensor(module, name, tensor.detach().index_select(dim, keep).contiguous())
+            set_tensor(module, name, tensor.detach().index_select(dim, keep).contiguous())
 
 
-def _interpolation(T, weight: torch.Tensor, m: int) -> torch.Tensor:
+def as_interpolation(T, weight: torch.Tensor, m: int) -> torch.Tensor:
     """``T`` as a float64 tensor on the weight's device; check it has ``m`` columns."""
     T = torch.as_tensor(np.asarray(T) if not torch.is_tensor(T) else T)
     T = T.detach().to(device=weight.device, dtype=torch.float64)
@@ -218,13 +218,13 @@ def _interpolation(T, weight: torch.Tensor, m: int) -> torch.Tensor:
     return T
 
 
-def _weight_gram(w: torch.Tensor) -> np.ndarray:
+def gram_of_weight(w: torch.Tensor) -> np.ndarray:
     """``Σ WᵀW`` over the output and spatial axes of a weight viewed as (out, m, rest)."""
     w = w.detach().to(torch.float64)
     return torch.einsum("omr,onr->mn", w, w).cpu().numpy()
 
 
-def _check_positions(in_features: int, positions: int) -> int:
+def check_positions(in_features: int, positions: int) -> int:
     """Channels of a flattened input: ``in_features / positions``, which must be exact."""
     if positions < 1 or in_features % positions:
         raise ValueError(f"in_features={in_features} is not a multiple of "
@@ -245,27 +245,27 @@ class _LinearSurgery:
         return module.out_features
 
     def in_width(self, module: nn.Linear, positions=1):
-        return _check_positions(module.in_features, positions)
+        return check_positions(module.in_features, positions)
 
     def slice_out(self, module: nn.Linear, keep):
-        _take(module, ("weight", "bias"), keep)
+        take_entries(module, ("weight", "bias"), keep)
         module.out_features = len(keep)
 
     def fold_in(self, module: nn.Linear, T, positions=1):
         weight = module.weight.detach()
-        m = _check_positions(module.in_features, positions)
-        T = _interpolation(T, weight, m)
+        m = check_positions(module.in_features, positions)
+        T = as_interpolation(T, weight, m)
         w = weight.to(torch.float64).reshape(module.out_features, m, positions)
         folded = torch.einsum("omp,km->okp", w, T).reshape(module.out_features, -1)
-        _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
+        set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_features = folded.shape[1]
 
     def weight_gram(self, module: nn.Linear, positions=1):
-        m = _check_positions(module.in_features, positions)
-        return _weight_gram(module.weight.reshape(module.out_features, m, positions))
+        m = check_positions(module.in_features, positions)
+        return gram_of_weight(module.weight.reshape(module.out_features, m, positions))
 
     def as_samples(self, module: nn.Linear, x, positions=1):
-        m = _check_positions(module.in_features, positions)
+        m = check_positions(module.in_features, positions)
         if positions == 1:
             return x.reshape(-1, m)
         return x.reshape(-1, m, positions).transpose(1, 2).reshape(-1, m)
@@ -286,12 +286,12 @@ class _ConvSurgery:
 
     def slice_out(self, module, keep):
         _equal_per_group(keep, module.out_channels, module.groups, "output")
-        _take(module, ("weight", "bias"), keep)
+        take_entries(module, ("weight", "bias"), keep)
         module.out_channels = len(keep)
 
     def slice_channels(self, module, keep):
         _require_groups(module, dense=False, verb="slice_channels")
-        _take(module, ("weight", "bias"), keep)
+        take_entries(module, ("weight", "bias"), keep)
         module.in_channels = module.out_channels = module.groups = len(keep)
 
     def fold_in(self, module, T, positions=1):
@@ -299,13 +299,13 @@ class _ConvSurgery:
         if positions != 1:
             raise ValueError(f"a convolution consumer takes positions=1; got {positions}")
         weight = module.weight.detach()
-        T = _interpolation(T, weight, module.in_channels)
+        T = as_interpolation(T, weight, module.in_channels)
         blocks = _diagonal_blocks(T, module.groups)
         outputs = module.out_channels // module.groups
         folded = torch.cat([
             torch.einsum("om...,km->ok...", weight[g * outputs:(g + 1) * outputs].double(), block)
             for g, block in enumerate(blocks)])
-        _set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
+        set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_channels = T.shape[0]
 
     def weight_gram(self, module, positions=1):
@@ -313,7 +313,7 @@ class _ConvSurgery:
         size, outputs = module.in_channels // module.groups, module.out_channels // module.groups
         weight = module.weight.reshape(module.out_channels, size, -1)
         return scipy.linalg.block_diag(*[
-            _weight_gram(weight[g * outputs:(g + 1) * outputs]) for g in range(module.groups)])
+            gram_of_weight(weight[g * outputs:(g + 1) * outputs]) for g in range(module.groups)])
 
     def as_samples(self, module, x, positions=1):
         channel_axis = x.ndim - len(module.kernel_size) - 1  # 0 for unbatched input
@@ -368,7 +368,7 @@ class _ChannelNormSurgery:
         return module.num_features
 
     def slice_channels(self, module, keep):
-        _take(module, ("weight", "bias", "running_mean", "running_var"), keep)
+        take_entries(module, ("weight", "bias", "running_mean", "running_var"), keep)
         module.num_features = len(keep)
 
 
@@ -383,7 +383,7 @@ class _PReLUSurgery:
 
     def slice_channels(self, module, keep):
         if module.num_parameters > 1:
-            _take(module, ("weight",), keep)
+            take_entries(module, ("weight",), keep)
             module.num_parameters = len(keep)
 
 

@@ -122,7 +122,7 @@ def test_bad_block_names_are_explained():
 def test_only_one_block_is_moved_in_at_a_time(monkeypatch):
     """Moves alternate in/out of the same member, and only the member moved in runs."""
     moves, ran = [], []
-    real_move, real_init = _blocks._move, _blocks._Runner.__init__
+    real_move, real_init = _blocks._move, _blocks.Runner.__init__
 
     def recording_move(module, device):
         moves.append(id(module))
@@ -141,7 +141,7 @@ def test_only_one_block_is_moved_in_at_a_time(monkeypatch):
                 lambda norm, args, member=member: check(member, args))
 
     monkeypatch.setattr(_blocks, "_move", recording_move)
-    monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
+    monkeypatch.setattr(_blocks.Runner, "__init__", runner_init)
     fit(make_stack(), X, rank=0.5)
     assert moves[::2] == moves[1::2], "a block was moved in while another was still in"
     assert len(set(moves)) == 4 and len(moves) == 8  # each of the 4 blocks once
@@ -151,7 +151,7 @@ def test_only_one_block_is_moved_in_at_a_time(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cpu_model_is_calibrated_one_block_at_a_time_on_cuda(monkeypatch):
-    runners, real_init = [], _blocks._Runner.__init__
+    runners, real_init = [], _blocks.Runner.__init__
 
     def on_cuda(module):
         return next(module.parameters()).is_cuda
@@ -169,7 +169,7 @@ def test_a_cpu_model_is_calibrated_one_block_at_a_time_on_cuda(monkeypatch):
             member.norm.register_forward_pre_hook(
                 lambda norm, args, member=member: check(member, args))
 
-    monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
+    monkeypatch.setattr(_blocks.Runner, "__init__", runner_init)
     model = make_stack()
     nc = NetworkCompressor(model, rank=0.5, batch_size=40, device="cuda").fit(X)
     reference = fit(model, X, rank=0.5, blocks=None)
@@ -185,17 +185,17 @@ def test_memory_resumes_an_interrupted_run(tmp_path, monkeypatch):
     fresh = fit(model, X, calibration="sequential", rank=0.5, blocks="layers")
     total = fresh.n_calibration_passes_
 
-    real_turn = _blocks._Runner.turn
+    real_turn = _blocks.Runner.turn
 
     def failing_turn(self, i):
         if i == 2:
             raise KeyboardInterrupt
         real_turn(self, i)
 
-    monkeypatch.setattr(_blocks._Runner, "turn", failing_turn)
+    monkeypatch.setattr(_blocks.Runner, "turn", failing_turn)
     with pytest.raises(KeyboardInterrupt):
         fit(model, X, calibration="sequential", rank=0.5, memory=tmp_path)
-    monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
+    monkeypatch.setattr(_blocks.Runner, "turn", real_turn)
     before = calibration_passes()
     resumed = fit(model, X, calibration="sequential", rank=0.5, memory=tmp_path)
     assert 0 < calibration_passes() - before < total  # blocks 0 and 1 came from the cache
@@ -280,8 +280,8 @@ def test_block_outputs_are_recorded_in_the_statistics_pass(monkeypatch, tmp_path
     """Original mode: each block runs once per batch (statistics and its outputs together);
     only statistics read back from memory= need a pass that records the outputs."""
     calls = []
-    record = _blocks._Runner.record
-    monkeypatch.setattr(_blocks._Runner, "record",
+    record = _blocks.Runner.record
+    monkeypatch.setattr(_blocks.Runner, "record",
                         lambda self, *a, **k: calls.append(a[0]) or record(self, *a, **k))
     model = make_stack()
     fresh = fit(model, X, rank=0.5, memory=tmp_path)
@@ -359,7 +359,7 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
     block 2 resumes without running blocks 0 and 1 again (nor, corrective, their originals)."""
     model = make_stack()
     fresh = fit(model, X, calibration=calibration, rank=0.5)
-    real_turn, real_init = _blocks._Runner.turn, _blocks._Runner.__init__
+    real_turn, real_init = _blocks.Runner.turn, _blocks.Runner.__init__
     tapes, ran = [], []
 
     def failing_turn(self, i):
@@ -373,15 +373,15 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
         for b, member in enumerate(self.members):  # member.up runs only when not replayed
             member.up.register_forward_pre_hook(lambda module, args, b=b: ran.append(b))
 
-    monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
-    monkeypatch.setattr(_blocks._Runner, "turn", failing_turn)
+    monkeypatch.setattr(_blocks.Runner, "__init__", runner_init)
+    monkeypatch.setattr(_blocks.Runner, "turn", failing_turn)
     with pytest.raises(KeyboardInterrupt):
         fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
     stored = list((tmp_path / "joblib" / "skid_block_outputs").iterdir())
     tapes_per_block = 2 if calibration == "corrective" else 1  # and the original's outputs
     assert len(stored) == 2 * tapes_per_block
     assert all(len(list(d.glob("*.tape"))) == 4 for d in stored)  # 4 batches (and an index)
-    monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
+    monkeypatch.setattr(_blocks.Runner, "turn", real_turn)
     ran.clear()
     resumed = fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
     assert all(isinstance(entry, _tapes.TapeFile) for entry in tapes[-1].outputs)
@@ -393,18 +393,18 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
 
 
 def test_an_incomplete_recording_leaves_no_tape(tmp_path):
-    store = _blocks._TapeStore(__import__("joblib").Memory(str(tmp_path), verbose=0))
-    recorder = _blocks._Recorder(store.folder("k"))
+    store = _blocks.TapeStore(__import__("joblib").Memory(str(tmp_path), verbose=0))
+    recorder = _blocks.Recorder(store.folder("k"))
     recorder.append(torch.ones(2))
     assert recorder.finish(n_batches=2) is None
     assert store.load("k", 2) is None and not (tmp_path / "joblib" / "skid_block_outputs" /
                                                 "k").exists()
-    recorder = _blocks._Recorder(store.folder("k"))
+    recorder = _blocks.Recorder(store.folder("k"))
     for value in (torch.ones(2), (torch.zeros(1), {"a": torch.ones(3)})):
         recorder.append(value)
     files = recorder.finish(n_batches=2)
     assert [f.path for f in store.load("k", 2)] == [f.path for f in files]
-    tape = _blocks._Tape(files)
+    tape = _blocks.Tape(files)
     tape.position = 1
     out = tape.current(torch.device("cpu"))
     assert torch.equal(out[1]["a"], torch.ones(3))

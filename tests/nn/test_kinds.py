@@ -41,7 +41,7 @@ def transposed_kind():
         Transposed, in_width=lambda m: m.weight.shape[0], out_width=lambda m: m.weight.shape[1],
         slice_out=_slice_out, fold_in=_fold_in)
     yield
-    del _surgery._REGISTRY[Transposed]
+    del _surgery.KINDS_BY_TYPE[Transposed]
 
 
 def _stack():
@@ -84,7 +84,7 @@ def test_registered_kind_after_a_flatten(transposed_kind):
 
 
 def test_a_registered_fold_that_forgets_the_width_is_caught(transposed_kind):
-    _surgery._REGISTRY[Transposed]._fold_in = lambda module, T: None
+    _surgery.KINDS_BY_TYPE[Transposed]._fold_in = lambda module, T: None
     with pytest.raises(ValueError, match="left 16 input channels where 8"):
         NetworkCompressor(_stack(), rank=0.5).fit(torch.randn(32, 6))
 

@@ -156,13 +156,13 @@ def _verbs_used(model: nn.Module, units, kind: type) -> set:
 
 def test_every_registry_entry_has_cases():
     """Every built-in (torch) kind; kinds users register are tested where they are made."""
-    builtin = {t for t in _surgery._REGISTRY if t.__module__.startswith("torch.")}
+    builtin = {t for t in _surgery.KINDS_BY_TYPE if t.__module__.startswith("torch.")}
     assert builtin == set(_CASES)
 
 
 @pytest.mark.parametrize("kind", list(_CASES), ids=lambda t: t.__name__)
 def test_cases_cover_every_verb_of_the_entry(kind):
-    entry = _surgery._REGISTRY[kind]
+    entry = _surgery.KINDS_BY_TYPE[kind]
     verbs = {v for v in _surgery._VERBS if callable(getattr(entry, v, None))}
     used = set()
     for build, shape in _CASES[kind]:
@@ -356,7 +356,7 @@ def test_lookup_walks_the_mro():
     class MyLinear(nn.Linear):
         pass
 
-    assert surgery_for(MyLinear(3, 2)) is _surgery._REGISTRY[nn.Linear]
+    assert surgery_for(MyLinear(3, 2)) is _surgery.KINDS_BY_TYPE[nn.Linear]
 
 
 def test_register_a_new_kind():
@@ -375,7 +375,7 @@ def test_register_a_new_kind():
         slice_channels(scale, [1, 3])
         assert scale.weight.shape == (2,)
     finally:
-        del _surgery._REGISTRY[Scale]
+        del _surgery.KINDS_BY_TYPE[Scale]
 
 
 def test_register_needs_a_verb():
