@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -34,7 +35,7 @@ from torch import nn
 from skid import NetworkCompressor
 from skid._demo import fit_classifier
 from skid.metrics import top1_agreement
-from skid.nn import _calibration, _joint
+from skid.nn._unit_kinds import unit_kind
 from tests.nn.digits import digits_data
 from tests.nn.models import BasicBlock, InvertedResidual
 
@@ -46,10 +47,8 @@ def averaged_readings(label: str):
     """For the ablation: every unit's error is the root mean square of its readings'."""
     if "averaged" not in label:
         return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for module in (_calibration, _joint):
-        stack.enter_context(mock.patch.object(module, "sums_readings", lambda unit: False))
-    return stack
+    stage = unit_kind(SimpleNamespace(kind="residual_stage"))
+    return mock.patch.object(stage, "sums_readings", False)
 
 
 class DigitsResNet(nn.Module):

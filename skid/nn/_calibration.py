@@ -28,10 +28,10 @@ from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from . import _distributed
 from ._fingerprint import describe_execution
-from ._heads import HeadFactorization
-from ._joint import BlockFactorization, JointFactorization, sums_readings
+from ._joint import BlockFactorization, JointFactorization
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
+from ._unit_kinds import unit_kind
 
 __all__ = [
     "Batches",
@@ -376,8 +376,8 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
         for handle in handles:
             handle.remove()
     flat = [acc for unit_accs in accumulators for acc in unit_accs]
-    widths = [_statistic_width(u) for u, unit_accs in zip(units, accumulators, strict=True)
-              for _ in unit_accs]
+    widths = [unit_kind(u).statistic_width(u)
+              for u, unit_accs in zip(units, accumulators, strict=True) for _ in unit_accs]
     n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
     return [_factorize(u, accs) for u, accs in zip(units, accumulators, strict=True)], n_samples
 
@@ -393,11 +393,6 @@ def _statistic_gram(accumulator) -> np.ndarray:
     if not np.isfinite(gram).all():
         raise ValueError("The statistics hold NaN or infinite values.")
     return gram
-
-
-def _statistic_width(unit) -> int:
-    """Columns of a unit's statistic: its channels, or every head's columns."""
-    return unit.n_heads * unit.head_dim if unit.kind == "heads" else unit.width
 
 
 def reading_consumers(unit):
@@ -527,7 +522,8 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
                     f"The inputs of {unit.consumer!r} in the compressed and the original "
                     f"model do not pair up row for row ({exc}); corrective calibration "
                     "needs the consumer to see the same rows in both.") from exc
-    n_samples = _distributed.reduce_cross(accumulator, _statistic_width(unit), n_samples)
+    width = unit_kind(unit).statistic_width(unit)
+    n_samples = _distributed.reduce_cross(accumulator, width, n_samples)
     if getattr(accumulator, "n_samples", None) == 0:
         raise ValueError(_no_rows_message(unit, unit.consumer))
     statistics = accumulator.statistics()
@@ -578,14 +574,15 @@ def _factorize(unit, accumulators):
         if getattr(accumulator, "n_samples", None) == 0:
             raise ValueError(_no_rows_message(unit, consumer.name))
     try:
-        if unit.kind == "heads":  # whole heads from the output projection's Gram
-            return HeadFactorization(_statistic_gram(accumulators[0]), unit)
+        kind = unit_kind(unit)
+        if kind.gram_factorization is not None:  # e.g. whole heads from one Gram
+            return kind.gram_factorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:
             return BlockFactorization.from_accumulators(accumulators, unit.blocks,
-                                                        sums_readings(unit))
+                                                        kind.sums_readings)
         if len(accumulators) == 1:
             return accumulators[0].factorize(consume=True)  # dropped after: no m × m copy
-        return JointFactorization.from_accumulators(accumulators, summed=sums_readings(unit))
+        return JointFactorization.from_accumulators(accumulators, summed=kind.sums_readings)
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
 

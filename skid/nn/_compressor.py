@@ -519,7 +519,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         if "residual" in prune:  # after the rest: "sequential" sees them compressed first
             streams, skipped_stream = _residual.find(work, example, exclude=settings.exclude,
                                                      layers=settings.layers)
-            if any(u.kind == "residual_stage" for u in units):
+            if any(unit_kind(u).prune == "residual" for u in units):
                 skipped_stream = []  # a CNN's streams were found: no transformer to miss
             units, skipped = units + streams, skipped + skipped_stream
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]

@@ -9,7 +9,7 @@ least-squares interpolation ``T_c`` from its own rows.
 rows or its scale (the pooled tensor has one row per image, the gated one a row per pixel), and
 the error curve is the root mean square of the readings' relative errors with one shared ``T``
 — an upper bound for the errors with each consumer's own ``T_c``. A residual stream sums them
-instead (:func:`sums_readings`): each of its readings feeds another block, and every one of
+instead (``UnitKind.sums_readings``): each of its readings feeds another block, and every one of
 them sees the error.
 """
 
@@ -21,21 +21,15 @@ import scipy.linalg
 from .. import _array
 from .._linalg import PivotedFactorization, factorize_triangular
 
-__all__ = ["BlockFactorization", "JointFactorization", "interpolations_for", "reading_error",
-           "sums_readings"]
+__all__ = ["BlockFactorization", "JointFactorization", "interpolations_for", "reading_error"]
 
 
-def sums_readings(unit) -> bool:
-    """Whether a unit's error is the root of the *sum* of its readings' squared relative errors
-    (a residual stream, read once per block: measured on the digits ResNet and MobileNetV2 in
-    ``benchmarks/bench_residual.py``, the mean let ``target_flops`` cut the stream too deep)
-    rather than their root mean square (a gate's or a fan-out's readings of one block)."""
-    return unit.kind == "residual_stage"
-
-
-def reading_error(unit, squared) -> float:
-    """A unit's error from its readings' squared relative errors (see :func:`sums_readings`)."""
-    return float(np.sqrt(np.sum(squared) if sums_readings(unit) else np.mean(squared)))
+def reading_error(squared, summed: bool) -> float:
+    """A unit's error from its readings' squared relative errors: the root of their sum
+    (``summed``: a residual stream, read once per block) or of their mean (a gate's or a
+    fan-out's readings of one block); the unit's kind says which
+    (:attr:`skid.nn._unit_kinds.UnitKind.sums_readings`)."""
+    return float(np.sqrt(np.sum(squared) if summed else np.mean(squared)))
 
 
 class JointFactorization:

@@ -310,7 +310,7 @@ class Planner:
         per_consumer = tuple(per_reading[c.reads] for c in unit.consumers)
         return Selection(
             unit=unit, keep=torch.as_tensor(keep), interpolation=per_consumer[0],
-            error=reading_error(unit, squared),
+            error=reading_error(squared, unit_kind(unit).sums_readings),
             interpolations=per_consumer if unit.n_readings > 1 else None,
         )
 

@@ -144,6 +144,7 @@ class _StreamKind(UnitKind):
     """The planner's view of a stream: its own statistics, a rotation, one report row."""
 
     fits_corrective = False  # a rotation has no T to fit to the original model
+    prune = "residual"
 
     def statistics(self, source, key, unit):
         fac = factorize(source.work, unit, source.batches, source.settings.stream,

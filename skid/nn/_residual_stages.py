@@ -22,6 +22,7 @@ transformer streams' ``stream="rotate"``) does not apply here: CNN stages are al
 from __future__ import annotations
 
 from ._graph import find_units
+from ._unit_kinds import unit_kind
 
 __all__ = ["find_channel_groups"]
 
@@ -51,6 +52,6 @@ def find_channel_groups(model, args, kwargs, *, layers="auto", exclude=(), chann
     """
     units, skipped = find_units(model, args, kwargs, layers=layers, exclude=exclude,
                                 residual=residual)
-    if not channels:
-        units = [unit for unit in units if unit.kind == "residual_stage"]
+    if not channels:  # only what ``prune="residual"`` asks for: the stages
+        units = [unit for unit in units if unit_kind(unit).prune == "residual"]
     return units, skipped

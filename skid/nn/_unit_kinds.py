@@ -14,7 +14,7 @@ import torch
 
 from .._linalg import PivotedFactorization, factorize_for_outputs
 from . import _budget
-from ._heads import CorrectiveHeadFactorization, apply_head_selection
+from ._heads import CorrectiveHeadFactorization, HeadFactorization, apply_head_selection
 from ._joint import interpolations_for
 from ._plan import Selection
 from ._surgery import apply_selection, offset_of, weight_gram
@@ -27,9 +27,21 @@ class UnitKind:
 
     ``fits_corrective``: whether ``calibration="corrective"`` fits a ``T`` to the original
     model's activations (a kind without one is calibrated as ``"sequential"`` there).
+    ``prune``: the entry of the ``prune`` parameter that asks for units of this kind.
+    ``sums_readings``: a unit's error is the root of the *sum* of its readings' squared
+    relative errors (:func:`skid.nn._joint.reading_error`), not of their mean.
+    ``gram_factorization``: ``f(gram, unit)`` factorizing the unit's one Gram its own way
+    (whole heads), or None for the channels' pivoted factorizations.
     """
 
     fits_corrective = True
+    prune = "channels"
+    sums_readings = False
+    gram_factorization = None
+
+    def statistic_width(self, unit) -> int:
+        """Columns of the unit's statistic (what its consumers read of it)."""
+        return unit.width
 
     def statistics(self, source, key, unit):
         """The unit's factorization from a pass of its own, or None: it shares the pass of
@@ -121,6 +133,12 @@ class _Channels(UnitKind):
 
 
 class _Heads(UnitKind):
+    prune = "heads"
+    gram_factorization = HeadFactorization
+
+    def statistic_width(self, unit) -> int:
+        return unit.n_heads * unit.head_dim  # every head's columns
+
     def select(self, unit, fac, k):
         return fac.select(int(k))  # the nearest count the model's code runs
 
@@ -173,7 +191,13 @@ class _Heads(UnitKind):
 class _ResidualStage(_Channels):
     """A CNN stage's residual stream (:mod:`skid.nn._residual_stages`): a channel group whose
     producers are the stream's writers and consumers its readers. Its row is a ``"residual"``
-    one, as a transformer stream's, and also names the per-channel modules sliced with it."""
+    one, as a transformer stream's, and also names the per-channel modules sliced with it.
+    Each of its readings feeds another block, so its error sums theirs (measured on the digits
+    ResNet and MobileNetV2 in ``benchmarks/bench_residual.py``: the mean let ``target_flops``
+    cut the stream too deep)."""
+
+    prune = "residual"
+    sums_readings = True
 
     def report(self, selection) -> dict:
         return {**super().report(selection), "kind": "residual",

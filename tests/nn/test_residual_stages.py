@@ -152,6 +152,21 @@ def test_prune_picks_the_axes():
                      ("channels", "residual"): ["channels", "residual"]}
 
 
+@pytest.mark.parametrize("prune", ["residual", ("channels", "residual")])
+def test_a_cnn_stage_found_drops_the_transformer_stream_skip(prune):
+    """The transformer finder's "not a known transformer layout" record is noise once a CNN
+    stage was found; where none was, it stays (the user asked for a stream and got none)."""
+    def reasons(name):  # every skip reason, from skipped_ or the error listing them
+        nc = NetworkCompressor(make_stages(name), rank=0.5, prune=prune)
+        try:
+            return " ".join(s["reason"] for s in nc.fit(_data(name)).skipped_)
+        except NotPrunableError as error:
+            return str(error)
+
+    assert "not a known transformer layout" not in reasons("resnet50_stages")
+    assert "not a known transformer layout" in reasons("convnext_stage")
+
+
 def test_every_reader_gets_its_own_interpolation():
     """The readings differ (one per block), so the readers' ``T`` differ."""
     nc = NetworkCompressor(make_stages("resnet50_stages"), rank=0.5, prune="residual")
