@@ -12,11 +12,10 @@ the fit. One thread; other jobs may share the machine, so compare the ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import transformers
+from _models import median_time
 
 from skid import NetworkCompressor
 from skid.nn import _blocks
@@ -29,15 +28,6 @@ def bert(layers: int):
                                      num_hidden_layers=layers, num_attention_heads=4,
                                      max_position_embeddings=128)
     return transformers.BertModel(config).eval()
-
-
-def median_seconds(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,14 +48,14 @@ def main() -> None:
         def detect(model=model, example=example, units=units):
             return _blocks.find_blocks(model, example, "auto", units)
 
-        with_check = median_seconds(detect, rounds)
+        with_check = median_time(detect, rounds)
         real = _blocks._replay_check
         _blocks._replay_check = lambda *args: None
         try:
-            without = median_seconds(detect, rounds)
+            without = median_time(detect, rounds)
         finally:
             _blocks._replay_check = real
-        fit = median_seconds(lambda m=model: NetworkCompressor(m, rank=0.5, batch_size=64)
+        fit = median_time(lambda m=model: NetworkCompressor(m, rank=0.5, batch_size=64)
                              .fit(data), rounds)
         print(f"{layers:6d}  {with_check:13.3f}  {without:15.3f}  {fit:5.2f}  "
               f"{(with_check - without) / fit:10.1%}")

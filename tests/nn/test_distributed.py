@@ -132,19 +132,23 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ranks"))
+def run_ranks(rank_main, out_dir: str, seconds: int, poll: float) -> list:
+    """Run ``rank_main(rank, port, out_dir)`` on two spawned ranks; their ``rank{r}.pt``."""
     context = mp.start_processes(
-        _rank_main, args=(free_port(), out_dir), nprocs=2, join=False, start_method="spawn"
+        rank_main, args=(free_port(), out_dir), nprocs=2, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=poll):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the two ranks did not finish within 300 s (a collective hung?)")
+            pytest.fail(f"the two ranks did not finish within {seconds} s (a collective hung?)")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    return run_ranks(_rank_main, str(tmp_path_factory.mktemp("ranks")), 300, 5)
 
 
 def assert_same_model(result, reference):

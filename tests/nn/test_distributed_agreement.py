@@ -8,12 +8,11 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from skid import NetworkCompressor
 from skid.nn import _distributed
 
-from .test_distributed import BATCH, free_port, make_model_and_data, summary
+from .test_distributed import BATCH, make_model_and_data, run_ranks, summary
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
 
@@ -97,17 +96,7 @@ def _rank_main(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ranks"))
-    context = mp.start_processes(
-        _rank_main, args=(free_port(), out_dir), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two ranks did not finish within 240 s (a collective hung?)")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    return run_ranks(_rank_main, str(tmp_path_factory.mktemp("ranks")), 240, 2)
 
 
 @pytest.mark.slow
