@@ -71,6 +71,35 @@ def test_no_file_in_skid_is_longer_than_the_limit():
     assert {path: n for path, n in lengths.items() if n > MAX_LINES} == {}
 
 
+def _is_unit(expr: ast.expr) -> bool:
+    last = ast.unparse(expr).split(".")[-1]
+    return last == "u" or "unit" in last
+
+
+def _is_string(expr: ast.expr) -> bool:
+    items = expr.elts if isinstance(expr, (ast.Tuple, ast.List, ast.Set)) else [expr]
+    return all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in items)
+
+
+def _kind_tests(source: str) -> list[str]:
+    """Tests of a unit's ``kind`` against strings (``unit.kind == "heads"``) in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr == "kind" and _is_unit(s.value)
+                   for s in sides) and any(_is_string(s) for s in sides):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_unit_kinds_dispatch_through_the_registry():
+    """What differs between unit kinds is an entry of skid.nn._unit_kinds, not a string test."""
+    found = {str(path.relative_to(ROOT)): hits for path in ROOT.rglob("*.py")
+             if (hits := _kind_tests(path.read_text()))}
+    assert found == {}
+
+
 def test_the_checks_see_a_reach_in(tmp_path):
     """The reach-in check is not vacuous: it flags both spellings of a reach-in."""
     path = tmp_path / "m.py"
@@ -78,3 +107,9 @@ def test_the_checks_see_a_reach_in(tmp_path):
     modules = {"skid": path, "skid.m": path, "skid._a": path}
     assert _reach_ins("skid.m", path, modules) == [
         "skid.m: from skid._a import _hidden", "skid.m: skid._a._other"]
+
+
+def test_the_checks_see_a_kind_test():
+    assert _kind_tests('a = unit.kind == "heads"\nb = [u for u in us if u.kind != "x"]\n'
+                       'c = node.kind == "conv"\nd = s.unit.kind in ("heads",)\n') == [
+        "unit.kind == 'heads'", "u.kind != 'x'", "s.unit.kind in ('heads',)"]

@@ -275,12 +275,7 @@ def _fewer_heads_fail(model, units, args, kwargs) -> dict:
                 failures[unit.attention] = reason
         block = model.get_submodule(unit.attention)
         handles.append(block.register_forward_hook(probe, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_once(model, handles, args, kwargs)
     return failures
 
 
@@ -337,6 +332,16 @@ def in_forward_order(model, units, args, kwargs) -> list:
     return sorted(units, key=lambda u: order.get(u.producer, len(order)))
 
 
+def _run_once(model, handles, args, kwargs) -> None:
+    """One forward pass without gradients; the hooks in ``handles`` are removed after it."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _call_order(model, names, args, kwargs) -> dict:
     """Position of each named module's first call in one forward pass."""
     order, handles = {}, []
@@ -344,12 +349,7 @@ def _call_order(model, names, args, kwargs) -> dict:
         def hook(module, inputs, name=name):
             order.setdefault(name, len(order))
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_once(model, handles, args, kwargs)
     return order
 
 
