@@ -29,7 +29,7 @@ from _slicegpt import slicegpt
 
 from skid import NetworkCompressor
 from skid.nn import _residual
-from skid.nn._calibration import Batches, example_inputs
+from skid.nn._batches import Batches, example_inputs
 from skid.nn._flops import count_flops
 from skid.nn._rotation import StreamFactorization, StreamSelection, apply_stream_selection
 

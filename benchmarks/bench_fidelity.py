@@ -50,7 +50,8 @@ from skid import NetworkCompressor
 from skid._policy import FLOAT32_GRAM_RELIABLE_ERROR
 from skid.metrics import top1_agreement
 from skid.nn import CorrectiveCalibration
-from skid.nn._calibration import Batches, unit_statistics
+from skid.nn._batches import Batches
+from skid.nn._calibration import unit_statistics
 from skid.nn._graph import find_units
 
 TOLS = (0.01, 0.02, 0.04, 0.06, 0.09, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)

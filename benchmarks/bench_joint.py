@@ -31,7 +31,8 @@ from torch import nn
 from skid._demo import fit_classifier
 from skid._linalg import factorize_triangular
 from skid.metrics import top1_agreement
-from skid.nn._calibration import Batches, unit_statistics
+from skid.nn._batches import Batches
+from skid.nn._calibration import unit_statistics
 from skid.nn._graph import find_units
 from skid.nn._plan import Selection
 from skid.nn._surgery import apply_selection

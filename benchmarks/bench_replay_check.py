@@ -19,7 +19,7 @@ from _models import median_time
 
 from skid import NetworkCompressor
 from skid.nn import _blocks
-from skid.nn._calibration import example_inputs
+from skid.nn._batches import example_inputs
 
 
 def bert(layers: int):

@@ -36,12 +36,8 @@ import torch
 from torch import nn
 
 from .._validation import suggest
-from ._calibration import (
-    StopForward,
-    run_model,
-    running_to_the_end,
-    to_inputs,
-)
+from ._batches import StopForward, run_model, to_inputs
+from ._calibration import running_to_the_end
 from ._outputs import first_tensor
 from ._tapes import Recorder, Tape, TapeStore, flatten
 from ._trace import map_tensors

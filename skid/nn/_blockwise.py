@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from . import _distributed
+from ._batches import model_device_dtype
 from ._blocks import Runner
-from ._calibration import fingerprint, model_device_dtype
+from ._calibration import fingerprint
 from ._outputs import batch_outputs, output_distance
 from ._planner import Plan, Planner, StatisticsSource, apply, plan_content
 from ._surgery import sharing_copy

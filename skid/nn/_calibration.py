@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
-import itertools
 import os
-from collections.abc import Iterable, Mapping
 
 import joblib
 import numpy as np
@@ -27,6 +25,14 @@ from .. import _array
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from . import _distributed
+from ._batches import (
+    StopForward,
+    batch_size_of,
+    hash_value,
+    model_device_dtype,
+    run_model,
+    to_inputs,
+)
 from ._fingerprint import describe_execution
 from ._joint import BlockFactorization, JointFactorization
 from ._surgery import as_samples, offset_of
@@ -34,16 +40,11 @@ from ._trace import module_kind
 from ._unit_kinds import unit_kind
 
 __all__ = [
-    "Batches",
     "StatisticsCache",
     "calibration_passes",
     "count_calibration_pass",
     "corrective_statistics",
-    "example_inputs",
-    "model_device_dtype",
     "model_fingerprint",
-    "run_model",
-    "to_inputs",
     "unit_statistics",
 ]
 
@@ -61,260 +62,12 @@ def count_calibration_pass() -> None:
     _passes += 1
 
 
-# --------------------------------------------------------------------------------- batches
-
-
-class Batches:
-    """The calibration data as a re-iterable sequence of raw batches.
-
-    Parameters
-    ----------
-    X : tensor, ndarray, dict of those, or iterable of batches
-        A tensor or array (n_samples, ...) or a dict of them (e.g. tokenized text) is cut into
-        ``batch_size`` chunks along the first axis; any other iterable yields batches as they
-        are. A one-shot iterator (a generator) is read once; with ``reusable=True`` its batches
-        are kept so that it can be read again (several passes, or hashing for the cache).
-    batch_size : int
-    reusable : bool, default=False
-    allow_empty : bool, default=False
-        Accept data without any sample (a rank's empty shard in data-parallel calibration):
-        ``first`` is then None and there are no batches.
-    """
-
-    def __init__(self, X, batch_size: int, *, reusable: bool = False, allow_empty: bool = False):
-        self.batch_size = batch_size
-        self._sliceable = _is_array(X) or isinstance(X, Mapping)
-        if self._sliceable:
-            self.n_samples = _check_sliceable(X, allow_empty)
-            self._source = X
-            self.first = _slice(X, 0, batch_size) if self.n_samples else None
-            self.n_batches = -(-self.n_samples // batch_size)
-            return
-        if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
-            raise TypeError(
-                "X must be a torch tensor, a NumPy array, a dict of those, or an iterable of "
-                f"batches (e.g. a DataLoader); got {type(X).__name__}."
-            )
-        iterator = iter(X)
-        one_shot = iterator is X
-        try:
-            self.first = next(iterator)
-        except StopIteration:
-            if not allow_empty:
-                raise ValueError("X is empty: it yielded no calibration batch.") from None
-            self.first, self._source, self._one_shot, self.n_batches = None, [], False, 0
-            return
-        if one_shot:
-            rest = list(iterator) if reusable else iterator
-            self._source = [self.first, *rest] if reusable else itertools.chain([self.first], rest)
-            self._spent = False
-        else:
-            self._source = X
-        self._one_shot = one_shot and not reusable
-        self.n_batches = len(X) if hasattr(X, "__len__") and not one_shot else None
-        if isinstance(self._source, list):
-            self.n_batches = len(self._source)
-
-    def make_reusable(self) -> None:
-        """Keep the batches of a one-shot iterator from now on, so that it can be read again."""
-        if not self._sliceable and self._one_shot:
-            if self._spent:
-                raise RuntimeError("This one-shot iterator of batches was already consumed.")
-            self._source = list(self._source)
-            self._one_shot, self.n_batches = False, len(self._source)
-
-    def __iter__(self):
-        if self._sliceable:
-            for start in range(0, self.n_samples, self.batch_size):
-                yield _slice(self._source, start, self.batch_size)
-            return
-        if self._one_shot:
-            if self._spent:
-                raise RuntimeError("This one-shot iterator of batches was already consumed.")
-            self._spent = True
-        yield from self._source
-
-    @property
-    def rereadable(self) -> bool:
-        """False for a one-shot iterator read without ``reusable`` (one pass only)."""
-        return not getattr(self, "_one_shot", False)
-
-    def fingerprint(self) -> str:
-        """A hash of every batch's content (the inputs only: labels do not change statistics)."""
-        digest = hashlib.blake2b(digest_size=20)
-        digest.update(f"batch_size={self.batch_size}".encode())
-        for batch in self:
-            _hash_value(digest, _inputs_of(batch))
-        return digest.hexdigest()
-
-
-def _is_array(X) -> bool:
-    """A torch tensor or a NumPy array."""
-    return isinstance(X, (torch.Tensor, np.ndarray))
-
-
-def _check_sliceable(X, allow_empty: bool = False) -> int:
-    """Number of samples of an array or a dict of arrays (at least 2-D, not empty)."""
-    arrays = [X] if _is_array(X) else [v for v in X.values() if _is_array(v)]
-    if not arrays:
-        raise ValueError("X is a dict without any tensor or array value.")
-    for array in arrays:
-        if array.ndim < 2:
-            raise ValueError(
-                f"X must have shape (n_samples, ...) with at least 2 dimensions; got an array of "
-                f"shape {tuple(array.shape)}. Reshape a single sample with x[None]."
-            )
-    n_samples = {int(a.shape[0]) for a in arrays}
-    if len(n_samples) > 1:
-        raise ValueError(
-            f"The arrays of X have different numbers of samples: {sorted(n_samples)}."
-        )
-    if n_samples == {0} and not allow_empty:
-        raise ValueError("X is empty: it has 0 samples.")
-    return n_samples.pop()
-
-
-def _slice(X, start: int, size: int):
-    """Rows ``start:start+size`` of an array, or of every array value of a dict."""
-    if _is_array(X):
-        return X[start : start + size]
-    return {k: v[start : start + size] if _is_array(v) else v for k, v in X.items()}
-
-
-def _inputs_of(batch):
-    """The part of a raw batch the model sees: ``batch[0]`` of an (inputs, labels) pair."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("A calibration batch is an empty tuple/list.")
-        return batch[0]
-    return batch
-
-
-def _hash_value(digest, value) -> None:
-    """Feed a tensor, array, dict, sequence or scalar into a hash, structure included."""
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().reshape(-1).contiguous().cpu()
-        digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, np.ndarray):
-        digest.update(f"A{value.dtype}{value.shape}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        for key in sorted(value, key=str):
-            digest.update(f"K{key!r}".encode())
-            _hash_value(digest, value[key])
-    elif isinstance(value, (tuple, list)):
-        digest.update(f"S{len(value)}".encode())
-        for item in value:
-            _hash_value(digest, item)
-    else:
-        digest.update(f"V{value!r}".encode())
-
-
-# ----------------------------------------------------------------------------- model inputs
-
-
-def model_device_dtype(model: nn.Module):
-    """The device and floating dtype of a model's first parameter (or buffer)."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    device = None
-    for tensor in tensors:
-        device = device or tensor.device
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return device or torch.device("cpu"), torch.get_default_dtype()
-
-
-def to_inputs(batch, device, dtype):
-    """``(args, kwargs)`` for ``model(batch)``, ``model(**batch)`` or ``model(batch[0])``.
-
-    Tensors and arrays go to ``device``; floating ones take the model's ``dtype``, integer ones
-    (token ids) stay integer.
-    """
-    if isinstance(batch, Mapping):
-        return (), {k: _to_tensor(v, device, dtype) for k, v in batch.items()}
-    if _is_array(batch):
-        return (_to_tensor(batch, device, dtype),), {}
-    if isinstance(batch, (tuple, list)):
-        return to_inputs(_inputs_of(batch), device, dtype)
-    raise TypeError(
-        "A calibration batch must be a tensor, an array, a dict (passed as model(**batch)) or "
-        f"a tuple/list whose first item is the input; got {type(batch).__name__}."
-    )
-
-
-def _to_tensor(value, device, dtype):
-    """A tensor on ``device``; floating values cast to ``dtype``; non-arrays unchanged."""
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise TypeError("A calibration batch holds a NumPy array of dtype object.")
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.is_floating_point():
-        return value.to(device=device, dtype=dtype)
-    return value.to(device=device)
-
-
-def example_inputs(batch, device, dtype, n_samples: int = 2):
-    """The first ``n_samples`` samples of a batch as ``(args, kwargs)``, for the graph walk."""
-    args, kwargs = to_inputs(batch, device, dtype)
-    size = batch_size_of(args, kwargs)
-
-    def head(value):
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size:
-            return value[:n_samples]
-        return value
-
-    return tuple(head(a) for a in args), {k: head(v) for k, v in kwargs.items()}
-
-
-def batch_size_of(args, kwargs) -> int:
-    """The first dimension of the first tensor among the model's inputs."""
-    for value in itertools.chain(args, kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.ndim:
-            return int(value.shape[0])
-    raise ValueError("The calibration batch holds no tensor with a batch dimension.")
-
-
-def run_model(model: nn.Module, args, kwargs, what: str = "calibration batch"):
-    """``model(*args, **kwargs)``, with the model's own failure reworded to point at X."""
-    try:
-        return model(*args, **kwargs)
-    except StopForward:
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"the model could not run on the {what} {_describe(args, kwargs)}; "
-            f"check that X is batched like the model's input: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _describe(args, kwargs) -> str:
-    """Shapes and dtypes of the model inputs, for error messages."""
-
-    def one(value):
-        if isinstance(value, torch.Tensor):
-            return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-        return type(value).__name__
-
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
-    return "(" + ", ".join(parts) + ")"
-
-
 # ------------------------------------------------------------------------------ statistics
 
 
 class _NonFiniteActivations(BaseException):
     """Raised by a hook whose rows hold NaN/Inf; a BaseException so that ``run_model`` (and
     the model's own ``except Exception``) lets it through, to be raised as a ValueError."""
-
-
-class StopForward(BaseException):
-    """Raised by the last hook of a batch: the rest of the forward pass is not needed.
-
-    A BaseException so that a model's own ``except Exception`` cannot swallow it.
-    """
 
 
 def unit_statistics(model, units, batches, *, method="gram", precision="float64", verbose=False):
@@ -629,14 +382,14 @@ def model_fingerprint(model: nn.Module, args: tuple, kwargs: dict | None = None)
     digest.update(describe_execution(model, args, kwargs).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        _hash_value(digest, tensor)
+        hash_value(digest, tensor)
     return digest.hexdigest()
 
 
 def fingerprint(*parts) -> str:
     """A hash of strings, arrays and nested sequences of them."""
     digest = hashlib.blake2b(digest_size=20)
-    _hash_value(digest, list(parts))
+    hash_value(digest, list(parts))
     return digest.hexdigest()
 
 

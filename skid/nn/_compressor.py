@@ -24,18 +24,10 @@ from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _distributed, _hf_config, _residual
+from ._batches import Batches, example_inputs, model_device_dtype, run_model
 from ._blocks import find_blocks
 from ._blockwise import blockwise_plan
-from ._calibration import (
-    Batches,
-    StatisticsCache,
-    calibration_passes,
-    example_inputs,
-    fingerprint,
-    model_device_dtype,
-    model_fingerprint,
-    run_model,
-)
+from ._calibration import StatisticsCache, calibration_passes, fingerprint, model_fingerprint
 from ._flops import count_flops, count_params
 from ._heads import find_heads, in_forward_order, release_heads
 from ._model_checks import check_model

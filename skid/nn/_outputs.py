@@ -17,16 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._calibration import (
-    Batches,
-    StatisticsCache,
-    example_inputs,
-    fingerprint,
-    model_device_dtype,
-    model_fingerprint,
-    run_model,
-    to_inputs,
-)
+from ._batches import Batches, example_inputs, model_device_dtype, run_model, to_inputs
+from ._calibration import StatisticsCache, fingerprint, model_fingerprint
 
 __all__ = [
     "ModelOutputs",

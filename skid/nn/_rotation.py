@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import _linalg
 from . import _calibration, _distributed, _surgery
-from ._calibration import batch_size_of, model_device_dtype, run_model, to_inputs
+from ._batches import batch_size_of, model_device_dtype, run_model, to_inputs
 from ._outputs import first_tensor
 from ._stream import Stream, get, random_rotation
 

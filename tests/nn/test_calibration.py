@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from skid.nn._batches import Batches, to_inputs
 from skid.nn._calibration import (
-    Batches,
     StatisticsCache,
     calibration_passes,
     fingerprint,
     model_fingerprint,
-    to_inputs,
     unit_statistics,
 )
 from skid.nn._graph import find_units

@@ -11,7 +11,8 @@ from torch import nn
 from skid import NetworkCompressor
 from skid.exceptions import InvalidParameterError
 from skid.nn import _unit_kinds
-from skid.nn._calibration import Batches, corrective_statistics
+from skid.nn._batches import Batches
+from skid.nn._calibration import corrective_statistics
 from skid.nn._graph import find_units
 from skid.nn._surgery import apply_selection, as_samples
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from skid.nn import NetworkCompressor
-from skid.nn._calibration import Batches, unit_statistics
+from skid.nn._batches import Batches
+from skid.nn._calibration import unit_statistics
 from skid.nn._graph import find_units
 from skid.nn._joint import JointFactorization
 from skid.nn._plan import ChannelGroup, Consumer, Unit
