@@ -71,11 +71,15 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         w = _Walk(planner, targets, units, batches, key, cache, widths)
         return w.run(layout, device, home, mode), w.source.n_samples
 
-    if settings.target_flops is None:
+    uniform_tol = settings.uniform and settings.target_flops is None and settings.rank is None
+    if settings.target_flops is None and not uniform_tol:
         (selections,), n = walk([work], calibration)
         return Plan(tuple(selections), n)
     (curves,), _ = walk([work], _COLLECT)
-    candidates = planner.flops_candidates(curves, units, work)
+    if uniform_tol:  # one width per kind of repeated unit needs every unit's curve first
+        candidates = [planner.widths(curves, units)]
+    else:
+        candidates = planner.flops_candidates(curves, units, work)
     del curves
     batched = not calibration.follows_compression
     if len(candidates) > 1:

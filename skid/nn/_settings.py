@@ -39,6 +39,10 @@ class FitSettings:
     device : torch.device or None
         Where calibration runs (None: the model's device).
     verbose : bool
+    stream : {"rotate", "select"}
+        How a residual stream is narrowed (``prune="residual"``).
+    uniform : bool
+        One width per kind of repeated unit.
     """
 
     tol: float
@@ -55,6 +59,8 @@ class FitSettings:
     blocks: str | None
     device: torch.device | None
     verbose: bool
+    stream: str = "rotate"
+    uniform: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> FitSettings:
@@ -82,6 +88,8 @@ class FitSettings:
             blocks=params["blocks"],
             device=None if device is None else torch.device(device),
             verbose=bool(params["verbose"]),
+            stream=params.get("stream", "rotate"),
+            uniform=bool(params.get("uniform", False)),
         )
 
     @property
