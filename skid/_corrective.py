@@ -76,6 +76,14 @@ class CrossStatistics:
     unchanged : bool
         Every block had ``Z_c = Z_o``: the fit is then the plain ID of ``Z_c``, exactly (its
         ``T`` at full width is the identity, not the identity plus rounding).
+    means : tuple of ndarray or None
+        ``fit_intercept``: the column means ``(μ_c, μ_o)``; ``first``, ``cross`` and
+        ``sq_norm`` are then those of the centred ``Z_c − 1 μ_cᵀ`` and ``Z_o − 1 μ_oᵀ`` (the
+        least-squares fit with a constant column is the fit of the centred data, and its
+        constant is ``μ_o − Tᵀ μ_c[keep]``).
+    scale : float
+        Relative errors are multiplied by it: ``‖Z_o − 1 μ_oᵀ‖_F / ‖Z_o‖_F`` with means (the
+        errors stay relative to ``‖Z_o‖_F``), 1 without.
     """
 
     method: str
@@ -85,6 +93,8 @@ class CrossStatistics:
     eps: float
     n_samples: int
     unchanged: bool = False
+    means: tuple | None = None
+    scale: float = 1.0
 
     @property
     def n_features(self) -> int:
@@ -109,7 +119,10 @@ class CrossStatistics:
         if self.unchanged:  # Qᵀ Z_o = Qᵀ Z_c = U (columns back in channel order)
             V = np.empty_like(U)
             V[:, perm] = U
-        return CorrectiveFactorization(perm, U, V, self.sq_norm)
+        fac = CorrectiveFactorization(perm, U, V, self.sq_norm)
+        fac.errors = fac.errors * self.scale
+        fac.means = self.means
+        return fac
 
     def fit(self, keep):
         """``T`` for channels chosen elsewhere (e.g. one selection shared by a channel group
@@ -162,6 +175,10 @@ class CrossStatistics:
         """``‖Z_o − Z_c[:, keep] T‖_F / ‖Z_o‖_F`` from the statistics."""
         if self.sq_norm <= 0:
             return 0.0
+        return self.scale * self._centred_error(keep, T)
+
+    def _centred_error(self, keep, T) -> float:
+        """The error relative to the statistics' own ``sq_norm`` (centred with ``means``)."""
         if self.method == "gram":
             G, C = self.first[np.ix_(keep, keep)], self.cross[keep]
             sq = self.sq_norm - 2 * np.vdot(T, C) + np.vdot(T, G @ T)
@@ -349,11 +366,18 @@ class CrossAccumulator:
         Gram route: products of float32 blocks in float32, summed in float64 every
         ``_NATIVE_BLOCK_ROWS`` rows (``"native"``), or in float64 (as
         :class:`skid._linalg.GramAccumulator`).
+    intercept : bool
+        Also the column means, for a fit with a constant column (``fit_intercept``): the
+        statistics come out centred (see :class:`CrossStatistics`). The Gram route sums the
+        columns; the QR route factors ``[1 | Z_c | Z_o]``, whose first row holds the means
+        and whose rest is the factor of the centred blocks.
     """
 
-    def __init__(self, method: str = "gram", precision: str = "float64"):
+    def __init__(self, method: str = "gram", precision: str = "float64", intercept=False):
         self.method = method
         self.precision = precision
+        self.intercept = bool(intercept)
+        self._sums = None
         self.n_features = None
         self.n_samples = 0
         self._gram = self._cross = None
@@ -381,8 +405,13 @@ class CrossAccumulator:
                              f"{self.n_features}.")
         self.n_features = Zc.shape[1]
         self.n_samples += Zc.shape[0]
+        if self.intercept and self._qr is None:
+            sums = (_column_sums(Zc), _column_sums(Zc) if same else _column_sums(Zo))
+            self._sums = sums if self._sums is None else tuple(
+                a + b for a, b in zip(self._sums, sums, strict=True))
         if self._qr is not None:
-            self._qr.update(_hstack(Zc, Zo))
+            block = _hstack(Zc, Zo)
+            self._qr.update(_hstack(_ones_like(block), block) if self.intercept else block)
             self._eps = float(np.finfo(self._qr.dtype).eps)
             return self
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(Zc)
@@ -413,15 +442,33 @@ class CrossAccumulator:
             raise ValueError("No data has been accumulated yet.")
         m = self.n_features
         if self._qr is not None:
-            R = np.zeros((2 * m, 2 * m))
+            c = int(self.intercept)  # the constant column, first
+            R = np.zeros((2 * m + c, 2 * m + c))
             R_acc = _array.to_numpy(self._qr.R).astype(np.float64)
             R[: R_acc.shape[0]] = R_acc
+            means, scale = None, 1.0
+            if c:
+                total = float(np.sum(R[:, c + m:] ** 2))
+                means = (R[0, 1:m + 1] / R[0, 0], R[0, m + 1:] / R[0, 0])
+                R = R[1:, 1:]  # the factor of the centred [Z_c | Z_o]
             sq_norm = float(np.sum(R[:, m:] ** 2))
+            if c:
+                scale = float(np.sqrt(sq_norm / total)) if total > 0 else 1.0
             return CrossStatistics("qr", R[:m, :m], R[:m, m:], sq_norm, self._eps,
+                                   self.n_samples, self._unchanged, means, scale)
+        gram, cross = _array.to_numpy(self._gram), _array.to_numpy(self._cross)
+        if not self.intercept:
+            return CrossStatistics("gram", gram, cross, self._sq_norm, self._eps,
                                    self.n_samples, self._unchanged)
-        return CrossStatistics("gram", _array.to_numpy(self._gram),
-                               _array.to_numpy(self._cross), self._sq_norm, self._eps,
-                               self.n_samples, self._unchanged)
+        n = self.n_samples
+        mean_c, mean_o = (np.asarray(_array.to_numpy(v), dtype=np.float64) / n
+                          for v in self._sums)
+        sq_norm = self._sq_norm - n * float(mean_o @ mean_o)
+        scale = float(np.sqrt(max(sq_norm, 0.0) / self._sq_norm)) if self._sq_norm > 0 else 1.0
+        return CrossStatistics("gram", gram - n * np.outer(mean_c, mean_c),
+                               cross - n * np.outer(mean_c, mean_o), max(sq_norm, 0.0),
+                               self._eps, self.n_samples, self._unchanged,
+                               (mean_c, mean_o), scale)
 
 
 def _agree(A, B) -> bool:
@@ -448,6 +495,22 @@ def _agree(A, B) -> bool:
     eps = float(np.finfo(A.dtype).eps)
     xp = _array._xp(A)
     return bool(xp.linalg.norm(A - B) <= max(A.shape[1], 16) * eps * xp.linalg.norm(B))
+
+
+def _column_sums(A):
+    """Column sums in float64, on the block's device."""
+    if _array.array_kind(A) == "torch":
+        return A.detach().sum(0, dtype=A.new_zeros(()).double().dtype)
+    return A.sum(0, dtype=np.float64)
+
+
+def _ones_like(A):
+    """One column of ones of ``A``'s kind, dtype and device."""
+    if _array.array_kind(A) == "torch":
+        import torch
+
+        return torch.ones_like(A[:, :1])
+    return _array._xp(A).ones_like(A[:, :1])
 
 
 def _hstack(A, B):

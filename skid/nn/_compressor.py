@@ -14,6 +14,7 @@ import numbers
 import os
 import sys
 import warnings
+from dataclasses import replace
 
 import joblib
 import numpy as np
@@ -26,7 +27,7 @@ from .. import _corrective, _policy, metrics
 from .._linalg import PivotedFactorization, factorize_for_outputs
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
-from . import _budget, _distributed
+from . import _budget, _distributed, _intercept
 from ._blocks import blockwise_plan, find_blocks
 from ._calibration import (
     Batches,
@@ -51,7 +52,13 @@ from ._heads import (
 from ._joint import interpolations_for
 from ._model_checks import check_model
 from ._plan import Selection, offset_of
-from ._surgery import apply_selection, concat_widths, sharing_copy, weight_gram
+from ._surgery import (
+    apply_selection,
+    concat_widths,
+    fold_constant,
+    sharing_copy,
+    weight_gram,
+)
 
 __all__ = ["NetworkCompressor"]
 
@@ -151,6 +158,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         data's rounding, 2-4× the work). ``"auto"`` uses ``"qr"`` only for ``tol`` below
         1e-4. The rules are ``InterpolativeDecomposition``'s (``skid._policy``), re-check
         included: see Notes.
+    fit_intercept : bool, default=False
+        Fit ``T`` with a constant column, ``Z ≈ Z[:, J] T + 1 bᵀ`` (the ID of the centred
+        activations, ``b = μ − Tᵀ μ_J``), and fold the constant into each consumer's bias,
+        ``c ← c + W b`` (a consumer without a bias gets one). One bias vector per consumer
+        buys what FLAP's bias compensation buys, at every width; exact at full width. For a
+        convolution with zero padding the constant is exact away from the borders. Groups
+        read as several tensors or by grouped convolutions keep no constant. A Hugging Face
+        model gets its config's ``mlp_bias``/``attention_bias`` set (and zero biases in the
+        other layers of those families) so that ``save_pretrained`` output reloads; a
+        consumer no config flag governs (Qwen2's MLP, say) is refused with the reason.
     batch_size : int, default=256
         Rows per batch when ``X`` is a tensor or an array.
     device : str or torch.device, default=None
@@ -261,6 +278,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "calibration": [Options(("original", "sequential", "corrective"))],
         "blocks": [None, str],
         "method": [Options(("auto", "gram", "qr"))],
+        "fit_intercept": [bool],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
         "process_group": [None, Options(("auto",)), _distributed.ProcessGroup],
@@ -282,6 +300,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         calibration="original",
         blocks="auto",
         method="auto",
+        fit_intercept=False,
         batch_size=256,
         device=None,
         process_group="auto",
@@ -299,6 +318,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.calibration = calibration
         self.blocks = blocks
         self.method = method
+        self.fit_intercept = fit_intercept
         self.batch_size = batch_size
         self.device = device
         self.process_group = process_group
@@ -357,7 +377,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         # the model's weights and the code it runs, keyed once per fit
         self._model_key = None if self.memory is None else model_fingerprint(work, *example)
         key = None if self.memory is None else self._cache_key(self._model_key, batches, units)
-        plan = self._plan(work, units, batches, key, (module_flops, flops_before))
+        with _intercept.fitting_intercept(self.fit_intercept):
+            bias_flags = _intercept.hf_bias_flags(work, _new_biases(work, units))
+            plan = self._plan(work, units, batches, key, (module_flops, flops_before))
+        _intercept.set_hf_bias_flags(work, bias_flags)
         self.n_calibration_passes_ = calibration_passes() - passes_before
         self.flops_ = {"before": int(flops_before), "after": int(count_flops(work, *example)[0])}
         self.params_ = {"before": int(params_before), "after": int(count_params(work))}
@@ -486,6 +509,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             [repr(u) for u in units],
             self.method_,
             self._gram_precision,
+            self.fit_intercept,
         )
 
     # ----------------------------------------------------------------------------- plan
@@ -563,6 +587,13 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             if unit.kind == "heads":
                 result.append(fac.for_outputs(_consumer_weight_gram(work, unit,
                                                                     unit.consumers[0])))
+                if getattr(fac, "means", None) is not None:  # fit_intercept
+                    result[-1].means = fac.means
+                continue
+            if isinstance(fac, _intercept.InterceptFactorization):
+                weights = sum(_consumer_weight_gram(work, unit, c) for c in unit.consumers)
+                result.append(fac.for_outputs(
+                    lambda f, w=weights: factorize_for_outputs(f, w, _OUTPUT_PIVOTS)))
                 continue
             if not isinstance(fac, PivotedFactorization):
                 result.append(fac)
@@ -619,8 +650,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         rewind()
         stats, self.n_calibration_samples_ = cache.corrective(
             step_key, work, reference, unit, batches, **settings)
-        fac = (CorrectiveHeadFactorization(stats, unit) if unit.kind == "heads"
-               else stats.factorize(_corrective.DEFAULT_SELECTION))
+        if unit.kind == "heads":
+            fac = CorrectiveHeadFactorization(stats, unit)
+            fac.means = stats.means  # fit_intercept: the constant of the selection
+        else:
+            fac = stats.factorize(_corrective.DEFAULT_SELECTION)
         k = self._widths([fac], [unit], None)[0] if k is None else k
         return _selection(unit, fac, k)
 
@@ -825,6 +859,8 @@ def _consumer_weight_gram(work, unit, consumer) -> np.ndarray:
 def _apply(model, selection) -> None:
     """Apply a channel group's or an attention block's selection to ``model`` in place."""
     if selection.unit.kind == "heads":
+        if selection.intercept is not None:  # W b from the output projection before the fold
+            fold_constant(model.get_submodule(selection.unit.consumer), selection.intercept)
         apply_head_selection(model, selection)
     else:
         apply_selection(model, selection)
@@ -857,7 +893,11 @@ def _warn_few_rows(units, facs) -> None:
 def _selection(unit, fac, k) -> Selection:
     """The plan record of one unit kept at width ``k`` (heads: the nearest valid count)."""
     if unit.kind == "heads":
-        return fac.select(int(k))
+        selection = fac.select(int(k))
+        d = unit.head_dim
+        columns = (selection.heads[:, None] * d + np.arange(d)).ravel()
+        b = _intercept.intercept(fac, columns, selection.interpolation)
+        return selection if b is None else replace(selection, intercept=b)
     if fac.n_features != unit.width:
         raise RuntimeError(
             f"Internal error: the statistics of {unit.producer!r} have {fac.n_features} "
@@ -865,6 +905,7 @@ def _selection(unit, fac, k) -> Selection:
         )
     keep, T = fac.select(int(k))
     per_consumer = interpolations_for(unit, fac, keep, T)
+    b = _intercept.intercept(fac, keep, T)
     return Selection(
         unit=unit,
         keep=torch.as_tensor(keep, dtype=torch.int64),
@@ -872,7 +913,14 @@ def _selection(unit, fac, k) -> Selection:
         error=float(fac.errors[len(keep)]),  # a grouped width may round k down
         interpolations=None if per_consumer is None else tuple(
             torch.as_tensor(t) for t in per_consumer),
+        intercepts=None if b is None else (torch.as_tensor(b),) * len(unit.consumers),
     )
+
+
+def _new_biases(work, units) -> list:
+    """Consumers that ``fit_intercept`` gives a bias they do not have yet."""
+    names = [c.name for u in units if _intercept.applies(u) for c in u.consumers]
+    return [n for n in names if getattr(work.get_submodule(n), "bias", None) is None]
 
 
 def _most_faithful(work, units, facs, candidates, batch) -> np.ndarray:

@@ -153,6 +153,7 @@ class HeadSelection:
     kv_heads: np.ndarray
     interpolation: np.ndarray
     error: float
+    intercept: np.ndarray | None = None  # fit_intercept: the constant b of the input
     interpolations = None  # one fold, into the output projection
 
     @property

@@ -226,6 +226,11 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
         raise bad(f"'tensors' of {name!r} must be a mapping")
     tensors = _tensors(module)
     for key, shape in shapes.items():
+        if key in _absent_biases(module):  # fit_intercept gave the consumer a bias
+            if not (isinstance(shape, list) and len(shape) == 1 and _is_int(shape[0])
+                    and shape[0] >= 0):
+                raise bad(f"shape {shape!r} of the new {name}.{key} must list 1 integer")
+            continue
         if key not in tensors:
             raise bad(f"{name!r} has no parameter or buffer {key!r}")
         if (
@@ -240,9 +245,20 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
     return shapes
 
 
+def _absent_biases(module: nn.Module) -> set:
+    """Bias parameters a module declares as None (``bias=False``): a plan may create them."""
+    return {k for k, v in module._parameters.items() if v is None and k == "bias"}
+
+
 def _resize(module: nn.Module, attributes: dict, shapes: dict) -> None:
     """Empty tensors of the planned shapes (same device/dtype) and the planned attributes."""
     for key, shape in shapes.items():
+        if key in _absent_biases(module):  # created, like the weight beside it
+            weight = module.weight
+            module._parameters[key] = nn.Parameter(
+                torch.empty(shape, dtype=weight.dtype, device=weight.device),
+                requires_grad=weight.requires_grad)
+            continue
         old = _tensors(module)[key]
         if list(old.shape) == shape:
             continue  # unchanged: keeps ties between modules (e.g. shared embeddings)
