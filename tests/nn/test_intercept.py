@@ -83,11 +83,12 @@ def test_fold_constant_adds_w_b_and_creates_a_missing_bias():
     fold_constant(linear, b)
     assert isinstance(linear.bias, nn.Parameter) and linear.bias.shape == (3,)
     torch.testing.assert_close(linear(x), expected)
-    conv = nn.Conv2d(6, 4, 3)  # no padding: every tap reads the constant
-    images = torch.randn(2, 6, 7, 7)
-    expected = conv(images + b[:, None, None])
-    fold_constant(conv, b)
-    torch.testing.assert_close(conv(images), expected, rtol=1e-5, atol=1e-5)
+    for conv, spatial in ((nn.Conv1d(6, 4, 3, bias=False), (7,)), (nn.Conv2d(6, 4, 3), (7, 7)),
+                          (nn.Conv3d(6, 4, 2), (4, 4, 4))):  # no padding: every tap reads b
+        images = torch.randn(2, 6, *spatial)
+        expected = conv(images + b.reshape(6, *(1,) * len(spatial)))
+        fold_constant(conv, b)
+        torch.testing.assert_close(conv(images), expected, rtol=1e-5, atol=1e-5)
     flat = nn.Linear(6 * 4, 3)  # flatten → Linear: the constant repeats over 4 positions
     maps = torch.randn(5, 6, 4)
     expected = flat((maps + b[:, None]).flatten(1))
@@ -233,3 +234,19 @@ def test_a_class_that_cannot_hold_the_bias_is_refused():
     model = transformers.Qwen2ForCausalLM(config).eval()
     with pytest.raises(ValueError, match="mlp.down_proj.*fit_intercept=False"):
         NetworkCompressor(model, rank=0.5, prune="channels", fit_intercept=True).fit(_tokens())
+
+
+def test_gpt2_conv1d_consumers_take_the_constant():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=4,
+                                     n_positions=32, n_inner=24)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    X = _tokens()
+    full = NetworkCompressor(model, rank=1.0, fit_intercept=True).fit(X)
+    with torch.no_grad():
+        torch.testing.assert_close(full.compressed_model_(X).logits, model(X).logits,
+                                   rtol=1e-4, atol=1e-4)
+    nc = NetworkCompressor(model, rank=0.5, fit_intercept=True).fit(X)
+    assert all(getattr(s, "intercepts", None) is not None or s.intercept is not None
+               for s in nc._selections)
