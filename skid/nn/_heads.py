@@ -31,6 +31,7 @@ from torch import nn
 
 from .._linalg import BlockPivotedFactorization
 from . import _budget
+from ._head_greedy import groupwise_candidates
 from ._plan import Consumer, Skipped
 from ._surgery import fold_in, slice_out, surgery_for
 
@@ -362,6 +363,7 @@ class HeadFactorization:
             groups = [np.concatenate(heads[g * size:(g + 1) * size])
                       for g in range(unit.n_kv_heads)]
             self._modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
+            self._modes.update(groupwise_candidates(gram, heads, labels, weight_gram))
         self._best = {}  # valid head count -> (mode, number of blocks)
         for mode, fac in self._modes.items():
             for blocks in range(1, fac.n_blocks + 1):
@@ -386,7 +388,7 @@ class HeadFactorization:
         return HeadFactorization(self.gram, self.unit, weight_gram)
 
     def _heads_of(self, mode, blocks) -> int:
-        if mode == "per_group":  # rounds: one head per key/value group each
+        if mode.startswith("per_group"):  # rounds, or per-group candidates: equal per group
             return blocks if blocks % self.unit.n_kv_heads == 0 else -1
         return blocks * (self.unit.group_size if mode == "groups" else 1)
 
