@@ -460,6 +460,7 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     statistics back.
     """
     from ._compressor import batch_outputs, output_distance
+    from ._sensitivity import held_out_batch
 
     device = home if nc.device is None else torch.device(nc.device)
     mode = nc.calibration
@@ -470,7 +471,8 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     candidates = nc._flops_candidates(curves, units, flops_info, work)
     del curves
     if len(candidates) > 1:
-        reference = batch_outputs(work, batches.first)
+        judge = held_out_batch(batches)  # rows other than the first batch's, if any
+        reference = batch_outputs(work, judge)
         pristine = sharing_copy(work) if mode != "original" else None
         targets = [work] + [sharing_copy(work) for _ in candidates[1:]]
         plans = _Walk(nc, targets, units, batches, key, cache, candidates).run(
@@ -478,7 +480,7 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
         for target in targets[1:]:
             target.to(home)  # what was folded into a copy during its block's turn
         best = min(range(len(targets)),
-                   key=lambda c: output_distance(targets[c], reference, batches.first))
+                   key=lambda c: output_distance(targets[c], reference, judge))
         del targets[1:best], targets[best + 1:]  # the losers' models go now
         _transplant(work, targets[-1] if mode == "original" else pristine)
         if mode == "original":

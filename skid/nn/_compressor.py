@@ -27,7 +27,7 @@ from .. import _corrective, _policy, metrics
 from .._linalg import PivotedFactorization, factorize_for_outputs
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
-from . import _budget, _distributed, _intercept
+from . import _budget, _distributed, _intercept, _sensitivity
 from ._blocks import blockwise_plan, find_blocks
 from ._calibration import (
     Batches,
@@ -688,15 +688,23 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.
 
-        For ``target_flops`` every candidate of :meth:`_flops_candidates` is tried on the first
-        calibration batch, and the one whose outputs stay closest to the model's wins: the
-        error-per-FLOP greedy is a proxy, and must never do worse than a uniform cut.
+        For ``target_flops`` the units' output weights are measured on the first calibration
+        batch (:mod:`skid.nn._sensitivity`), every candidate of :meth:`_flops_candidates` is
+        tried on the held-out second batch, and the one whose outputs stay closest to the
+        model's wins: the error-per-FLOP greedy is a proxy, and must never do worse than a
+        uniform cut.
         """
         if self.target_flops is not None:
-            candidates = self._flops_candidates(facs, units, flops_info, work)
+            weights = None
+            if len(units) > 1 and all(hasattr(fac, "select") for fac in facs):
+                (uniform,) = self._flops_candidates(facs, units, flops_info, work, plain=True)
+                weights = _sensitivity.output_weights(work, units, facs, uniform,
+                                                      batches.first)
+            candidates = self._flops_candidates(facs, units, flops_info, work, weights)
             if len(candidates) == 1:
                 return candidates[0]
-            return _most_faithful(work, units, facs, candidates, batches.first)
+            return _most_faithful(work, units, facs, candidates,
+                                  _sensitivity.held_out_batch(batches))
         if self.rank is not None:
             return np.array([
                 fac.width_for_rank(self.rank) if u.kind == "heads"
@@ -704,20 +712,28 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
         return _budget.widths_for_tol([fac.errors for fac in facs], self.tol)
 
-    def _flops_candidates(self, facs, units, flops_info, work) -> list:
-        """The ``target_flops`` allocations worth comparing (:func:`_budget.flops_candidates`),
-        head counts rounded to counts the model's code runs. ``facs`` need only ``errors``
-        (and, for heads, ``valid_counts`` and ``valid``): an :class:`ErrorCurve` will do."""
+    def _flops_candidates(self, facs, units, flops_info, work, weights=None,
+                          plain=False) -> list:
+        """The ``target_flops`` allocations worth comparing (:func:`_budget.flops_candidates`:
+        greedy, uniform, each kind's uniform cut alone, and with ``weights`` the greedy on the
+        output-weighted curves), head counts rounded to counts the model's code runs.
+        ``plain``: only the plain uniform cut. ``facs`` need only ``errors`` (and, for heads,
+        ``valid_counts`` and ``valid``): an :class:`ErrorCurve` will do."""
         module_flops, total = flops_info
         model = _budget.FlopsModel.from_units(units, module_flops, total,
                                               concat_widths(work, units))
         minimum = [fac.valid_counts[0] if u.kind == "heads" else 1
                    for u, fac in zip(units, facs, strict=True)]
         errors = [fac.errors for fac in facs]
+        if plain:
+            found = [_budget.uniform_widths(model, self.target_flops, minimum)]
+        else:
+            found = _budget.flops_candidates(errors, model, self.target_flops, minimum,
+                                             weights=weights, kinds=[u.kind for u in units])
         return [
             np.array([fac.valid(k) if u.kind == "heads" else k  # a count the code runs
                       for u, fac, k in zip(units, facs, widths, strict=True)])
-            for widths in _budget.flops_candidates(errors, model, self.target_flops, minimum)
+            for widths in found
         ]
 
     def _recheck(self, work, units, facs, widths, batches, key, cache, before_pass=None):
