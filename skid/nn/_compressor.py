@@ -695,12 +695,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         uniform cut.
         """
         if self.target_flops is not None:
-            weights = None
             if len(units) > 1 and all(hasattr(fac, "select") for fac in facs):
-                (uniform,) = self._flops_candidates(facs, units, flops_info, work, plain=True)
-                weights = _sensitivity.output_weights(work, units, facs, uniform,
-                                                      batches.first)
-            candidates = self._flops_candidates(facs, units, flops_info, work, weights)
+                return self._faithful_widths(facs, units, flops_info, work, batches)
+            candidates = self._flops_candidates(facs, units, flops_info, work)
             if len(candidates) == 1:
                 return candidates[0]
             return _most_faithful(work, units, facs, candidates,
@@ -735,6 +732,30 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                       for u, fac, k in zip(units, facs, widths, strict=True)])
             for widths in found
         ]
+
+    def _faithful_widths(self, facs, units, flops_info, work, batches) -> np.ndarray:
+        """``target_flops`` with factorizations at hand (one pass): the output weights, the
+        candidates, and the one whose outputs stay closest on held-out calibration rows.
+
+        Where the data split (:func:`_sensitivity.split_held_out`), a second statistics pass
+        without the last batch gives the folds the candidates are built with, and that batch
+        judges them; otherwise the second batch (in-sample) judges.
+        """
+        split = _sensitivity.split_held_out(batches)
+        fitted, judge = facs, _sensitivity.held_out_batch(batches)
+        if split is not None:
+            rest, judge = split
+            fitted, _ = StatisticsCache(None).get(
+                None, work, units, rest, method=self.method_, precision=self._gram_precision,
+                verbose=self.verbose)
+            fitted = self._for_objective(work, units, fitted)
+        (uniform,) = self._flops_candidates(facs, units, flops_info, work, plain=True)
+        first = batches.first if split is None else split[0].first
+        weights = _sensitivity.output_weights(work, units, fitted, uniform, first)
+        candidates = self._flops_candidates(facs, units, flops_info, work, weights)
+        if len(candidates) == 1:
+            return candidates[0]
+        return _most_faithful(work, units, fitted, candidates, judge)
 
     def _recheck(self, work, units, facs, widths, batches, key, cache, before_pass=None):
         """Recompute on a finer route the units whose width the route that ran does not resolve.

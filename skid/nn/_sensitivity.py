@@ -9,8 +9,10 @@ one calibration batch per squared relative error. The budget's greedy then spend
 ``Σ w_i e_i(k_i)²`` grows least (:func:`skid.nn._budget.flops_candidates`).
 
 Cost: one forward pass of one batch per unit, each on a :func:`sharing_copy` of the model
-holding one unit's folded weights. The candidates are then judged on other calibration rows
-(:func:`held_out_batch`), not on the batch the weights came from.
+holding one unit's folded weights. The candidates are then judged on calibration rows that
+neither the weights nor the fitted ``T`` saw (:func:`split_held_out`: the last batch is held
+out of a second statistics pass, whose folds the candidates are built with): judged on rows
+the fold was fitted to, a deep cut of one unit looks better than it generalizes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from . import _distributed
 from ._calibration import _slice
 from ._surgery import sharing_copy
 
-__all__ = ["held_out_batch", "output_weights"]
+__all__ = ["held_out_batch", "output_weights", "split_held_out"]
 
 
 def output_weights(work, units, facs, widths, batch) -> np.ndarray:
@@ -55,6 +57,28 @@ def output_weights(work, units, facs, widths, batch) -> np.ndarray:
         weights[i] = output_distance(trial, reference, batch) ** 2 / error**2
     known = weights[np.isfinite(weights)]
     return np.where(np.isfinite(weights), weights, float(np.median(known)) if known.size else 1.0)
+
+
+def split_held_out(batches):
+    """``(rest, held)``: the calibration data without its last batch, and that batch, for
+    judging candidates on rows their statistics never saw; None when the data cannot be
+    split so (one batch, a one-shot iterator, an iterable that is not a list, or a
+    data-parallel fit, whose ranks must agree on one batch)."""
+    from ._calibration import Batches
+
+    if _distributed.current() is not None or not batches.rereadable:
+        return None
+    if getattr(batches, "_sliceable", False):
+        n, size = batches.n_samples, batches.batch_size
+        if n <= size:
+            return None
+        last = (n - 1) // size * size  # the start of the last batch
+        source = batches._source
+        return Batches(_slice(source, 0, last), size), _slice(source, last, n - last)
+    source = getattr(batches, "_source", None)
+    if isinstance(source, list) and len(source) > 1:
+        return Batches(source[:-1], batches.batch_size), source[-1]
+    return None
 
 
 def held_out_batch(batches):
