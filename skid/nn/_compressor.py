@@ -96,11 +96,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         down to a multiple of a grouped convolution's groups).
     target_flops : float in (0, 1), default=None
         Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen
-        greedily by the increase of the squared relative ID error per FLOP saved. That
-        allocation, the largest uniform fraction of every unit within the budget, and that
-        fraction with the leftover budget refilled are tried on the first calibration batch,
-        and the one whose outputs stay closer to the model's is kept, so it never does worse
-        there than keeping the same fraction of every unit.
+        greedily by the increase of the squared relative ID error per FLOP saved, the errors
+        weighted by what each unit's error does to the model's output (each unit alone cut to
+        the uniform width on the first calibration batch: one forward pass per unit). That
+        allocation, the unweighted one, the largest uniform fraction of every unit within the
+        budget (plain and with the leftover budget refilled) and, with channels and heads, the
+        uniform cut of each kind alone are tried on calibration rows held out of the
+        statistics their folds are fitted with (the last batch; one more statistics pass),
+        and the one whose outputs stay closest to the model's is kept, so on those rows it is
+        never worse than keeping the same fraction of every unit. Block-wise, and when the
+        data has one batch, the candidates are judged on the second (or only) batch, in-sample.
     layers : "auto" or list of str or (str, str), default="auto"
         Restrict pruning to the groups of these producers (qualified names as in
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
