@@ -43,6 +43,7 @@ from skid.nn._plan import Selection
 from skid.nn._surgery import apply_selection, as_samples
 
 FRACTIONS = (0.8, 0.65, 0.5, 0.35)
+CNN_FRACTIONS = FRACTIONS + (0.25,)
 PEERS = ("magnitude", "Wanda-sp", "FLAP (uniform)", "FLAP (global)")
 
 
@@ -289,11 +290,12 @@ def main():
     steps, n_calib, n_test = (20, 32, 32) if args.quick else (800, 64, 512)
     fractions = (0.5,) if args.quick else FRACTIONS
     if "cnn" not in args.skip:
+        cnn_fractions = fractions if args.quick else CNN_FRACTIONS
         print_table(
             "digits CNN: top-1 agreement / accuracy on the held-out digits (%), no "
             "fine-tuning; peers at the widths of skid's rank cut",
             ["method", "params kept", "FLOPs kept", "agreement", "accuracy"],
-            cnn_rows(fractions), ["s", ".3f", ".3f", ".1f", ".1f"])
+            cnn_rows(cnn_fractions), ["s", ".3f", ".3f", ".1f", ".1f"])
     if "llama" not in args.skip:
         rows, base = llama_rows(steps, n_calib, n_test, fractions, args.cache)
         print_table(

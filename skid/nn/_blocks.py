@@ -460,7 +460,7 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
     statistics back.
     """
     from ._compressor import batch_outputs, output_distance
-    from ._sensitivity import held_out_batch
+    from ._sensitivity import blockwise_candidates
 
     device = home if nc.device is None else torch.device(nc.device)
     mode = nc.calibration
@@ -468,22 +468,24 @@ def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, hom
         return _Walk(nc, [work], units, batches, key, cache).run(layout, device, home, mode)[0]
     curves = _Walk(nc, [work], units, batches, key, cache).run(layout, device, home,
                                                                 "collect")[0]
-    candidates = nc._flops_candidates(curves, units, flops_info, work)
+    # output weights and held-out rows, as a one-pass fit (skid/nn/_sensitivity.py)
+    candidates, rest, rest_key, judge = blockwise_candidates(
+        nc, work, units, layout, (batches, key, cache), curves, flops_info, (device, home))
     del curves
     if len(candidates) > 1:
-        judge = held_out_batch(batches)  # rows other than the first batch's, if any
         reference = batch_outputs(work, judge)
-        pristine = sharing_copy(work) if mode != "original" else None
+        refit = mode != "original" or rest is not batches  # built without some rows
+        pristine = sharing_copy(work) if refit else None
         targets = [work] + [sharing_copy(work) for _ in candidates[1:]]
-        plans = _Walk(nc, targets, units, batches, key, cache, candidates).run(
+        plans = _Walk(nc, targets, units, rest, rest_key, cache, candidates).run(
             layout, device, home, "original")
         for target in targets[1:]:
             target.to(home)  # what was folded into a copy during its block's turn
         best = min(range(len(targets)),
                    key=lambda c: output_distance(targets[c], reference, judge))
         del targets[1:best], targets[best + 1:]  # the losers' models go now
-        _transplant(work, targets[-1] if mode == "original" else pristine)
-        if mode == "original":
+        _transplant(work, pristine if refit else targets[-1])
+        if not refit:
             return plans[best]
         candidates = [candidates[best]]
     return _Walk(nc, [work], units, batches, key, cache, candidates).run(

@@ -700,7 +700,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         uniform cut.
         """
         if self.target_flops is not None:
-            if len(units) > 1 and all(hasattr(fac, "select") for fac in facs):
+            if all(hasattr(fac, "select") for fac in facs):
                 return self._faithful_widths(facs, units, flops_info, work, batches)
             candidates = self._flops_candidates(facs, units, flops_info, work)
             if len(candidates) == 1:
@@ -754,9 +754,11 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
                 None, work, units, rest, method=self.method_, precision=self._gram_precision,
                 verbose=self.verbose)
             fitted = self._for_objective(work, units, fitted)
-        (uniform,) = self._flops_candidates(facs, units, flops_info, work, plain=True)
-        first = batches.first if split is None else split[0].first
-        weights = _sensitivity.output_weights(work, units, fitted, uniform, first)
+        weights = None
+        if len(units) > 1:
+            (uniform,) = self._flops_candidates(facs, units, flops_info, work, plain=True)
+            first = batches.first if split is None else split[0].first
+            weights = _sensitivity.output_weights(work, units, fitted, uniform, first)
         candidates = self._flops_candidates(facs, units, flops_info, work, weights)
         if len(candidates) == 1:
             return candidates[0]
