@@ -542,7 +542,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             )
             _warn_few_rows(units, facs)
             facs = self._for_objective(work, units, facs)
-            widths = self._widths(facs, units, flops_info, work, batches)
+            widths = self._widths(facs, units, flops_info, work, batches, (key, cache))
             if self.calibration == "original":
                 facs, widths = self._recheck(work, units, facs, widths, batches, key, cache)
                 plan = [_selection(u, f, k) for u, f, k in zip(units, facs, widths, strict=True)]
@@ -625,7 +625,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             facs, self.n_calibration_samples_ = cache.get(
                 key, work, units, batches, method=self.method_, precision=self._gram_precision,
                 verbose=self.verbose)
-            widths = self._widths(facs, units, flops_info, work, batches)
+            widths = self._widths(facs, units, flops_info, work, batches, (key, cache))
         reference = sharing_copy(work)  # the original (folds into work replace its tensors)
         plan = []
         for i, unit in enumerate(units):
@@ -690,7 +690,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             interpolations=per_consumer if unit.n_readings > 1 else None,
         )
 
-    def _widths(self, facs, units, flops_info, work=None, batches=None) -> np.ndarray:
+    def _widths(self, facs, units, flops_info, work=None, batches=None,
+                stored=(None, None)) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.
 
         For ``target_flops`` the units' output weights are measured on the first calibration
@@ -701,7 +702,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         """
         if self.target_flops is not None:
             if all(hasattr(fac, "select") for fac in facs):
-                return self._faithful_widths(facs, units, flops_info, work, batches)
+                return self._faithful_widths(facs, units, flops_info, work, batches, stored)
             candidates = self._flops_candidates(facs, units, flops_info, work)
             if len(candidates) == 1:
                 return candidates[0]
@@ -738,7 +739,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             for widths in found
         ]
 
-    def _faithful_widths(self, facs, units, flops_info, work, batches) -> np.ndarray:
+    def _faithful_widths(self, facs, units, flops_info, work, batches,
+                         stored=(None, None)) -> np.ndarray:
         """``target_flops`` with factorizations at hand (one pass): the output weights, the
         candidates, and the one whose outputs stay closest on held-out calibration rows.
 
@@ -750,9 +752,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         fitted, judge = facs, _sensitivity.held_out_batch(batches)
         if split is not None:
             rest, judge = split
-            fitted, _ = StatisticsCache(None).get(
-                None, work, units, rest, method=self.method_, precision=self._gram_precision,
-                verbose=self.verbose)
+            key, cache = stored  # the statistics cache of the fit (memory=), and its key
+            fitted, _ = (cache or StatisticsCache(None)).get(
+                None if key is None else fingerprint(key, "held out"), work, units, rest,
+                method=self.method_, precision=self._gram_precision, verbose=self.verbose)
             fitted = self._for_objective(work, units, fitted)
         weights = None
         if len(units) > 1:
