@@ -136,7 +136,12 @@ class InterceptFactorization:
         return cls(fac, mean, sq_norm, centred_sq)
 
     def for_outputs(self, rule) -> InterceptFactorization:
-        """The same means around a re-pivoted factorization (``rule(fac) -> fac``)."""
+        """The same means around a re-pivoted factorization (``rule(fac) -> fac``).
+
+        For ``objective="outputs"``: the errors are then the centred output errors times the
+        activations' ``‖Z − 1μᵀ‖ / ‖Z‖`` (the outputs' own ratio is not in the statistic), an
+        approximation of the error relative to the uncentred outputs.
+        """
         return InterceptFactorization(rule(self.fac), self.mean, self.total_sq_norm,
                                       self.centred_sq_norm)
 

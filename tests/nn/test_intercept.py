@@ -250,3 +250,12 @@ def test_gpt2_conv1d_consumers_take_the_constant():
     nc = NetworkCompressor(model, rank=0.5, fit_intercept=True).fit(X)
     assert all(getattr(s, "intercepts", None) is not None or s.intercept is not None
                for s in nc._selections)
+
+
+def test_the_outputs_objective_keeps_the_constant():
+    model, X = _relu_mlp(), torch.randn(300, 8)
+    full = NetworkCompressor(model, rank=1.0, fit_intercept=True, objective="outputs").fit(X)
+    with torch.no_grad():
+        torch.testing.assert_close(full.compressed_model_(X), model(X), rtol=1e-5, atol=1e-5)
+    nc = NetworkCompressor(model, rank=0.25, fit_intercept=True, objective="outputs").fit(X)
+    assert all(s.intercepts is not None for s in nc._selections)
