@@ -118,12 +118,12 @@ def half_mlp_table(steps: int, n_calib: int, n_test: int) -> tuple[list, dict]:
                                     batch_size=32).fit(calib)
             for mode in ("original", "sequential", "corrective")}
     nc = fits["original"]
-    units = [s.unit for s in nc._selections]
+    units = [s.unit for s in nc.plan_.selections]
     flops = nc.flops_["after"] / nc.flops_["before"]
     rows = [("original", INNER, 1.0, base, 1.0)]
     for name, candidate in (
         *((f"ID ({mode})", fit.compressed_model_) for mode, fit in fits.items()),
-        ("ID without T", sliced(model, units, [s.keep.numpy() for s in nc._selections])),
+        ("ID without T", sliced(model, units, [s.keep.numpy() for s in nc.plan_.selections])),
         ("magnitude", sliced(model, units, [magnitude_channels(model, u, INNER // 2)
                                              for u in units])),
     ):
@@ -150,8 +150,8 @@ def heads_table(steps: int, n_calib: int, n_test: int) -> list:
                           ("heads 1/3", {"rank": 1 / 3, "prune": "heads"}),
                           ("heads 2/3 + MLP 1/2", {"rank": 0.5})):
         nc = NetworkCompressor(model, batch_size=32, **params).fit(calib)
-        heads = [s for s in nc._selections if s.unit.kind == "heads"]
-        groups = [s for s in nc._selections if s.unit.kind == "channels"]
+        heads = [s for s in nc.plan_.selections if s.unit.kind == "heads"]
+        groups = [s for s in nc.plan_.selections if s.unit.kind == "channels"]
         units = [s.unit for s in groups]
         without_t = sliced(heads_sliced(model, heads), units, [s.keep.numpy() for s in groups])
         magnitude = sliced(

@@ -52,7 +52,7 @@ from sklearn.model_selection import GridSearchCV, PredefinedSplit
 
 from skid import NetworkCompressor, _corrective, metrics
 from skid.model_selection import most_compressed
-from skid.nn import _calibration, _compressor
+from skid.nn import _calibration, _compressor, _unit_kinds
 from skid.nn._calibration import calibration_passes
 
 BATCH_SIZE = 256
@@ -67,7 +67,7 @@ PHASES = [
     (_calibration, "corrective_statistics", "calibration"),
     (_calibration, "_factorize", "factorize"),
     (_corrective.CrossStatistics, "factorize", "corrective factorize"),
-    (_compressor, "apply_selection", "surgery"),
+    (_unit_kinds, "apply_selection", "surgery"),
 ]
 
 

@@ -44,9 +44,10 @@ import torch
 from _baselines import sliced
 from _models import REPO, print_table, set_threads, train_digits_cnn, train_digits_mlp
 
-from skid import NetworkCompressor, _corrective
+from skid import NetworkCompressor
 from skid._policy import FLOAT32_GRAM_RELIABLE_ERROR
 from skid.metrics import top1_agreement
+from skid.nn import CorrectiveCalibration
 from skid.nn._calibration import Batches, unit_statistics
 from skid.nn._graph import find_units
 
@@ -195,13 +196,9 @@ def print_summary(results) -> None:
 
 def fit_mode(case, calibration, selection, setting) -> NetworkCompressor:
     """A compressor fitted with ``calibration``; ``selection`` picks corrective's channels."""
-    default = _corrective.DEFAULT_SELECTION
-    _corrective.DEFAULT_SELECTION = selection
-    try:
-        return NetworkCompressor(case.model, calibration=calibration, **setting).fit(
-            case.X_calib)
-    finally:
-        _corrective.DEFAULT_SELECTION = default
+    if calibration == "corrective":
+        calibration = CorrectiveCalibration(selection=selection)
+    return NetworkCompressor(case.model, calibration=calibration, **setting).fit(case.X_calib)
 
 
 def mode_label(calibration, selection) -> str:

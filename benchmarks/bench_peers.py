@@ -165,8 +165,8 @@ def llama_rows(steps, n_calib, n_test, fractions, cache) -> tuple[list, float]:
     rows = [("original", "-", 1.0, 1.0, base)]
     for fraction in fractions:
         rank = NetworkCompressor(model, rank=fraction, prune="channels", batch_size=32).fit(calib)
-        units = [s.unit for s in rank._selections]
-        widths = [int(s.keep.numel()) for s in rank._selections]
+        units = [s.unit for s in rank.plan_.selections]
+        widths = [int(s.keep.numel()) for s in rank.plan_.selections]
         stats = consumer_statistics(model, units, lambda m: [m(**{"input_ids": b}) for b in
                                                              calib["input_ids"].split(32)])
         kept = rank.flops_["after"] / rank.flops_["before"]
@@ -254,8 +254,8 @@ def cnn_rows(fractions) -> list:
     rows = [("original", 1.0, 1.0, *score(model))]
     for fraction in fractions:
         rank = NetworkCompressor(model, rank=fraction).fit(data.X_calib)
-        units = [s.unit for s in rank._selections]
-        widths = [int(s.keep.numel()) for s in rank._selections]
+        units = [s.unit for s in rank.plan_.selections]
+        widths = [int(s.keep.numel()) for s in rank.plan_.selections]
         stats = consumer_statistics(model, units, lambda m: m(data.X_calib))
         kept = rank.flops_["after"] / rank.flops_["before"]
         for name, candidate in peer_models(model, units, stats, widths).items():

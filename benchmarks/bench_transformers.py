@@ -32,7 +32,7 @@ from _baselines import heads_sliced, magnitude_heads
 from _models import median_time, print_table, set_threads
 
 from skid import NetworkCompressor
-from skid.nn import _compressor
+from skid.nn import OutputsObjective
 
 MODULES = ("argparse", "asyncio", "collections", "email", "http.client", "json", "logging",
            "pathlib", "subprocess", "threading", "typing", "unittest")
@@ -102,19 +102,15 @@ def main() -> None:
         return float((embed(candidate, test) * reference).sum(1).mean())
 
     rows = []
-    for label, params, pivots in (
-        ('objective="activations"', {}, None),
-        ('objective="outputs" (scaled pivots, skid)', {"objective": "outputs"}, "scaled"),
-        ('objective="outputs" (greedy pivots)', {"objective": "outputs"}, "greedy"),
+    for label, params in (
+        ('objective="activations"', {}),
+        ('objective="outputs" (scaled pivots, skid)', {"objective": "outputs"}),
+        ('objective="outputs" (greedy pivots)',
+         {"objective": OutputsObjective(pivots="greedy")}),
     ):
-        default = _compressor._OUTPUT_PIVOTS
-        _compressor._OUTPUT_PIVOTS = pivots or default
-        try:
-            start = time.perf_counter()
-            nc = NetworkCompressor(model, rank=0.5, prune="channels", **params).fit(calib)
-            seconds = time.perf_counter() - start
-        finally:
-            _compressor._OUTPUT_PIVOTS = default
+        start = time.perf_counter()
+        nc = NetworkCompressor(model, rank=0.5, prune="channels", **params).fit(calib)
+        seconds = time.perf_counter() - start
         rows.append((label, nc.flops_["after"] / nc.flops_["before"], cosine(nc.compressed_model_),
                      seconds))
     print_table(f"MiniLM, FFN at half width ({n} calibration / {n} scored sentences): mean "
@@ -128,8 +124,8 @@ def main() -> None:
             nc = NetworkCompressor(model, rank=0.5, prune=prune, objective=objective).fit(calib)
             flops = nc.flops_["after"] / nc.flops_["before"]
             rows.append((label, f"ID ({objective})", flops, cosine(nc.compressed_model_)))
-        heads = [s for s in nc._selections if s.unit.kind == "heads"]
-        channels = [s for s in nc._selections if s.unit.kind == "channels"]
+        heads = [s for s in nc.plan_.selections if s.unit.kind == "heads"]
+        channels = [s for s in nc.plan_.selections if s.unit.kind == "channels"]
         # the baselines change only the heads; the FFN (if pruned) is the ID's, with its T
         base = model if not channels else _ffn_only(model, calib)
         rows.append((label, "ID without T (heads)", flops, cosine(heads_sliced(base, heads))))

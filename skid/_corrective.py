@@ -42,7 +42,6 @@ from ._linalg import (  # the Gram route blocks rows as GramAccumulator does
 )
 
 __all__ = [
-    "DEFAULT_SELECTION",
     "SELECTIONS",
     "CorrectiveFactorization",
     "CrossAccumulator",
@@ -52,7 +51,6 @@ __all__ = [
 #: Ways to choose J: ``"gram"`` (pivoted Cholesky of the compressed Gram, the default — see
 #: benchmarks/README.md, bench_fidelity.py) and ``"greedy"`` (greedy on the cross statistic).
 SELECTIONS = ("gram", "greedy")
-DEFAULT_SELECTION = "gram"
 
 
 @dataclass(frozen=True)
@@ -76,6 +74,9 @@ class CrossStatistics:
     unchanged : bool
         Every block had ``Z_c = Z_o``: the fit is then the plain ID of ``Z_c``, exactly (its
         ``T`` at full width is the identity, not the identity plus rounding).
+    sq_cols : ndarray of shape (m,) or None
+        ``‖Z_o[:, j]‖²`` per channel (what weighted errors need; None in statistics stored
+        before it was kept).
     means : tuple of ndarray or None
         ``fit_intercept``: the column means ``(μ_c, μ_o)``; ``first``, ``cross`` and
         ``sq_norm`` are then those of the centred ``Z_c − 1 μ_cᵀ`` and ``Z_o − 1 μ_oᵀ`` (the
@@ -93,6 +94,7 @@ class CrossStatistics:
     eps: float
     n_samples: int
     unchanged: bool = False
+    sq_cols: np.ndarray | None = None
     means: tuple | None = None
     scale: float = 1.0
 
@@ -124,7 +126,41 @@ class CrossStatistics:
         fac.means = self.means
         return fac
 
-    def fit(self, keep):
+    def factorize_weighted(self, scale) -> CorrectiveFactorization:
+        """The corrective factorization for a consumer that weighs channel ``j`` by
+        ``scale[j]`` (the norm of its weights on the channel): ``J`` from the pivoted
+        Cholesky of the Gram of ``Z_c D`` (``D = diag(scale)``), ``T`` still the
+        least-squares fit of ``Z_o`` (unweighted: it is column by column), and ``errors`` the
+        weighted ``‖(Z_o − Z_c[:, J] T) D‖_F / ‖Z_o D‖_F``.
+        """
+        scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+        m = self.n_features
+        if scale.shape != (m,) or not np.isfinite(scale).all() or (scale < 0).any():
+            raise ValueError(f"scale must hold {m} finite nonnegative numbers.")
+        if self.sq_cols is None:
+            raise ValueError("These statistics hold no per-channel norms (stored by an older "
+                             "skid): clear the memory= cache and fit again.")
+        if self.method == "gram":
+            G, C = self.first, self.cross
+        else:  # Z_c = Q R11, Q1ᵀ Z_o = R12
+            G, C = self.first.T @ self.first, self.first.T @ self.cross
+        perm, U_scaled = _pivoted_cholesky(G * np.outer(scale, scale), self.eps)
+        r = U_scaled.shape[0]  # trusted pivots have scale > 0
+        U_r = U_scaled[:, :r] / scale[perm[:r]]  # the factor of Z_c's own kept columns
+        U = scipy.linalg.solve_triangular(U_r, G[np.ix_(perm[:r], perm)], trans="T",
+                                          check_finite=False)
+        V = scipy.linalg.solve_triangular(U_r, C[perm[:r]], trans="T", check_finite=False)
+        if self.unchanged:  # Qᵀ Z_o = Qᵀ Z_c = U (columns back in channel order)
+            V = np.empty_like(U)
+            V[:, perm] = U
+        weights = scale**2
+        fac = CorrectiveFactorization(perm, U, V, float(weights @ self.sq_cols), weights)
+        if self.means is not None:  # fit_intercept: centred statistics, their constant
+            fac.errors = fac.errors * self.scale  # (the activations' ratio, approximately)
+            fac.means = self.means
+        return fac
+
+    def fit(self, keep, weights=None):
         """``T`` for channels chosen elsewhere (e.g. one selection shared by a channel group
         whose consumers each have their own statistics).
 
@@ -132,6 +168,8 @@ class CrossStatistics:
         ----------
         keep : array-like of int, shape (k,)
             Kept channels.
+        weights : ndarray of shape (m,), optional
+            Per-channel weights of the error (as in :meth:`factorize_weighted`).
 
         Returns
         -------
@@ -169,10 +207,13 @@ class CrossStatistics:
         if r:
             B = V - np.where(np.isin(np.arange(m), keep), U, 0.0)
             T[:r] += scipy.linalg.solve_triangular(U_kk, B, check_finite=False)
-        return keep, T, self._relative_error(keep, T)
+        return keep, T, self._relative_error(keep, T, weights)
 
-    def _relative_error(self, keep, T) -> float:
-        """``‖Z_o − Z_c[:, keep] T‖_F / ‖Z_o‖_F`` from the statistics."""
+    def _relative_error(self, keep, T, weights=None) -> float:
+        """``‖Z_o − Z_c[:, keep] T‖_F / ‖Z_o‖_F`` from the statistics (columns weighted by
+        ``weights``, if given)."""
+        if weights is not None:
+            return self._weighted_error(keep, T, np.asarray(weights, dtype=np.float64))
         if self.sq_norm <= 0:
             return 0.0
         return self.scale * self._centred_error(keep, T)
@@ -186,6 +227,24 @@ class CrossStatistics:
             R11, R12 = self.first, self.cross
             sq = np.sum((R12 - R11[:, keep] @ T) ** 2) + self.sq_norm - np.sum(R12**2)
         return float(np.sqrt(max(sq, 0.0) / self.sq_norm))
+
+
+    def _weighted_error(self, keep, T, weights) -> float:
+        if self.sq_cols is None:
+            raise ValueError("These statistics hold no per-channel norms (stored by an older "
+                             "skid): clear the memory= cache and fit again.")
+        total = float(weights @ self.sq_cols)
+        if total <= 0:
+            return 0.0
+        if self.method == "gram":
+            G, C = self.first[np.ix_(keep, keep)], self.cross[keep]
+            per_column = self.sq_cols - 2 * np.einsum("kj,kj->j", T, C) + np.einsum(
+                "kj,kj->j", T, G @ T)
+        else:
+            R11, R12 = self.first, self.cross
+            per_column = (np.sum((R12 - R11[:, keep] @ T) ** 2, axis=0) + self.sq_cols
+                          - np.sum(R12**2, axis=0))
+        return float(np.sqrt(max(float(weights @ per_column), 0.0) / total))
 
 
 def fit_kept(stats: CrossStatistics, keep, blocks: int = 1):
@@ -302,7 +361,9 @@ class CorrectiveFactorization:
     V : ndarray of shape (r, m)
         ``Qᵀ Z_o`` for the same orthonormal ``Q`` (columns in the original channel order).
     sq_norm : float
-        ``‖Z_o‖_F²``.
+        ``‖Z_o‖_F²`` (with ``weights``: ``Σ_j weights[j] ‖Z_o[:, j]‖²``).
+    weights : ndarray of shape (m,), optional
+        Per-channel weights of the errors (see :meth:`CrossStatistics.factorize_weighted`).
 
     Attributes
     ----------
@@ -311,13 +372,14 @@ class CorrectiveFactorization:
         nonincreasing; it need not reach 0 (upstream errors the kept channels cannot undo).
     """
 
-    def __init__(self, perm, U, V, sq_norm):
+    def __init__(self, perm, U, V, sq_norm, weights=None):
         self.perm, self.U, self.V, self.sq_norm = perm, U, V, float(sq_norm)
         r = U.shape[0]
         m = perm.shape[0]
         sq_tail = np.empty(m + 1)
         sq_tail[0] = self.sq_norm
-        sq_tail[1 : r + 1] = self.sq_norm - np.cumsum(np.einsum("ij,ij->i", V, V))
+        energy = np.einsum("ij,ij->i", V, V if weights is None else V * weights)
+        sq_tail[1 : r + 1] = self.sq_norm - np.cumsum(energy)
         sq_tail[r + 1 :] = sq_tail[r]
         sq_tail = np.minimum.accumulate(np.maximum(sq_tail, 0.0))
         self.errors = (np.sqrt(sq_tail / self.sq_norm) if self.sq_norm > 0
@@ -382,6 +444,7 @@ class CrossAccumulator:
         self.n_samples = 0
         self._gram = self._cross = None
         self._sq_norm = 0.0
+        self._sq_cols = None
         self._unchanged = True
         self._eps = float(np.finfo(np.float64).eps)
         self._qr = QRAccumulator() if method == "qr" else None
@@ -422,6 +485,7 @@ class CrossAccumulator:
         if self._gram is None:
             self._gram = _array.zeros((self.n_features,) * 2, Zc, "float64")
             self._cross = _array.zeros((self.n_features,) * 2, Zc, "float64")
+            self._sq_cols = _array.zeros((self.n_features,), Zc, "float64")
         step = _NATIVE_BLOCK_ROWS * self.n_features if dtype == "float32" else _BLOCK_ELEMENTS
         for rows in row_blocks(Zc.shape[0], self.n_features, step):
             bc = _array.astype(Zc[rows], dtype)
@@ -430,10 +494,51 @@ class CrossAccumulator:
             if same:
                 self._cross += gram
                 self._sq_norm += float(_trace(gram))
+                self._sq_cols += gram.diagonal()
             else:
                 bo = _array.astype(Zo[rows], dtype)
                 self._cross += _array.astype(bc.T @ bo, "float64")
                 self._sq_norm += _array.frob_norm(bo) ** 2
+                self._sq_cols += _array.astype((bo * bo).sum(0), "float64")
+        return self
+
+    def merge_over(self, width: int, *, all_sum, all_max, reduce_r) -> CrossAccumulator:
+        """Combine this accumulator with its peers on other processes, in place.
+
+        Every process of the group calls it (one without rows too), with the group's
+        collectives: ``all_sum(array)`` (the elementwise sum over the group, of the same
+        kind), ``all_max(list of int)`` (the elementwise maximum), and ``reduce_r(acc, width,
+        scale_exp)`` (the TSQR factors of a :class:`skid._linalg.QRAccumulator` stacked
+        over the group at a common scale). The result is what one process would have
+        accumulated from all the rows: Gram and cross statistic summed, or the R factors of
+        ``[Z_c | Z_o]`` stacked. An input counts as unchanged only if it is on every process,
+        and float32 products on any process set the rounding that is trusted.
+
+        Parameters
+        ----------
+        width : int
+            Columns of ``Z_c`` (for a process that saw no rows).
+        """
+        (rows,) = all_sum(np.array([self.n_samples], dtype=np.int64)).tolist()
+        changed, finer = all_max([int(not self._unchanged), int(self._eps > 1e-10)])
+        self._unchanged, self.n_samples, self.n_features = not changed, int(rows), width
+        if finer:  # some process multiplied in float32: its rounding decides what is trusted
+            self._eps = max(self._eps, float(np.finfo(np.float32).eps))
+        if self._qr is not None:
+            (exp,) = all_max([self._qr.scale_exp])
+            reduce_r(self._qr, 2 * width + self.intercept, exp)  # [1 |] Z_c | Z_o
+            return self
+
+        def statistic(value, shape):  # a process without rows adds zeros
+            return np.zeros(shape) if value is None else value
+
+        self._gram = all_sum(statistic(self._gram, (width, width)))
+        self._cross = all_sum(statistic(self._cross, (width, width)))
+        self._sq_cols = all_sum(statistic(self._sq_cols, (width,)))
+        self._sq_norm = float(all_sum(np.array([self._sq_norm]))[0])
+        if self.intercept:  # the column sums of fit_intercept
+            self._sums = tuple(all_sum(statistic(v, (width,)))
+                               for v in (self._sums or (None, None)))
         return self
 
     def statistics(self) -> CrossStatistics:
@@ -451,15 +556,18 @@ class CrossAccumulator:
                 total = float(np.sum(R[:, c + m:] ** 2))
                 means = (R[0, 1:m + 1] / R[0, 0], R[0, m + 1:] / R[0, 0])
                 R = R[1:, 1:]  # the factor of the centred [Z_c | Z_o]
-            sq_norm = float(np.sum(R[:, m:] ** 2))
+            sq_cols = np.sum(R[:, m:] ** 2, axis=0)
+            sq_norm = float(sq_cols.sum())
             if c:
                 scale = float(np.sqrt(sq_norm / total)) if total > 0 else 1.0
             return CrossStatistics("qr", R[:m, :m], R[:m, m:], sq_norm, self._eps,
-                                   self.n_samples, self._unchanged, means, scale)
+                                   self.n_samples, self._unchanged, sq_cols, means=means,
+                                   scale=scale)
         gram, cross = _array.to_numpy(self._gram), _array.to_numpy(self._cross)
+        sq_cols = np.asarray(_array.to_numpy(self._sq_cols), dtype=np.float64)
         if not self.intercept:
             return CrossStatistics("gram", gram, cross, self._sq_norm, self._eps,
-                                   self.n_samples, self._unchanged)
+                                   self.n_samples, self._unchanged, sq_cols)
         n = self.n_samples
         mean_c, mean_o = (np.asarray(_array.to_numpy(v), dtype=np.float64) / n
                           for v in self._sums)
@@ -468,7 +576,8 @@ class CrossAccumulator:
         return CrossStatistics("gram", gram - n * np.outer(mean_c, mean_c),
                                cross - n * np.outer(mean_c, mean_o), max(sq_norm, 0.0),
                                self._eps, self.n_samples, self._unchanged,
-                               (mean_c, mean_o), scale)
+                               np.maximum(sq_cols - n * mean_o**2, 0.0),
+                               means=(mean_c, mean_o), scale=scale)
 
 
 def _agree(A, B) -> bool:

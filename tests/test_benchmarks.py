@@ -120,3 +120,10 @@ def test_bench_peers_quick():
     assert any("fit_intercept" in row for row in cnn)
     assert len(table_rows(out, "LLaMA-shaped causal LM (")) == 9
     assert len(table_rows(out, "LLaMA-shaped causal LM, heads only")) == 12
+
+
+def test_bench_objectives_quick():
+    out = run_quick("bench_objectives.py")
+    assert len(table_rows(out, "digits CNN, objective × calibration")) == 4
+    if "not installed" not in out:
+        assert len(table_rows(out, "MiniLM, FFN at half width")) == 4

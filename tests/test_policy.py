@@ -56,7 +56,7 @@ def test_both_estimators_follow_the_rule_table(request_, expected):
     assert (est.method_, est._gram_precision) == expected
     model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.Linear(24, 3))
     nc = NetworkCompressor(model, tol=tol).fit(torch.as_tensor(X))
-    assert (nc.method_, nc._gram_precision) == expected
+    assert (nc.method_, nc._settings.precision) == expected
 
 
 def test_numerical_rank_and_randomized_rules():

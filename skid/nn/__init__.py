@@ -3,5 +3,30 @@
 from ._compressor import NetworkCompressor
 from ._io import load_compressed, save_compressed
 from ._kinds import register_layer_kind
+from ._objectives import (
+    ActivationsObjective,
+    Calibration,
+    CorrectiveCalibration,
+    Objective,
+    OriginalCalibration,
+    OutputsObjective,
+    SequentialCalibration,
+    register_calibration,
+    register_objective,
+)
 
-__all__ = ["NetworkCompressor", "load_compressed", "register_layer_kind", "save_compressed"]
+__all__ = [
+    "ActivationsObjective",
+    "Calibration",
+    "CorrectiveCalibration",
+    "NetworkCompressor",
+    "Objective",
+    "OriginalCalibration",
+    "OutputsObjective",
+    "SequentialCalibration",
+    "load_compressed",
+    "register_calibration",
+    "register_layer_kind",
+    "register_objective",
+    "save_compressed",
+]

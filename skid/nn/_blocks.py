@@ -29,24 +29,20 @@ import os
 import shutil
 import uuid
 
-import numpy as np
 import torch
 from torch import nn
 
 from .._validation import suggest
-from . import _distributed
 from ._calibration import (
     _StopForward,
-    fingerprint,
-    model_device_dtype,
     run_model,
     running_to_the_end,
     to_inputs,
 )
-from ._surgery import sharing_copy
+from ._outputs import first_tensor
 from ._trace import map_tensors
 
-__all__ = ["BlockLayout", "blockwise_plan", "find_blocks"]
+__all__ = ["BlockLayout", "Runner", "TapeStore", "find_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,13 +175,6 @@ def _layout(name, module_list, calls, units):
     return layout, None
 
 
-def _emptied(T):
-    """A new ``(0, m)`` array of ``T``'s kind (torch or NumPy), sharing no memory with it."""
-    if isinstance(T, torch.Tensor):
-        return T.new_empty((0, T.shape[1]))
-    return np.empty((0, np.shape(T)[1]))
-
-
 def _unit_modules(unit):
     """Every module a unit slices or folds into (duck-typed: one or several producers)."""
     names = [unit.producer, unit.consumer, *getattr(unit, "passthroughs", ())]
@@ -212,9 +201,7 @@ def _first_input(args, kwargs):
 
 
 def _first_tensor(output):
-    from ._compressor import _first_tensor as first
-
-    return first(output)
+    return first_tensor(output)
 
 
 def _same(a, b) -> bool:
@@ -419,245 +406,5 @@ class _Runner:
         self.model.to(self.home)
 
 
-# ----------------------------------------------------------------------------------- the plan
-
-
-class ErrorCurve:
-    """What a FLOP budget needs of a unit's factorization, and nothing more: its relative
-    error at every width and, for heads, the counts the model's code runs.
-
-    ``target_flops`` compares every unit's curve at once; keeping these instead of the
-    factorizations (an ``m × m`` factor each) is what keeps the statistics to one block.
-    """
-
-    def __init__(self, fac):
-        self.errors = np.array(fac.errors, dtype=np.float64)
-        self.n_features = fac.n_features
-        self.valid_counts = getattr(fac, "valid_counts", None)
-        self._valid = None if self.valid_counts is None else [
-            fac.valid(k) for k in range(len(self.errors))]
-
-    def valid(self, k: int) -> int:
-        return self._valid[int(k)]
-
-
-def blockwise_plan(nc, work, units, layout, batches, key, cache, flops_info, home):
-    """Selections for every unit, calibrated block by block; applied to ``work``.
-
-    ``nc`` is the fitting compressor (settings, ``_widths``); ``home`` is where ``work`` and the
-    members wait (the device of the example inputs). Returns the selections in units order,
-    each holding its interpolation matrix only until it is folded into ``work`` (an empty
-    ``(0, width)`` tensor then), so the plan does not grow by a ``k × m`` matrix per unit.
-
-    ``target_flops`` weighs every unit against every other: a first walk keeps each unit's
-    :class:`ErrorCurve` (its statistics are freed block by block), the budget gives candidate
-    widths from these original-model curves (as a one-pass fit does for every calibration),
-    and a second walk folds them — building every candidate side by side when there are
-    several, each in its own copy of the model (sharing the model's tensors: it costs the
-    candidate's folded weights), so that the one whose outputs on the first batch stay closest
-    is kept, as a one-pass fit decides. ``"sequential"`` then walks a third time with the
-    chosen widths, as does ``"corrective"``. With ``memory=`` the later walks read the
-    statistics back.
-    """
-    from ._compressor import batch_outputs, output_distance
-    from ._sensitivity import blockwise_candidates
-
-    device = home if nc.device is None else torch.device(nc.device)
-    mode = nc.calibration
-    if nc.target_flops is None:
-        return _Walk(nc, [work], units, batches, key, cache).run(layout, device, home, mode)[0]
-    curves = _Walk(nc, [work], units, batches, key, cache).run(layout, device, home,
-                                                                "collect")[0]
-    # output weights and held-out rows, as a one-pass fit (skid/nn/_sensitivity.py)
-    candidates, rest, rest_key, judge = blockwise_candidates(
-        nc, work, units, layout, (batches, key, cache), curves, flops_info, (device, home))
-    del curves
-    if len(candidates) > 1:
-        reference = batch_outputs(work, judge)
-        refit = mode != "original" or rest is not batches  # built without some rows
-        pristine = sharing_copy(work) if refit else None
-        targets = [work] + [sharing_copy(work) for _ in candidates[1:]]
-        plans = _Walk(nc, targets, units, rest, rest_key, cache, candidates).run(
-            layout, device, home, "original")
-        for target in targets[1:]:
-            target.to(home)  # what was folded into a copy during its block's turn
-        best = min(range(len(targets)),
-                   key=lambda c: output_distance(targets[c], reference, judge))
-        del targets[1:best], targets[best + 1:]  # the losers' models go now
-        _transplant(work, pristine if refit else targets[-1])
-        if not refit:
-            return plans[best]
-        candidates = [candidates[best]]
-    return _Walk(nc, [work], units, batches, key, cache, candidates).run(
-        layout, device, home, mode)[0]
-
-
-def _transplant(target: nn.Module, source: nn.Module) -> None:
-    """Make ``target`` (the fit's own model object, which the caller holds) compute what
-    ``source`` (a deep copy of it, compressed otherwise) computes: take its children."""
-    if target is source:
-        return
-    for name, child in source.named_children():
-        setattr(target, name, child)
-
-
-class _Walk:
-    """Calibrates the units of a block layout: before the blocks, block by block, after them.
-
-    Modes: ``"collect"`` keeps every unit's :class:`ErrorCurve` (for a global width rule);
-    ``"original"`` selects from the original model's statistics and folds each block's
-    selections once the block's outputs are recorded (the units outside the blocks at the
-    end); ``"sequential"`` folds each unit before the next one is calibrated;
-    ``"corrective"`` too, each ``T`` fitted to the original model's activations: a copy of
-    the original walks beside the model with a tape of its own (two blocks are on the device
-    at a time, the block as compressed so far and the original).
-
-    ``targets`` are the models the selections fold into, one per entry of ``widths``
-    (candidate widths per unit, or None for the compressor's own per-unit rule); the first
-    is the model the walk runs. Several targets need ``"original"`` (the statistics of
-    the first model's original blocks serve them all).
-    """
-
-    def __init__(self, nc, targets, units, batches, key, cache, widths=None):
-        self.nc, self.targets, self.units, self.batches = nc, targets, units, batches
-        self.work = targets[0]
-        self.key, self.cache = key, cache
-        self.widths = widths
-        self.results = [[None] * len(units) for _ in targets]
-        self.state = key  # content key of what has been folded so far (sequential)
-        self.tracked = 0  # units folded so far (sequential, corrective)
-        self.reference = None  # the original model beside the work (corrective)
-        self.runners = []
-
-    def run(self, layout, device, home, mode) -> list:
-        """Walk the layout; the selections (or curves) of each target, in units order."""
-        if len(self.targets) > 1 and mode != "original":
-            raise RuntimeError("Internal error: side-by-side candidates need 'original'.")
-        _, dtype = model_device_dtype(self.work)
-        store = _TapeStore(self.cache.memory)
-        if mode == "corrective":
-            self.reference = sharing_copy(self.work)  # before the runner swaps members out
-        runner = _Runner(self.work, layout, device, home, store)
-        self.runners = [runner]
-        try:
-            if mode == "corrective":
-                self.runners.append(_Runner(self.reference, layout, device, home, store))
-            self.calibrate(runner, layout.before, "before", mode)
-            for b, indices in enumerate(layout.inside):
-                for r in self.runners:
-                    r.turn(b)
-                try:
-                    needed = b + 1 < layout.size or layout.after
-                    # one pass: the statistics, and the block's outputs for the blocks after it
-                    with runner.recording(b, needed and mode in ("original", "collect")
-                                          and indices, self.tape_key(b, mode)):
-                        self.calibrate(runner, indices, f"block {b}", mode)
-                    if needed and not runner.recorded(b, self.batches):
-                        # keyed after the block's folds: sequential records what they made
-                        runner.record(b, self.batches, dtype, self.tape_key(b, mode))
-                    if needed and mode == "corrective":  # the original block's outputs
-                        self.runners[1].record(b, self.batches, dtype,
-                                               self.tape_key(b, "original"))
-                    if mode == "original":
-                        self.fold(indices)  # its outputs are recorded: fold, free the T's
-                finally:
-                    for r in self.runners:
-                        r.end_turn(b)
-            self.calibrate(runner, layout.after, "after", mode)
-        finally:
-            for r in self.runners:
-                r.close()
-            self.runners, self.reference = [], None
-        if mode == "original":
-            self.fold(layout.before + layout.after)
-        return self.results
-
-    def rewind(self) -> None:
-        """Replay every tape from its first batch (before a statistics pass)."""
-        for r in self.runners:
-            r.tape.rewind()
-
-    def tape_key(self, b: int, mode: str):
-        """Content key of block ``b``'s recorded outputs (None without ``memory=``): those of
-        the original block, or (sequential) of the block as compressed so far."""
-        if self.key is None:
-            return None
-        state = self.key if mode in ("original", "collect") else self.state
-        return fingerprint(state, "block outputs", b, _distributed.rank_and_size())
-
-    def calibrate(self, runner, indices, tag, mode) -> None:
-        """Statistics of ``indices`` (all at once, or one by one when sequential)."""
-        if mode == "corrective":
-            return self.correct(indices, tag)
-        steps = [[i] for i in indices] if mode == "sequential" else [list(indices)]
-        for step in steps if indices else ():
-            runner.tape.rewind()
-            step_key = None if self.key is None else fingerprint(self.state, tag, step)
-            nc = self.nc
-            facs, nc.n_calibration_samples_ = self.cache.get(
-                step_key, self.work, [self.units[i] for i in step], self.batches,
-                method=nc.method_, precision=nc._gram_precision, verbose=nc.verbose,
-            )
-            from ._compressor import _warn_few_rows
-
-            _warn_few_rows([self.units[i] for i in step], facs)
-            for i, fac in zip(step, facs, strict=True):
-                if mode == "collect":
-                    (fac,) = nc._for_objective(self.work, [self.units[i]], [fac])
-                    self.results[0][i] = ErrorCurve(fac)
-                else:
-                    unit_key = None if step_key is None else fingerprint(step_key, i)
-                    self.select(i, fac, runner, unit_key)
-            if mode == "sequential":
-                self.fold(step, track=True)
-
-    def correct(self, indices, tag) -> None:
-        """Corrective selections of ``indices``, each folded before the next is calibrated."""
-        for i in indices:
-            step_key = None if self.key is None else fingerprint(self.state, tag, i,
-                                                                  "corrective")
-            upstream = self.reference if self.tracked else None  # nothing folded yet: Z_o = Z_c
-            k = None if self.widths is None else self.widths[0][i]
-            self.results[0][i] = self.nc._corrective_selection(
-                self.work, upstream, self.units[i], k, step_key, self.cache, self.batches,
-                before_pass=self.rewind)
-            self.fold([i], track=True)
-
-    def select(self, i, fac, runner, unit_key=None) -> None:
-        """Unit ``i``'s selection for every target. A width the route does not resolve is
-        recomputed on a finer one first (replaying the block's inputs through ``runner``), as
-        a one-pass fit does; with candidates, at the widest (the most demanding)."""
-        from ._compressor import _selection
-
-        unit = self.units[i]
-        (fac,) = self.nc._for_objective(self.work, [unit], [fac])
-        if self.widths is None:
-            widths = [self.nc._widths([fac], [unit], None)[0]]
-        else:
-            widths = [candidate[i] for candidate in self.widths]
-        (fac,), (k,) = self.nc._recheck(self.work, [unit], [fac], [max(widths)], self.batches,
-                                        unit_key, self.cache, before_pass=runner.tape.rewind)
-        if self.widths is None:
-            widths = [k]  # a tol width, chosen again from the finer errors
-        for results, k in zip(self.results, widths, strict=True):
-            results[i] = _selection(unit, fac, k)
-
-    def fold(self, indices, track=False) -> None:
-        """Apply the selections of ``indices`` to the targets and drop their T's.
-
-        ``track``: later statistics depend on this fold (sequential), so it enters their keys.
-        """
-        from ._compressor import _apply, _plan_content
-
-        for target, results in zip(self.targets, self.results, strict=True):
-            for i in indices:
-                selection = results[i]
-                _apply(target, selection)
-                self.tracked += track
-                if track and self.key is not None:
-                    self.state = fingerprint(self.state, _plan_content([selection]))
-                # new (0, m) arrays: a slice would be a view keeping the whole T alive
-                changes = {"interpolation": _emptied(selection.interpolation)}
-                if getattr(selection, "interpolations", None) is not None:
-                    changes["interpolations"] = tuple(map(_emptied, selection.interpolations))
-                results[i] = dataclasses.replace(selection, **changes)
+# What the block-wise driver (:mod:`skid.nn._blockwise`) builds on.
+Runner, TapeStore = _Runner, _TapeStore

@@ -30,8 +30,7 @@ from . import _distributed, _intercept
 from ._fingerprint import describe_execution
 from ._heads import HeadFactorization
 from ._joint import BlockFactorization, JointFactorization
-from ._plan import offset_of
-from ._surgery import as_samples
+from ._surgery import as_samples, offset_of
 from ._trace import module_kind
 
 __all__ = [

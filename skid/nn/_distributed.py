@@ -169,22 +169,9 @@ def reduce_cross(acc, width: int, n_samples: int) -> int:
     """
     if current() is None:
         return n_samples
-    n_samples, rows = all_sum(torch.tensor([n_samples, acc.n_samples], dtype=torch.int64)).tolist()
-    unchanged, finer = _max([int(not acc._unchanged), int(acc._eps > 1e-10)])
-    acc._unchanged, acc.n_samples, acc.n_features = not unchanged, rows, width
-    if finer:  # some rank multiplied in float32: its rounding decides what is trusted
-        acc._eps = max(acc._eps, float(torch.finfo(torch.float32).eps))
-    if acc._qr is not None:
-        (exp,) = _max([acc._qr.scale_exp])
-        _reduce_r(acc._qr, 2 * width, exp)
-        return n_samples
-    def statistic(value):  # a rank without rows adds zeros (all_sum reduces in place)
-        return torch.zeros(width, width, dtype=torch.float64) if value is None else (
-            torch.as_tensor(value))
-
-    acc._gram = all_sum(statistic(acc._gram))
-    acc._cross = all_sum(statistic(acc._cross))
-    acc._sq_norm = float(all_sum(torch.tensor([acc._sq_norm], dtype=torch.float64)))
+    (n_samples,) = all_sum(torch.tensor([n_samples], dtype=torch.int64)).tolist()
+    acc.merge_over(width, all_sum=lambda a: all_sum(torch.as_tensor(a)), all_max=_max,
+                   reduce_r=_reduce_r)
     return n_samples
 
 

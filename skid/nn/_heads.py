@@ -438,12 +438,17 @@ class CorrectiveHeadFactorization(HeadFactorization):
     stats : skid._corrective.CrossStatistics
         Of the output projection's input.
     unit : HeadUnit
+    weight_gram : ndarray, optional
+        ``WᵀW`` of the output projection (``objective="outputs"``): heads are then kept for
+        its outputs and the errors weigh each channel by its column's squared norm.
     """
 
-    def __init__(self, stats, unit: HeadUnit):
+    def __init__(self, stats, unit: HeadUnit, weight_gram=None):
         first = np.asarray(stats.first, dtype=np.float64)
-        super().__init__(first if stats.method == "gram" else first.T @ first, unit)
+        super().__init__(first if stats.method == "gram" else first.T @ first, unit,
+                         weight_gram)
         self.stats = stats
+        self._weights = None if weight_gram is None else np.diag(weight_gram).copy()
         self._fits = {k: self._fit(k) for k in self.valid_counts}
         errors = np.ones(self.unit.n_heads + 1)
         for k in range(1, self.unit.n_heads + 1):
@@ -455,7 +460,7 @@ class CorrectiveHeadFactorization(HeadFactorization):
         selection = super().select(k)
         d = self.unit.head_dim
         columns = (selection.heads[:, None] * d + np.arange(d)).ravel()
-        keep, T, error = self.stats.fit(columns)
+        keep, T, error = self.stats.fit(columns, self._weights)
         order = np.argsort(keep, kind="stable")  # rows in the order of the kept columns
         return HeadSelection(self.unit, selection.heads, selection.kv_heads, T[order],
                              float(error))

@@ -34,6 +34,8 @@ __all__ = [
     "fitting_intercept",
     "hf_bias_flags",
     "intercept",
+    "new_biases",
+    "set_hf_bias_flags",
     "with_constant",
 ]
 
@@ -174,6 +176,12 @@ def intercept(fac, columns, T):
         return None
     mean_c, mean_o = means
     return np.asarray(mean_o - np.asarray(T, dtype=np.float64).T @ mean_c[np.asarray(columns)])
+
+
+def new_biases(work, units) -> list:
+    """Consumers that the fit's intercept gives a bias they do not have yet."""
+    names = [c.name for u in units if applies(u) for c in u.consumers]
+    return [n for n in names if getattr(work.get_submodule(n), "bias", None) is None]
 
 
 # -------------------------------------------------------------------- Hugging Face configs

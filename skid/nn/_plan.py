@@ -30,7 +30,7 @@ class Consumer:
     before : tuple of (str or int)
         When the consumer reads a concatenation, what precedes the group's channels in it:
         module names (whose current output width counts) and fixed widths. Their sum is the
-        offset of the group's channels in the consumer's input (see :func:`offset_of`).
+        offset of the group's channels in the consumer's input (see ``_surgery.offset_of``).
     """
 
     name: str
@@ -150,22 +150,3 @@ class Selection:
         if self.interpolations is None:
             return self.interpolation
         return self.interpolations[index]
-
-
-def offset_of(model, before: tuple) -> int:
-    """The current offset of a group's channels in a concatenation, on ``model``.
-
-    ``before`` lists what precedes them (see :attr:`Consumer.before`): a module name counts
-    its current output width (so the offset follows the pruning of the other parts), an int
-    counts itself.
-    """
-    from ._surgery import surgery_for  # the surgery registry knows every kind's widths
-
-    total = 0
-    for source in before:
-        if isinstance(source, str):
-            module = model.get_submodule(source)
-            total += int(surgery_for(module).out_width(module))
-        else:
-            total += int(source)
-    return total

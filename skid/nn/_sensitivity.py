@@ -20,13 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import _distributed
-from ._calibration import _slice, fingerprint
+from ._calibration import _slice
 from ._surgery import sharing_copy
 
-__all__ = ["blockwise_candidates", "held_out_batch", "output_weights", "split_held_out"]
+__all__ = ["held_out_batch", "measured", "output_weights", "split_held_out"]
 
 
-def output_weights(work, units, facs, widths, batch) -> np.ndarray:
+def output_weights(work, units, facs, widths, batch, fold, outputs, distance) -> np.ndarray:
     """``w_i``: squared output change per squared relative error when unit ``i`` alone keeps
     ``widths[i]``, on ``batch``.
 
@@ -43,19 +43,22 @@ def output_weights(work, units, facs, widths, batch) -> np.ndarray:
         Width per unit (valid head counts for heads).
     batch
         One calibration batch.
+    fold : callable
+        ``fold(model, unit, fac, k)`` folds unit's selection at width ``k`` into ``model``.
+    outputs, distance : callable
+        ``outputs(model, batch)`` and ``distance(model, reference, batch)``
+        (:mod:`skid.nn._outputs`).
     """
-    from ._compressor import _apply, _selection, batch_outputs, output_distance
-
-    reference = batch_outputs(work, batch)
+    reference = outputs(work, batch)
     weights = np.full(len(units), np.nan)
     for i, (unit, fac, k) in enumerate(zip(units, facs, widths, strict=True)):
         error = float(fac.errors[int(k)])
         if int(k) >= fac.n_features or error <= 0:
             continue
         trial = sharing_copy(work)
-        _apply(trial, _selection(unit, fac, int(k)))
-        weights[i] = output_distance(trial, reference, batch) ** 2 / error**2
-    return _measured(weights)
+        fold(trial, unit, fac, int(k))
+        weights[i] = distance(trial, reference, batch) ** 2 / error**2
+    return measured(weights)
 
 
 def split_held_out(batches):
@@ -95,46 +98,7 @@ def held_out_batch(batches):
     return next(iterator, batches.first)
 
 
-def _measured(weights) -> np.ndarray:
+def measured(weights) -> np.ndarray:
     """Units without a measured weight get the median of the others (1 if none)."""
     known = weights[np.isfinite(weights)]
     return np.where(np.isfinite(weights), weights, float(np.median(known)) if known.size else 1.0)
-
-
-def blockwise_candidates(nc, work, units, layout, data, curves, flops_info, placement):
-    """What :func:`output_weights` and :func:`split_held_out` give a one-pass fit, block-wise.
-
-    The block-wise budget has only the error curves when it is split, so the output weights
-    come from one more walk (over the rows without the held-out batch) that builds, side by
-    side, a copy of the model per unit with that unit alone cut to the uniform width (the
-    others folded at full width). Returns the candidates, the batches and key their folds are
-    to be fitted with, and the batch that judges them.
-    """
-    from ._blocks import _Walk
-    from ._compressor import batch_outputs, output_distance
-
-    batches, key, cache = data
-    device, home = placement
-    split = split_held_out(batches)
-    rest, judge = split if split is not None else (batches, held_out_batch(batches))
-    rest_key = key if key is None or split is None else fingerprint(key, "held out")
-    weights = None
-    if len(units) > 1:
-        (uniform,) = nc._flops_candidates(curves, units, flops_info, work, plain=True)
-        full = np.array([u.width for u in units], dtype=np.int64)
-        cut = [i for i in range(len(units)) if uniform[i] < full[i]]
-        weights = np.full(len(units), np.nan)
-        if cut:
-            singles = [np.where(np.arange(len(units)) == i, uniform, full) for i in cut]
-            trials = [sharing_copy(work) for _ in cut]
-            plans = _Walk(nc, trials, units, rest, rest_key, cache, singles).run(
-                layout, device, home, "original")
-            reference = batch_outputs(work, rest.first)
-            for i, trial, plan in zip(cut, trials, plans, strict=True):
-                trial.to(home)
-                error = float(plan[i].error)
-                if error > 0:
-                    weights[i] = output_distance(trial, reference, rest.first) ** 2 / error**2
-            del trials
-        weights = _measured(weights)
-    return nc._flops_candidates(curves, units, flops_info, work, weights), rest, rest_key, judge

@@ -40,7 +40,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from ._plan import Selection, offset_of
+from ._plan import Selection
 
 __all__ = [
     "apply_selection",
@@ -48,6 +48,7 @@ __all__ = [
     "concat_widths",
     "fold_constant",
     "fold_in",
+    "offset_of",
     "register_surgery",
     "sharing_copy",
     "slice_channels",
@@ -581,3 +582,20 @@ def _module(model: nn.Module, name: str, verb: str, width: int,
         raise ValueError(f"{name!r} ({type(module).__name__}) has {found} channels where the "
                          f"group has {width}; was the plan made for another model?")
     return module
+
+
+def offset_of(model, before: tuple) -> int:
+    """The current offset of a group's channels in a concatenation, on ``model``.
+
+    ``before`` lists what precedes them (see :attr:`Consumer.before`): a module name counts
+    its current output width (so the offset follows the pruning of the other parts), an int
+    counts itself.
+    """
+    total = 0
+    for source in before:
+        if isinstance(source, str):
+            module = model.get_submodule(source)
+            total += int(surgery_for(module).out_width(module))
+        else:
+            total += int(source)
+    return total

@@ -328,9 +328,9 @@ def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypa
 
     import numpy as np
 
-    from skid.nn import _compressor
+    from skid.nn import _blockwise, _planner
 
-    seen, real = [], _compressor.NetworkCompressor._flops_candidates
+    seen, real = [], _planner.Planner.flops_candidates
 
     def candidates(self, *args, **kwargs):
         found = real(self, *args, **kwargs)
@@ -339,8 +339,9 @@ def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypa
         return found
 
     later_is_closer = itertools.count(0, -1)
-    monkeypatch.setattr(_compressor.NetworkCompressor, "_flops_candidates", candidates)
-    monkeypatch.setattr(_compressor, "output_distance", lambda *a: next(later_is_closer))
+    monkeypatch.setattr(_planner.Planner, "flops_candidates", candidates)
+    for module in (_blockwise, _planner):
+        monkeypatch.setattr(module, "output_distance", lambda *a: next(later_is_closer))
     model = make_stack()
     blockwise = fit(model, X, target_flops=0.45, calibration=calibration)
     assert blockwise.blocks_ == "layers" and len(seen[0]) > 1  # the side-by-side walk ran
@@ -410,8 +411,9 @@ def test_an_incomplete_recording_leaves_no_tape(tmp_path):
 
 
 def test_a_sharing_copy_costs_only_what_is_folded_into_it():
-    from skid.nn._compressor import _apply, _selection
     from skid.nn._graph import find_units
+    from skid.nn._planner import apply as _apply
+    from skid.nn._planner import select as _selection
     from skid.nn._surgery import sharing_copy
 
     model = make_stack()

@@ -10,7 +10,7 @@ from torch import nn
 
 from skid import NetworkCompressor
 from skid.exceptions import InvalidParameterError
-from skid.nn import _compressor
+from skid.nn import _unit_kinds
 from skid.nn._calibration import Batches, corrective_statistics
 from skid.nn._graph import find_units
 from skid.nn._surgery import apply_selection, as_samples
@@ -40,7 +40,7 @@ def spy(monkeypatch):
         applied.append(selection)
         return apply_selection(model, selection)
 
-    monkeypatch.setattr(_compressor, "apply_selection", record)
+    monkeypatch.setattr(_unit_kinds, "apply_selection", record)
     return applied
 
 

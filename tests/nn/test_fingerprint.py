@@ -9,8 +9,8 @@ from torch import nn
 import skid
 from skid import NetworkCompressor
 from skid.nn._calibration import model_fingerprint
-from skid.nn._compressor import model_outputs
 from skid.nn._fingerprint import describe_execution
+from skid.nn._outputs import model_outputs
 
 
 def net_class(activation, scale=2.0, second="fc2"):

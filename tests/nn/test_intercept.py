@@ -127,7 +127,7 @@ def test_the_folded_constant_is_what_the_fit_says(calibration):
         with torch.no_grad():
             Z = torch.relu(model[0](X))
             seen = torch.relu(nc.compressed_model_[0](X))
-        selection = nc._selections[0]
+        selection = nc.plan_.selections[0]
         order = np.argsort(selection.keep.numpy())  # the producer keeps them ascending
         rebuilt = seen @ torch.as_tensor(selection.interpolation)[order].to(seen.dtype)
         if flag:
@@ -145,7 +145,7 @@ def test_a_convolution_gets_the_constant():
     with torch.no_grad():
         torch.testing.assert_close(full.compressed_model_(X), model(X), rtol=1e-4, atol=1e-5)
     nc = NetworkCompressor(model, rank=0.5, fit_intercept=True).fit(X)
-    assert any(s.intercepts is not None for s in nc._selections)
+    assert any(s.intercepts is not None for s in nc.plan_.selections)
 
 
 def test_the_intercept_changes_the_cache_key(tmp_path):
@@ -153,8 +153,8 @@ def test_the_intercept_changes_the_cache_key(tmp_path):
     plain = NetworkCompressor(model, rank=0.25, memory=tmp_path).fit(X)
     centred = NetworkCompressor(model, rank=0.25, memory=tmp_path, fit_intercept=True).fit(X)
     assert centred.n_calibration_passes_ > 0
-    assert plain._selections[0].intercepts is None
-    assert centred._selections[0].intercepts is not None
+    assert plain.plan_.selections[0].intercepts is None
+    assert centred.plan_.selections[0].intercepts is not None
 
 
 def test_reload_with_save_compressed(tmp_path):
@@ -206,7 +206,7 @@ def test_heads_and_channels_of_a_llama_exact_at_full_width(calibration):
     with torch.no_grad():
         torch.testing.assert_close(nc.compressed_model_(X).logits, model(X).logits,
                                    rtol=1e-4, atol=1e-4)
-    heads = [s for s in nc._selections if s.unit.kind == "heads"]
+    heads = [s for s in nc.plan_.selections if s.unit.kind == "heads"]
     assert heads and all(s.intercept is not None for s in heads)
     assert nc.compressed_model_.config.attention_bias and nc.compressed_model_.config.mlp_bias
     assert not model.config.mlp_bias  # the caller's config is untouched
@@ -249,7 +249,7 @@ def test_gpt2_conv1d_consumers_take_the_constant():
                                    rtol=1e-4, atol=1e-4)
     nc = NetworkCompressor(model, rank=0.5, fit_intercept=True).fit(X)
     assert all(getattr(s, "intercepts", None) is not None or s.intercept is not None
-               for s in nc._selections)
+               for s in nc.plan_.selections)
 
 
 def test_the_outputs_objective_keeps_the_constant():
@@ -258,4 +258,4 @@ def test_the_outputs_objective_keeps_the_constant():
     with torch.no_grad():
         torch.testing.assert_close(full.compressed_model_(X), model(X), rtol=1e-5, atol=1e-5)
     nc = NetworkCompressor(model, rank=0.25, fit_intercept=True, objective="outputs").fit(X)
-    assert all(s.intercepts is not None for s in nc._selections)
+    assert all(s.intercepts is not None for s in nc.plan_.selections)

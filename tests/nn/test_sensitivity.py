@@ -7,6 +7,8 @@ from torch import nn
 from skid.nn import NetworkCompressor
 from skid.nn._calibration import Batches, unit_statistics
 from skid.nn._graph import find_units
+from skid.nn._outputs import batch_outputs, output_distance
+from skid.nn._planner import apply, select
 from skid.nn._sensitivity import held_out_batch, output_weights
 
 
@@ -30,14 +32,20 @@ def _two_branches(scale):
     return Model().eval()
 
 
+def _fold(model, unit, fac, k):
+    apply(model, select(unit, fac, k))
+
+
 def test_weights_measure_the_output_change_per_squared_error():
     model, X = _two_branches(10.0), torch.randn(300, 6)
     units, _ = find_units(model, X[:2])
     facs, _ = unit_statistics(model, units, Batches(X, 300))
-    weights = output_weights(model, units, facs, [4, 4], X)
+    weights = output_weights(model, units, facs, [4, 4], X, _fold, batch_outputs,
+                             output_distance)
     assert np.all(weights > 0)
     np.testing.assert_allclose(weights[1] / weights[0], 100.0, rtol=1e-3)
-    whole = output_weights(model, units, facs, [16, 4], X)  # unit 0 says nothing: the median
+    whole = output_weights(model, units, facs, [16, 4], X, _fold, batch_outputs,
+                           output_distance)  # unit 0 says nothing: the median
     assert whole[0] == whole[1]
 
 
