@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.linalg
 
-from . import _array
+from . import _array, _centred
 from ._linalg import (  # the Gram route blocks rows as GramAccumulator does
     _BLOCK_ELEMENTS,
     _NATIVE_BLOCK_ROWS,
@@ -469,12 +469,13 @@ class CrossAccumulator:
         self.n_features = Zc.shape[1]
         self.n_samples += Zc.shape[0]
         if self.intercept and self._qr is None:
-            sums = (_column_sums(Zc), _column_sums(Zc) if same else _column_sums(Zo))
+            sums_c = _centred.column_sums(Zc)
+            sums = (sums_c, sums_c if same else _centred.column_sums(Zo))
             self._sums = sums if self._sums is None else tuple(
                 a + b for a, b in zip(self._sums, sums, strict=True))
         if self._qr is not None:
             block = _hstack(Zc, Zo)
-            self._qr.update(_hstack(_ones_like(block), block) if self.intercept else block)
+            self._qr.update(_hstack(_centred.ones_like(block), block) if self.intercept else block)
             self._eps = float(np.finfo(self._qr.dtype).eps)
             return self
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(Zc)
@@ -553,13 +554,9 @@ class CrossAccumulator:
             R[: R_acc.shape[0]] = R_acc
             means, scale = None, 1.0
             if c:
-                total = float(np.sum(R[:, c + m:] ** 2))
-                means = (R[0, 1:m + 1] / R[0, 0], R[0, m + 1:] / R[0, 0])
-                R = R[1:, 1:]  # the factor of the centred [Z_c | Z_o]
+                R, means, scale = _centred.centred_triangular(R, m)
             sq_cols = np.sum(R[:, m:] ** 2, axis=0)
             sq_norm = float(sq_cols.sum())
-            if c:
-                scale = float(np.sqrt(sq_norm / total)) if total > 0 else 1.0
             return CrossStatistics("qr", R[:m, :m], R[:m, m:], sq_norm, self._eps,
                                    self.n_samples, self._unchanged, sq_cols, means=means,
                                    scale=scale)
@@ -568,16 +565,10 @@ class CrossAccumulator:
         if not self.intercept:
             return CrossStatistics("gram", gram, cross, self._sq_norm, self._eps,
                                    self.n_samples, self._unchanged, sq_cols)
-        n = self.n_samples
-        mean_c, mean_o = (np.asarray(_array.to_numpy(v), dtype=np.float64) / n
-                          for v in self._sums)
-        sq_norm = self._sq_norm - n * float(mean_o @ mean_o)
-        scale = float(np.sqrt(max(sq_norm, 0.0) / self._sq_norm)) if self._sq_norm > 0 else 1.0
-        return CrossStatistics("gram", gram - n * np.outer(mean_c, mean_c),
-                               cross - n * np.outer(mean_c, mean_o), max(sq_norm, 0.0),
-                               self._eps, self.n_samples, self._unchanged,
-                               np.maximum(sq_cols - n * mean_o**2, 0.0),
-                               means=(mean_c, mean_o), scale=scale)
+        G, C, sq_norm, sq_cols, means, scale = _centred.centred_gram(
+            gram, cross, self._sq_norm, sq_cols, self._sums, self.n_samples)
+        return CrossStatistics("gram", G, C, sq_norm, self._eps, self.n_samples,
+                               self._unchanged, sq_cols, means=means, scale=scale)
 
 
 def _agree(A, B) -> bool:
@@ -604,22 +595,6 @@ def _agree(A, B) -> bool:
     eps = float(np.finfo(A.dtype).eps)
     xp = _array._xp(A)
     return bool(xp.linalg.norm(A - B) <= max(A.shape[1], 16) * eps * xp.linalg.norm(B))
-
-
-def _column_sums(A):
-    """Column sums in float64, on the block's device."""
-    if _array.array_kind(A) == "torch":
-        return A.detach().sum(0, dtype=A.new_zeros(()).double().dtype)
-    return A.sum(0, dtype=np.float64)
-
-
-def _ones_like(A):
-    """One column of ones of ``A``'s kind, dtype and device."""
-    if _array.array_kind(A) == "torch":
-        import torch
-
-        return torch.ones_like(A[:, :1])
-    return _array._xp(A).ones_like(A[:, :1])
 
 
 def _hstack(A, B):
