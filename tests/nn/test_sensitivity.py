@@ -62,3 +62,16 @@ def test_target_flops_spends_the_budget_where_the_output_cares():
     nc = NetworkCompressor(model, target_flops=0.6, batch_size=300).fit(X)
     widths = {row["producer"]: row["width_after"] for row in nc.layers_}
     assert widths["b"] > widths["a"]
+
+
+def test_split_held_out_leaves_the_last_batch_out():
+    from skid.nn._sensitivity import split_held_out
+
+    X = torch.arange(10.0).reshape(5, 2)
+    rest, held = split_held_out(Batches(X, 2))
+    assert torch.equal(held, X[4:]) and rest.n_samples == 4
+    assert [b.shape[0] for b in rest] == [2, 2]
+    rest, held = split_held_out(Batches([X[:1], X[1:3], X[3:]], 2))
+    assert torch.equal(held, X[3:]) and len(list(rest)) == 2
+    assert split_held_out(Batches(X, 8)) is None  # one batch
+    assert split_held_out(Batches(iter([X[:1], X[1:]]), 2)) is None  # one-shot
