@@ -1,17 +1,27 @@
 """Speed and accuracy of skid's ID against SciPy and LAPACK, peers measured in the same run.
 
-For activation-like matrices ``relu(G @ W) + noise`` (n × m, k = m/4) prints, per dtype:
-time (median of rounds), relative Frobenius error, time ratio to SciPy's deterministic ID,
-the achieved rate n·m²/time in GFLOP/s and the time ratio to a same-run ``XᵀX`` (the n·m² floor
-every exact ID pays to read X once). Then peak memory of ``partial_fit`` against n.
+First the floor: ``InterpolativeDecomposition(rank=m/4).fit`` and the Gram route's three steps
+(accumulate, factorize, select) with the accumulator's current products and with its previous
+ones (panel by panel, after a pass that checks each block), each ÷ one ``X.T @ X`` of the same
+array (the n·m² floor every exact ID pays to read X once), on NumPy and torch CPU arrays in
+float64 and float32, the variants interleaved round by round (medians). Then, for
+activation-like matrices ``relu(G @ W) + noise`` (n × m, k = m/4), per dtype: time (median of
+rounds), relative Frobenius error, time ratio to SciPy's deterministic ID, the achieved rate
+n·m²/time in GFLOP/s and the time ratio to a same-run ``XᵀX``. Then peak memory of
+``partial_fit`` against n.
+
+On a machine shared with other jobs wall times swing; ``--threads 1 --cpu-time`` measures the
+process's CPU time on one thread, which other jobs disturb far less (the load is printed).
 
     python benchmarks/bench_id.py            # 20,000×256 and 100,000×512
-    python benchmarks/bench_id.py --quick    # 20,000×256 only
+    python benchmarks/bench_id.py --quick    # 20,000×256 only, fewer rounds
+    python benchmarks/bench_id.py --floor-only --threads 1 --cpu-time
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import tracemalloc
@@ -19,8 +29,13 @@ import tracemalloc
 import numpy as np
 import scipy.linalg
 import scipy.linalg.interpolative as sli
+import torch
+from _models import print_table, set_threads
 
 from skid import InterpolativeDecomposition
+from skid._linalg import GramAccumulator
+
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def activation_like(n, m, dtype, seed=0):
@@ -80,6 +95,54 @@ def gemm_floor(X, rounds):
     return statistics.median(times)
 
 
+def gram_id(X, k, products):
+    """The Gram route's steps as ``fit`` runs them for a rank (float32 data: float32
+    products, as the policy chooses), with the accumulator's ``products``."""
+    float32 = str(X.dtype).endswith("float32")
+    acc = GramAccumulator("native" if float32 else "float64", products).update(X)
+    return acc.factorize(consume=True).select(k)
+
+
+def interleaved(ways, rounds, clock):
+    """Median time of each way, the ways run one after the other in every round."""
+    times = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def floor_table(n, m, rounds, clock_name):
+    """The ID and its accumulator (current and previous products) ÷ one ``X.T @ X``."""
+    k, rows = m // 4, []
+    for library in ("numpy", "torch"):
+        for dtype in (np.float64, np.float32):
+            X = activation_like(n, m, dtype)
+            if library == "torch":
+                X = torch.from_numpy(X)
+            ways = {
+                "floor": lambda X=X: X.T @ X,
+                "fit": lambda X=X: InterpolativeDecomposition(rank=k).fit(X),
+                "new": lambda X=X: gram_id(X, k, "auto"),
+                "previous": lambda X=X: gram_id(X, k, "panels"),
+            }
+            med = interleaved(ways, rounds, CLOCK[clock_name])
+            floor = med["floor"]
+            rows.append((library, np.dtype(dtype).name, floor * 1e3, med["fit"] / floor,
+                         med["new"] / floor, med["previous"] / floor,
+                         med["previous"] / med["new"]))
+    print_table(
+        f"{n}×{m}, rank {k}: time ÷ one X.T @ X of the same array ({clock_name} time, median "
+        f"of {rounds} interleaved rounds, {torch.get_num_threads()} torch thread(s)); "
+        "steps = accumulate + factorize + select",
+        ["library", "dtype", "X.T @ X ms", "fit ÷ floor", "steps, whole products ÷ floor",
+         "steps, previous panels ÷ floor", "previous ÷ whole"],
+        rows, ["s", "s", ".1f", ".3f", ".3f", ".3f", ".3f"],
+    )
+
+
 def bench_shape(n, m, dtype, rounds, scipy_rounds):
     X = activation_like(n, m, dtype)
     k = m // 4
@@ -123,7 +186,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only the 20,000×256 shape")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for the fast methods")
     parser.add_argument("--scipy-rounds", type=int, default=1, help="rounds for SciPy/geqp3")
+    parser.add_argument("--floor-rounds", type=int, default=None,
+                        help="interleaved rounds of the floor table (default 9, --quick 3)")
+    parser.add_argument("--floor-only", action="store_true", help="only the floor table")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch and BLAS threads (0: leave as they are)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="process CPU time instead of wall time (use with --threads 1)")
     args = parser.parse_args()
+    set_threads(args.threads)
+    print("load average before (1, 5, 15 min):", os.getloadavg())
     try:
         from threadpoolctl import threadpool_info
 
@@ -132,6 +204,12 @@ def main():
     except ImportError:
         pass
     shapes = [(20_000, 256)] if args.quick else [(20_000, 256), (100_000, 512)]
+    floor_rounds = args.floor_rounds or (3 if args.quick else 9)
+    for n, m in shapes:
+        floor_table(n, m, floor_rounds, "cpu" if args.cpu_time else "wall")
+    print("load average after the floor tables:", os.getloadavg())
+    if args.floor_only:
+        return
     for n, m in shapes:
         for dtype in (np.float32, np.float64):
             bench_shape(n, m, dtype, args.rounds, args.scipy_rounds)

@@ -13,7 +13,9 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
 2. Heads: half of each layer's heads (6 of 12) alone, and with the FFN at half width, for ID,
    ID without T (the ID's heads, the output projection just drops the others) and magnitude
    (heads with the largest query-row and output-column norms).
-3. Cost: ``fit`` time ÷ one forward pass over the same calibration batches (median of rounds).
+3. Cost: ``fit`` time ÷ one forward pass over the same calibration batches (median of rounds,
+   the two interleaved), and where fit's time goes (forward, Gram, hooks, factorization,
+   surgery; shares of one fit under cProfile).
 
     python benchmarks/bench_transformers.py            # about five minutes on 2 cores
     python benchmarks/bench_transformers.py --quick    # 64 sentences, one round
@@ -22,14 +24,17 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import inspect
+import pstats
 import re
+import statistics
 import time
 
 import numpy as np
 import torch
 from _baselines import heads_sliced, magnitude_heads
-from _models import median_time, print_table, set_threads
+from _models import print_table, set_threads
 
 from skid import NetworkCompressor
 from skid.nn import OutputsObjective
@@ -135,16 +140,94 @@ def main() -> None:
                 ["setting", "method", "FLOPs kept", "mean cosine"], rows,
                 ["s", "s", ".3f", ".4f"])
 
-    forward = median_time(lambda: embed(model, calib), 1 if args.quick else 3)
-    rows = []
+    rounds = 1 if args.quick else 3
+    rows, splits = [], []
     for label, prune in (("channels", "channels"), ("channels + heads", ("channels", "heads"))):
-        fit = median_time(
-            lambda p=prune: NetworkCompressor(model, tol=0.05, prune=p).fit(calib),
-            1 if args.quick else 3)
-        rows.append((label, forward, fit, fit / forward))
-    print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches",
-                ["prune", "forward s", "fit s", "fit ÷ forward"], rows,
-                ["s", ".2f", ".2f", ".2f"])
+        fit = lambda p=prune: NetworkCompressor(model, tol=0.05, prune=p).fit(calib)  # noqa: E731
+        times = interleaved({"forward": lambda: embed(model, calib), "fit": fit}, rounds)
+        rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
+        splits.append((label, *time_split(fit)))
+    llama_rows(rows, splits, 64 if args.quick else 512, rounds)
+    print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
+                f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
+                f"of {rounds} interleaved rounds)",
+                ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
+    print_table("MiniLM and LLaMA, where fit's time goes (shares of one fit under cProfile): the "
+                "model's forward code, the calibration hooks' Gram products and the rest of the "
+                "hooks, "
+                "factorization (pivoted Cholesky, head selection, T), surgery",
+                ["prune", "forward", "Gram", "hooks, rest", "factorization", "surgery", "other"],
+                splits, ["s"] + [".1%"] * 6)
+
+
+def llama_rows(rows, splits, n, rounds) -> None:
+    """The cost rows of the LLaMA-shaped LM of ``_llm.py`` (its shape, random weights: the
+    cost does not need the training), ``n`` windows of its 64 tokens in batches of 32."""
+    import transformers
+    from _llm import HEAD_DIM, HEADS, HIDDEN, INNER, KV_HEADS, LAYERS, SEQ, stdlib_tokens, windows
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        max_position_embeddings=SEQ, tie_word_embeddings=False)).eval()
+    ids = windows(stdlib_tokens(300_000)[0], n, seed=1)[:, :-1]
+
+    def forward():
+        with torch.no_grad():
+            for start in range(0, n, 32):
+                model(input_ids=ids[start : start + 32])
+
+    for label, prune in (("LLaMA channels", "channels"),
+                         ("LLaMA channels + heads", ("channels", "heads"))):
+        fit = lambda p=prune: NetworkCompressor(  # noqa: E731
+            model, tol=0.05, prune=p, batch_size=32).fit({"input_ids": ids})
+        times = interleaved({"forward": forward, "fit": fit}, rounds)
+        rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
+        splits.append((label, *time_split(fit)))
+
+
+def interleaved(ways: dict, rounds: int) -> dict:
+    """Median wall time of each way (seconds), the ways run one after the other each round."""
+    times = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+#: (module path ending, function names) of each part of fit's time, read off cProfile.
+_PARTS = {
+    "statistics": ("skid/nn/_calibration.py", {"run_model"}),
+    "hooks": ("skid/nn/_calibration.py", {"hook"}),
+    "gram": ("skid/_linalg/_gram.py", {"update"}),
+    "factorization": ("skid/nn/_calibration.py", {"_factorize"}),
+    "select": ("", {"select"}),  # the core's (skid/_linalg), which the others call
+    "surgery": ("skid/nn/_surgery.py", {"apply_selection"}),
+}
+
+
+def time_split(fit) -> tuple:
+    """Shares of one ``fit()``: forward code, Gram products, other hook work, factorization
+    (``_factorize`` and the selections' ``select``), surgery, the rest."""
+    profile = cProfile.Profile()
+    profile.runcall(fit)
+    stats = pstats.Stats(profile).stats
+    total = max(ct for (_, _, _, ct, _) in stats.values())
+    part = dict.fromkeys(_PARTS, 0.0)
+    for (path, _, name), (_, _, _, cumulative, _) in stats.items():
+        for key, (ending, names) in _PARTS.items():
+            path = path.replace("\\", "/")
+            if name in names and path.endswith(ending or path) and (
+                    key != "select" or "/skid/_linalg/" in path):
+                part[key] += cumulative
+    forward = part["statistics"] - part["hooks"]
+    factorization = part["factorization"] + part["select"]
+    shares = (forward, part["gram"], part["hooks"] - part["gram"], factorization,
+              part["surgery"])
+    return (*(s / total for s in shares), 1 - sum(shares) / total)
 
 
 def _ffn_only(model, calib):

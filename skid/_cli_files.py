@@ -56,6 +56,19 @@ def check_writable(path, option):
         ) from None
 
 
+def check_can_write_format(fmt):
+    """Before any work: the package that writes ``--format fmt`` imports (exit 3 otherwise)."""
+    if fmt != "safetensors":
+        return
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError as error:
+        raise InputFileError(
+            f"cannot write --format safetensors: {error}; pip install safetensors (a "
+            "dependency of skid) or use --format pt"
+        ) from None
+
+
 def check_folder_writable(path, option):
     """Raise unless ``path`` is, or can be created as, a folder (checked before any work)."""
     if path.exists() and not path.is_dir():

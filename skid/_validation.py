@@ -119,6 +119,22 @@ def check_params(params: dict, constraints: dict, owner: str) -> None:
         raise InvalidParameterError(f"{owner}: " + "; ".join(errors) + ".")
 
 
+def nearest_names(name: str, choices, n: int = 8) -> str:
+    """A hint naming the ``n`` valid names most like ``name`` (a did-you-mean when one is
+    close), in their given order: for an unknown module name among many."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if not choices:
+        return ""
+    score = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in choices}
+    nearest = set(sorted(choices, key=lambda c: -score[c])[:n])
+    listed = ", ".join(repr(c) for c in choices if c in nearest)
+    more = f" (of {len(choices)})" if len(choices) > n else ""
+    return f"; the names nearest it{more}: {listed}"
+
+
 def suggest(name: str, choices) -> str:
     """A 'did you mean ...?' hint for a misspelled name, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

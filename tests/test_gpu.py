@@ -43,3 +43,17 @@ def test_numpy_backend_pulls_gpu_input_to_host():
     Xg = torch.as_tensor(data(), device="cuda")
     est = InterpolativeDecomposition(rank=8, backend="numpy").fit(Xg)
     assert isinstance(est.interpolation_matrix_, np.ndarray)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the GPU benchmark itself there")
+def test_bench_gpu_skips_cleanly_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gpu.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA GPU here" in done.stdout and "Skipped." in done.stdout
+    assert done.stderr == ""

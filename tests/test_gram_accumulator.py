@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from skid import InterpolativeDecomposition, _linalg
+from skid._linalg import _blocking, _gram
 
 
 def data(n, m, dtype=np.float64, order="C", seed=0):
@@ -47,14 +48,20 @@ def assert_same_panels(acc, kept):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that one update multiplies several blocks."""
-    monkeypatch.setattr(_linalg, "_NATIVE_BLOCK_ROWS", 7)
-    monkeypatch.setattr(_linalg, "_BLOCK_ELEMENTS", 7 * 40)
+    monkeypatch.setattr(_blocking, "_NATIVE_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_blocking, "_BLOCK_ELEMENTS", 7 * 40)
+
+
+@pytest.fixture(params=["whole", "panels"])
+def products(request):
+    """Both ways an update multiplies a block (``"auto"`` picks one by the buffer's size)."""
+    return request.param
 
 
 @pytest.fixture
 def narrow_steps(monkeypatch):
     """Panels 8 columns wide, so that a 40-wide triangle is stored in several panels."""
-    monkeypatch.setattr(_linalg, "_TRIANGLE_STEP", 8)
+    monkeypatch.setattr(_blocking, "_TRIANGLE_STEP", 8)
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
@@ -62,19 +69,19 @@ def narrow_steps(monkeypatch):
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("n", [1, 50])
 @pytest.mark.parametrize("blocks", ["one", "several"])
-def test_products_equal_the_plain_gram(request, precision, dtype, order, n, blocks):
+def test_products_equal_the_plain_gram(request, precision, dtype, order, n, blocks, products):
     if blocks == "several":
         request.getfixturevalue("small_blocks")
     X = data(n, 40, dtype, order)
-    acc = _linalg.GramAccumulator(precision).update(X)
+    acc = _linalg.GramAccumulator(precision, products).update(X)
     assert_gram(acc, X)
     acc.update(X[::-1])  # a second block is added to the statistic
     assert_gram(acc, np.vstack([X, X]))
 
 
-def test_strided_blocks():
+def test_strided_blocks(products):
     X = data(60, 80)[:, ::2]  # BLAS cannot read it in place: copied a row block at a time
-    acc = _linalg.GramAccumulator().update(X)
+    acc = _linalg.GramAccumulator("float64", products).update(X)
     assert_gram(acc, X)
     acc.update(data(5, 40, seed=1))  # a contiguous block added to the sum
     acc.update(X[::-1])  # negative strides, copied too
@@ -86,9 +93,9 @@ def test_strided_blocks():
     [(1e160, np.float64, "float64"), (1e-170, np.float64, "float64"),
      (1e20, np.float32, "native"), (1e-25, np.float32, "native")],
 )  # fmt: skip
-def test_scaled_blocks(scale, dtype, precision):
+def test_scaled_blocks(scale, dtype, precision, products):
     X = (data(30, 20) * scale).astype(dtype)
-    acc = _linalg.GramAccumulator(precision).update(X)
+    acc = _linalg.GramAccumulator(precision, products).update(X)
     assert acc.scale_exp != 0
     assert_gram(acc, X)
     small = data(10, 20, dtype, seed=1)  # a block at scale 0, added scaled down
@@ -99,9 +106,9 @@ def test_scaled_blocks(scale, dtype, precision):
 @pytest.mark.parametrize("precision", ["float64", "native"])
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
 def test_a_bad_row_block_leaves_the_statistic_bit_identical(small_blocks, narrow_steps,
-                                                            precision, bad_value):
+                                                            precision, bad_value, products):
     X = data(40, 40, np.float32)
-    acc = _linalg.GramAccumulator(precision).update(X)
+    acc = _linalg.GramAccumulator(precision, products).update(X)
     kept = panels(acc)
     bad = data(30, 40, np.float32, seed=1)
     bad[-1, 3] = bad_value  # in the last of several row blocks: the first ones are fine
@@ -109,6 +116,62 @@ def test_a_bad_row_block_leaves_the_statistic_bit_identical(small_blocks, narrow
         acc.update(bad)
     assert_same_panels(acc, kept)
     assert acc.n_samples == 40 and acc.scale_exp == 0
+
+
+@pytest.mark.parametrize("precision", ["float64", "native"])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_a_bad_late_block_leaves_a_new_statistic_empty(small_blocks, precision, bad_value,
+                                                       products):
+    bad = data(30, 40, np.float32, seed=1)
+    bad[-1, 3] = bad_value  # the first blocks were added before this one was multiplied
+    acc = _linalg.GramAccumulator(precision, products)
+    with pytest.raises(_linalg.NonFiniteDataError):
+        acc.update(bad)
+    assert acc._panels is None and acc.n_samples == 0 and acc.nbytes == 0
+    acc.update(bad[:20])  # and it accumulates as new
+    assert_gram(acc, bad[:20])
+
+
+def test_a_late_block_near_overflow_rescales_all_the_rows(small_blocks, products):
+    X = data(30, 40, np.float32)
+    X[-5:] *= np.float32(1e20)  # only the last block's squares leave float32's safe range
+    acc = _linalg.GramAccumulator("native", products).update(X)
+    assert acc.scale_exp != 0 and acc.n_samples == 30
+    assert_gram(acc, X)
+
+
+def test_a_tiny_block_into_a_statistic_is_scaled_once(products):
+    X, tiny = data(30, 20) * 1e-170, data(10, 20, seed=1) * 1e-170
+    acc = _linalg.GramAccumulator("float64", products).update(X)
+    scale_exp = acc.scale_exp
+    acc.update(tiny)  # its squares underflow unscaled: checked, scaled, then added
+    assert acc.scale_exp == scale_exp != 0
+    assert_gram(acc, np.vstack([X, tiny]))
+
+
+@pytest.mark.parametrize("precision", ["float64", "native"])
+def test_whole_products_check_blocks_without_a_pass_before_them(monkeypatch, precision):
+    X = data(50, 40, np.float32)
+
+    def no_pass(block):
+        raise AssertionError("a pass over the block before its product")
+
+    monkeypatch.setattr(_linalg._array, "max_column_sq_sum", no_pass)
+    acc = _linalg.GramAccumulator(precision).update(X).update(X[:7])  # "auto": whole at m = 40
+    assert_gram(acc, np.vstack([X, X[:7]]))
+    with pytest.raises(AssertionError, match="a pass"):
+        _linalg.GramAccumulator(precision, "panels").update(X)
+
+
+@pytest.mark.parametrize("m, kind, whole", [(1448, "numpy", True), (1449, "numpy", False),
+                                            (1400, "torch", True), (2048, "torch", False)])
+def test_auto_multiplies_whole_up_to_the_buffer_limit(m, kind, whole):
+    X = np.zeros((2, m), np.float32) if kind == "numpy" else torch.zeros(2, m)
+    assert _gram._whole_products(X, "float32", "auto") == whole
+    assert _gram._whole_products(X, "float32", "whole") and not _gram._whole_products(
+        X, "float32", "panels")
+    with pytest.raises(ValueError, match="'auto', 'whole' or 'panels'"):
+        _gram._whole_products(X, "float32", "fast")
 
 
 @pytest.mark.parametrize("precision", ["float64", "native"])
@@ -288,11 +351,11 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("blocks", ["one", "several"])
 def test_torch_blocks_build_the_triangle_in_column_panels(request, narrow_steps, precision,
-                                                          dtype, blocks):
+                                                          dtype, blocks, products):
     if blocks == "several":
         request.getfixturevalue("small_blocks")
     X = data(50, 40)
-    acc = _linalg.GramAccumulator(precision)
+    acc = _linalg.GramAccumulator(precision, products)
     for part in np.array_split(X, 3):
         acc.update(torch.as_tensor(part, dtype=dtype))
     assert all(isinstance(p, torch.Tensor) and p.dtype == torch.float64 for p in acc._panels)
@@ -316,27 +379,27 @@ def test_torch_tensors_that_require_grad():
         np.testing.assert_allclose(gram.numpy(), exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
-def test_torch_nan_block_and_scaling_and_merge(small_blocks, narrow_steps):
+def test_torch_nan_block_and_scaling_and_merge(small_blocks, narrow_steps, products):
     X = data(60, 40, np.float32)
-    acc = _linalg.GramAccumulator("native").update(torch.as_tensor(X[:30]))
+    acc = _linalg.GramAccumulator("native", products).update(torch.as_tensor(X[:30]))
     before = panels(acc)
     bad = torch.as_tensor(X[30:]).clone()
     bad[-1, 3] = float("nan")
     with pytest.raises(_linalg.NonFiniteDataError):
         acc.update(bad)
     assert_same_panels(acc, before)  # untouched
-    big = _linalg.GramAccumulator("native").update(torch.as_tensor(X[30:]) * 1e20)
+    big = _linalg.GramAccumulator("native", products).update(torch.as_tensor(X[30:]) * 1e20)
     acc.merge(big)
     expected = exact_gram(np.vstack([X[:30], X[30:].astype(np.float64) * 1e20]),
                           acc.scale_exp)
     np.testing.assert_allclose(acc.gram.numpy(), expected, rtol=0,
                                atol=1e-5 * np.abs(expected).max())
-    mixed = _linalg.GramAccumulator("native").update(X[:30]).merge(
-        _linalg.GramAccumulator("native").update(torch.as_tensor(X[30:])))
+    mixed = _linalg.GramAccumulator("native", products).update(X[:30]).merge(
+        _linalg.GramAccumulator("native", products).update(torch.as_tensor(X[30:])))
     np.testing.assert_allclose(np.asarray(mixed.gram), exact_gram(X), rtol=0,
                                atol=1e-5 * np.abs(exact_gram(X)).max())
     packed = torch.as_tensor(mixed.triangle())  # as the ranks' all-reduce hands it back
-    reduced = _linalg.GramAccumulator().set_triangle(packed, 40)
+    reduced = _linalg.GramAccumulator("float64", products).set_triangle(packed, 40)
     assert all(isinstance(p, torch.Tensor) for p in reduced._panels)
     np.testing.assert_array_equal(reduced.gram.numpy(), mixed.gram)
     reduced.update(X[:5])  # NumPy rows into a torch statistic

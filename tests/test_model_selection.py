@@ -53,10 +53,32 @@ def test_missing_scorer_names_the_available_ones():
         most_compressed(size="size")(results([1.0], [0.5]))
 
 
-@pytest.mark.parametrize("bound", [-0.1, 1.5, "high", None])
+@pytest.mark.parametrize("bound", [-0.1, 1.5, "high"])
 def test_invalid_bound(bound):
     with pytest.raises(InvalidParameterError, match="min_agreement"):
         most_compressed(bound)
+    with pytest.raises(InvalidParameterError, match="max_perplexity_ratio"):
+        most_compressed(max_perplexity_ratio=0.5)
+
+
+def test_default_bound_is_an_agreement_of_099_unless_a_perplexity_bound_is_given():
+    assert most_compressed().min_agreement == most_compressed(None).min_agreement == 0.99
+    assert most_compressed(max_perplexity_ratio=1.1).min_agreement is None
+
+
+def test_bound_on_a_lower_is_better_score():
+    pick = most_compressed(max_perplexity_ratio=1.1)
+    cv = results([0, 0, 0, 0], [0.9, 0.5, 0.6, 0.3], perplexity=[1.0, 1.1, 1.05, 1.3])
+    assert pick(cv) == 1  # the smallest within the bound (the bound itself included)
+    cv = results([0, 0], [0.5, 0.4], perplexity=[1.5, 1.2])
+    assert pick(cv) == 1  # none meets it: the lowest perplexity ratio
+    both = most_compressed(0.9, max_perplexity_ratio=1.1)
+    cv = results([0.95, 0.8, 0.95], [0.9, 0.5, 0.6], perplexity=[1.0, 1.05, 1.2])
+    assert both(cv) == 0  # the second fails the agreement, the third the perplexity
+    with pytest.raises(KeyError, match=r"mean_test_perplexity.*'flops': ..., 'perplexity'"):
+        pick(results([1.0], [0.5]))
+    assert repr(pick) == (
+        "most_compressed(max_perplexity_ratio=1.1, perplexity='perplexity', size='flops')")
 
 
 def test_picklable_and_readable():

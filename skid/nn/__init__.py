@@ -14,11 +14,13 @@ from ._objectives import (
     register_calibration,
     register_objective,
 )
+from ._outputs import ModelOutputs
 
 __all__ = [
     "ActivationsObjective",
     "Calibration",
     "CorrectiveCalibration",
+    "ModelOutputs",
     "NetworkCompressor",
     "Objective",
     "OriginalCalibration",

@@ -4,10 +4,11 @@ A model's *blocks* are the members of an ``nn.ModuleList`` that run one after an
 the previous one's output (HF decoder/encoder layers). Calibrating block by block holds only
 that block's statistics, and only that block needs to be on the calibration device:
 
-* every member except the current one is swapped for a :class:`_Replay` that hands back the
-  previous block's outputs, cached for every calibration batch (the *tape*: on the host, or
-  with ``memory=`` as files under its folder), so a pass costs the code around the blocks
-  (embeddings, masks) plus one block;
+* every member except the current one *replays*: it stays in place (the model's forward may
+  read its attributes, hooks on it still run) but its forward is replaced by a
+  :class:`_Replay` that hands back the previous block's outputs, cached for every calibration
+  batch (the *tape*, :mod:`skid.nn._tapes`: on the host, or with ``memory=`` as files under
+  its folder), so a pass costs the code around the blocks (embeddings, masks) plus one block;
 * the block's units get their statistics from those inputs (``unit_statistics`` with the
   model's own code computing every extra argument: masks, rotary embeddings); the same pass
   records the block's outputs as the next tape (``"original"``), or a pass after its units
@@ -15,9 +16,12 @@ that block's statistics, and only that block needs to be on the calibration devi
 * units outside the blocks are calibrated before them (those whose consumer runs before the
   first block) or after them, with every member replayed.
 
-With ``calibration="original"`` the statistics are those of one pass over the whole model, so
-the result is the same. Statistics and tapes go through ``memory=``, keyed per block, so an
-interrupted run resumes without recomputing them or running the finished blocks again.
+This reproduces one pass only if the model reads each block's output through the next block
+alone; :func:`find_blocks` tries the replays on the example first and otherwise calibrates in
+one pass (with a warning that says why). With ``calibration="original"`` the statistics are
+those of one pass over the whole model, so the result is the same. Statistics and tapes go
+through ``memory=``, keyed per block, so an interrupted run resumes without recomputing them
+or running the finished blocks again.
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
-import shutil
-import uuid
+import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -40,6 +43,10 @@ from ._calibration import (
     to_inputs,
 )
 from ._outputs import first_tensor
+from ._tapes import Recorder as _Recorder
+from ._tapes import Tape as _Tape
+from ._tapes import TapeStore as _TapeStore
+from ._tapes import flatten
 from ._trace import map_tensors
 
 __all__ = ["BlockLayout", "Runner", "TapeStore", "find_blocks"]
@@ -59,6 +66,8 @@ class BlockLayout:
         Units outside the blocks whose consumer runs before / after the blocks.
     inside : tuple of tuple of int
         Per block, its units in forward order.
+    types : tuple of dict
+        Per block, the classes of its output on the example, by qualified name.
     """
 
     name: str
@@ -66,6 +75,8 @@ class BlockLayout:
     before: tuple[int, ...]
     after: tuple[int, ...]
     inside: tuple[tuple[int, ...], ...]
+    # per block, the classes its output is made of (a stored tape is rebuilt with these)
+    types: tuple[dict, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------------- detection
@@ -77,6 +88,13 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
     ``spec`` is None (off), ``"auto"`` (the longest ``ModuleList`` that runs in sequence and
     that no unit straddles; None if there is none) or a qualified name (an error if that list
     does not qualify).
+
+    Block-wise calibration must give the one-pass result, so the chosen list is tried on
+    ``example`` as the calibration will run it (:func:`_replay_check`): if replaying finished
+    blocks changes what a later block or unit sees (the model reads a block's output other than
+    through the next block: a head over several blocks' states, a hook that edits outputs), or
+    the model cannot run that way, ``"auto"`` warns with the reason and returns None (one pass)
+    and a named list raises it.
     """
     if spec is None:
         return None
@@ -92,16 +110,33 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
     if not candidates:
         return None
     calls = _record_calls(model, example, [modules[n] for n in candidates], units)
-    best, reasons = None, {}
+    layouts, reasons = [], {}
     for name in candidates:
         layout, reason = _layout(name, modules[name], calls, units)
         if layout is None:
             reasons[name] = reason
-        elif best is None or layout.size > best.size:
-            best = layout
-    if best is None and spec != "auto":
+        else:
+            layouts.append(layout)
+    # the longest chain, if replaying its finished blocks changes nothing any unit sees
+    for layout in sorted(layouts, key=lambda lay: -lay.size):
+        reason = _replay_check(model, example, layout, calls, units)
+        if reason is None:
+            return layout
+        reasons[layout.name] = reason
+        if spec == "auto":
+            from ._planner import _caller_outside_skid
+
+            warnings.warn(
+                f"blocks='auto': {layout.name!r} is not calibrated block by block, since "
+                f"{reason} Calibrating in one pass over the whole model instead (the same "
+                "result, with every unit's statistics in memory at once); pass blocks=None "
+                "to choose this without the warning.",
+                UserWarning, stacklevel=_caller_outside_skid(),
+            )
+            return None
+    if spec != "auto":
         raise ValueError(f"blocks={spec!r} cannot be calibrated block by block: {reasons[spec]}")
-    return best
+    return None
 
 
 def _record_calls(model, example, lists, units):
@@ -171,8 +206,152 @@ def _layout(name, module_list, calls, units):
         else:
             after.append(index)
     layout = BlockLayout(name, len(module_list), tuple(before), tuple(after),
-                         tuple(tuple(i) for i in inside))
+                         tuple(tuple(i) for i in inside), tuple(_types(r[0][2]) for r in records))
     return layout, None
+
+
+def _replay_check(model, example, layout, calls, units):
+    """None when the runner's replays reproduce, on ``example``, every block's output and the
+    inputs of every module of the units after the blocks; else why not (a sentence).
+
+    Each pass runs as a calibration pass does: the blocks before block ``b`` replay block
+    ``b - 1``'s recorded output (the tape), block ``b`` runs; then every block replays the
+    last one's output while the units after the blocks read their inputs.
+    """
+    _, members = calls
+    module_list = model.get_submodule(layout.name)
+    outputs = [members[id(m)][0][2] for m in module_list]
+    after = sorted({n for i in layout.after for n in _unit_modules(units[i])})
+    try:
+        for b in range(1, layout.size):
+            got = _replayed_pass(model, example, module_list, outputs[b - 1], b)
+            if _differs(got, outputs[b],
+                        lambda b=b: _replayed_pass(model, example, module_list, None, b)):
+                return (f"block {b}'s output changes when the blocks before it are replayed: "
+                        "the model reads their outputs other than through the next block "
+                        "(e.g. a head or a later block over several blocks' states, or a hook "
+                        "on a block that edits its output).")
+        if after:
+            reference = _replayed_pass(model, example, module_list, None, None, after)
+            got = _replayed_pass(model, example, module_list, outputs[-1], None, after)
+            control = None
+            for name in after:
+                if control is None and not _same_values(got.get(name), reference.get(name)):
+                    control = _replayed_pass(model, example, module_list, None, None, after)
+                if control is not None and _differs(got.get(name), reference.get(name),
+                                                    lambda n=name, c=control: c.get(n)):
+                    return (f"the input of {name!r} (after the blocks) changes when the blocks "
+                            "are replayed: the model reads the outputs of blocks other than the "
+                            "last (e.g. a head over several blocks' states).")
+    except Exception as exc:  # noqa: BLE001 -- whatever stops it, one pass is the answer
+        cause = exc.__cause__ if isinstance(exc, ValueError) and exc.__cause__ else exc
+        return (f"the model does not run with its finished blocks replayed "
+                f"({type(cause).__name__}: {cause}).")
+    return None
+
+
+def _replayed_pass(model, example, module_list, entry, stop, watch=()):
+    """One pass on ``example`` with the members before ``stop`` (all when None) replaying
+    ``entry`` (none when ``entry`` is None): member ``stop``'s output, or the first inputs of the
+    modules named in ``watch`` (by name)."""
+    members = list(module_list)
+    replayed = [] if entry is None else members[: len(members) if stop is None else stop]
+    seen, handles = {}, []
+
+    def keep_output(module, args, output):
+        seen["output"] = output
+        raise _StopForward
+
+    def keep_input(name):
+        def hook(module, args, kwargs):
+            if name not in seen:
+                seen[name] = map_tensors((args, kwargs), torch.clone)
+
+        return hook
+
+    modules = dict(model.named_modules())
+    tape = _Tape([entry])
+    try:
+        if stop is not None:
+            handles.append(members[stop].register_forward_hook(keep_output))
+        for name in watch:
+            handles.append(modules[name].register_forward_pre_hook(keep_input(name),
+                                                                   with_kwargs=True))
+        with _replacing(replayed, tape, _example_device(example)), torch.no_grad():
+            args, kwargs = example
+            try:
+                model(*args, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen.get("output") if stop is not None else seen
+
+
+def _example_device(example):
+    """The device of the first tensor of ``example`` (CPU if it holds none)."""
+    first = _first_input(*example)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _differs(got, reference, control) -> bool:
+    """Whether ``got`` (under replay) differs from ``reference`` by more than the model's own
+    run-to-run variation: bit for bit when a second plain run (``control()``, called only when
+    they differ) reproduces ``reference`` (always on the CPU), else by more than 4 times that
+    run's deviation (nondeterministic GPU kernels)."""
+    if _same_values(got, reference):
+        return False
+    again = control()
+    if _same_values(again, reference) or len(_tensors(again)) != len(_tensors(reference)):
+        return True
+    noise = _deviation(again, reference)
+    return not (_deviation(got, reference) <= 4 * noise)
+
+
+def _deviation(a, b) -> float:
+    """The largest absolute difference between two outputs' tensors (inf if they differ in
+    layout)."""
+    flat_a, flat_b = _tensors(a), _tensors(b)
+    if len(flat_a) != len(flat_b) or any(
+            x.shape != y.shape for x, y in zip(flat_a, flat_b, strict=True)):
+        return float("inf")
+    return max((float((x.double() - y.double()).abs().nan_to_num(0.0).max()) if x.numel()
+                else 0.0 for x, y in zip(flat_a, flat_b, strict=True)), default=0.0)
+
+
+def _same_values(a, b) -> bool:
+    """Whether two outputs hold equal tensors (NaN where the other has NaN) in the same places."""
+    flat_a, flat_b = _tensors(a), _tensors(b)
+    return len(flat_a) == len(flat_b) and all(map(_same_tensor, flat_a, flat_b))
+
+
+def _same_tensor(x, y) -> bool:
+    if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+        return False
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.equal(x, y)
+    nan = torch.isnan(x)
+    return torch.equal(nan, torch.isnan(y)) and torch.equal(x[~nan], y[~nan])
+
+
+def _tensors(value) -> list:
+    """The tensors in ``value`` (tuples, lists, dicts, NamedTuples, ModelOutputs), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _types(output) -> dict:
+    """The classes of a block's output (none when a tape could not store it anyway)."""
+    try:
+        return flatten(output)[2]
+    except TypeError:
+        return {}
 
 
 def _unit_modules(unit):
@@ -214,100 +393,53 @@ def _same(a, b) -> bool:
 # ---------------------------------------------------------------------------------- running
 
 
-class _Tape:
-    """The cached outputs of one block, one entry per calibration batch: on the host, or
-    files (``torch.save``, read back one batch at a time) in a :class:`_TapeStore` folder."""
+class _Replay:
+    """A block member's forward while it replays: the tape's entry for the current batch.
 
-    def __init__(self, outputs=None):
-        self.outputs = outputs or []
-        self.position = -1
-
-    def rewind(self) -> None:
-        self.position = -1
-
-    def current(self, device):
-        entry = self.outputs[self.position]
-        if isinstance(entry, str):  # a file of the store
-            return torch.load(entry, map_location=device, weights_only=True)
-        return map_tensors(entry, lambda t: t.to(device))
-
-
-class _TapeStore:
-    """Block outputs on disk, under ``memory=``'s folder, by content key.
-
-    A tape is written into a fresh folder and renamed into place once every batch is in, so
-    a folder under its key is always complete: an interrupted run leaves no half tape, and a
-    resumed one replays the finished blocks' outputs instead of running them again.
-    ``memory.clear()`` removes them with the statistics.
-    """
-
-    def __init__(self, memory):
-        backend = getattr(memory, "store_backend", None)
-        location = getattr(backend, "location", None)
-        self.root = None if location is None else os.path.join(location, "skid_block_outputs")
-
-    def folder(self, key):
-        return None if self.root is None or key is None else os.path.join(self.root, key)
-
-    def load(self, key, n_batches: int):
-        """The stored tape under ``key`` (a list of file names), or None."""
-        folder = self.folder(key)
-        if folder is None or not os.path.isdir(folder):
-            return None
-        files = [os.path.join(folder, f"{i}.pt") for i in range(n_batches)]
-        return files if all(map(os.path.isfile, files)) else None
-
-
-class _Recorder:
-    """Takes a block's output for each batch: kept on the host, or written into a new
-    folder that :meth:`finish` renames to the tape's key (``folder`` None: host)."""
-
-    def __init__(self, folder=None):
-        self.final = folder
-        self.folder = None if folder is None else f"{folder}.{os.getpid()}.{uuid.uuid4().hex}"
-        if self.folder is not None:
-            os.makedirs(self.folder)
-        self.outputs = []
-
-    def append(self, output) -> None:
-        output = map_tensors(output, lambda t: t.detach().to("cpu"))
-        if self.folder is None:
-            self.outputs.append(output)
-            return
-        path = os.path.join(self.folder, f"{len(self.outputs)}.pt")
-        torch.save(output, path)
-        self.outputs.append(path)
-
-    def finish(self, n_batches: int):
-        """The tape's entries once all ``n_batches`` are in (else None, and nothing kept)."""
-        complete = len(self.outputs) == n_batches
-        if self.folder is None:
-            return self.outputs if complete else None
-        if complete:
-            try:
-                os.replace(self.folder, self.final)
-            except OSError:  # another process stored the same tape first: use that one
-                shutil.rmtree(self.folder, ignore_errors=True)
-            names = [os.path.basename(p) for p in self.outputs]
-            return [os.path.join(self.final, n) for n in names]
-        shutil.rmtree(self.folder, ignore_errors=True)
-        return None
-
-
-class _Replay(nn.Module):
-    """Stands in for a block member: returns the tape's entry for the current batch.
-
-    The first member's replay advances the tape (members run once per batch, in order).
+    The member itself stays in place, only its ``forward`` is replaced (see
+    :func:`_replacing`): a model that reads its blocks' attributes, or hooks on them, sees the
+    real blocks. The first member's replay advances the tape (members run once per batch, in
+    order).
     """
 
     def __init__(self, tape: _Tape, advances: bool, device):
-        super().__init__()
         self.tape, self.advances, self.device = tape, advances, device
 
-    def forward(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         if self.advances:
             self.tape.position += 1
         return self.tape.current(self.device)
+
+
+def _replay(member: nn.Module, replay) -> None:
+    """Replace ``member``'s forward by ``replay`` (None: give it back its own).
+
+    The forward is set on the instance, so ``nn.Module.__call__`` (and its hooks) run as usual.
+    An instance-level forward that was there first (accelerate's device hooks set one) is kept
+    aside and put back.
+    """
+    state = member.__dict__
+    if replay is None:
+        if "_skid_own_forward" in state:
+            own = state.pop("_skid_own_forward")
+            state.pop("forward", None)
+            if own is not None:
+                state["forward"] = own
+        return
+    state.setdefault("_skid_own_forward", state.get("forward"))
+    state["forward"] = replay
+
+
+@contextlib.contextmanager
+def _replacing(members, tape: _Tape, device):
+    """``members`` replay ``tape`` for the duration, their own forwards back afterwards."""
+    try:
+        for i, member in enumerate(members):
+            _replay(member, _Replay(tape, i == 0, device))
+        yield
+    finally:
+        for member in members:
+            _replay(member, None)
 
 
 def _keeping_outputs(recorder: _Recorder):
@@ -325,26 +457,39 @@ def _move(module: nn.Module, device) -> None:
     module.to(device)
 
 
+def _move_trunk(model: nn.Module, module_list: nn.ModuleList, device) -> None:
+    """Move ``model`` except the members of ``module_list`` (they stay where they are)."""
+    members = dict(module_list._modules)
+    module_list._modules.clear()
+    try:
+        model.to(device)
+    finally:
+        module_list._modules.update(members)
+
+
 class _Runner:
-    """Keeps the trunk on ``device`` and swaps members in for their turn, replays otherwise."""
+    """Keeps the trunk on ``device``; a member is moved in for its turn and replays otherwise
+    (in place, with its forward replaced: see :class:`_Replay`)."""
 
     def __init__(self, model, layout: BlockLayout, device, home, store: _TapeStore):
         self.model, self.device, self.home, self.store = model, device, home, store
         self.list = model.get_submodule(layout.name)
         self.members = list(self.list)
+        self.types = layout.types or ({},) * len(self.members)
         self.tape = _Tape()
         self._recorder = None
-        for i in range(len(self.members)):
-            self.list[i] = _Replay(self.tape, i == 0, device)
-        model.to(device)  # the trunk only: the members are out
+        self.active = True  # False once closed (tests watch it)
+        for i, member in enumerate(self.members):
+            _replay(member, _Replay(self.tape, i == 0, device))
+        _move_trunk(model, self.list, device)
 
     def turn(self, i: int):
-        """Put member ``i`` (on the device) into its place; every other member replays."""
+        """Move member ``i`` to the device and let it run; every other member replays."""
         _move(self.members[i], self.device)
-        self.list[i] = self.members[i]
+        _replay(self.members[i], None)
 
     def end_turn(self, i: int) -> None:
-        self.list[i] = _Replay(self.tape, i == 0, self.device)
+        _replay(self.members[i], _Replay(self.tape, i == 0, self.device))
         _move(self.members[i], self.home)
 
     @contextlib.contextmanager
@@ -378,7 +523,7 @@ class _Runner:
     def record(self, i: int, batches, dtype, key=None) -> None:
         """Member ``i``'s output on every batch becomes the tape: read back from ``memory=``
         when a run stored it under ``key``, else recorded by running the model up to it."""
-        stored = self.store.load(key, batches.n_batches)
+        stored = self.store.load(key, batches.n_batches, self.types[i])
         if stored is not None:
             self.tape.outputs = stored
             return
@@ -401,8 +546,9 @@ class _Runner:
         self.tape.outputs = outputs
 
     def close(self) -> None:
-        for i, member in enumerate(self.members):
-            self.list[i] = member
+        for member in self.members:
+            _replay(member, None)
+        self.active = False
         self.model.to(self.home)
 
 

@@ -29,7 +29,7 @@ from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from . import _distributed, _intercept
 from ._fingerprint import describe_execution
 from ._heads import HeadFactorization
-from ._joint import BlockFactorization, JointFactorization
+from ._joint import BlockFactorization, JointFactorization, sums_readings
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
 
@@ -526,6 +526,8 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
                     f"model do not pair up row for row ({exc}); corrective calibration "
                     "needs the consumer to see the same rows in both.") from exc
     n_samples = _distributed.reduce_cross(accumulator, _statistic_width(unit), n_samples)
+    if getattr(accumulator, "n_samples", None) == 0:
+        raise ValueError(_no_rows_message(unit, unit.consumer))
     statistics = accumulator.statistics()
     if not (np.isfinite(statistics.first).all() and np.isfinite(statistics.cross).all()):
         raise ValueError(
@@ -571,16 +573,19 @@ def _factorize(unit, accumulators):
                 f"No calibration data reached {consumer.name!r} (a consumer of "
                 f"{unit.producer!r}): the forward pass never called it."
             )
+        if getattr(accumulator, "n_samples", None) == 0:
+            raise ValueError(_no_rows_message(unit, consumer.name))
     try:
         if _intercept.applies(unit):
             return _intercept_factorization(unit, accumulators[0])
         if unit.kind == "heads":  # whole heads from the output projection's Gram
             return HeadFactorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:
-            return BlockFactorization.from_accumulators(accumulators, unit.blocks)
+            return BlockFactorization.from_accumulators(accumulators, unit.blocks,
+                                                        sums_readings(unit))
         if len(accumulators) == 1:
             return accumulators[0].factorize(consume=True)  # dropped after: no m × m copy
-        return JointFactorization.from_accumulators(accumulators)
+        return JointFactorization.from_accumulators(accumulators, summed=sums_readings(unit))
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
 
@@ -595,6 +600,14 @@ def _intercept_factorization(unit, accumulator):
     fac.means = (mean, mean)
     fac.errors = fac.errors * np.sqrt(max(float(np.trace(centred)), 0.0) / sq_norm)
     return fac
+
+
+def _no_rows_message(unit, consumer) -> str:
+    return (
+        f"No non-padding rows reached {consumer!r} (a consumer of {unit.producer!r}): every "
+        "row was left out as padding (X's attention_mask is 0 everywhere), or X holds no "
+        "rows. Give calibration data with real tokens (attention_mask 1 where they are)."
+    )
 
 
 def _non_finite_message(unit, consumer=None) -> str:
@@ -664,13 +677,7 @@ class StatisticsCache:
         cached = self.memory.cache(_keyed_statistics, ignore=["model", "batches", "verbose"])
         args = (key, units, method, precision)
         kwargs = dict(model=model, batches=batches, verbose=verbose)
-        if _distributed.current() is None:
-            return cached(*args, **kwargs)
-        # Data-parallel: every rank reads the cache, or every rank computes (collectively).
-        if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
-            return cached(*args, **kwargs)
-        result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
-        return result[0] if isinstance(result[1], dict) else result
+        return _agreed_call(cached, args, kwargs)
 
     def corrective(self, key, model, reference, unit, batches, *, method, precision, verbose,
                    consumer=None):
@@ -680,8 +687,21 @@ class StatisticsCache:
             return corrective_statistics(model, reference, unit, batches, **settings)
         cached = self.memory.cache(
             _keyed_corrective, ignore=["model", "reference", "batches", "verbose"])
-        return cached(key, unit, method, precision, consumer, model=model, reference=reference,
-                      batches=batches, verbose=verbose)
+        args = (key, unit, method, precision, consumer)
+        kwargs = dict(model=model, reference=reference, batches=batches, verbose=verbose)
+        return _agreed_call(cached, args, kwargs)
+
+
+def _agreed_call(cached, args, kwargs):
+    """``cached(*args, **kwargs)``; data-parallel, every rank reads the cache or every rank
+    computes (the computation reduces over the ranks: one rank skipping it leaves the others
+    waiting)."""
+    if _distributed.current() is None:
+        return cached(*args, **kwargs)
+    if _distributed.all_hit(cached.check_call_in_cache(*args, **kwargs)):
+        return cached(*args, **kwargs)
+    result = cached.call(*args, **kwargs)  # joblib >= 1.4: (output, metadata)
+    return result[0] if isinstance(result[1], dict) else result
 
 
 def _keyed_corrective(key, unit, method, precision, consumer, *, model, reference, batches,

@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import metrics
+from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
 from . import _distributed, _intercept
@@ -36,7 +37,6 @@ from ._calibration import (
     run_model,
 )
 from ._flops import count_flops, count_params
-from ._graph import find_units
 from ._heads import find_heads, in_forward_order
 from ._model_checks import check_model
 from ._objectives import (
@@ -46,15 +46,16 @@ from ._objectives import (
     calibration_names,
     objective_names,
 )
-from ._outputs import keyed_outputs, model_outputs
+from ._outputs import ModelOutputs, cached_outputs, collect_outputs, model_outputs
 from ._planner import plan_one_pass
+from ._residual_stages import find_channel_groups
 from ._settings import FitSettings
 from ._unit_kinds import unit_kind
 
 __all__ = ["NetworkCompressor"]
 
-#: What ``prune`` may name: channel groups, attention heads.
-_STRUCTURES = ("channels", "heads")
+#: What ``prune`` may name: channel groups, attention heads, CNN residual streams.
+_STRUCTURES = ("channels", "heads", "residual")
 
 class NetworkCompressor(TransformerMixin, BaseEstimator):
     """Compress a trained torch model with the interpolative decomposition, without fine-tuning.
@@ -98,7 +99,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
     exclude : list of str, default=()
         Modules never to prune (with everything inside them).
-    prune : {"channels", "heads"} or collection of them, default=("channels", "heads")
+    prune : {"channels", "heads", "residual"} or collection of them, \
+            default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
         widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
         ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
@@ -110,6 +112,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
+        ``"residual"``: the residual stream of a CNN stage (ResNet/ResNeXt/RegNet basic and
+        bottleneck blocks, MobileNetV2/EfficientNet projection streams), the channels between
+        two downsamples, as one unit: its writers (the stage's first conv or projection
+        shortcut and every block's last conv, with their BatchNorms) keep the same channels
+        ``J``, chosen by the joint ID of every reading of the stream, and each dense reader
+        (every block's first conv, the next stage's projection and first conv, the pooled
+        classifier) gets its own ``T``. Its width counts in every writer and reader for
+        ``target_flops``; its error (what ``tol`` bounds and the budget weighs) is the root of
+        the *sum* of its readings' squared relative errors: each reading feeds another block.
+        Transformer streams (through LayerNorm/RMSNorm) are skipped with the reason.
     objective : {"activations", "outputs"} or Objective, default="activations"
         What the kept channels must reconstruct (a registered name or an
         :class:`skid.nn.Objective`, e.g. ``OutputsObjective(pivots="greedy")``).
@@ -194,13 +206,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned channel group: ``kind`` (``"channels"``), ``producers`` and
-        ``consumers`` (lists of qualified names), ``producer`` and ``consumer`` (the first of
-        each), ``width_before``, ``width_after``, ``error``. ``pandas.DataFrame(layers_)`` is
-        the report. ``error`` is the relative error on the calibration data of what the
-        consumers see: the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the
-        model it was calibrated on (the original, or for ``"sequential"`` the model compressed
-        so far; for consumers reading different tensors, the root mean square over them); for
+        One per pruned channel group: ``kind`` (``"channels"`` or ``"residual"``),
+        ``producers`` and ``consumers`` (lists of qualified names; a stream's writers and
+        readers), ``producer`` and ``consumer`` (the first of each), ``width_before``,
+        ``width_after``, ``error``; a residual stream's row adds ``passthroughs`` (the
+        per-channel modules sliced with it). ``pandas.DataFrame(layers_)`` is the report.
+        ``error`` is the relative error on the calibration data of what the consumers see:
+        the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the model it was
+        calibrated on (the original, or for ``"sequential"`` the model compressed so far; for
+        consumers reading different tensors, the root mean square over them, the root of
+        their sum for a residual stream); for
         ``"corrective"``, ``‖Z_o − Z_c[:, J] T‖_F / ‖Z_o‖_F`` against the original model's
         input ``Z_o``, upstream units' errors included; for ``objective="outputs"``, the same
         for the consumer's output ``Z Wᵀ``.
@@ -355,6 +370,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         model, X = self._fit_arguments(args, kwargs)
         settings = self._check_params()
         with _distributed.active(_distributed.resolve(self.process_group)):
+            _distributed.check_agreement(model, self.get_params(deep=False))  # before any sum
             return self._fit(model, X, settings)
 
     def _fit(self, model, X, settings: FitSettings):
@@ -461,9 +477,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             run_model(work, args, kwargs, what="first samples of the calibration data")
         prune = settings.prune
         units, skipped = [], []
-        if "channels" in prune:
-            units, skipped = find_units(work, args, kwargs, layers=settings.layers,
-                                        exclude=settings.exclude)
+        if prune & {"channels", "residual"}:
+            units, skipped = find_channel_groups(
+                work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
+                channels="channels" in prune, residual="residual" in prune)
         if "heads" in prune:
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
             if settings.layers != "auto":  # heads are named by their attention block
@@ -509,7 +526,9 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_outputs)
-            A tuple or dict-like output is reduced to its first tensor.
+            A Hugging Face ``ModelOutput`` is read by its ``logits``, another tuple or
+            dict-like output by its first tensor. :meth:`outputs` gives them per batch,
+            unflattened ((n, seq, vocab) logits, (n, C, H, W) maps).
         """
         check_is_fitted(self, "compressed_model_")
         return model_outputs(self.compressed_model_, X, self.batch_size)
@@ -520,34 +539,64 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         return self.fit(model, X).transform(X)
 
     def predict(self, X) -> np.ndarray:
-        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,)."""
+        """Top-1 class of the compressed model: argmax of :meth:`transform`, shape (n_samples,).
+
+        For (n, classes) outputs; per position (tokens, pixels) the metrics use
+        :meth:`outputs`.
+        """
         return self.transform(X).argmax(axis=1)
 
     def score(self, X, y=None) -> float:
-        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``."""
+        """Top-1 agreement with the original model if ``y`` is None, else accuracy on ``y``.
+
+        Both compare per position along the class axis (see :func:`skid.metrics.agreement`):
+        per token for (n, seq, vocab) logits, per pixel for (n, C, H, W) maps.
+        """
         if y is None:
             return metrics.agreement(self, X)
         return metrics.accuracy(self, X, y)
 
-    def _original_outputs(self, X) -> np.ndarray:
-        """The original model's outputs on ``X``, like :meth:`transform`.
+    def outputs(self, X, *, original=False) -> ModelOutputs:
+        """The compressed (or the original) model's outputs on ``X``, per batch, unflattened.
 
-        With ``memory`` they are cached by content, so the candidates of a grid search
-        (clones, one per setting) run the original model over a test fold once.
+        What :mod:`skid.metrics` compares: each batch's output as the model returns it (a
+        Hugging Face ``ModelOutput``'s ``logits``), with the batch's ``attention_mask``,
+        ``labels`` and token ids. :meth:`transform` is the same values flattened.
+
+        Parameters
+        ----------
+        X : tensor, ndarray, dict of those, or iterable of batches
+            Batched like the calibration data.
+        original : bool, default=False
+            The uncompressed model's outputs instead. With ``memory`` they are cached by
+            content, so the candidates of a grid search (clones, one per setting) run the
+            original model over a test fold once.
+
+        Returns
+        -------
+        skid.nn.ModelOutputs
+            ``values``, ``masks``, ``labels``, ``tokens``: one entry per batch;
+            ``flat()`` gives the (n_samples, n_outputs) array.
         """
         check_is_fitted(self, "compressed_model_")
-        if self.memory is None:
-            return model_outputs(self._original_model, X, self.batch_size)
-        batches = Batches(X, self.batch_size, reusable=True)
-        model_key = getattr(self, "_model_key", None)
-        if model_key is None:  # memory was set after fit
-            example = example_inputs(batches.first, *model_device_dtype(self._original_model))
-            model_key = model_fingerprint(self._original_model, *example)
-        key = fingerprint(model_key, batches.fingerprint())
-        cached = StatisticsCache(self.memory).memory.cache(
-            keyed_outputs, ignore=["model", "batches", "batch_size"]
-        )
-        return cached(key, model=self._original_model, batches=batches, batch_size=self.batch_size)
+        if not original:
+            return collect_outputs(self.compressed_model_, X, self.batch_size)
+        return cached_outputs(self._original_model, X, self.batch_size, self.memory,
+                              getattr(self, "_model_key", None))
+
+    def report(self) -> str:
+        """The per-unit report as a text table: the one ``skid compress`` prints.
+
+        One row per pruned unit of ``layers_`` (its kind, producer, consumer, width before →
+        after, the fraction kept, the ID error), then the FLOPs and parameters kept.
+        ``print(nc.report())`` to read it; ``pandas.DataFrame(nc.layers_)`` for a frame.
+        """
+        check_is_fitted(self, "compressed_model_")
+        return format_units_report(self.layers_, self.flops_, self.params_)
+
+    def _original_outputs(self, X) -> np.ndarray:
+        """The original model's outputs on ``X``, flattened like :meth:`transform`."""
+        return self.outputs(X, original=True).flat()
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
+import hashlib
 import math
+import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -31,6 +35,7 @@ __all__ = [
     "agreed_key",
     "all_hit",
     "all_sum",
+    "check_agreement",
     "current",
     "first_batch",
     "reduce_statistics",
@@ -43,6 +48,13 @@ ProcessGroup = dist.ProcessGroup if dist.is_available() else type("ProcessGroup"
 
 _group = contextvars.ContextVar("skid_process_group", default=None)
 _bytes = 0  # bytes of statistics this process has sent to all-reduce/all-gather
+
+#: How long a rank waits in a collective for the others before it raises (seconds; the
+#: environment variable ``SKID_COLLECTIVE_TIMEOUT`` overrides it).
+TIMEOUT_S = 1800.0
+
+#: Settings each rank may set for itself (its own device, cache folder, output).
+PER_RANK_SETTINGS = ("model", "memory", "verbose", "device", "process_group")
 
 
 def resolve(process_group):
@@ -105,6 +117,42 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("SKID_COLLECTIVE_TIMEOUT",
+                                                           TIMEOUT_S)))
+
+
+def _wait(work, what: str) -> None:
+    """Wait for an asynchronous collective, at most :data:`TIMEOUT_S`, with a message."""
+    timeout = _timeout()
+    try:
+        done = work.wait(timeout)
+    except RuntimeError as exc:
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        done = False
+    if done is False:
+        rank, size = rank_and_size()
+        raise TimeoutError(
+            f"rank {rank} of {size} waited {timeout.total_seconds():.0f} s for the other ranks "
+            f"in {what}: a rank stopped, or runs other data or code (a different model, "
+            "settings or skid version). Every rank must call fit with the same model and "
+            "settings; SKID_COLLECTIVE_TIMEOUT sets the wait in seconds."
+        )
+
+
+def _all_reduce(buffer, op, what: str):
+    _wait(dist.all_reduce(buffer, op=op, group=current(), async_op=True), what)
+    return buffer
+
+
+def _all_gather(buffer, what: str) -> list:
+    group = current()
+    parts = [torch.empty_like(buffer) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(parts, buffer, group=group, async_op=True), what)
+    return parts
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over the ranks of the active group (itself without a group).
 
@@ -117,16 +165,94 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     buffer = tensor.detach().to(_comm_device(group)).contiguous()
     _bytes += buffer.numel() * buffer.element_size()
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    return buffer
+    return _all_reduce(buffer, dist.ReduceOp.SUM, "the sum of the calibration statistics")
 
 
-def _max(values) -> list[int]:
+def _max(values, what="an agreement on the calibration's next step") -> list[int]:
     """Elementwise maximum of a list of ints over the ranks."""
     group = current()
     buffer = torch.tensor(values, dtype=torch.int64, device=_comm_device(group))
-    dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=group)
-    return buffer.tolist()
+    return _all_reduce(buffer, dist.ReduceOp.MAX, what).tolist()
+
+
+# ------------------------------------------------------------------------------- agreement
+
+
+def check_agreement(model, settings: dict) -> None:
+    """Raise the same ValueError on every rank unless all ranks hold the same model
+    (architecture: module names and classes, tensor names, shapes, dtypes; weights: a checksum
+    of their bits) and the same settings (all but :data:`PER_RANK_SETTINGS`).
+
+    Called before any statistic is reduced: ranks given different models would otherwise
+    reduce tensors of other sizes (Gloo aborts the process) or silently end with different
+    models.
+    """
+    if current() is None:
+        return
+    mine = torch.tensor([_architecture_hash(model), _weights_checksum(model),
+                         _settings_hash(settings)], dtype=torch.int64)
+    parts = _all_gather(mine.to(_comm_device(current())), "the check that all ranks were "
+                        "given the same model and settings")
+    parts = [p.cpu() for p in parts]
+    for i, what in enumerate(("architecture", "weights", "settings")):
+        differ = [r for r, p in enumerate(parts) if p[i] != parts[0][i]]
+        if differ:
+            detail = {"architecture": "module structure, tensor shapes or dtypes",
+                      "weights": "parameter or buffer values",
+                      "settings": "compressor parameters"}[what]
+            raise ValueError(
+                f"The ranks of the process group were given models or settings that differ "
+                f"in their {what} ({detail}): rank(s) {differ} differ from rank 0. Every rank "
+                "must fit the same model (same weights: load or broadcast them before fit) with "
+                "the same settings, each on its own shard of X."
+            )
+
+
+def _digest(text: str) -> int:
+    """A signed 64-bit hash of ``text``."""
+    raw = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def _architecture_hash(model) -> int:
+    lines = [f"{n}:{type(m).__module__}.{type(m).__qualname__}" for n, m in model.named_modules()]
+    lines += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
+    return _digest("\n".join(lines))
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 22
+
+
+def _weights_checksum(model) -> int:
+    """A checksum of every tensor's bits, computed where the tensor lives (a sum and a
+    position-weighted sum of the bit patterns, wrapping in 64 bits: the same on every device)."""
+    total = 0
+    for index, tensor in enumerate(model.state_dict().values()):
+        flat = tensor.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()])
+        plain = weighted = 0
+        for start in range(0, bits.numel(), _CHUNK):
+            chunk = bits[start : start + _CHUNK].to(torch.int64)
+            position = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521
+            plain += int(chunk.sum())
+            weighted += int((chunk * (position + 1)).sum())
+        total = (total * 1000003 + plain * 31 + weighted + index) % (1 << 61)
+    return total
+
+
+def _settings_hash(settings: dict) -> int:
+    def stable(value):
+        if callable(value) and hasattr(value, "__qualname__"):
+            return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+        return re.sub(r"0x[0-9a-fA-F]+", "", repr(value))  # addresses differ by process
+
+    shared = {k: stable(v) for k, v in sorted(settings.items()) if k not in PER_RANK_SETTINGS}
+    return _digest(repr(shared))
 
 
 def reduce_statistics(accumulators, widths, n_samples: int) -> int:
@@ -202,9 +328,8 @@ def _reduce_r(acc: QRAccumulator, width: int, exp: int) -> None:
     if acc.R is not None:
         R = torch.as_tensor(acc.R).to(device, torch.float64)  # kept divided by 2**scale_exp
         padded[: R.shape[0]] = R * math.ldexp(1.0, acc.scale_exp - exp)
-    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
     _bytes += padded.numel() * padded.element_size()
-    dist.all_gather(parts, padded, group=group)
+    parts = _all_gather(padded, "the stacking of the calibration statistics (TSQR factors)")
     stacked = torch.cat(parts).to(getattr(torch, dtype or "float64"))
     acc.R = torch.linalg.qr(stacked, mode="r")[1]
     acc.n_features, acc.dtype, acc.scale_exp = width, float_dtype_for(stacked), exp
@@ -219,7 +344,8 @@ def first_batch(batch):
     if group is None:
         return batch
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    (top,) = _max([size - rank if batch is not None else 0])  # size - (lowest rank with data)
+    # size - (lowest rank with data)
+    (top,) = _max([size - rank if batch is not None else 0], "the choice of the first batch")
     if top == 0:
         raise ValueError("X is empty on every rank: no rank has a calibration batch.")
     owner = size - top
@@ -233,13 +359,16 @@ def agreed_key(key: str) -> str:
     group = current()
     if group is None:
         return key
-    keys = [None] * dist.get_world_size(group)
-    dist.all_gather_object(keys, key, group=group)
-    return "|".join(keys)
+    raw = key.encode()
+    (length,) = _max([len(raw)], "the agreement on the cache keys")
+    buffer = torch.zeros(length, dtype=torch.uint8)
+    buffer[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    parts = _all_gather(buffer.to(_comm_device(group)), "the agreement on the cache keys")
+    return "|".join(bytes(p.cpu().tolist()).rstrip(b"\0").decode() for p in parts)
 
 
 def all_hit(hit: bool) -> bool:
     """True when every rank found the statistics in its cache (they must all compute or none)."""
     if current() is None:
         return hit
-    return _max([0 if hit else 1])[0] == 0
+    return _max([0 if hit else 1], "the agreement on what the cache holds")[0] == 0

@@ -4,6 +4,12 @@ Offers :func:`count_flops` (FLOPs per sample, 2 per multiply-add, counted by
 :class:`torch.utils.flop_counter.FlopCounterMode` on a one-sample forward pass, in total and
 per ``Linear``/``Conv`` module) and :func:`count_params`.
 
+Every attention is counted, its projections and its scores (``QKᵀ`` and the product with
+``V``), from the shapes that really run: ``torch``'s fused fast path of
+``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` (which the counter does not see) is
+switched off for the count, and the CPU kernel of ``scaled_dot_product_attention`` (what
+Hugging Face models run by default) gets the formula the counter has for the GPU kernels.
+
 A ``Linear``/``Conv`` module's FLOPs are proportional to ``in_channels × out_channels``
 (depthwise convolutions: to the channels), so after pruning a module keeps the fraction
 ``(k_in / m_in) × (k_out / m_out)`` of its FLOPs at full width.
@@ -11,16 +17,27 @@ A ``Linear``/``Conv`` module's FLOPs are proportional to ``in_channels × out_ch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ._trace import module_kind
 
 __all__ = ["count_flops", "count_params"]
 
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``scaled_dot_product_attention`` from its operands' shapes (grouped-query
+    attention included): ``2·b·h·L·S·(d_k + d_v)``, the same as the GPU kernels' formula."""
+    return sdpa_flop_count(query, key, value)
+
+
+#: Attention kernels the counter has no formula for (the counter passes shapes: see
+#: ``torch.utils.flop_counter.shape_wrapper``).
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
@@ -51,7 +68,7 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
     args = example_args if isinstance(example_args, (tuple, list)) else (example_args,)
     args, kwargs = _first_sample(tuple(args)), _first_sample(dict(example_kwargs or {}))
     per_module: dict[str, int] = {}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     handles, modes = [], {m: m.training for m in model.modules()}
     own = set(own)
     for name, module in model.named_modules():
@@ -59,7 +76,7 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
             handles += _attribution_hooks(module, name, counter, per_module)
     try:
         model.eval()
-        with torch.no_grad(), counter:
+        with torch.no_grad(), _no_fused_attention(), counter:
             model(*args, **kwargs)
     finally:
         for handle in handles:
@@ -70,6 +87,18 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
         inside = [n for n in per_module if n.startswith(f"{block}.") and n not in own]
         per_module[block] -= sum(per_module[n] for n in inside)
     return int(counter.get_total_flops()), per_module
+
+
+@contextlib.contextmanager
+def _no_fused_attention():
+    """``nn.MultiheadAttention``'s op-by-op path for the duration: its fused fast path (eval,
+    no_grad) is one kernel the counter does not count. The results are the same."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _attribution_hooks(module: nn.Module, name: str, counter: FlopCounterMode,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .._validation import suggest
+from .._validation import nearest_names
 from ..exceptions import InvalidParameterError
 from ._plan import ChannelGroup, Consumer, Skipped
 from ._surgery import surgery_for
@@ -59,8 +59,10 @@ class _Blocked(Exception):
 
 
 # Elementwise ops that may join two tensors carrying the group's channels (a gate). An
-# ``add`` of two varying tensors is a residual connection: left alone for now.
+# ``add`` of two varying tensors is a residual connection: it joins only when the walk is
+# asked for residual streams (``residual=True``): the group is then a ``"residual_stage"``.
 _GATE_OPS = frozenset({"mul", "rmul", "imul", "div", "truediv", "true_divide"})
+_RESIDUAL_OPS = frozenset({"add", "radd", "iadd", "sub", "rsub", "isub"})
 
 
 class _GroupWalk:
@@ -72,8 +74,10 @@ class _GroupWalk:
     ops) adds that producer, and anything else blocks the whole group with its reason.
     """
 
-    def __init__(self, graph: Graph, seed: int):
+    def __init__(self, graph: Graph, seed: int, residual: bool = False):
         self.graph = graph
+        self.join_ops = _GATE_OPS | _RESIDUAL_OPS if residual else _GATE_OPS
+        self.residual = False  # whether an add joined producers (a residual stream)
         node = graph.nodes[seed]
         self.width = _out_width(graph.modules[node.module], node.kind)
         self.members: dict[int, _Channels] = {}
@@ -170,6 +174,7 @@ class _GroupWalk:
             offsets=tuple((name, self.passthroughs[name][1]) for name in passthroughs
                           if self.passthroughs[name][1]),
             blocks=blocks,
+            kind="residual_stage" if self.residual else "channels",
         )
 
     # -- one op using a member ------------------------------------------------------------
@@ -233,12 +238,14 @@ class _GroupWalk:
         if others:
             if state.before:
                 raise _Blocked(f"`{node.name}` joins concatenated channels with another tensor")
-            if node.kind != "function" or node.name not in _GATE_OPS:
+            if node.kind != "function" or node.name not in self.join_ops:
                 raise _Blocked(
                     f"its channels enter `{node.name}` with another tensor that varies along "
                     "the channels (a residual connection or a gate)")
+            self.residual |= node.name in _RESIDUAL_OPS
             for value in others:
-                self.add_producer(self.gate_producer(node, value))
+                for producer in self.joined_producers(node, value):
+                    self.add_producer(producer)
             self.joins.append((index, axis))
         if out_shape != shape and not any(graph.values[v].shape == out_shape for v in varying):
             raise _Blocked(f"{node.describe()} broadcasts its channels over new axes")
@@ -253,26 +260,35 @@ class _GroupWalk:
         return [v for v in node.inputs if v not in self.members
                 and not _constant_along_channels(graph.values[v].shape, out_shape, axis)]
 
-    def gate_producer(self, join: Node, value: int) -> int:
-        """The producer whose channels reach ``value`` through per-channel ops only."""
+    def joined_producers(self, join: Node, value: int) -> list[int]:
+        """The producers whose channels reach ``value`` through per-channel ops (and, in a
+        residual stream, through other adds: ``a + (b + c)``, or a stream entered mid-way)."""
         graph = self.graph
-        while True:
+        found, todo = [], [value]
+        while todo:
+            value = todo.pop()
+            if value in self.members:
+                continue
             index = graph.values[value].producer
             node = graph.nodes[index] if index is not None else None
-            if node is None:
-                break
-            if node.kind in ("linear", "conv") and _is_candidate(graph.modules[node.module]):
-                return index
-            if _is_elementwise_op(graph, node) or node.kind in ("norm", "prelu", "pool"):
+            if node is not None and node.kind in ("linear", "conv") and _is_candidate(
+                    graph.modules[node.module]):
+                found.append(index)
+                continue
+            if node is not None and (_is_elementwise_op(graph, node)
+                                     or node.kind in ("norm", "prelu", "pool")):
                 shape = graph.values[node.outputs[0]].shape
                 varying = [v for v in node.inputs if graph.values[v].shape == shape]
                 if len(varying) == 1 and node.first == varying[0]:
-                    value = varying[0]
+                    todo.append(varying[0])
                     continue
-            break
-        raise _Blocked(
-            f"its channels enter `{join.name}` with another tensor that varies along the "
-            "channels and is not made by a Linear/Conv layer through per-channel operations")
+                if node.kind == "function" and node.name in self.join_ops & _RESIDUAL_OPS:
+                    todo.extend(varying)
+                    continue
+            raise _Blocked(
+                f"its channels enter `{join.name}` with another tensor that varies along the "
+                "channels and is not made by a Linear/Conv layer through per-channel operations")
+        return found
 
     def check_join(self, index: int, axis: int) -> None:
         """After the walk, every varying operand of a gate carries the group's channels."""
@@ -545,7 +561,7 @@ def _reduce(graph: Graph, state: _Channels, node: Node) -> _Channels:
 # Public entry point.
 
 def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="auto",
-               exclude=()) -> tuple[list[ChannelGroup], list[Skipped]]:
+               exclude=(), residual=False) -> tuple[list[ChannelGroup], list[Skipped]]:
     """Find the prunable channel groups of ``model`` by following one forward pass.
 
     A group starts at a producer (``nn.Linear`` or ``nn.Conv{1,2,3}d`` with ``groups=1``).
@@ -573,6 +589,10 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     exclude : iterable of str, default=()
         Modules never to prune: a unit is dropped if its producer, its consumer or one of
         its passthroughs is named here or lies inside a named module.
+    residual : bool, default=False
+        Let an ``add``/``sub`` join producers as a product does: the channels of a CNN stage's
+        residual stream (every writer added into it, every dense reader of it) become one
+        group of kind ``"residual_stage"``. Groups that meet no such add are found as without it.
 
     Returns
     -------
@@ -593,7 +613,7 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     excluded = _check_names(exclude, modules, "exclude")
     args = example_args if isinstance(example_args, (tuple, list)) else (example_args,)
     graph = record(model, tuple(args), dict(example_kwargs or {}))
-    units, skipped = _restrict(*_all_units(graph, model), wanted, excluded)
+    units, skipped = _restrict(*_all_units(graph, model, residual), wanted, excluded)
     first_call = {}
     for index, node in enumerate(graph.nodes):
         first_call.setdefault(node.module, index)
@@ -601,7 +621,7 @@ def find_units(model: nn.Module, example_args, example_kwargs=None, *, layers="a
     return units, skipped
 
 
-def _all_units(graph: Graph, model: nn.Module):
+def _all_units(graph: Graph, model: nn.Module, residual: bool = False):
     """Groups and skip records for every Linear/Conv producer candidate, in forward order."""
     units, skipped, seen = [], [], set()
     shared = _shared_parameter_owners(model)
@@ -614,7 +634,7 @@ def _all_units(graph: Graph, model: nn.Module):
             continue
         walk = None
         try:
-            walk = _GroupWalk(graph, index)
+            walk = _GroupWalk(graph, index, residual)
             unit = walk.run()
             _check_single_use(graph, unit, shared, used_directly)
             units.append(unit)
@@ -691,7 +711,7 @@ def _check_names(names, modules: dict, what: str) -> set[str]:
         if name not in modules:
             raise InvalidParameterError(
                 f"{what}: the model has no module {name!r}"
-                f"{suggest(name, [n for n in modules if n])}"
+                f"{nearest_names(name, [n for n in modules if n])}"
             )
         checked.add(name)
     return checked

@@ -11,8 +11,11 @@ model first.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,6 +74,8 @@ def save_compressed(model, path) -> Path:
     }
     save_model(model, str(directory / WEIGHTS_FILE))
     (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    # safetensors creates its file 0600; give the weights the plan's (umask-given) mode
+    shutil.copymode(directory / PLAN_FILE, directory / WEIGHTS_FILE)
     return directory
 
 
@@ -106,20 +111,42 @@ def load_compressed(model: nn.Module, path) -> nn.Module:
     for file in (plan_path, weights_path):
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: is {directory} a save_compressed folder?")
+    _check_materialised(model)
     try:
         plan = json.loads(plan_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{plan_path} is not valid JSON: {exc}") from exc
-    changes = _checked_changes(plan, model, plan_path)  # everything checked before any change
-    for module, attributes, shapes in changes:
-        _resize(module, attributes, shapes)
-    missing, unexpected = load_model(model, os.fspath(weights_path), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights_path} does not match the plan: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}."
-        )
+    # everything checked before any change: the plan, then the weights file's header
+    changes = _checked_changes(plan, model, plan_path)
+    _check_weights(weights_path, model, changes)
+    undo = []
+    try:
+        for module, attributes, shapes in changes:
+            undo.append(_resize(module, attributes, shapes))
+        missing, unexpected = load_model(model, os.fspath(weights_path), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match the plan: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}."
+            )
+    except BaseException:
+        for restore in reversed(undo):  # the model as it was: its own tensors and attributes
+            restore()
+        raise
     return model.eval()
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose tensors have no storage (built on the ``meta`` device)."""
+    meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"load_compressed needs a model with real tensors, but {meta[0]!r} (and "
+            f"{len(meta) - 1} more) is on the meta device: build the model on a real device "
+            "(e.g. outside torch.device('meta'), or call model.to_empty(device='cpu') and "
+            "re-initialise its non-persistent buffers) before loading."
+        )
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -130,8 +157,8 @@ def _safetensors():
         import safetensors.torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "save_compressed/load_compressed need the safetensors package: "
-            "pip install 'skid[io]' (or pip install safetensors)."
+            "save_compressed/load_compressed need the safetensors package, a dependency of "
+            "skid: pip install safetensors."
         ) from exc
     return safetensors.torch
 
@@ -204,8 +231,10 @@ def _checked_changes(plan, model: nn.Module, where: Path) -> list:
                 f"{name!r} is a {entry['class']} in the plan but a {type(module).__name__} here: "
                 "build the same architecture as the original"
             )
-        changes.append((module, _checked_attributes(name, module, entry["attributes"], bad),
-                        _checked_shapes(name, module, entry["tensors"], bad)))
+        attributes = _checked_attributes(name, module, entry["attributes"], bad)
+        shapes = _checked_shapes(name, module, entry["tensors"], bad)
+        _check_widths(name, module, attributes, shapes, bad)
+        changes.append((module, attributes, shapes))
     return changes
 
 
@@ -218,7 +247,35 @@ def _checked_attributes(name, module, attributes, bad) -> dict:
             raise bad(f"{name!r} has no integer attribute {key!r}")
         if not _is_int(value):
             raise bad(f"attribute {key!r} of {name!r} must be an integer")
+        if value != current and not 0 <= value <= current:
+            raise bad(f"attribute {key!r} of {name!r} is {value}, but compression only narrows: "
+                      f"it must lie in [0, {current}] (this model's value)")
     return attributes
+
+
+# a module's width attributes and the tensor dimension each must equal (its forward reads both)
+_WIDTHS = {
+    nn.Linear: {"out_features": ("weight", 0), "in_features": ("weight", 1)},
+    nn.Embedding: {"num_embeddings": ("weight", 0), "embedding_dim": ("weight", 1)},
+    nn.modules.conv._ConvNd: {"out_channels": ("weight", 0)},
+    nn.modules.batchnorm._NormBase: {"num_features": ("running_mean", 0)},
+}
+
+
+def _check_widths(name, module, attributes, shapes, bad) -> None:
+    """The planned width attributes agree with the planned tensor shapes."""
+    tensors = _tensors(module)
+    for cls, widths in _WIDTHS.items():
+        if not isinstance(module, cls) or getattr(module, "transposed", False):
+            continue
+        for attribute, (tensor, dim) in widths.items():
+            if tensor not in tensors or not _is_int(getattr(module, attribute, None)):
+                continue
+            value = attributes.get(attribute, getattr(module, attribute))
+            shape = shapes.get(tensor, list(tensors[tensor].shape))
+            if value != shape[dim]:
+                raise bad(f"attribute {attribute!r} of {name!r} is {value} but its {tensor} "
+                          f"has {shape[dim]} along dimension {dim}")
 
 
 def _checked_shapes(name, module, shapes, bad) -> dict:
@@ -246,20 +303,34 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
 
 
 def _absent_biases(module: nn.Module) -> set:
-    """Bias parameters a module declares as None (``bias=False``): a plan may create them."""
+    """Bias parameters a module declares as None (``bias=False``): a plan may create them
+    (``fit_intercept`` gives a consumer a bias)."""
     return {k for k, v in module._parameters.items() if v is None and k == "bias"}
 
 
-def _resize(module: nn.Module, attributes: dict, shapes: dict) -> None:
-    """Empty tensors of the planned shapes (same device/dtype) and the planned attributes."""
+def _resize(module: nn.Module, attributes: dict, shapes: dict):
+    """Empty tensors of the planned shapes (same device/dtype) and the planned attributes;
+    returns the function that puts the module back as it was."""
+    tensors, values = dict(_tensors(module)), {k: getattr(module, k) for k in attributes}
+    created = [k for k in shapes if k in _absent_biases(module)]
+
+    def restore():
+        for key, tensor in tensors.items():
+            where = module._parameters if key in module._parameters else module._buffers
+            where[key] = tensor
+        for key in created:
+            module._parameters[key] = None
+        for key, value in values.items():
+            setattr(module, key, value)
+
     for key, shape in shapes.items():
-        if key in _absent_biases(module):  # created, like the weight beside it
+        if key in created:  # a new bias, like the weight beside it
             weight = module.weight
             module._parameters[key] = nn.Parameter(
                 torch.empty(shape, dtype=weight.dtype, device=weight.device),
                 requires_grad=weight.requires_grad)
             continue
-        old = _tensors(module)[key]
+        old = tensors[key]
         if list(old.shape) == shape:
             continue  # unchanged: keeps ties between modules (e.g. shared embeddings)
         new = torch.empty(shape, dtype=old.dtype, device=old.device)
@@ -269,3 +340,103 @@ def _resize(module: nn.Module, attributes: dict, shapes: dict) -> None:
             module._buffers[key] = new
     for key, value in attributes.items():
         setattr(module, key, value)
+    return restore
+
+
+# ------------------------------------------------------------------------ the weights file
+
+# safetensors dtype codes by kind: a file tensor must be of its model tensor's kind
+_KINDS = {"F": "float", "BF": "float", "I": "int", "U": "int", "BOOL": "bool", "C": "complex"}
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+               "C64": 8, "C128": 16}
+
+
+def _kind_of_code(code: str):
+    for prefix in ("BOOL", "BF", "F", "I", "U", "C"):
+        if code.startswith(prefix):
+            return _KINDS[prefix]
+    return None
+
+
+def _kind_of(tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "bool"
+    if tensor.is_complex():
+        return "complex"
+    return "float" if tensor.is_floating_point() else "int"
+
+
+def _header(path: Path) -> dict:
+    """The safetensors header of ``path`` (name → dtype, shape), checked against the file's
+    size: a truncated or padded file is refused."""
+
+    def bad(message):
+        return ValueError(f"{path}: {message}; save it again with save_compressed.")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("the file is too short to be a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise bad(f"the header claims {n} bytes but the file has {size - 8} after it "
+                      "(truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad(f"the header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise bad("the header is not a mapping")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            nbytes = _ITEM_BYTES[dtype] * math.prod(shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"the entry of {name!r} is malformed") from exc
+        if stop - begin != nbytes:
+            raise bad(f"{name!r} holds {stop - begin} bytes, not the {nbytes} of a {dtype} "
+                      f"tensor of shape {shape}")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise bad(f"the tensors end at byte {8 + n + end} but the file has {size} bytes "
+                  "(truncated or damaged)")
+    return header
+
+
+def _check_weights(path: Path, model: nn.Module, changes) -> None:
+    """The weights file names every tensor of the planned model (a tied tensor once), each
+    with the planned shape and a dtype of its kind; else a ValueError naming file and field."""
+    header = _header(path)
+    planned = {}  # id of a module's tensor → its planned shape
+    for module, _, shapes in changes:
+        tensors = _tensors(module)
+        planned.update({id(tensors[k]): shape for k, shape in shapes.items()})
+    state = model.state_dict(keep_vars=True)
+    unexpected = sorted(set(header) - set(state))
+    if unexpected:
+        raise ValueError(f"{path} holds {unexpected[0]!r} ({len(unexpected)} such), which this "
+                         f"{type(model).__name__} does not have: is it the weights of this "
+                         "plan's model?")
+    stored = {_storage(state[name]) for name in header}
+    for name, tensor in state.items():
+        shape = planned.get(id(tensor), list(tensor.shape))
+        if name not in header:
+            if _storage(tensor) in stored:
+                continue  # a tie: saved once under another name
+            raise ValueError(f"{path} has no tensor {name!r}: is it the weights of this "
+                             "plan's model?")
+        entry = header[name]
+        if list(entry["shape"]) != list(shape):
+            raise ValueError(f"{path}: {name!r} has shape {entry['shape']} but the plan gives "
+                             f"{list(shape)}: the weights and the plan come from different saves")
+        if _kind_of_code(entry["dtype"]) != _kind_of(tensor):
+            raise ValueError(f"{path}: {name!r} is {entry['dtype']} but the model's tensor is "
+                             f"{tensor.dtype}: is it the weights of this plan's model?")
+
+
+def _storage(tensor):
+    return tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)

@@ -8,7 +8,9 @@ least-squares interpolation ``T_c`` from its own rows.
 ``[Z_1/‖Z_1‖; Z_2/‖Z_2‖; ...]``: every consumer's input counts the same whatever its number of
 rows or its scale (the pooled tensor has one row per image, the gated one a row per pixel), and
 the error curve is the root mean square of the readings' relative errors with one shared ``T``
-— an upper bound for the errors with each consumer's own ``T_c``.
+— an upper bound for the errors with each consumer's own ``T_c``. A residual stream sums them
+instead (:func:`sums_readings`): each of its readings feeds another block, and every one of
+them sees the error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,21 @@ import scipy.linalg
 from .. import _array
 from .._linalg import PivotedFactorization, factorize_triangular
 
-__all__ = ["BlockFactorization", "JointFactorization", "interpolations_for"]
+__all__ = ["BlockFactorization", "JointFactorization", "interpolations_for", "reading_error",
+           "sums_readings"]
+
+
+def sums_readings(unit) -> bool:
+    """Whether a unit's error is the root of the *sum* of its readings' squared relative errors
+    (a residual stream, read once per block: measured on the digits ResNet and MobileNetV2 in
+    ``benchmarks/bench_residual.py``, the mean let ``target_flops`` cut the stream too deep)
+    rather than their root mean square (a gate's or a fan-out's readings of one block)."""
+    return unit.kind == "residual_stage"
+
+
+def reading_error(unit, squared) -> float:
+    """A unit's error from its readings' squared relative errors (see :func:`sums_readings`)."""
+    return float(np.sqrt(np.sum(squared) if sums_readings(unit) else np.mean(squared)))
 
 
 class JointFactorization:
@@ -31,10 +47,14 @@ class JointFactorization:
         A square-root factor ``R_c`` per reading, ``R_cᵀ R_c = Z_cᵀ Z_c``.
     dtype_eps : float
         Rounding unit of the factors' accuracy (trusted-rank cutoff of the joint factor).
+    summed : bool, default=False
+        ``errors`` is the root of the sum of the readings' squared relative errors, not of
+        their mean (the selection is the same).
     """
 
-    def __init__(self, factors, dtype_eps: float):
+    def __init__(self, factors, dtype_eps: float, summed: bool = False):
         self.factors = [np.asarray(f, dtype=np.float64) for f in factors]
+        self._scale = np.sqrt(len(self.factors)) if summed else 1.0
         scaled = []
         for factor in self.factors:
             norm = float(np.linalg.norm(factor))
@@ -42,9 +62,9 @@ class JointFactorization:
         self.joint: PivotedFactorization = factorize_triangular(np.vstack(scaled), dtype_eps)
 
     @classmethod
-    def from_accumulators(cls, accumulators) -> JointFactorization:
+    def from_accumulators(cls, accumulators, summed: bool = False) -> JointFactorization:
         """From streamed ``GramAccumulator``/``QRAccumulator`` statistics, one per reading."""
-        return cls(*_roots(accumulators))
+        return cls(*_roots(accumulators), summed=summed)
 
     @property
     def n_features(self) -> int:
@@ -52,8 +72,9 @@ class JointFactorization:
 
     @property
     def errors(self) -> np.ndarray:
-        """Root-mean-square relative error over the readings, with one shared ``T``."""
-        return self.joint.errors
+        """Root-mean-square (``summed``: root-sum-square) relative error over the readings,
+        with one shared ``T``."""
+        return self.joint.errors * self._scale
 
     @property
     def perm(self) -> np.ndarray:
@@ -108,9 +129,11 @@ class BlockFactorization:
     dtype_eps : float
     blocks : int
         Number of channel blocks; divides ``m``.
+    summed : bool, default=False
+        As in :class:`JointFactorization`.
     """
 
-    def __init__(self, factors, dtype_eps: float, blocks: int):
+    def __init__(self, factors, dtype_eps: float, blocks: int, summed: bool = False):
         self.factors = [np.asarray(f, dtype=np.float64) for f in factors]
         m = self.factors[0].shape[1]
         if m % blocks:
@@ -128,12 +151,14 @@ class BlockFactorization:
                                                                   strict=True))
         total = float(sq_norms.sum())
         per_block = np.sqrt(tails / total) if total > 0 else np.zeros(self.size + 1)
-        self.errors = per_block[np.arange(m + 1) // blocks]
+        scale = np.sqrt(len(self.factors)) if summed else 1.0
+        self.errors = scale * per_block[np.arange(m + 1) // blocks]
 
     @classmethod
-    def from_accumulators(cls, accumulators, blocks: int) -> BlockFactorization:
+    def from_accumulators(cls, accumulators, blocks: int,
+                          summed: bool = False) -> BlockFactorization:
         factors, eps = _roots(accumulators)
-        return cls(factors, eps, blocks)
+        return cls(factors, eps, blocks, summed)
 
     @property
     def n_features(self) -> int:

@@ -1,7 +1,8 @@
 """What a model handed to :class:`~skid.nn.NetworkCompressor` must be, with errors that say why.
 
 The compressor rewrites an eager ``nn.Module`` layer by layer on a deep copy. A function, a
-TorchScript module (its code is compiled, not Python modules) or a model that still carries
+TorchScript module (its code is compiled, not Python modules), a model on the ``meta``
+device (shapes without values) or a model that still carries
 ``torch.nn.utils.prune`` masks (its weights are recomputed by hooks, and a deep copy refuses
 them) cannot be handled; each gets a message that says what to pass instead.
 """
@@ -9,6 +10,7 @@ them) cannot be handled; each gets a message that says what to pass instead.
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 from torch import nn
@@ -25,7 +27,7 @@ def check_model(model) -> nn.Module:
     TypeError
         If ``model`` is not an ``nn.Module`` (a function, say) or is a TorchScript module.
     ValueError
-        If ``model`` has ``torch.nn.utils.prune`` masks attached.
+        If ``model`` is on the meta device or has ``torch.nn.utils.prune`` masks attached.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
@@ -39,6 +41,15 @@ def check_model(model) -> nn.Module:
             f"model must be a torch.nn.Module; got {what}. skid prunes the Linear/Conv "
             "modules of an nn.Module: put the layers in an nn.Module (e.g. nn.Sequential) and "
             "pass that."
+        )
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"The model is on the meta device ({meta!r} has a shape but no values: built under "
+            "torch.device('meta'), or loaded without its weights), so it cannot run on "
+            "calibration data. Load its weights first (e.g. from_pretrained without "
+            "device_map='meta', or model.to_empty(device='cpu') then load_state_dict)."
         )
     masked = _pruning_masks(model)
     if masked:

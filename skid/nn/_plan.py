@@ -67,7 +67,8 @@ class ChannelGroup:
         Equal channel blocks of a grouped convolution producing or consuming the channels:
         each block keeps the same number of channels, and ``T`` is block-diagonal.
     kind : str
-        What a unit of ``width`` is: ``"channels"``.
+        What a unit of ``width`` is: ``"channels"``, or ``"residual_stage"`` for the
+        residual stream of a CNN stage (producers joined by residual adds).
     """
 
     producers: tuple[str, ...]

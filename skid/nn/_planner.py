@@ -24,6 +24,7 @@ from .. import _corrective, _policy
 from .._linalg import PivotedFactorization
 from . import _budget, _sensitivity
 from ._calibration import fingerprint, reading_consumers
+from ._joint import reading_error
 from ._outputs import batch_outputs, output_distance
 from ._plan import Selection
 from ._surgery import concat_widths, sharing_copy
@@ -331,7 +332,7 @@ class Planner:
         per_consumer = tuple(per_reading[c.reads] for c in unit.consumers)
         return Selection(
             unit=unit, keep=torch.as_tensor(keep), interpolation=per_consumer[0],
-            error=float(np.sqrt(np.mean(squared))),
+            error=reading_error(unit, squared),
             interpolations=per_consumer if unit.n_readings > 1 else None,
         )
 

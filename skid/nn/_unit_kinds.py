@@ -180,7 +180,18 @@ def _with_means(fac, means):
     return fac
 
 
-_KINDS: dict[str, UnitKind] = {"channels": _Channels(), "heads": _Heads()}
+class _ResidualStage(_Channels):
+    """A CNN stage's residual stream (:mod:`skid.nn._residual_stages`): a channel group whose
+    producers are the stream's writers and consumers its readers. Its row is a ``"residual"``
+    one, as a transformer stream's, and also names the per-channel modules sliced with it."""
+
+    def report(self, selection) -> dict:
+        return {**super().report(selection), "kind": "residual",
+                "passthroughs": list(selection.unit.passthroughs)}
+
+
+_KINDS: dict[str, UnitKind] = {"channels": _Channels(), "heads": _Heads(),
+                               "residual_stage": _ResidualStage()}
 
 
 def register_unit_kind(name: str, kind: UnitKind) -> None:

@@ -6,7 +6,7 @@ from torch import nn
 
 from skid import NetworkCompressor
 from skid._linalg import GramAccumulator
-from skid.nn import _blocks
+from skid.nn import _blocks, _tapes
 from skid.nn._calibration import calibration_passes
 
 from .models import make_bert_layer, make_text_input
@@ -136,8 +136,9 @@ def test_only_one_block_is_moved_in_at_a_time(monkeypatch):
 
     def runner_init(self, *args):
         real_init(self, *args)
-        for member in self.members:
-            member.register_forward_pre_hook(check)
+        for member in self.members:  # its norm runs only when the block runs (not replayed)
+            member.norm.register_forward_pre_hook(
+                lambda norm, args, member=member: check(member, args))
 
     monkeypatch.setattr(_blocks, "_move", recording_move)
     monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
@@ -157,15 +158,16 @@ def test_a_cpu_model_is_calibrated_one_block_at_a_time_on_cuda(monkeypatch):
 
     def check(module, args):
         runner = runners[-1]
-        if not any(isinstance(m, _blocks._Replay) for m in runner.list):
+        if not runner.active:
             return  # calibration is over: the compressed model runs (FLOP count)
         assert on_cuda(module) and sum(on_cuda(m) for m in runner.members) == 1
 
     def runner_init(self, *args):
         real_init(self, *args)
         runners.append(self)
-        for member in self.members:
-            member.register_forward_pre_hook(check)
+        for member in self.members:  # its norm runs only when the block runs (not replayed)
+            member.norm.register_forward_pre_hook(
+                lambda norm, args, member=member: check(member, args))
 
     monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
     model = make_stack()
@@ -370,8 +372,8 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
     def runner_init(self, *args):
         real_init(self, *args)
         tapes.append(self.tape)
-        for b, member in enumerate(self.members):
-            member.register_forward_pre_hook(lambda module, args, b=b: ran.append(b))
+        for b, member in enumerate(self.members):  # member.up runs only when not replayed
+            member.up.register_forward_pre_hook(lambda module, args, b=b: ran.append(b))
 
     monkeypatch.setattr(_blocks._Runner, "__init__", runner_init)
     monkeypatch.setattr(_blocks._Runner, "turn", failing_turn)
@@ -380,11 +382,11 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
     stored = list((tmp_path / "joblib" / "skid_block_outputs").iterdir())
     tapes_per_block = 2 if calibration == "corrective" else 1  # and the original's outputs
     assert len(stored) == 2 * tapes_per_block
-    assert all(len(list(d.iterdir())) == 4 for d in stored)  # 4 batches
+    assert all(len(list(d.glob("*.tape"))) == 4 for d in stored)  # 4 batches (and an index)
     monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
     ran.clear()
     resumed = fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
-    assert all(isinstance(entry, str) for entry in tapes[-1].outputs)  # files, not tensors
+    assert all(isinstance(entry, _tapes.TapeFile) for entry in tapes[-1].outputs)
     calibrating = ran[: ran.index(3) + 1]  # the compressed model runs afterwards (FLOPs)
     assert set(calibrating) == {2, 3}, calibrating
     assert_same_models(resumed, fresh)
@@ -393,7 +395,7 @@ def test_memory_keeps_block_outputs_on_disk_and_resumes_without_rerunning(
 
 
 def test_an_incomplete_recording_leaves_no_tape(tmp_path):
-    store = _blocks._TapeStore(__import__("joblib").Memory(tmp_path, verbose=0))
+    store = _blocks._TapeStore(__import__("joblib").Memory(str(tmp_path), verbose=0))
     recorder = _blocks._Recorder(store.folder("k"))
     recorder.append(torch.ones(2))
     assert recorder.finish(n_batches=2) is None
@@ -403,7 +405,7 @@ def test_an_incomplete_recording_leaves_no_tape(tmp_path):
     for value in (torch.ones(2), (torch.zeros(1), {"a": torch.ones(3)})):
         recorder.append(value)
     files = recorder.finish(n_batches=2)
-    assert store.load("k", 2) == files
+    assert [f.path for f in store.load("k", 2)] == [f.path for f in files]
     tape = _blocks._Tape(files)
     tape.position = 1
     out = tape.current(torch.device("cpu"))

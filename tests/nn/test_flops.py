@@ -92,3 +92,70 @@ def test_count_params():
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
     assert count_params(tied) == 16 + 4 + 4
+
+
+def _encoder(layers=2, d=32, heads=4, ff=64):
+    layer = nn.TransformerEncoderLayer(d_model=d, nhead=heads, dim_feedforward=ff,
+                                       batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False).eval()
+
+
+def _attention_by_hand(seq, d, ff, layers):
+    """Per sample: in-projection (q, k, v), scores QKᵀ, scores × V, out-projection, FFN."""
+    attention = 2 * seq * d * 3 * d + 2 * (2 * seq * seq * d) + 2 * seq * d * d
+    return layers * (attention + 2 * (2 * seq * d * ff))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_transformer_encoder_counts_its_attention(need_weights):
+    """nn.MultiheadAttention's fused fast path (eval, no_grad) is counted op by op."""
+    seq, d, ff = 10, 32, 64
+    total, per_module = count_flops(_encoder(), torch.randn(3, seq, d))
+    assert total == _attention_by_hand(seq, d, ff, layers=2) == 353280
+    assert per_module["layers.0.linear1"] == 2 * seq * d * ff
+    mha = nn.MultiheadAttention(d, 4, batch_first=True).eval()
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=need_weights)[0]
+
+    total, per_module = count_flops(SelfAttention(), torch.randn(2, seq, d), own=["mha"])
+    assert total == per_module["mha"] == 2 * seq * d * 4 * d + 4 * seq * seq * d
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on
+
+
+def test_compressor_flops_include_the_transformer_encoders_attention():
+    from skid.nn import NetworkCompressor
+
+    seq, d, ff = 6, 32, 64
+    model = _encoder(layers=1, d=d, ff=ff)
+    nc = NetworkCompressor(model, rank=0.5).fit(torch.randn(40, seq, d))
+    kept = nc.layers_[0]["width_after"]
+    assert nc.flops_["before"] == _attention_by_hand(seq, d, ff, layers=1)
+    assert nc.flops_["after"] == _attention_by_hand(seq, d, kept, layers=1)
+
+
+def test_hugging_face_attention_scores_are_counted_pruned_or_not():
+    """The CPU kernel of scaled_dot_product_attention (HF's default) is counted, from the
+    shapes that run: fewer heads after pruning, fewer scores."""
+    pytest.importorskip("transformers")
+    from skid.nn import NetworkCompressor
+
+    from .hf_models import HF_MODELS, HIDDEN
+
+    factory, make_input = HF_MODELS["llama"]
+    model, batch = factory().eval(), make_input(n=2)
+    seq, layers, heads, head_dim = batch["input_ids"].shape[1], 2, 4, HIDDEN // 4
+    total, per_module = count_flops(model, (), batch)
+    assert total - sum(per_module.values()) == layers * 2 * (2 * seq * seq * heads * head_dim)
+    nc = NetworkCompressor(model, prune="heads", rank=0.5).fit(
+        [make_input(n=8, seed=s) for s in range(3)])
+    compressed_total, compressed_modules = count_flops(nc.compressed_model_, (), batch)
+    kept = sum(row["width_after"] for row in nc.layers_)
+    assert nc.flops_["after"] == compressed_total
+    assert compressed_total - sum(compressed_modules.values()) == (
+        2 * (2 * seq * seq * kept * head_dim))

@@ -155,3 +155,89 @@ def test_huggingface_model_with_tied_weights(tmp_path, no_unpickling):
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, small(ids).logits)
+
+
+def _snapshot(model):
+    """Every tensor object, shape and integer attribute: an untouched model keeps them all."""
+    return [(name, type(m), [(k, id(v), tuple(v.shape)) for k, v in
+                             (*m._parameters.items(), *m._buffers.items()) if v is not None],
+             {k: v for k, v in vars(m).items() if isinstance(v, int)})
+            for name, m in model.named_modules()]
+
+
+def _saved_mlp(tmp_path, rank=0.5):
+    factory, make_input = ARCHITECTURES["mlp"]
+    nc = NetworkCompressor(factory(), rank=rank).fit(make_input(n=32))
+    return factory, save_compressed(nc, tmp_path)
+
+
+def _rejected(factory, path, message):
+    fresh = factory()
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=message):
+        load_compressed(fresh, path)
+    assert _snapshot(fresh) == before
+
+
+@pytest.mark.parametrize("cut", [1, 100, 1000])
+def test_truncated_weights_are_refused_before_any_change(tmp_path, cut):
+    factory, path = _saved_mlp(tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-cut])
+    _rejected(factory, path, r"model\.safetensors: .*(truncated|too short)")
+
+
+def test_the_weights_of_another_save_are_refused_before_any_change(tmp_path):
+    factory, path = _saved_mlp(tmp_path / "a", rank=0.5)
+    _, other = _saved_mlp(tmp_path / "b", rank=0.25)
+    (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    _rejected(factory, path, r"model\.safetensors: '0\.weight' has shape .* the plan gives")
+
+
+def test_a_plan_that_leaves_out_a_resized_module_is_refused_before_any_change(tmp_path):
+    factory, path = _saved_mlp(tmp_path)
+    _tamper(path, lambda p: p["modules"].pop("0"))
+    _rejected(factory, path, "'0.weight' has shape")
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    factory, path = _saved_mlp(tmp_path)
+    save_compressed(torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 4))),
+                    tmp_path / "other")
+    (path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors")
+                                             .read_bytes())
+    _rejected(factory, path, r"model\.safetensors holds .0\.0\.bias. .*does not have")
+
+
+@pytest.mark.parametrize("value, message", [(999, r"must lie in \[0, "), (-5, r"must lie in"),
+                                            (3, "'out_features' of '0' is 3 but its weight")])
+def test_attributes_out_of_bounds_are_refused(tmp_path, value, message):
+    factory, path = _saved_mlp(tmp_path)
+    _tamper(path, lambda p: _set(p, "modules", "0", "attributes", "out_features", value))
+    _rejected(factory, path, message)
+
+
+def test_a_failure_while_loading_puts_the_model_back(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    factory, path = _saved_mlp(tmp_path)
+
+    def failing(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(safetensors.torch, "load_model", failing)
+    fresh = factory()
+    before = _snapshot(fresh)
+    with pytest.raises(OSError, match="disk gone"):
+        load_compressed(fresh, path)
+    assert _snapshot(fresh) == before
+
+
+def test_a_model_on_the_meta_device_is_refused_clearly(tmp_path):
+    factory, path = _saved_mlp(tmp_path)
+    with torch.device("meta"):
+        fresh = factory()
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match="on the meta device: build the model on a real device"):
+        load_compressed(fresh, path)
+    assert _snapshot(fresh) == before

@@ -1,0 +1,95 @@
+"""The statistics core of the ID: pure array code, no estimators, no torch modules.
+
+A column ID ``X ≈ X[:, J] @ T`` comes from a column-pivoted triangular factor of ``X``
+(n × m). Two streaming statistics, both of a size independent of n, give that factor:
+
+* the Gram matrix ``XᵀX`` (accumulated in float64), factorized by pivoted Cholesky (LAPACK
+  ``?pstrf``). One GEMM-like pass, the cheapest route; but the Gram squares the condition
+  number, so errors and T are accurate only down to about ``sqrt(m * eps64) ≈ 1e-7`` relative
+  (:data:`GRAM_RELIABLE_ERROR` is where we stop trusting it);
+* the R factor of a tall-skinny QR (TSQR: ``R ← qr([R; X_block])``), re-pivoted with
+  column-pivoted QR (LAPACK ``?geqp3``). About 2-4× the work, accurate to the rounding of the
+  data's dtype.
+
+Pivoted Cholesky on the Gram and column-pivoted QR on X choose the same pivots in exact
+arithmetic (both pick the column of largest remaining norm). With ``U`` the pivoted triangular
+factor, ``T = U11⁻¹ U12`` (a triangular solve) and ``‖X − X[:, J] T‖_F = ‖U22‖_F`` for every k,
+so one factorization gives the exact error curve for all ranks at once.
+
+The package, one job per module (each re-exported here, so ``from skid._linalg import X`` and
+``_linalg.X`` keep working; a test that shrinks a block size patches :mod:`._blocking`):
+
+* :mod:`._factorization`: :class:`PivotedFactorization`, what every route returns;
+* :mod:`._cholesky`: pivoted Cholesky of a Gram (:func:`factorize_gram`);
+* :mod:`._gram`: :class:`GramAccumulator`, the Gram streamed into a packed triangle;
+* :mod:`._tsqr`: :class:`QRAccumulator` and :func:`factorize_triangular`;
+* :mod:`._outputs`: :func:`factorize_for_outputs`, pivots by a consumer's output error;
+* :mod:`._block_pivoting`: :class:`BlockPivotedFactorization`, whole column blocks (heads);
+* :mod:`._randomized`: :func:`randomized_factorization`;
+* :mod:`._blocking` (row blocks, column steps, exact scaling) and :mod:`._threads` (one BLAS
+  thread for small steps), which the others share.
+"""
+
+
+from __future__ import annotations
+
+# Every name the single module had, private ones included: callers and tests reach them here.
+# ruff: noqa: F401
+from .. import _array, _policy
+
+# Where each route stops resolving errors is a rule of the policy (re-exported here).
+from .._policy import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
+from ._block_pivoting import BlockPivotedFactorization
+from ._blocking import (
+    _BLOCK_ELEMENTS,
+    _NATIVE_BLOCK_ROWS,
+    _TRIANGLE_STEP,
+    NonFiniteDataError,
+    _check_block,
+    _exponent,
+    _non_finite_data,
+    _quiet,
+    _scale_block,
+    row_blocks,
+)
+from ._cholesky import _finite, factorize_gram
+from ._factorization import PivotedFactorization, _ldexp_inf, _relative_errors
+from ._gram import (
+    _GRAM_SAFE,
+    GramAccumulator,
+    _add_product,
+    _add_scaled,
+    _as_kind,
+    _blas_readable,
+    _gram_block,
+    _gram_slices,
+    _panel_bounds,
+    _panel_mask,
+    triangle_size,
+)
+from ._outputs import _cholesky_in_order, _output_greedy_order, _pivots, factorize_for_outputs
+from ._randomized import (
+    _ENTRY_SAFE,
+    _cross_products,
+    _data_exponent,
+    _normal_equations,
+    randomized_factorization,
+)
+from ._threads import _SMALL_FACTOR, _small_step
+from ._tsqr import QRAccumulator, _folded, factorize_triangular
+
+__all__ = [
+    "FLOAT32_GRAM_RELIABLE_ERROR",
+    "GRAM_RELIABLE_ERROR",
+    "BlockPivotedFactorization",
+    "GramAccumulator",
+    "NonFiniteDataError",
+    "PivotedFactorization",
+    "QRAccumulator",
+    "factorize_for_outputs",
+    "factorize_gram",
+    "factorize_triangular",
+    "randomized_factorization",
+    "row_blocks",
+    "triangle_size",
+]

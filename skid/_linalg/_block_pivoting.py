@@ -1,0 +1,118 @@
+"""Block pivoting: greedy selection of whole column blocks (attention heads) from a Gram."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from ._factorization import _relative_errors
+from ._threads import _small_step
+
+
+class BlockPivotedFactorization:
+    """Greedy selection of whole column blocks (e.g. attention heads) from a Gram matrix.
+
+    At each step the block whose columns remove the most of the residual squared norm is kept:
+    with ``S`` the Schur complement of the kept columns in ``G = XᵀX`` (the Gram of the
+    residual ``X − P_K X``), block ``b`` removes ``tr(S[:, b] S[b, b]⁺ S[b, :])``. The errors
+    along the greedy order are exact for the nested selections, so one factorization gives the
+    error for every number of kept blocks.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (m, m)
+        ``XᵀX`` (float64).
+    blocks : sequence of int arrays
+        Column indices of each candidate block (disjoint, covering ``range(m)``).
+    partition : sequence of int, optional
+        A group label per block. When given, blocks are kept in rounds that take one block from
+        every group, so after ``r`` rounds each group keeps ``r`` (grouped-query attention:
+        the same number of query heads per key/value group).
+    weight_gram : ndarray of shape (m, m), optional
+        ``WᵀW`` of the consumer's weights: blocks are then kept by the output error they remove,
+        ``tr(W S Wᵀ)``, and ``errors`` are relative output errors (``T`` stays the
+        least-squares fit on ``X``).
+
+    Attributes
+    ----------
+    order : ndarray of int
+        Block indices in the order they were kept.
+    errors : ndarray of shape (n_blocks + 1,)
+        Relative Frobenius error ``‖X − X_K T‖_F / ‖X‖_F`` keeping the first k blocks of
+        ``order``.
+    """
+
+    def __init__(self, gram, blocks, partition=None, weight_gram=None):
+        gram = np.asarray(gram, dtype=np.float64)
+        self.weight_gram = None if weight_gram is None else np.asarray(weight_gram, float)
+        if not np.isfinite(gram).all():
+            raise ValueError("The statistics hold NaN or infinite values; check the data.")
+        self.gram = gram
+        self.blocks = [np.asarray(b, dtype=np.int64) for b in blocks]
+        covered = np.sort(np.concatenate(self.blocks)) if self.blocks else np.array([])
+        if not np.array_equal(covered, np.arange(gram.shape[0])):
+            raise ValueError("The blocks must partition the Gram's columns exactly once.")
+        labels = np.zeros(len(self.blocks), int) if partition is None else np.asarray(partition)
+        if labels.shape != (len(self.blocks),):
+            raise ValueError(f"partition needs one label per block ({len(self.blocks)}).")
+        self.order, self.errors = self._greedy(labels, partition is not None)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def _greedy(self, labels, rounds: bool):
+        S = self.gram.copy()
+        sq_norm = self._energy(S)
+        scale = max(float(np.trace(S)), np.finfo(float).tiny)
+        cutoff = np.finfo(np.float64).eps * S.shape[0] * scale
+        remaining = list(range(self.n_blocks))
+        order, sq_tail = [], [sq_norm]
+        served = set()
+        with _small_step(S.shape[0]):
+            while remaining:
+                if rounds and served >= {labels[b] for b in remaining}:
+                    served = set()  # every group has had its turn this round
+                eligible = [b for b in remaining if not rounds or labels[b] not in served]
+                halves = [self._half(S, self.blocks[b], cutoff) for b in eligible]
+                gains = [self._energy(h.T @ h) for h in halves]
+                best_at = int(np.argmax(gains))
+                best = eligible[best_at]
+                S -= halves[best_at].T @ halves[best_at]
+                order.append(best)
+                remaining.remove(best)
+                served.add(labels[best])
+                sq_tail.append(self._energy(S))
+        sq_tail = np.asarray(sq_tail)
+        sq_tail[-1] = 0.0  # every column kept: nothing left, whatever the rounding says
+        return np.asarray(order, dtype=np.int64), _relative_errors(sq_tail, sq_norm)
+
+    def _energy(self, S) -> float:
+        """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights."""
+        if self.weight_gram is None:
+            return float(np.trace(S))
+        return float(np.einsum("ij,ji->", self.weight_gram, S))
+
+    @staticmethod
+    def _half(S, cols, cutoff):
+        """``S[b,b]^(-1/2) S[b, :]``: its squared norm is what keeping block ``b`` removes."""
+        w, V = np.linalg.eigh(S[np.ix_(cols, cols)])
+        keep = w > cutoff
+        return (V[:, keep] / np.sqrt(w[keep])).T @ S[cols]
+
+    def select(self, k: int):
+        """The first ``k`` blocks: ``(blocks, columns, T)``, ``T`` of shape (len(columns), m).
+
+        ``T`` is the least-squares fit ``min ‖X − X[:, columns] T‖_F`` from the Gram (the
+        minimum-norm one where the kept columns are linearly dependent); ``X[:, columns] T``
+        reconstructs every column.
+        """
+        if not 0 <= k <= self.n_blocks:
+            raise ValueError(f"k must be in [0, {self.n_blocks}]; got {k}.")
+        kept = self.order[:k]
+        columns = np.concatenate([self.blocks[b] for b in kept]) if k else np.array([], int)
+        if not k:
+            return kept.copy(), columns, np.zeros((0, self.gram.shape[0]))
+        with _small_step(self.gram.shape[0]):
+            T = scipy.linalg.pinvh(self.gram[np.ix_(columns, columns)]) @ self.gram[columns]
+        return kept.copy(), columns, T

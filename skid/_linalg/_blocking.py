@@ -1,0 +1,69 @@
+"""How the core cuts its work, and keeps each piece in range: row blocks of the data, column
+steps of the m × m loops, exact power-of-two scaling, the shape check of a block and the error
+for non-finite data. The sizes are read through this module (``_blocking.NAME``), so a test
+can shrink them in one place."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Rows per block of float32 products (the ``"native"`` Gram's).
+_NATIVE_BLOCK_ROWS = 4096
+
+#: Entries per block of float64 rows (upcast or scaled copies): about 32 MB.
+_BLOCK_ELEMENTS = 1 << 22
+
+#: Columns per panel of the Gram's stored triangle (and per step of the other m × m loops):
+#: temporaries of m × 256.
+_TRIANGLE_STEP = 256
+
+
+def row_blocks(n_rows: int, n_cols: int, max_elements: int | None = None):
+    """Slices that cut ``n_rows`` rows into blocks of at most ``max_elements`` entries
+    (default ``_BLOCK_ELEMENTS``)."""
+    max_elements = _BLOCK_ELEMENTS if max_elements is None else max_elements
+    step = max(1, max_elements // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _exponent(value: float) -> int:
+    """``e`` with ``value / 2**e`` in [0.5, 1) (0 for 0): scaling by it is exact."""
+    return math.frexp(value)[1] if value > 0 else 0
+
+
+class NonFiniteDataError(ValueError):
+    """A block of rows holds NaN or infinite values (the statistic was left untouched)."""
+
+
+def _non_finite_data() -> NonFiniteDataError:
+    return NonFiniteDataError(
+        "The data contain NaN or infinite values (the statistics of the rows would be "
+        "non-finite); remove or impute those entries."
+    )
+
+
+def _quiet():
+    """NumPy's overflow/underflow warnings off: the callers check the results themselves."""
+    return np.errstate(over="ignore", under="ignore", invalid="ignore")
+
+
+def _scale_block(block, exp: int):
+    """``block / 2**exp`` in the block's own dtype, in two exact steps (float32-safe)."""
+    if exp == 0:
+        return block
+    half = exp // 2
+    with _quiet():
+        return block * math.ldexp(1.0, -half) * math.ldexp(1.0, half - exp)
+
+
+def _check_block(X, n_features):
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2-D block of rows, got an array of shape {tuple(X.shape)}.")
+    if n_features is not None and X.shape[1] != n_features:
+        raise ValueError(
+            f"This block has {X.shape[1]} columns; earlier blocks had {n_features}."
+        )
+    return X

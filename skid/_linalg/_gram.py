@@ -1,0 +1,456 @@
+"""The Gram accumulator: ``XᵀX`` streamed block by block into a packed upper triangle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _array
+from . import _blocking
+from ._blocking import _check_block, _exponent, _non_finite_data, _quiet, _scale_block, row_blocks
+from ._cholesky import factorize_gram
+from ._factorization import PivotedFactorization
+
+#: Squared magnitudes safe to sum in each product dtype (outside: scale the block first).
+_GRAM_SAFE = {"float64": (2.0**-600, 2.0**1000), "float32": (2.0**-60, 2.0**100)}
+
+
+def triangle_size(m: int) -> int:
+    """Entries of the upper triangle of an m × m matrix, diagonal included."""
+    return m * (m + 1) // 2
+
+
+def _panel_bounds(m: int):
+    """``(start, stop)`` of the column panels of an m × m triangle."""
+    step = _blocking._TRIANGLE_STEP
+    return [(start, min(start + step, m)) for start in range(0, m, step)]
+
+
+def _panel_mask(width: int, stop: int, like):
+    """Where a stored panel (``width × stop``: ``G[stop - width : stop, :stop]``) holds the
+    upper triangle of G (row a: G's column ``stop - width + a``, rows up to it), as a boolean
+    array of ``like``'s kind; in row-major order, these entries are LAPACK's packed storage."""
+    start = stop - width
+    mask = np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]
+    return _array.from_numpy(mask, like)
+
+
+def _blas_readable(a) -> bool:
+    """Whether BLAS reads the 2-D array in place (otherwise NumPy's matmul falls back to a
+    loop without BLAS). Row slices of C- or F-ordered arrays are; torch and CuPy handle
+    strides themselves."""
+    if not isinstance(a, np.ndarray):
+        return True
+    (s0, s1), (n, m), size = a.strides, a.shape, a.itemsize
+    return (s1 == size and s0 % size == 0 and s0 >= m * size) or (
+        s0 == size and s1 % size == 0 and s1 >= n * size
+    )
+
+
+def _gram_slices(X, dtype: str, exp: int) -> list:
+    """Row slices of X that :class:`GramAccumulator` multiplies one at a time."""
+    n, m = X.shape
+    if dtype == "float64" and _array.dtype_name(X) == "float64" and exp == 0 and (
+        _blas_readable(X)
+    ):
+        return [slice(None)]  # nothing to upcast or scale: the products read X in place
+    max_elements = (_blocking._BLOCK_ELEMENTS if dtype == "float64"
+                    else _blocking._NATIVE_BLOCK_ROWS * m)
+    return list(row_blocks(n, m, max_elements))
+
+
+def _gram_block(X, rows, dtype: str, exp: int):
+    """``X[rows] / 2**exp`` in ``dtype``, laid out for BLAS."""
+    block = _scale_block(_array.astype(X[rows], dtype), exp)
+    return block if _blas_readable(block) else np.ascontiguousarray(block)
+
+
+def _add_scaled(total, part, factor: float = 1.0) -> None:
+    """``total += factor · part`` in place, ``total`` float64 (a float32 ``part`` is cast in
+    the ufunc's buffer, and scaled in float64, where its small entries cannot underflow)."""
+    if _array.array_kind(total) == "torch":
+        total.add_(part, alpha=factor)  # computed in total's float64
+    elif factor == 1.0:
+        total += part
+    else:
+        total += _array.astype(part, "float64") * factor
+
+
+def _as_kind(part, like):
+    """``part`` in the library (and torch device) of ``like``."""
+    kind = _array.array_kind(like)
+    if _array.array_kind(part) == kind:
+        return part.to(like.device) if kind == "torch" else part
+    return _array.from_numpy(_array.to_numpy(part), like)
+
+
+def _add_product(total, left, right, factor: float, scratch, capacity: int):
+    """``total += factor · (left @ right)`` in place: the product in the operands' dtype and
+    library, written into ``scratch`` (a flat buffer of that dtype, reused; None: one of
+    ``capacity`` entries is made here), then added into the float64 ``total``. Returns the
+    scratch buffer."""
+    kind = _array.array_kind(left)
+    size = total.shape[0] * total.shape[1]
+    if kind != _array.array_kind(total):  # a statistic of another kind (merged in)
+        _add_scaled(total, _as_kind(left @ right, total), factor)
+    elif kind == "torch":
+        import torch
+
+        if left.dtype == total.dtype:  # float64 products: one GEMM, straight into the panel
+            total.addmm_(left, right, alpha=factor)
+            return scratch
+        if scratch is None:
+            scratch = left.new_empty(capacity)
+        out = scratch[:size].view(total.shape)
+        torch.mm(left, right, out=out)
+        total.add_(out, alpha=factor)
+    elif kind == "numpy":
+        if scratch is None:
+            scratch = np.empty(capacity, dtype=left.dtype)
+        out = scratch[:size].reshape(total.shape)
+        np.matmul(left, right, out=out)
+        _add_scaled(total, out, factor)
+    else:  # CuPy
+        _add_scaled(total, left @ right, factor)
+    return scratch
+
+
+#: Largest buffer (bytes) for a row block's whole product (see :func:`_whole_product`): up
+#: to it an update needs no pass over X before the products; past it (the widest layers) the
+#: products go panel by panel through an m × 256 buffer, after a pass that checks the block.
+_WHOLE_PRODUCT_BYTES = 8 << 20
+
+
+def _whole_entries(m: int, kind: str) -> int:
+    """Entries of :func:`_whole_product`'s buffer for an m-wide block of the library ``kind``."""
+    if kind == "numpy":
+        return m * m
+    return sum((stop - start) * stop for start, stop in _panel_bounds(m))
+
+
+def _whole_products(X, dtype: str, products: str) -> bool:
+    """Whether :class:`GramAccumulator` multiplies X's blocks whole (``products``: its
+    parameter)."""
+    if products not in ("auto", "whole", "panels"):
+        raise ValueError(f"products must be 'auto', 'whole' or 'panels'; got {products!r}.")
+    m = X.shape[1]
+    if products != "auto" or m == 0:
+        return products == "whole" and m > 0
+    size = _whole_entries(m, _array.array_kind(X)) * np.dtype(dtype).itemsize
+    return size <= _WHOLE_PRODUCT_BYTES
+
+
+def _whole_product(block, buffer):
+    """Each panel's rows ``G[start:stop, :stop]`` of ``G = blockᵀ block``, as views into
+    ``buffer`` (flat, of the block's dtype and library; None: a new one). NumPy computes G in
+    one ``?syrk`` (half a GEMM's flops: the call of the floor ``XᵀX`` itself); torch and CuPy,
+    which have no ``syrk``, multiply panel by panel (the triangle's flops, not a full GEMM's).
+    Returns ``(buffer, rows)``."""
+    kind = _array.array_kind(block)
+    m = block.shape[1]
+    bounds = _panel_bounds(m)
+    if buffer is None:
+        size = _whole_entries(m, kind)
+        buffer = block.new_empty(size) if kind == "torch" else _xp(block).empty(
+            size, dtype=block.dtype)
+    if kind == "numpy":
+        square = buffer.reshape(m, m)
+        np.matmul(block.T, block, out=square)
+        return buffer, [square[start:stop, :stop] for start, stop in bounds]
+    rows, offset = [], 0
+    for start, stop in bounds:
+        part = buffer[offset : offset + (stop - start) * stop].reshape(stop - start, stop)
+        _xp(block).matmul(block[:, start:stop].T, block[:, :stop], out=part)
+        rows.append(part)
+        offset += (stop - start) * stop
+    return buffer, rows
+
+
+def _xp(a):
+    """The array library of ``a`` (``numpy``, ``torch`` or ``cupy``), for its ``matmul``."""
+    kind = _array.array_kind(a)
+    if kind == "numpy":
+        return np
+    if kind == "torch":
+        import torch
+
+        return torch
+    import cupy
+
+    return cupy
+
+
+class GramAccumulator:
+    """Streams row blocks of X into ``XᵀX`` (summed in float64, on the blocks' own device).
+
+    Only the upper triangle is stored, as column panels ``_TRIANGLE_STEP`` (256) wide: panel
+    p holds ``G[:stop_p, start_p:stop_p]``, column-major (kept as the C-ordered array of its
+    transpose, ``G[start_p:stop_p, :stop_p]``: for NumPy, the Fortran-ordered panel), in
+    float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
+    instead of m², whatever the number of rows. Each panel's rows of a block's product are
+    added into it in place; the products are made whole, or panel by panel through an
+    m × 256 buffer for the widest statistics (``products``), so accumulating never holds an
+    m × m temporary past ``_WHOLE_PRODUCT_BYTES``.
+
+    Each block is checked before anything is added, from its product's diagonal alone (its
+    columns' sums of squares: ``|G_ij| ≤ sqrt(G_ii G_jj)``, so a finite diagonal in range
+    means finite entries): a block with NaN/Inf raises and leaves the statistic as it was,
+    and a block whose squares would overflow, or underflow into lost digits, is divided by a
+    power of two first (exact). The statistic is kept as ``gram = XᵀX / 4**scale_exp``
+    (``scale_exp`` is 0 unless some block needed scaling); every result of the ID is
+    scale-free.
+
+    Parameters
+    ----------
+    precision : {"float64", "native"}
+        ``"float64"``: each sub-block is upcast and multiplied in float64 (never the whole
+        matrix at once). ``"native"``: float32 (and half) blocks are multiplied in float32 over
+        ``_NATIVE_BLOCK_ROWS`` rows at a time and summed in float64 — twice as fast, reliable
+        for relative errors down to :data:`FLOAT32_GRAM_RELIABLE_ERROR`.
+    products : {"auto", "whole", "panels"}
+        How an update multiplies a row block: ``"whole"``, all of ``blockᵀ block`` into one
+        buffer (NumPy: one ``?syrk``, the call of the floor ``XᵀX`` itself; torch and CuPy:
+        the panels' products), checked by its diagonal before it is added; ``"panels"``, a
+        pass over the block that checks it, then one product per panel through an m × 256
+        buffer (the accumulator's only way before; the least memory); ``"auto"``, whole up to
+        ``_WHOLE_PRODUCT_BYTES`` of buffer (8 MiB), panels past it.
+    """
+
+    def __init__(self, precision: str = "float64", products: str = "auto"):
+        self.precision = precision
+        self.products = products
+        self._clear()
+
+    def _clear(self) -> None:
+        self._panels = None  # the upper triangle, column panel by column panel
+        self.n_samples = 0
+        self.n_features = None
+        self.scale_exp = 0
+        self.float32_products = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the statistic holds (0 before any rows)."""
+        return sum(int(panel.nbytes) for panel in self._panels or ())
+
+    def _like(self):
+        """An array of the statistic's library and device."""
+        return self._panels[0] if self._panels else np.zeros(0)
+
+    @property
+    def gram(self):
+        """The statistic ``XᵀX / 4**scale_exp`` (float64, m × m, symmetric, in the statistic's
+        library and device; None before any rows): a new array, built from the triangle."""
+        if self._panels is None:
+            return None
+        m = self.n_features
+        gram = _array.zeros((m, m), self._like(), "float64")
+        for panel in self._panels:
+            width, stop = panel.shape
+            start = stop - width
+            gram[start:stop, :start] = panel[:, :start]
+            gram[:start, start:stop] = panel[:, :start].T
+            square = panel[:, start:stop]  # its lower triangle is the upper one of G's
+            gram[start:stop, start:stop] = _array.tril(square) + _array.tril(square, -1).T
+        return gram
+
+    def triangle(self):
+        """The statistic's upper triangle in LAPACK's packed storage (column j's rows 0..j,
+        columns in order): a new 1-D float64 array of ``triangle_size(m)`` entries in the
+        statistic's library and device; None before any rows. What data-parallel ranks sum;
+        :meth:`set_triangle` reads it back."""
+        if self._panels is None:
+            return None
+        like = self._like()
+        packed = _array.zeros((triangle_size(self.n_features),), like, "float64")
+        for panel in self._panels:
+            width, stop = panel.shape
+            entries = slice(triangle_size(stop - width), triangle_size(stop))
+            packed[entries] = panel[_panel_mask(width, stop, like)]
+        return packed
+
+    def set_triangle(self, values, n_features: int, scale_exp: int = 0) -> GramAccumulator:
+        """Make the statistic the packed upper triangle ``values`` (as :meth:`triangle` gives
+        it) of an ``n_features``-wide Gram divided by ``4**scale_exp``, kept in the library and
+        on the device of ``values``; the old statistic is released first."""
+        if tuple(values.shape) != (triangle_size(n_features),):
+            raise ValueError(f"A packed {n_features} × {n_features} triangle has "
+                             f"{triangle_size(n_features)} entries; got {tuple(values.shape)}.")
+        values = _array.astype(values, "float64")
+        self._panels = None
+        panels = []
+        for start, stop in _panel_bounds(n_features):
+            panel = _array.zeros((stop - start, stop), values, "float64")
+            panel[_panel_mask(stop - start, stop, values)] = values[
+                triangle_size(start) : triangle_size(stop)
+            ]
+            panels.append(panel)
+        self._panels, self.n_features, self.scale_exp = panels, n_features, scale_exp
+        return self
+
+    def update(self, X) -> GramAccumulator:
+        """Add the rows of the 2-D array ``X`` (NumPy, CuPy or torch) to the statistic.
+
+        Every row block's diagonal is checked before its product is added, and a bad block
+        anywhere in X leaves the statistic as it was.
+        """
+        X = _check_block(X, self.n_features)
+        if _array.array_kind(X) == "torch":
+            X = X.detach()  # a statistic, not a graph (products into buffers refuse graphs)
+        dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(X)
+        if dtype == "float32" and not _array.exact_float32_matmul(X):
+            dtype = "float64"  # TF32/bf16 products would lose the digits the ID needs
+        if not _whole_products(X, dtype, self.products):
+            self._update_panels(X, dtype)
+        elif self._panels is None or len(_gram_slices(X, dtype, 0)) == 1:
+            self._update_whole(X, dtype)
+        else:  # several blocks into a statistic that must survive a bad one: a part, merged
+            return self.merge(GramAccumulator(self.precision, self.products).update(X))
+        self.n_features = X.shape[1]
+        self.float32_products |= dtype == "float32"
+        self.n_samples += X.shape[0]
+        return self
+
+    def _update_whole(self, X, dtype: str) -> None:
+        """Each row block's whole product (:func:`_whole_product`) into one buffer, its
+        diagonal checked, then added into the panels: no pass over X before the products. A
+        statistic that had rows takes a single block here (checked before anything is added);
+        an empty one is emptied again on a bad block, or redone, scaled, when the blocks'
+        squares leave the safe range."""
+        low, high = _GRAM_SAFE[dtype]
+        fresh = self._panels is None
+        exp, scaled, buffer = 0, False, None
+        while True:
+            if fresh:
+                self._panels = [_array.zeros((stop - start, stop), X, "float64")
+                                for start, stop in _panel_bounds(X.shape[1])]
+                self.scale_exp = exp
+            factor, largest = None, 0.0  # the scales are reconciled once a block is checked
+            with _quiet():  # overflow and underflow are checked and handled here
+                for rows in _gram_slices(X, dtype, exp):
+                    buffer, parts = _whole_product(_gram_block(X, rows, dtype, exp), buffer)
+                    maxima = [part[:, part.shape[1] - part.shape[0] :].diagonal().max()
+                              for part in parts]  # of G's diagonal: the sums of squares
+                    value = float(_xp(parts[0]).stack(maxima).max())  # one read (one sync)
+                    if not value <= largest and largest == largest:  # larger, or NaN (stays)
+                        largest = value
+                    if not largest <= high or (not fresh and largest < low):
+                        break  # NaN, Inf or squares near overflow; or one block to scale
+                    factor = self._reconcile(exp) if factor is None else factor
+                    for panel, part in zip(self._panels, parts, strict=True):
+                        _add_scaled(panel, _as_kind(part, panel), factor)
+            if largest <= high and (scaled or low <= largest):
+                return
+            amax = _array.max_abs(X)  # the scale that brings every square into range
+            if scaled or not math.isfinite(amax):
+                if fresh:
+                    self._clear()
+                raise _non_finite_data()
+            if amax == 0.0:  # zeros: nothing to add
+                return
+            exp, scaled = _exponent(amax), True
+
+    def _update_panels(self, X, dtype: str) -> None:
+        """Panel by panel (wide statistics): every block's diagonal is checked from its column
+        sums of squares first, then each block adds one product per panel."""
+        m = X.shape[1]
+        slices = _gram_slices(X, dtype, 0)
+        largest, block = 0.0, None
+        with _quiet():  # overflow and underflow are checked and handled below
+            for rows in slices:
+                block = _gram_block(X, rows, dtype, 0)
+                value = _array.max_column_sq_sum(block)  # the largest of blockᵀ block's diagonal
+                if not value <= largest:  # larger, or NaN
+                    largest = value
+                if not math.isfinite(value):
+                    break
+        kept = block if len(slices) == 1 else None  # multiplied below without a second copy
+        low, high = _GRAM_SAFE[dtype]
+        exp = 0
+        if not low <= largest <= high:  # NaN fails too
+            amax = _array.max_abs(X)
+            if not math.isfinite(amax):
+                raise _non_finite_data()
+            exp = _exponent(amax)  # 0 for zeros
+            if exp:
+                slices, kept = _gram_slices(X, dtype, exp), None
+        if self._panels is None:
+            self._panels = [_array.zeros((stop - start, stop), X, "float64")
+                            for start, stop in _panel_bounds(m)]
+            self.scale_exp = exp
+        factor = self._reconcile(exp)
+        scratch = None  # one buffer for every panel's product, of the largest one's size
+        capacity = max((panel.shape[0] * panel.shape[1] for panel in self._panels), default=0)
+        with _quiet():  # underflow of entries far below the largest one is harmless
+            for rows in slices:
+                block = kept if kept is not None else _gram_block(X, rows, dtype, exp)
+                for panel in self._panels:
+                    width, stop = panel.shape
+                    scratch = _add_product(panel, block[:, stop - width : stop].T,
+                                           block[:, :stop], factor, scratch, capacity)
+
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Add the rows accumulated by ``other`` (a sum: Grams of row blocks add up, panel by
+        panel; the two scales are reconciled as for a new block). ``other`` is not modified."""
+        if other._panels is None:
+            return self
+        if self.n_features is not None and other.n_features != self.n_features:
+            raise ValueError(f"The merged statistic has {other.n_features} columns; this one "
+                             f"has {self.n_features}.")
+        if self._panels is None:
+            self._panels = [_array.copy(panel) for panel in other._panels]
+            self.scale_exp = other.scale_exp
+        else:
+            factor = self._reconcile(other.scale_exp)
+            for ours, theirs in zip(self._panels, other._panels, strict=True):
+                _add_scaled(ours, _as_kind(theirs, ours), factor)
+        self.n_features = other.n_features
+        self.n_samples += other.n_samples
+        self.float32_products = self.float32_products or other.float32_products
+        return self
+
+    def _reconcile(self, exp: int) -> float:
+        """Bring the statistic to the scale of a part divided by ``4**exp`` where that is the
+        larger (exact: a power of two); returns the factor to add the part with."""
+        if exp > self.scale_exp:
+            for panel in self._panels:
+                panel *= math.ldexp(1.0, 2 * (self.scale_exp - exp))
+            self.scale_exp = exp
+        return math.ldexp(1.0, 2 * (exp - self.scale_exp))
+
+    def factorize(self, consume: bool = False) -> PivotedFactorization:
+        """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
+
+        The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
+        factorizes in place.
+
+        Parameters
+        ----------
+        consume : bool
+            Hand the statistic over: each panel is released as soon as it is copied (peak:
+            the m × m array and one panel), and the accumulator is left empty, as new (also
+            when the factorization raises). A caller that goes on accumulating must leave it
+            False.
+
+        Returns
+        -------
+        PivotedFactorization
+        """
+        if self._panels is None:
+            raise ValueError("No data has been accumulated yet.")
+        eps = float(np.finfo(np.float32).eps) if self.float32_products else None
+        try:
+            gram = np.zeros((self.n_features,) * 2, order="F")  # LAPACK reads its upper triangle
+            for p, panel in enumerate(self._panels):
+                width, stop = panel.shape
+                gram[:stop, stop - width : stop] = _array.to_numpy(panel).T
+                if consume:
+                    self._panels[p] = None  # the loop's name holds it until the next panel
+            panel = None
+            return factorize_gram(
+                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True
+            )
+        finally:
+            if consume:
+                self._clear()
