@@ -412,16 +412,29 @@ def _check_weights(path: Path, model: nn.Module, changes) -> None:
     with the planned shape and a dtype of its kind; else a ValueError naming file and field."""
     header = _header(path)
     planned = {}  # id of a module's tensor → its planned shape
+    created = {}  # name → shape of a bias the plan creates (fit_intercept)
+    names = {id(m): n for n, m in model.named_modules()}
     for module, _, shapes in changes:
         tensors = _tensors(module)
-        planned.update({id(tensors[k]): shape for k, shape in shapes.items()})
+        for k, shape in shapes.items():
+            if k in tensors:
+                planned[id(tensors[k])] = shape
+            else:
+                created[f"{names[id(module)]}.{k}".lstrip(".")] = shape
     state = model.state_dict(keep_vars=True)
-    unexpected = sorted(set(header) - set(state))
+    for name, shape in created.items():
+        entry = header.get(name)
+        if entry is None or list(entry["shape"]) != list(shape):
+            raise ValueError(f"{path} has no tensor {name!r} of shape {list(shape)}, which the "
+                             "plan creates: the weights and the plan come from different saves")
+        if _kind_of_code(entry["dtype"]) != "float":
+            raise ValueError(f"{path}: {name!r} is {entry['dtype']}, not a float tensor")
+    unexpected = sorted(set(header) - set(state) - set(created))
     if unexpected:
         raise ValueError(f"{path} holds {unexpected[0]!r} ({len(unexpected)} such), which this "
                          f"{type(model).__name__} does not have: is it the weights of this "
                          "plan's model?")
-    stored = {_storage(state[name]) for name in header}
+    stored = {_storage(state[name]) for name in header if name not in created}
     for name, tensor in state.items():
         shape = planned.get(id(tensor), list(tensor.shape))
         if name not in header:
