@@ -9,7 +9,14 @@ changes (producers, per-channel ops in between, consumers), as a share of the mo
 "Before" is skid at ``--before`` (the commit before channel groups: one producer → one consumer
 units), run in a subprocess with that commit's ``skid`` package; "after" is this checkout.
 
-    python benchmarks/bench_coverage.py            # every architecture (about a minute)
+A second table lists, per architecture with attention, the attention blocks found, the blocks
+whose heads ``NetworkCompressor(rank=0.5)`` pruned (fewer heads after the fit), and those
+skipped with their reason; the architectures include the attention blocks of
+``tests/nn/blocks.py`` (timm ViT/Swin/Swin-V2, torchvision ViT/Swin, ``nn.TransformerEncoder``)
+and the ``transformers`` models of ``tests/nn/hf_attention.py`` (DistilBERT, BART, Marian,
+Whisper, CLIP).
+
+    python benchmarks/bench_coverage.py            # every architecture (a few minutes)
     python benchmarks/bench_coverage.py --quick    # three of them
 """
 
@@ -25,17 +32,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "83c7456"  # the last commit with one-producer/one-consumer units
-QUICK = ("mlp", "mbconv_se", "hf_llama")
+QUICK = ("mlp", "mbconv_se", "hf_llama", "timm_vit")
 
 
 def architectures() -> dict:
     """name -> (factory, make_input) for every test architecture available here."""
-    from tests.nn.blocks import BLOCKS, make_block
+    from tests.nn import blocks
     from tests.nn.models import ARCHITECTURES
 
     found = dict(ARCHITECTURES)
-    found.update({name: (lambda name=name: make_block(name), make_input)
-                  for name, (_, make_input) in BLOCKS.items()})
+    found.update({name: (lambda name=name: blocks.make_block(name), entry[1])
+                  for name, entry in (*blocks.BLOCKS.items(),
+                                      *getattr(blocks, "ATTENTION_BLOCKS", {}).items())})
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -44,7 +52,48 @@ def architectures() -> dict:
 
     for name, (factory, make_input) in HF_MODELS.items():
         found[f"hf_{name}"] = (factory, make_input)
+    try:
+        from tests.nn.hf_attention import HF_ATTENTION
+    except ImportError:  # a checkout without it
+        return found
+    for name, (factory, make_input, _) in HF_ATTENTION.items():
+        found[f"hf_{name}"] = (factory, make_input)
     return found
+
+
+def measure_heads(names) -> list:
+    """Per architecture with attention: [name, found, pruned at rank=0.5, skipped, reasons]."""
+    import warnings
+
+    import torch
+
+    from skid.nn import NetworkCompressor
+    from skid.nn._heads import attention_layout
+
+    found = architectures()
+    rows = []
+    for name in names:
+        factory, make_input = found[name]
+        torch.manual_seed(0)
+        model = factory().eval()
+        blocks = [n for n, m in model.named_modules() if attention_layout(m) is not None]
+        if not blocks:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # few calibration rows on these tiny inputs
+                nc = NetworkCompressor(model, rank=0.5).fit(make_input(n=16))
+        except Exception as exc:  # noqa: BLE001 - a refused model is a row of the table
+            rows.append([name, len(blocks), 0, 0, f"REFUSED: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:120]}"])
+            continue
+        pruned = sum(r["kind"] == "heads" and r["width_after"] < r["width_before"]
+                     for r in nc.layers_)
+        reasons = sorted({s["reason"].removeprefix("attention heads: ")
+                          for s in nc.skipped_ if s["producer"] in blocks})
+        skipped = sum(s["producer"] in blocks for s in nc.skipped_)
+        rows.append([name, len(blocks), pruned, skipped, "; ".join(reasons) or "-"])
+    return rows
 
 
 def measure(names) -> dict:
@@ -55,6 +104,8 @@ def measure(names) -> dict:
     from skid.nn._graph import find_units
     from tests.nn.models import call_args
 
+    # nn.MultiheadAttention's fused kernels are not counted: the same (unfused) ops both sides
+    torch.backends.mha.set_fastpath_enabled(False)
     found = architectures()
     results = {}
     for name in names:
@@ -121,6 +172,13 @@ def main() -> None:
     blocked = [r[0] for r in rows if r[2] == 0]
     print(f"\nNotPrunableError before: {', '.join(blocked) or 'none'}; after: "
           f"{', '.join(r[0] for r in rows if r[4] == 0) or 'none'}")
+    heads = measure_heads(names)
+    print_table(
+        "attention blocks: found, pruned by NetworkCompressor(rank=0.5), skipped (reason)",
+        ["architecture", "found", "pruned", "skipped", "reason skipped"], heads,
+        ["s", "d", "d", "d", "s"])
+    print(f"\nattention blocks: {sum(r[1] for r in heads)} found, {sum(r[2] for r in heads)} "
+          f"pruned, {sum(r[3] for r in heads)} skipped, in {len(heads)} architectures")
 
 
 if __name__ == "__main__":

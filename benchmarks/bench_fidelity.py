@@ -27,7 +27,9 @@ channels (from the compressed Gram) and with the alternative (greedy on the cros
 Then (with ``transformers`` installed) a small LLaMA-shaped causal LM trained here on CPython's
 standard-library sources (``benchmarks/_llm.py``): held-out perplexity at half its SwiGLU MLP
 width for ID, ID without T and magnitude pruning (Torch-Pruning's group L2 importance) at the
-same widths.
+same widths; then its residual stream (``benchmarks/_llm_stream.py``): the hidden size at
+87.5-50 % by rotation, its variants and the joint ID, and one FLOP budget over stream + MLP +
+heads against MLP + heads alone and a SliceGPT-style baseline (``benchmarks/_slicegpt.py``).
 
     python benchmarks/bench_fidelity.py            # full sweep + plot (under a minute)
     python benchmarks/bench_fidelity.py --quick    # 2 settings per sweep, no plot
@@ -371,6 +373,30 @@ def print_llm(steps: int, n_calib: int, n_test: int) -> None:
         ["setting", "method", "heads kept", "MLP width", "FLOPs kept", "perplexity",
          "÷ original"],
         heads_table(steps, n_calib, n_test), ["s", "s", "d", "d", ".3f", ".3f", ".3f"])
+    print_stream(steps, n_calib, n_test, quick=steps < 100)
+
+
+def print_stream(steps: int, n_calib: int, n_test: int, quick: bool = False) -> None:
+    """The same LM's residual stream (hidden size): methods, then with the other axes."""
+    from _llm import HIDDEN
+    from _llm_stream import combined_table, stream_rank, stream_table
+
+    rank = stream_rank(steps, n_calib)
+    print(f"\nstream directions (of {HIDDEN}) for 1 / 5 / 10 % relative error of the "
+          f"normalized stream: {rank[0.01]} / {rank[0.05]} / {rank[0.1]} (a toy model with a "
+          "byte vocabulary: a real LLM's stream differs)")
+    print_table(
+        "LLaMA-shaped causal LM, residual stream (hidden size) pruned alone: held-out "
+        "perplexity, no fine-tuning",
+        ["method", "hidden kept", "FLOPs kept", "perplexity", "÷ original"],
+        stream_table(steps, n_calib, n_test, **({"kept": (0.75,)} if quick else {})),
+        ["s", "d", ".3f", ".3f", ".3f"])
+    print_table(
+        "LLaMA-shaped causal LM, one target_flops budget over the axes: held-out perplexity",
+        ["target_flops", "axes", "hidden", "FLOPs kept", "layer params kept", "perplexity",
+         "÷ original"],
+        combined_table(steps, n_calib, n_test, **({"budgets": (0.65,)} if quick else {})),
+        ["s", "s", "d", ".3f", ".3f", ".3f", ".3f"])
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ def test_bench_fidelity_quick():
             assert len(table_rows(out, f"{model}, {sweep} sweep")) >= 2
     summary = table_rows(out, "summary: top-1 agreement")
     assert any("target_flops=0.25" in row for row in summary)
+    if "no causal-LM table" not in out:
+        assert len(table_rows(out, "LLaMA-shaped causal LM, residual stream")) == 6
+        combined = table_rows(out, "LLaMA-shaped causal LM, one target_flops budget")
+        assert sum("SliceGPT" in row for row in combined) == 1
     for model in ("digits CNN", "digits MLP"):
         for sweep in ("target_flops", "rank"):
             rows = table_rows(out, f"{model}, calibration modes, {sweep} sweep")
@@ -75,7 +79,17 @@ def test_bench_coverage_quick():
     out = run_quick("bench_coverage.py")
     rows = table_rows(out, "share of FLOPs in prunable widths")
     assert rows[0].startswith("| mlp ")
-    assert len(rows) in (2, 3)  # hf_llama needs transformers
+    assert len(rows) in (3, 4)  # hf_llama needs transformers
+    heads = table_rows(out, "attention blocks: found, pruned")
+    assert any(row.startswith("| timm_vit ") and "|     2 |      2 |" in row for row in heads)
+
+
+def test_bench_vit_heads_quick():
+    out = run_quick("bench_vit_heads.py")
+    rows = table_rows(out, "heads of a ViT on the digits")
+    assert [row.split("|")[3].strip() for row in rows] == [
+        "original", "ID", "ID without T", "magnitude"] * 2
+    assert len(table_rows(out, "nn.TransformerEncoder")) == 4
 
 
 def test_bench_joint_quick():

@@ -3,6 +3,7 @@
 from ._compressor import NetworkCompressor
 from ._io import load_compressed, save_compressed
 from ._kinds import register_layer_kind
+from ._mha import PrunedMultiheadAttention
 from ._objectives import (
     ActivationsObjective,
     Calibration,
@@ -25,6 +26,7 @@ __all__ = [
     "Objective",
     "OriginalCalibration",
     "OutputsObjective",
+    "PrunedMultiheadAttention",
     "SequentialCalibration",
     "load_compressed",
     "register_calibration",

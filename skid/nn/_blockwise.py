@@ -72,17 +72,25 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         w = _Walk(planner, targets, units, *data, cache, widths)
         return w.run(layout, device, home, mode), w.source.n_samples
 
-    if settings.target_flops is None:
+    uniform_tol = settings.uniform and settings.target_flops is None and settings.rank is None
+    if settings.target_flops is None and not uniform_tol:
         (selections,), n = walk([work], calibration)
         return Plan(tuple(selections), n)
     (curves,), _ = walk([work], _COLLECT)
-    # as one pass does (Planner.faithful_widths): the candidates' folds are fitted without
-    # the held-out rows that judge them, and the greedy's curves weighted by output effects
-    split = _sensitivity.split_held_out(batches)
-    rest, judge = split if split is not None else (batches, _sensitivity.held_out_batch(batches))
-    held_out = (rest, key if key is None or split is None else fingerprint(key, "held out"))
-    weights = _output_weights(planner, work, units, curves, walk, held_out, home)
-    candidates = planner.flops_candidates(curves, units, work, weights)
+    split, judge, held_out = None, batches.first, (batches, key)
+    if uniform_tol:  # one width per kind of repeated unit needs every unit's curve first
+        candidates = [planner.widths(curves, units)]
+    else:
+        # as one pass does (Planner.faithful_widths): the candidates' folds are fitted
+        # without the held-out rows that judge them, the greedy's curves weighted by their
+        # output effects
+        split = _sensitivity.split_held_out(batches)
+        rest, judge = split if split is not None else (batches,
+                                                       _sensitivity.held_out_batch(batches))
+        held_out = (rest, key if key is None or split is None else fingerprint(key, "held out"))
+        weights = None if settings.uniform else _output_weights(planner, work, units, curves,
+                                                                 walk, held_out, home)
+        candidates = planner.flops_candidates(curves, units, work, weights)
     del curves
     batched = not calibration.follows_compression and split is None
     if len(candidates) > 1:

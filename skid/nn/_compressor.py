@@ -23,7 +23,7 @@ from .. import metrics
 from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
-from . import _distributed, _intercept
+from . import _distributed, _hf_config, _intercept, _residual
 from ._blocks import find_blocks
 from ._blockwise import blockwise_plan
 from ._calibration import (
@@ -37,7 +37,7 @@ from ._calibration import (
     run_model,
 )
 from ._flops import count_flops, count_params
-from ._heads import find_heads, in_forward_order
+from ._heads import find_heads, in_forward_order, release_heads
 from ._model_checks import check_model
 from ._objectives import (
     Calibration,
@@ -54,7 +54,7 @@ from ._unit_kinds import unit_kind
 
 __all__ = ["NetworkCompressor"]
 
-#: What ``prune`` may name: channel groups, attention heads, CNN residual streams.
+#: What ``prune`` may name: channel groups, attention heads, residual streams.
 _STRUCTURES = ("channels", "heads", "residual")
 
 class NetworkCompressor(TransformerMixin, BaseEstimator):
@@ -102,26 +102,62 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
     prune : {"channels", "heads", "residual"} or collection of them, \
             default=("channels", "heads")
         What to narrow. ``"channels"``: channel groups (neurons, conv channels, gated MLP
-        widths). ``"heads"``: the heads of self-attention blocks (HF LLaMA/Qwen2/Mistral/ViT
-        ``q/k/v/o_proj``, BERT/RoBERTa ``self.query/key/value`` + ``output.dense``, GPT-2's
-        fused ``c_attn``): whole heads are kept by a block ID of the output projection's
-        input and the least-squares correction is folded into the output projection; with
+        widths). ``"heads"``: the heads of attention blocks (HF LLaMA/Qwen2/Mistral/ViT,
+        BERT/RoBERTa, DistilBERT, GPT-2, BART/Marian/Whisper, CLIP; timm's ``Attention`` and
+        Swin ``WindowAttention``; ``nn.MultiheadAttention``, which becomes
+        ``skid.nn.PrunedMultiheadAttention`` when it loses heads; the table is in
+        ``skid/nn/_attention_layouts.py``): whole heads are kept by a block ID of the output
+        projection's input and the least-squares correction is folded into it; with
         grouped-query attention every key/value group keeps the same number of query heads,
         or whole groups go, whichever has the smaller error, so the model's own code runs.
         For heads, ``rank`` is the fraction of each key/value group's heads, ``width_before``
         and ``width_after`` count heads, and ``target_flops`` counts the attention scores.
         With ``calibration="corrective"`` the heads are chosen on the compressed model's
         output-projection input and ``T`` is fitted to the original model's.
-        ``"residual"``: the residual stream of a CNN stage (ResNet/ResNeXt/RegNet basic and
-        bottleneck blocks, MobileNetV2/EfficientNet projection streams), the channels between
-        two downsamples, as one unit: its writers (the stage's first conv or projection
+        ``"residual"``: residual streams, one unit each. A pre-norm transformer's stream (its
+        hidden size; HF LLaMA, Qwen2/3, Mistral, Gemma, GPT-2, ViT) is written by the
+        embeddings and every layer adding into it and read through every norm: see
+        ``stream``. ``rank`` is
+        the fraction of the hidden size; ``tol`` bounds the relative error of the normalized
+        stream summed over every norm's input; under ``target_flops`` the stream's width
+        counts in every layer reading or writing it. Calibrated by a pass over the whole model
+        (block-wise calibration runs the other units block by block and the stream in a pass
+        of its own; with ``target_flops`` everything is one pass, ``blocks="auto"`` falling
+        back to it), after the other units, so ``"sequential"``/``"corrective"`` compute it
+        on the model compressed so far (a rotation has no ``T`` to fit to the original).
+        Tied input/output embeddings are untied (with a warning). Streams that cannot be
+        pruned are listed in ``skipped_`` with the reason (post-norm BERT, sandwich norms, a
+        model whose output is the stream). A CNN stage's stream (ResNet/ResNeXt/RegNet basic
+        and bottleneck blocks, MobileNetV2/EfficientNet projection streams), the channels
+        between two downsamples, is one unit too: its writers (the stage's first conv or projection
         shortcut and every block's last conv, with their BatchNorms) keep the same channels
         ``J``, chosen by the joint ID of every reading of the stream, and each dense reader
         (every block's first conv, the next stage's projection and first conv, the pooled
         classifier) gets its own ``T``. Its width counts in every writer and reader for
         ``target_flops``; its error (what ``tol`` bounds and the budget weighs) is the root of
         the *sum* of its readings' squared relative errors: each reading feeds another block.
-        Transformer streams (through LayerNorm/RMSNorm) are skipped with the reason.
+    stream : {"rotate", "select"}, default="rotate"
+        How a transformer's stream is narrowed (a CNN stage's always keeps channels).
+        ``"rotate"``: every norm's gain is folded into its readers and the stream is written
+        in one orthogonal basis — the principal directions of the
+        normalized stream, one Gram per norm input summed — whose last directions are sliced,
+        each norm's readers reading the kept directions through their least-squares map
+        (exact at full width: RMS norms commute with a rotation; LayerNorm streams are made
+        zero-mean and kept in the zero-sum subspace, so the model's own LayerNorm still
+        applies); no matrix is added on the shortcuts and the result is the model's own
+        classes with a smaller hidden size. ``"select"``: the joint ID keeps stream
+        coordinates (one kept set for every writer, a least-squares ``T`` and one RMS constant
+        per norm; RMS-norm streams only).
+    uniform : bool, default=False
+        Give every repeated unit of a kind (every MLP, every attention block, the stream) one
+        width, chosen by the same rule applied to the kind as a whole (``tol``: the widest
+        any member needs; ``target_flops``: the budget over the kinds, each with the root
+        mean square of its members' errors), so a Hugging Face model stays homogeneous: its
+        ``config`` then carries ``hidden_size``, ``intermediate_size``,
+        ``num_attention_heads``, ``num_key_value_heads`` and an explicit ``head_dim``, and
+        ``compressed_model_.save_pretrained(dir)`` reloads with ``from_pretrained(dir)``
+        (a warning says when the config cannot describe the widths). The stream's width is
+        written into the config either way.
     objective : {"activations", "outputs"} or Objective, default="activations"
         What the kept channels must reconstruct (a registered name or an
         :class:`skid.nn.Objective`, e.g. ``OutputsObjective(pivots="greedy")``).
@@ -206,11 +242,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         The compressed copy (same classes, narrower), in eval mode, on the model's device and
         dtype.
     layers_ : list of dict
-        One per pruned channel group: ``kind`` (``"channels"`` or ``"residual"``),
+        One per pruned unit: ``kind`` (``"channels"``, ``"heads"`` or ``"residual"``),
         ``producers`` and ``consumers`` (lists of qualified names; a stream's writers and
         readers), ``producer`` and ``consumer`` (the first of each), ``width_before``,
-        ``width_after``, ``error``; a residual stream's row adds ``passthroughs`` (the
-        per-channel modules sliced with it). ``pandas.DataFrame(layers_)`` is the report.
+        ``width_after``, ``error``; a CNN stage's row adds ``passthroughs`` (the per-channel
+        modules sliced with it), a transformer stream's ``norms``, ``stream``, ``norm`` and
+        ``untied``. ``pandas.DataFrame(layers_)`` is the report.
         ``error`` is the relative error on the calibration data of what the consumers see:
         the ID error ``‖Z − Z[:, J] T‖_F / ‖Z‖_F`` of their input ``Z`` in the model it was
         calibrated on (the original, or for ``"sequential"`` the model compressed so far; for
@@ -292,6 +329,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "layers": [Options(("auto",)), list, tuple],
         "exclude": [list, tuple, set, frozenset, str],
         "prune": [Options(_STRUCTURES), SubsetOf(_STRUCTURES)],
+        "stream": [Options(("rotate", "select"))],
+        "uniform": [bool],
         "objective": [Registered(objective_names, Objective)],
         "calibration": [Registered(calibration_names, Calibration)],
         "blocks": [None, str],
@@ -314,6 +353,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         layers="auto",
         exclude=(),
         prune=("channels", "heads"),
+        stream="rotate",
+        uniform=False,
         objective="activations",
         calibration="original",
         blocks="auto",
@@ -332,6 +373,8 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.layers = layers
         self.exclude = exclude
         self.prune = prune
+        self.stream = stream
+        self.uniform = uniform
         self.objective = objective
         self.calibration = calibration
         self.blocks = blocks
@@ -384,7 +427,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         work = _working_copy(model, stage)
         example = example_inputs(batches.first, stage, dtype)
         units = self._find_units(work, example, settings)
-        layout = find_blocks(work, example, settings.blocks, units)
+        layout = self._find_blocks(work, example, settings, units)
         self.blocks_ = None if layout is None else layout.name
         if layout is not None:
             batches.make_reusable()  # several passes over the data
@@ -405,10 +448,14 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             bias_flags = _intercept.hf_bias_flags(work, _intercept.new_biases(work, units))
             if layout is None:
                 plan = plan_one_pass(settings, work, units, batches, key, cache, flops_info)
+            elif any(_residual.is_residual(u) for u in units):
+                plan = _residual.blockwise(settings, work, units, layout, batches, key, cache,
+                                           flops_info, stage)
             else:
                 plan = blockwise_plan(settings, work, units, layout, batches, key, cache,
                                       flops_info, stage)
         _intercept.set_hf_bias_flags(work, bias_flags)
+        _hf_config.update(work, plan, uniform=settings.uniform)
         self.plan_ = plan
         self.n_calibration_samples_ = plan.n_samples
         self.n_calibration_passes_ = calibration_passes() - passes_before
@@ -485,9 +532,18 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
             if settings.layers != "auto":  # heads are named by their attention block
                 wanted = {n if isinstance(n, str) else n[0] for n in settings.layers}
-                heads = [h for h in heads if h.attention in wanted or h.producer in wanted]
+                dropped = [h for h in heads if h.attention not in wanted
+                           and h.producer not in wanted]
+                release_heads(work, dropped)
+                heads = [h for h in heads if h not in dropped]
             units = in_forward_order(work, units + heads, args, kwargs)
             skipped += skipped_heads
+        if "residual" in prune:  # after the rest: "sequential" sees them compressed first
+            streams, skipped_stream = _residual.find(work, example, exclude=settings.exclude,
+                                                     layers=settings.layers)
+            if any(u.kind == "residual_stage" for u in units):
+                skipped_stream = []  # a CNN's streams were found: no transformer to miss
+            units, skipped = units + streams, skipped + skipped_stream
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
         if settings.verbose:
             for s in skipped:
@@ -497,10 +553,26 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             raise NotPrunableError(
                 f"No prunable unit in this {type(work).__name__} (prune={self.prune!r}): no "
                 f"Linear/Conv layer's output channels reach only following Linear/Conv layers "
-                f"through per-channel operations and gates, and no attention block's heads "
-                f"can be pruned.{reasons or ' The model has no Linear/Conv layer.'}"
+                f"through per-channel operations and gates, no attention block's heads "
+                f"and no residual stream can be pruned."
+                f"{reasons or ' The model has no Linear/Conv layer.'}"
             )
         return units
+
+    def _find_blocks(self, work, example, settings, units):
+        """The block layout of the units (the stream aside), or None for one pass: with a
+        stream, ``target_flops`` budgets it with the other units in one pass."""
+        others = [u for u in units if not _residual.is_residual(u)]
+        if len(others) < len(units) and settings.blocks is not None and (
+                settings.target_flops is not None or not others):
+            if settings.blocks != "auto":
+                raise ValueError(
+                    f"blocks={settings.blocks!r} with prune including 'residual' and "
+                    f"{'target_flops' if others else 'no other unit'}: the stream's width is "
+                    "budgeted with the other units in one pass over the model; use "
+                    "blocks='auto' or None.")
+            return None
+        return find_blocks(work, example, settings.blocks, others)
 
     def _cache_key(self, batches: Batches, units, settings) -> str:
         """Content key of the statistics: the model's key, the data, the units and route."""

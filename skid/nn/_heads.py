@@ -14,16 +14,13 @@ selections keep a grouping the code can run: the same number of query heads in e
 group (key/value heads all stay), or whole key/value groups with all their query heads. Both are
 factorized and, for every number of heads, the one with the smaller error is used.
 
-A layout (:class:`AttentionLayout`) says where a family keeps its projections; the recognisers
-in ``_LAYOUTS`` cover HF LLaMA/Qwen2/Mistral/Gemma/ViT (``q/k/v/o_proj``), BERT/RoBERTa
-(``self.query/key/value`` + ``output.dense``) and GPT-2 (fused ``c_attn``); torch's fused
-``nn.MultiheadAttention`` and T5 (relative position bias shared across layers) are skipped with
-their reason.
+A layout (:class:`AttentionLayout`) says where a family keeps its projections and which
+tensors follow its heads; the table of families is :mod:`skid.nn._attention_layouts`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,9 +28,10 @@ from torch import nn
 
 from .._linalg import BlockPivotedFactorization
 from . import _budget
+from ._attention_layouts import FORMS, AttentionLayout, attention_layout
 from ._head_greedy import groupwise_candidates
 from ._plan import Consumer, Skipped
-from ._surgery import fold_in, slice_out, surgery_for
+from ._surgery import fold_in, sharing_copy, slice_out, surgery_for
 
 __all__ = [
     "AttentionLayout",
@@ -44,6 +42,7 @@ __all__ = [
     "attention_layout",
     "find_heads",
     "in_forward_order",
+    "release_heads",
 ]
 
 #: Attributes holding a head count or a heads-wide size, and how each follows a new count:
@@ -57,24 +56,8 @@ _HEAD_ATTRIBUTES = {
     "all_head_size": lambda h, kv, d: h * d,
     "split_size": lambda h, kv, d: h * d,
     "inner_dim": lambda h, kv, d: h * d,
+    "attn_dim": lambda h, kv, d: h * d,
 }
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Where an attention family keeps its projections (names relative to the block).
-
-    ``fused``: queries, keys and values are the three equal thirds of one module's output
-    (GPT-2's ``c_attn``); ``holder`` is the submodule whose attributes hold the head counts.
-    """
-
-    queries: str
-    keys: str
-    values: str
-    output: str
-    head_dim: int
-    holder: str = ""
-    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,7 +76,10 @@ class HeadUnit:
     passthroughs: tuple = field(default=(), init=False)
 
     def name(self, relative: str) -> str:
-        return f"{self.attention}.{relative}" if self.attention else relative
+        """The qualified name of a submodule of the block ("" is the block itself)."""
+        if not relative or not self.attention:
+            return relative or self.attention
+        return f"{self.attention}.{relative}"
 
     @property
     def head_dim(self) -> int:
@@ -137,7 +123,7 @@ class HeadUnit:
     def modules(self) -> tuple:
         """Modules whose FLOPs scale with the kept heads; the block's own name stands for its
         attention scores (what its FLOPs hold beyond its projections)."""
-        return (*self.producers, self.consumer, self.attention)
+        return tuple(dict.fromkeys((*self.producers, self.consumer, self.attention)))
 
 
 @dataclass(frozen=True)
@@ -162,93 +148,26 @@ class HeadSelection:
         return torch.as_tensor(self.heads)
 
 
-# ------------------------------------------------------------------------------ layouts
-
-
-def _int_attr(module, name):
-    value = getattr(module, name, None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _linear_children(module, *names):
-    children = [getattr(module, n, None) for n in names]
-    return all(isinstance(c, nn.Linear) for c in children)
-
-
-def _projections_layout(module):
-    """``q_proj/k_proj/v_proj/o_proj`` and ``head_dim`` (HF LLaMA, Qwen2, Mistral, ViT...)."""
-    head_dim = _int_attr(module, "head_dim")
-    if head_dim and _linear_children(module, "q_proj", "k_proj", "v_proj", "o_proj"):
-        return AttentionLayout("q_proj", "k_proj", "v_proj", "o_proj", head_dim)
-    return None
-
-
-def _bert_layout(module):
-    """``self.query/key/value`` with ``attention_head_size`` and ``output.dense`` (HF BERT)."""
-    inner, output = getattr(module, "self", None), getattr(module, "output", None)
-    if inner is None or output is None or not _linear_children(output, "dense"):
-        return None
-    head_dim = _int_attr(inner, "attention_head_size")
-    if head_dim and _linear_children(inner, "query", "key", "value"):
-        return AttentionLayout("self.query", "self.key", "self.value", "output.dense",
-                               head_dim, holder="self")
-    return None
-
-
-def _gpt2_layout(module):
-    """GPT-2: q, k, v fused in ``c_attn`` (HF ``Conv1D``), output ``c_proj``."""
-    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
-    if type(c_attn).__name__ != "Conv1D" or type(c_proj).__name__ != "Conv1D":
-        return None
-    if getattr(module, "is_cross_attention", False):
-        return "cross-attention (keys and values from another sequence) is not supported yet"
-    head_dim = _int_attr(module, "head_dim")
-    if head_dim and _int_attr(module, "split_size"):
-        return AttentionLayout("c_attn", "c_attn", "c_attn", "c_proj", head_dim, fused=True)
-    return None
-
-
-def _unsupported(module):
-    if isinstance(module, nn.MultiheadAttention):
-        return ("torch's fused nn.MultiheadAttention requires heads × head_dim == embed_dim, "
-                "so its heads cannot be pruned in place")
-    if hasattr(module, "relative_attention_bias") or hasattr(
-        module, "has_relative_attention_bias"
-    ):
-        return ("a relative position bias computed once and shared by later layers (T5) "
-                "fixes the head count; not supported yet")
-    return None
-
-
-_LAYOUTS = (_unsupported, _projections_layout, _bert_layout, _gpt2_layout)
-
-
-def attention_layout(module: nn.Module):
-    """The module's :class:`AttentionLayout`, a reason string if it is an unsupported attention,
-    or None when it is not an attention block."""
-    for recognise in _LAYOUTS:
-        found = recognise(module)
-        if found is not None:
-            return found
-    return None
-
-
 # ------------------------------------------------------------------------------ discovery
 
 
 def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=()):
     """Self-attention blocks whose heads can be pruned, and the attention blocks left alone.
 
-    A block counts only if the forward pass on the example calls its output projection.
+    A block counts only if the forward pass on the example calls its output projection, and
+    only if its forward runs with one head (or key/value group) fewer: a block whose code fixes
+    its width another way (a reshape to the input width) is skipped with the error it raised.
+    ``model`` must be the compressor's working copy: a block with a ``form`` (an
+    ``nn.MultiheadAttention``) takes that class in place, with all its heads.
 
     Returns
     -------
     units : list of HeadUnit, in forward order
     skipped : list of Skipped
     """
-    modules = dict(model.named_modules())
+    example_kwargs = example_kwargs or {}
     found, skipped = [], []
-    for name, module in modules.items():
+    for name, module in model.named_modules():
         layout = attention_layout(module)
         if layout is None:
             continue
@@ -258,20 +177,40 @@ def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(
         if any(name == e or name.startswith(e + ".") for e in exclude if e):
             skipped.append(Skipped(name, "attention heads: excluded"))
             continue
+        if layout.form:
+            FORMS[layout.form][0](module)
         unit, reason = _head_unit(model, name, layout)
         if unit is None:
+            _restore(module, layout)
             skipped.append(Skipped(name, f"attention heads: {reason}"))
         else:
             found.append(unit)
-    order = _call_order(model, [u.consumer for u in found], example_args, example_kwargs or {})
+    order = _call_order(model, [u.consumer for u in found], example_args, example_kwargs)
+    failures = _fewer_heads_fail(model, [u for u in found if u.consumer in order],
+                                 example_args, example_kwargs)
     units = []
     for unit in found:
-        if unit.consumer in order:
+        reason = ("never called on the data" if unit.consumer not in order
+                  else failures.get(unit.attention))
+        if reason is None:
             units.append(unit)
         else:
-            skipped.append(Skipped(unit.attention, "attention heads: never called on the data"))
+            _restore(model.get_submodule(unit.attention), unit.layout)
+            skipped.append(Skipped(unit.attention, f"attention heads: {reason}"))
     units.sort(key=lambda u: order[u.consumer])
     return units, skipped
+
+
+def _restore(module, layout):
+    if layout.form:
+        FORMS[layout.form][1](module)
+
+
+def release_heads(model: nn.Module, units) -> None:
+    """Give the blocks of ``units`` that will not be pruned back their own class (the form
+    :func:`find_heads` gave them, e.g. ``PrunedMultiheadAttention``, is for pruning)."""
+    for unit in units:
+        _restore(model.get_submodule(unit.attention), unit.layout)
 
 
 def _head_unit(model, name, layout):
@@ -289,13 +228,99 @@ def _head_unit(model, name, layout):
     n_heads, n_kv = q_width // d, kv_width // d
     if n_heads % n_kv:
         return None, f"{n_heads} query heads do not split evenly over {n_kv} key/value heads"
-    holder = model.get_submodule(unit.name(layout.holder) if layout.holder else name)
+    holder = model.get_submodule(unit.name(layout.holder))
     groups = _int_attr(holder, "num_key_value_groups")
     if groups is not None and groups != n_heads // n_kv:
         return None, f"num_key_value_groups={groups} does not match {n_heads}/{n_kv} heads"
     if n_heads < 2:
         return None, "a single head"
+    block = model.get_submodule(name)
+    for spec in layout.per_head:
+        size, expected = _per_head_size(block, spec), n_heads * (d if spec.rows else 1)
+        if size != expected:
+            return None, f"{spec.name} has {size} entries where {expected} follow the heads"
     return HeadUnit(name, layout, n_heads, n_kv), None
+
+
+def _per_head_size(block, spec) -> int:
+    found = _per_head_target(block, spec)
+    if isinstance(found, nn.Module):
+        return _out_width(found)
+    return int(found.shape[spec.axis]) if found.dim() > spec.axis else -1
+
+
+def _per_head_target(block, spec):
+    """The module, or the tensor, that ``spec`` names in ``block``."""
+    owner, _, leaf = spec.name.rpartition(".")
+    return getattr(block.get_submodule(owner), leaf)
+
+
+#: Keyword arguments of a block's forward that carry a cache a probe must not update.
+_CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def _fewer_heads_fail(model, units, args, kwargs) -> dict:
+    """``attention -> reason`` for the blocks whose forward does not run with fewer heads.
+
+    Each block, on its first call, is copied (sharing the tensors, which the surgery replaces)
+    and run on the same inputs with one head, or key/value group, fewer; a block fails if that
+    raises or gives an output of another shape.
+    """
+    failures, tried, handles = {}, set(), []
+    for unit in units:
+        def probe(block, inputs, kw, output, unit=unit):
+            if unit.attention in tried:
+                return  # later calls, and the copy's own call (it copies this hook)
+            tried.add(unit.attention)
+            reason = _try_fewer_heads(block, unit, inputs, kw, output)
+            if reason:
+                failures[unit.attention] = reason
+        block = model.get_submodule(unit.attention)
+        handles.append(block.register_forward_hook(probe, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return failures
+
+
+def _try_fewer_heads(block, unit, args, kwargs, output):
+    H, n_kv, size, d = unit.n_heads, unit.n_kv_heads, unit.group_size, unit.head_dim
+    local = replace(unit, attention="")
+    if size == 1 or n_kv == 1:
+        heads = np.arange(H - 1)
+        kv_heads = heads if size == 1 else np.arange(n_kv)
+    else:
+        heads, kv_heads = np.arange(H - size), np.arange(n_kv - 1)
+    columns = _rows(heads, d)
+    T = np.zeros((columns.size, H * d))
+    T[np.arange(columns.size), columns] = 1.0
+    kwargs = {k: (None if k in _CACHES else False if k == "use_cache" else v)
+              for k, v in kwargs.items()}
+    try:
+        small = apply_head_selection(sharing_copy(block),
+                                     HeadSelection(local, heads, kv_heads, T, 0.0))
+        out = small(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure means the block cannot lose heads
+        message = " ".join(str(exc).split())[:160]
+        return f"its forward does not run with fewer heads ({type(exc).__name__}: {message})"
+    before, after = _first_tensor(output), _first_tensor(out)
+    if before is not None and (after is None or after.shape != before.shape):
+        return "its output changes shape with fewer heads"
+    return None
+
+
+def _first_tensor(output):
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def _int_attr(module, name):
+    value = getattr(module, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _out_width(module) -> int:
@@ -482,6 +507,13 @@ def apply_head_selection(model: nn.Module, selection: HeadSelection) -> nn.Modul
     layout, d = unit.layout, unit.head_dim
     if heads.size == 0 or heads.size % kv_heads.size:
         raise ValueError(f"{heads.size} query heads cannot share {kv_heads.size} key/value heads")
+    block = model.get_submodule(unit.attention)
+    if heads.size == unit.n_heads:  # T is the identity: nothing to cut; the original class
+        fold_in(model.get_submodule(unit.consumer), selection.interpolation)
+        _restore(block, layout)
+        return model
+    if layout.form:  # a copy that find_heads did not see (a baseline's) takes the form here
+        FORMS[layout.form][0](block)
     rows = _rows(heads, d)
     q = model.get_submodule(unit.name(layout.queries))
     if layout.fused:
@@ -493,12 +525,30 @@ def apply_head_selection(model: nn.Module, selection: HeadSelection) -> nn.Modul
             for name in (layout.keys, layout.values):
                 slice_out(model.get_submodule(unit.name(name)), _rows(kv_heads, d))
     fold_in(model.get_submodule(unit.consumer), selection.interpolation)
-    holder = model.get_submodule(unit.name(layout.holder) if layout.holder else unit.attention)
+    for spec in layout.per_head:
+        _slice_per_head(block, spec, rows if spec.rows else np.asarray(heads))
+    holder = model.get_submodule(unit.name(layout.holder))
     n_kv = heads.size if unit.group_size == 1 else kv_heads.size
     for attribute, value in _HEAD_ATTRIBUTES.items():
         if _int_attr(holder, attribute) is not None:
             setattr(holder, attribute, value(heads.size, n_kv, d))
     return model
+
+
+def _slice_per_head(block, spec, keep) -> None:
+    """Keep the entries ``keep`` of a per-head tensor (a new tensor: never written into)."""
+    target = _per_head_target(block, spec)
+    if isinstance(target, nn.Module):
+        slice_out(target, keep)
+        return
+    owner, _, leaf = spec.name.rpartition(".")
+    owner = block.get_submodule(owner)
+    index = torch.as_tensor(keep, device=target.device)
+    kept = target.detach().index_select(spec.axis, index).clone()
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(kept, requires_grad=target.requires_grad)
+    else:
+        owner._buffers[leaf] = kept
 
 
 def _rows(heads, head_dim) -> np.ndarray:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._mha import PRUNED_FORMS
+
 __all__ = ["load_compressed", "save_compressed"]
 
 FORMAT = "skid-compressed"
@@ -121,6 +123,9 @@ def load_compressed(model: nn.Module, path) -> nn.Module:
     _check_weights(weights_path, model, changes)
     undo = []
     try:
+        for module, convert, revert in _pruned_forms(plan, model):
+            convert(module)  # the class the compressor gave the pruned block (same tensors)
+            undo.append(lambda module=module, revert=revert: revert(module))
         for module, attributes, shapes in changes:
             undo.append(_resize(module, attributes, shapes))
         missing, unexpected = load_model(model, os.fspath(weights_path), strict=False)
@@ -226,7 +231,8 @@ def _checked_changes(plan, model: nn.Module, where: Path) -> list:
         module = modules[name]
         if not isinstance(entry, dict) or set(entry) != {"class", "attributes", "tensors"}:
             raise bad(f"entry of {name!r} must have exactly 'class', 'attributes', 'tensors'")
-        if entry["class"] != type(module).__name__:
+        pruned = _pruned_form(module, entry["class"]) is not None
+        if entry["class"] != type(module).__name__ and not pruned:
             raise bad(
                 f"{name!r} is a {entry['class']} in the plan but a {type(module).__name__} here: "
                 "build the same architecture as the original"
@@ -236,6 +242,25 @@ def _checked_changes(plan, model: nn.Module, where: Path) -> list:
         _check_widths(name, module, attributes, shapes, bad)
         changes.append((module, attributes, shapes))
     return changes
+
+
+def _pruned_form(module: nn.Module, class_name):
+    """``(convert, revert)`` in place between ``module``'s class and ``class_name``, when that
+    is the class the compressor gives such a module with fewer heads
+    (``PrunedMultiheadAttention``), else None."""
+    base, *conversions = PRUNED_FORMS.get(class_name, (None,))
+    return tuple(conversions) if base is not None and type(module) is base else None
+
+
+def _pruned_forms(plan, model: nn.Module) -> list:
+    """``(module, convert, revert)`` for the modules of a checked plan saved in such a class."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, entry in plan["modules"].items():
+        form = _pruned_form(modules[name], entry["class"])
+        if entry["class"] != type(modules[name]).__name__ and form is not None:
+            found.append((modules[name], *form))
+    return found
 
 
 def _checked_attributes(name, module, attributes, bad) -> dict:
@@ -299,6 +324,12 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
                 f"shape {shape!r} of {name}.{key} must list {tensors[key].ndim} integers no "
                 f"larger than {list(tensors[key].shape)} (compression only narrows)"
             )
+        if key in module._non_persistent_buffers_set and list(tensors[key].shape) != shape:
+            raise bad(
+                f"{name}.{key} is a non-persistent buffer narrowed by the compression: its "
+                "values are not in the saved weights, so it cannot be restored (torch.save the "
+                "compressed model instead)"
+            )
     return shapes
 
 
@@ -340,6 +371,9 @@ def _resize(module: nn.Module, attributes: dict, shapes: dict):
             module._buffers[key] = new
     for key, value in attributes.items():
         setattr(module, key, value)
+    if isinstance(getattr(module, "normalized_shape", None), tuple) and "weight" in shapes:
+        values.setdefault("normalized_shape", module.normalized_shape)  # put back on failure
+        module.normalized_shape = tuple(shapes["weight"])  # a narrowed stream's LayerNorm
     return restore
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import _corrective, _policy
 from .._linalg import PivotedFactorization
-from . import _budget, _sensitivity
+from . import _budget, _sensitivity, _uniform
 from ._calibration import fingerprint, reading_consumers
 from ._joint import reading_error
 from ._outputs import batch_outputs, output_distance
@@ -90,13 +90,19 @@ class StatisticsSource:
     def statistics(self, key, units, *, method=None, precision=None, warn=True) -> list:
         """The factorizations of ``units``' consumer inputs (``key``: their content key)."""
         s = self.settings
-        self.rewind()
-        facs, self.n_samples = self.cache.get(
-            key, self.work, list(units), self.batches, method=method or s.method,
-            precision=precision or s.precision, verbose=s.verbose)
-        if warn:
-            _warn_few_rows(units, facs)
-        return facs
+        own = {i: unit_kind(u).statistics(self, key, u) for i, u in enumerate(units)}
+        own = {i: fac for i, fac in own.items() if fac is not None}
+        shared = [u for i, u in enumerate(units) if i not in own]
+        facs = []
+        if shared:
+            self.rewind()
+            facs, self.n_samples = self.cache.get(
+                key, self.work, shared, self.batches, method=method or s.method,
+                precision=precision or s.precision, verbose=s.verbose)
+            if warn:
+                _warn_few_rows(shared, facs)
+        facs = iter(facs)
+        return [own[i] if i in own else next(facs) for i in range(len(units))]
 
     def corrective(self, key, unit, consumer=None):
         """:class:`skid._corrective.CrossStatistics` of ``unit``'s consumer input (or one
@@ -153,6 +159,8 @@ class Planner:
         s = self.settings
         if s.target_flops is not None:
             return self.faithful_widths(source, facs, units, work, key)
+        if s.uniform:
+            return _uniform.widths(units, facs, rank=s.rank, tol=s.tol)
         if s.rank is not None:
             return np.array([unit_kind(u).width_for_rank(u, fac, s.rank)
                              for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
@@ -165,6 +173,10 @@ class Planner:
         the plain uniform cut. ``facs`` need only ``errors`` (and, for heads,
         ``valid_counts`` and ``valid``): an ``ErrorCurve`` will do."""
         module_flops, total = self.flops_info
+        if self.settings.uniform:
+            return _uniform.flops_candidates(units, facs, self.flops_info,
+                                             self.settings.target_flops,
+                                             concat_widths(work, units))
         model = _budget.FlopsModel.from_units(units, module_flops, total,
                                               concat_widths(work, units))
         kinds = [unit_kind(u) for u in units]
@@ -203,7 +215,7 @@ class Planner:
                 rest, method=s.method, precision=s.precision, verbose=s.verbose)
             fitted = self.for_objective(work, units, fitted)
         weights = None
-        if len(units) > 1:
+        if len(units) > 1 and not s.uniform:  # uniform=True: one width per kind anyway
             (uniform,) = self.flops_candidates(facs, units, work, plain=True)
             weights = _sensitivity.output_weights(
                 work, units, fitted, uniform, first,
@@ -305,6 +317,8 @@ class Planner:
     def corrective_selection(self, source, unit, k, key, selection) -> Selection:
         """One unit's corrective selection at width ``k`` (None: from this fit's rule);
         ``selection`` is how ``J`` is chosen (:data:`skid._corrective.SELECTIONS`)."""
+        if not unit_kind(unit).fits_corrective:  # e.g. a rotation: nothing to fit
+            return self.plain_selection(source, unit, k, key)
         if not _corrective_applies(unit):
             return self._corrective_group(source, unit, k, key)
         stats = source.corrective(key, unit)
@@ -351,7 +365,9 @@ def plan_one_pass(settings, work, units, batches, key, cache, flops_info) -> Pla
     reference = sharing_copy(work) if calibration.needs_reference else None
     source = StatisticsSource(work, batches, cache, settings, reference)
     widths = None
-    if not calibration.follows_compression or settings.target_flops is not None:
+    # a FLOP budget or one width per kind needs every unit's curve first
+    if not calibration.follows_compression or settings.target_flops is not None or (
+            settings.uniform):
         facs = planner.for_objective(work, units, source.statistics(key, units))
         widths = planner.widths(facs, units, work, source, key)
         if not calibration.follows_compression:

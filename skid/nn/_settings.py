@@ -39,6 +39,10 @@ class FitSettings:
     device : torch.device or None
         Where calibration runs (None: the model's device).
     verbose : bool
+    stream : {"rotate", "select"}
+        How a residual stream is narrowed (``prune="residual"``).
+    uniform : bool
+        One width per kind of repeated unit.
     fit_intercept : bool
         ``T`` with a constant column, folded into the consumers' biases
         (:mod:`skid.nn._intercept`).
@@ -58,6 +62,8 @@ class FitSettings:
     blocks: str | None
     device: torch.device | None
     verbose: bool
+    stream: str = "rotate"
+    uniform: bool = False
     fit_intercept: bool = False
 
     @classmethod
@@ -86,6 +92,8 @@ class FitSettings:
             blocks=params["blocks"],
             device=None if device is None else torch.device(device),
             verbose=bool(params["verbose"]),
+            stream=params.get("stream", "rotate"),
+            uniform=bool(params.get("uniform", False)),
             fit_intercept=bool(params.get("fit_intercept", False)),
         )
 

@@ -25,7 +25,18 @@ __all__ = ["UnitKind", "register_unit_kind", "unit_kind"]
 
 
 class UnitKind:
-    """The behaviour of one kind of unit; subclasses override what differs."""
+    """The behaviour of one kind of unit; subclasses override what differs.
+
+    ``fits_corrective``: whether ``calibration="corrective"`` fits a ``T`` to the original
+    model's activations (a kind without one is calibrated as ``"sequential"`` there).
+    """
+
+    fits_corrective = True
+
+    def statistics(self, source, key, unit):
+        """The unit's factorization from a pass of its own, or None: it shares the pass of
+        the channel groups and heads (:meth:`StatisticsSource.statistics`)."""
+        return None
 
     def select(self, unit, fac, k) -> Selection:
         """The plan record of ``unit`` kept at width ``k``."""

@@ -133,7 +133,7 @@ def test_compressor_flops_include_the_transformer_encoders_attention():
 
     seq, d, ff = 6, 32, 64
     model = _encoder(layers=1, d=d, ff=ff)
-    nc = NetworkCompressor(model, rank=0.5).fit(torch.randn(40, seq, d))
+    nc = NetworkCompressor(model, rank=0.5, prune="channels").fit(torch.randn(40, seq, d))
     kept = nc.layers_[0]["width_after"]
     assert nc.flops_["before"] == _attention_by_hand(seq, d, ff, layers=1)
     assert nc.flops_["after"] == _attention_by_hand(seq, d, kept, layers=1)

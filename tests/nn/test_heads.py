@@ -172,10 +172,11 @@ def test_grouped_query_counts_keep_a_valid_grouping():
 
 def test_unsupported_attention_is_reported():
     mha = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1)
-    units, skipped = find_heads(mha, (torch.randn(2, 5, 16),), {})
+    units, skipped = find_heads(mha, (torch.randn(2, 5, 16),), {}, exclude=("layers.0",))
     assert not units
-    assert any("MultiheadAttention" in s.reason for s in skipped)
+    assert any("excluded" in s.reason for s in skipped)
     assert attention_layout(nn.Linear(3, 3)) is None
+    assert "add_bias_kv" in attention_layout(nn.MultiheadAttention(16, 4, add_bias_kv=True))
 
 
 def test_t5_is_skipped_with_its_reason():
