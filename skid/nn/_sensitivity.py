@@ -53,7 +53,7 @@ def output_weights(work, units, facs, widths, batch, fold, outputs, distance) ->
     weights = np.full(len(units), np.nan)
     for i, (unit, fac, k) in enumerate(zip(units, facs, widths, strict=True)):
         error = float(fac.errors[int(k)])
-        if int(k) >= fac.n_features or error <= 0:
+        if int(k) >= len(fac.errors) - 1 or error <= 0:  # kept whole, or exact
             continue
         trial = sharing_copy(work)
         fold(trial, unit, fac, int(k))
