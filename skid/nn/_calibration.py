@@ -26,7 +26,7 @@ from torch import nn
 from .. import _array
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
-from . import _distributed
+from . import _distributed, _intercept
 from ._fingerprint import describe_execution
 from ._heads import HeadFactorization
 from ._joint import BlockFactorization, JointFactorization, sums_readings
@@ -389,8 +389,10 @@ def _statistic_gram(accumulator) -> np.ndarray:
 
 
 def _statistic_width(unit) -> int:
-    """Columns of a unit's statistic: its channels, or every head's columns."""
-    return unit.n_heads * unit.head_dim if unit.kind == "heads" else unit.width
+    """Columns of a unit's statistic: its channels, or every head's columns (and the constant
+    column of ``fit_intercept``)."""
+    width = unit.n_heads * unit.head_dim if unit.kind == "heads" else unit.width
+    return width + _intercept.applies(unit)
 
 
 def reading_consumers(unit):
@@ -441,13 +443,16 @@ def _columns(model, consumer, unit):
 
 def _accumulating_hook(unit, consumer, accumulator, state: _HookState, columns=slice(None),
                        key=None):
-    """A forward pre-hook that feeds the consumer's input rows into ``accumulator``."""
+    """A forward pre-hook that feeds the consumer's input rows into ``accumulator`` (with a
+    constant first column when the fit asks for an intercept)."""
+    constant = _intercept.applies(unit)
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
         # Half-precision rows are upcast block by block inside the accumulator.
         try:
-            accumulator.update(as_samples(module, x, consumer.positions)[:, columns])
+            Z = as_samples(module, x, consumer.positions)[:, columns]
+            accumulator.update(_intercept.with_constant(Z) if constant else Z)
         except NonFiniteDataError:  # NaN/Inf rows: the accumulator refused them, untouched
             raise _NonFiniteActivations(_non_finite_message(unit, consumer.name)) from None
         state.seen.add(consumer.name if key is None else key)
@@ -497,7 +502,7 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
     """
     global _passes
     device, dtype = model_device_dtype(model)
-    accumulator = CrossAccumulator(method, precision)
+    accumulator = CrossAccumulator(method, precision, intercept=_intercept.applies(unit))
     n_samples = 0
     with torch.no_grad():
         for batch in _progress(batches, verbose):
@@ -571,6 +576,8 @@ def _factorize(unit, accumulators):
         if getattr(accumulator, "n_samples", None) == 0:
             raise ValueError(_no_rows_message(unit, consumer.name))
     try:
+        if _intercept.applies(unit):
+            return _intercept_factorization(unit, accumulators[0])
         if unit.kind == "heads":  # whole heads from the output projection's Gram
             return HeadFactorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:
@@ -581,6 +588,18 @@ def _factorize(unit, accumulators):
         return JointFactorization.from_accumulators(accumulators, summed=sums_readings(unit))
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
+
+
+def _intercept_factorization(unit, accumulator):
+    """``fit_intercept``: the ID of the centred rows (heads: the head ID of their Gram), with
+    the means that give the consumer's constant."""
+    if unit.kind != "heads":
+        return _intercept.InterceptFactorization.from_accumulator(accumulator)
+    centred, mean, sq_norm = _intercept.centred_gram(_statistic_gram(accumulator))
+    fac = HeadFactorization(centred, unit)
+    fac.means = (mean, mean)
+    fac.errors = fac.errors * np.sqrt(max(float(np.trace(centred)), 0.0) / sq_norm)
+    return fac
 
 
 def _no_rows_message(unit, consumer) -> str:
