@@ -43,8 +43,8 @@ def windows(tokens: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.stack([tokens[s:s + SEQ + 1] for s in starts.tolist()])
 
 
-def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
-    """The trained model (eval mode)."""
+def make_llama(seed: int = 0):
+    """The untrained model."""
     import transformers
 
     torch.manual_seed(seed)
@@ -52,7 +52,12 @@ def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
         vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
         max_position_embeddings=SEQ, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(config)
+
+
+def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
+    """The trained model (eval mode)."""
+    model = make_llama(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps)
     model.train()
@@ -67,10 +72,18 @@ def train_llama(train: torch.Tensor, steps: int, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=1)
-def trained(steps: int):
-    """``(model, train tokens, held-out tokens)``, trained once per run for every table."""
+def trained(steps: int, cache=None):
+    """``(model, train tokens, held-out tokens)``, trained once per run for every table;
+    with ``cache`` (a file path) the trained weights are read from it, or saved to it."""
     train, held_out = stdlib_tokens()
-    return train_llama(train, steps), train, held_out
+    if cache is not None and Path(cache).is_file():
+        model = make_llama()
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.eval(), train, held_out
+    model = train_llama(train, steps)
+    if cache is not None:
+        torch.save(model.state_dict(), cache)
+    return model, train, held_out
 
 
 def perplexity(model, data: torch.Tensor) -> float:

@@ -39,6 +39,9 @@ from _models import print_table, set_threads
 from skid import NetworkCompressor
 from skid.nn import OutputsObjective
 
+#: The clock of the cost tables: wall time, or the process's CPU time (``--cpu-time``).
+CLOCK = [time.perf_counter]
+
 MODULES = ("argparse", "asyncio", "collections", "email", "http.client", "json", "logging",
            "pathlib", "subprocess", "threading", "typing", "unittest")
 
@@ -90,7 +93,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--threads", type=int, default=0, help="torch/BLAS threads (0: as is)")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost tables")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="cost tables in process CPU time (with --threads 1, on a shared "
+                             "machine)")
     args = parser.parse_args()
+    if args.cpu_time:
+        CLOCK[0] = time.process_time
     set_threads(args.threads)
     loaded = load_minilm()
     if loaded is None:
@@ -101,6 +110,28 @@ def main() -> None:
     texts = sentences()
     n = 64 if args.quick else 512
     calib, test = batches(tokenizer, texts[:n]), batches(tokenizer, texts[n:2 * n])
+    if not args.cost_only:
+        quality_tables(model, calib, test, n)
+
+    rounds = 1 if args.quick else 3
+    rows, splits = [], []
+    for label, prune in (("channels", "channels"), ("channels + heads", ("channels", "heads"))):
+        fit = lambda p=prune: NetworkCompressor(model, tol=0.05, prune=p).fit(calib)  # noqa: E731
+        cost_rows(rows, splits, label, lambda: embed(model, calib), fit, rounds)
+    llama_rows(rows, splits, 64 if args.quick else 512, rounds)
+    print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
+                f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
+                f"of {rounds} interleaved rounds)",
+                ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
+    print_table("MiniLM and LLaMA, where fit's time goes (shares of one fit under cProfile): the "
+                "model's forward code, the calibration hooks' Gram products and the rest of the "
+                "hooks, factorization (pivoted Cholesky, head selection, T), surgery",
+                ["prune", "forward", "Gram", "hooks, rest", "factorization", "surgery", "other"],
+                splits, ["s"] + [".1%"] * 6)
+
+
+def quality_tables(model, calib, test, n) -> None:
+    """The objective and heads tables (scores against the original's embeddings)."""
     reference = embed(model, test)
 
     def cosine(candidate) -> float:
@@ -140,25 +171,6 @@ def main() -> None:
                 ["setting", "method", "FLOPs kept", "mean cosine"], rows,
                 ["s", "s", ".3f", ".4f"])
 
-    rounds = 1 if args.quick else 3
-    rows, splits = [], []
-    for label, prune in (("channels", "channels"), ("channels + heads", ("channels", "heads"))):
-        fit = lambda p=prune: NetworkCompressor(model, tol=0.05, prune=p).fit(calib)  # noqa: E731
-        times = interleaved({"forward": lambda: embed(model, calib), "fit": fit}, rounds)
-        rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
-        splits.append((label, *time_split(fit)))
-    llama_rows(rows, splits, 64 if args.quick else 512, rounds)
-    print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
-                f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
-                f"of {rounds} interleaved rounds)",
-                ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
-    print_table("MiniLM and LLaMA, where fit's time goes (shares of one fit under cProfile): the "
-                "model's forward code, the calibration hooks' Gram products and the rest of the "
-                "hooks, "
-                "factorization (pivoted Cholesky, head selection, T), surgery",
-                ["prune", "forward", "Gram", "hooks, rest", "factorization", "surgery", "other"],
-                splits, ["s"] + [".1%"] * 6)
-
 
 def llama_rows(rows, splits, n, rounds) -> None:
     """The cost rows of the LLaMA-shaped LM of ``_llm.py`` (its shape, random weights: the
@@ -182,9 +194,19 @@ def llama_rows(rows, splits, n, rounds) -> None:
                          ("LLaMA channels + heads", ("channels", "heads"))):
         fit = lambda p=prune: NetworkCompressor(  # noqa: E731
             model, tol=0.05, prune=p, batch_size=32).fit({"input_ids": ids})
-        times = interleaved({"forward": forward, "fit": fit}, rounds)
-        rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
-        splits.append((label, *time_split(fit)))
+        cost_rows(rows, splits, label, forward, fit, rounds)
+
+
+def cost_rows(rows, splits, label, forward, fit, rounds) -> None:
+    """A cost row (forward and fit interleaved over ``rounds``) and a time-split row (one more
+    fit, under cProfile). A one-round smoke run times the profiled fit itself (slower by
+    cProfile's overhead) instead of fitting twice."""
+    times = interleaved({"forward": forward, "fit": fit} if rounds > 1 else {"forward": forward},
+                        rounds)
+    seconds, shares = time_split(fit)
+    times.setdefault("fit", seconds)
+    rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
+    splits.append((label, *shares))
 
 
 def interleaved(ways: dict, rounds: int) -> dict:
@@ -192,9 +214,9 @@ def interleaved(ways: dict, rounds: int) -> dict:
     times = {name: [] for name in ways}
     for _ in range(rounds):
         for name, fn in ways.items():
-            start = time.perf_counter()
+            start = CLOCK[0]()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK[0]() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -210,10 +232,13 @@ _PARTS = {
 
 
 def time_split(fit) -> tuple:
-    """Shares of one ``fit()``: forward code, Gram products, other hook work, factorization
-    (``_factorize`` and the selections' ``select``), surgery, the rest."""
+    """Seconds of one ``fit()`` under cProfile, and its shares: forward code, Gram products,
+    other hook work, factorization (``_factorize`` and the selections' ``select``), surgery,
+    the rest."""
     profile = cProfile.Profile()
+    start = CLOCK[0]()
     profile.runcall(fit)
+    seconds = CLOCK[0]() - start
     stats = pstats.Stats(profile).stats
     total = max(ct for (_, _, _, ct, _) in stats.values())
     part = dict.fromkeys(_PARTS, 0.0)
@@ -227,7 +252,7 @@ def time_split(fit) -> tuple:
     factorization = part["factorization"] + part["select"]
     shares = (forward, part["gram"], part["hooks"] - part["gram"], factorization,
               part["surgery"])
-    return (*(s / total for s in shares), 1 - sum(shares) / total)
+    return seconds, (*(s / total for s in shares), 1 - sum(shares) / total)
 
 
 def _ffn_only(model, calib):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.linalg
 
-from . import _array
+from . import _array, _centred
 from ._linalg import (  # the Gram route blocks rows as GramAccumulator does
     BLOCK_ELEMENTS,
     NATIVE_BLOCK_ROWS,
@@ -77,6 +77,14 @@ class CrossStatistics:
     sq_cols : ndarray of shape (m,) or None
         ``‖Z_o[:, j]‖²`` per channel (what weighted errors need; None in statistics stored
         before it was kept).
+    means : tuple of ndarray or None
+        ``fit_intercept``: the column means ``(μ_c, μ_o)``; ``first``, ``cross`` and
+        ``sq_norm`` are then those of the centred ``Z_c − 1 μ_cᵀ`` and ``Z_o − 1 μ_oᵀ`` (the
+        least-squares fit with a constant column is the fit of the centred data, and its
+        constant is ``μ_o − Tᵀ μ_c[keep]``).
+    scale : float
+        Relative errors are multiplied by it: ``‖Z_o − 1 μ_oᵀ‖_F / ‖Z_o‖_F`` with means (the
+        errors stay relative to ``‖Z_o‖_F``), 1 without.
     """
 
     method: str
@@ -87,6 +95,8 @@ class CrossStatistics:
     n_samples: int
     unchanged: bool = False
     sq_cols: np.ndarray | None = None
+    means: tuple | None = None
+    scale: float = 1.0
 
     @property
     def n_features(self) -> int:
@@ -111,7 +121,10 @@ class CrossStatistics:
         if self.unchanged:  # Qᵀ Z_o = Qᵀ Z_c = U (columns back in channel order)
             V = np.empty_like(U)
             V[:, perm] = U
-        return CorrectiveFactorization(perm, U, V, self.sq_norm)
+        fac = CorrectiveFactorization(perm, U, V, self.sq_norm)
+        fac.errors = fac.errors * self.scale
+        fac.means = self.means
+        return fac
 
     def factorize_weighted(self, scale) -> CorrectiveFactorization:
         """The corrective factorization for a consumer that weighs channel ``j`` by
@@ -141,7 +154,11 @@ class CrossStatistics:
             V = np.empty_like(U)
             V[:, perm] = U
         weights = scale**2
-        return CorrectiveFactorization(perm, U, V, float(weights @ self.sq_cols), weights)
+        fac = CorrectiveFactorization(perm, U, V, float(weights @ self.sq_cols), weights)
+        if self.means is not None:  # fit_intercept: centred statistics, their constant
+            fac.errors = fac.errors * self.scale  # (the activations' ratio, approximately)
+            fac.means = self.means
+        return fac
 
     def fit(self, keep, weights=None):
         """``T`` for channels chosen elsewhere (e.g. one selection shared by a channel group
@@ -199,6 +216,10 @@ class CrossStatistics:
             return self._weighted_error(keep, T, np.asarray(weights, dtype=np.float64))
         if self.sq_norm <= 0:
             return 0.0
+        return self.scale * self._centred_error(keep, T)
+
+    def _centred_error(self, keep, T) -> float:
+        """The error relative to the statistics' own ``sq_norm`` (centred with ``means``)."""
         if self.method == "gram":
             G, C = self.first[np.ix_(keep, keep)], self.cross[keep]
             sq = self.sq_norm - 2 * np.vdot(T, C) + np.vdot(T, G @ T)
@@ -407,11 +428,18 @@ class CrossAccumulator:
         Gram route: products of float32 blocks in float32, summed in float64 every
         ``NATIVE_BLOCK_ROWS`` rows (``"native"``), or in float64 (as
         :class:`skid._linalg.GramAccumulator`).
+    intercept : bool
+        Also the column means, for a fit with a constant column (``fit_intercept``): the
+        statistics come out centred (see :class:`CrossStatistics`). The Gram route sums the
+        columns; the QR route factors ``[1 | Z_c | Z_o]``, whose first row holds the means
+        and whose rest is the factor of the centred blocks.
     """
 
-    def __init__(self, method: str = "gram", precision: str = "float64"):
+    def __init__(self, method: str = "gram", precision: str = "float64", intercept=False):
         self.method = method
         self.precision = precision
+        self.intercept = bool(intercept)
+        self._sums = None
         self.n_features = None
         self.n_samples = 0
         self._gram = self._cross = None
@@ -440,8 +468,14 @@ class CrossAccumulator:
                              f"{self.n_features}.")
         self.n_features = Zc.shape[1]
         self.n_samples += Zc.shape[0]
+        if self.intercept and self._qr is None:
+            sums_c = _centred.column_sums(Zc)
+            sums = (sums_c, sums_c if same else _centred.column_sums(Zo))
+            self._sums = sums if self._sums is None else tuple(
+                a + b for a, b in zip(self._sums, sums, strict=True))
         if self._qr is not None:
-            self._qr.update(_hstack(Zc, Zo))
+            block = _hstack(Zc, Zo)
+            self._qr.update(_hstack(_centred.ones_like(block), block) if self.intercept else block)
             self._eps = float(np.finfo(self._qr.dtype).eps)
             return self
         dtype = "float64" if self.precision == "float64" else _array.float_dtype_for(Zc)
@@ -493,7 +527,7 @@ class CrossAccumulator:
             self._eps = max(self._eps, float(np.finfo(np.float32).eps))
         if self._qr is not None:
             (exp,) = all_max([self._qr.scale_exp])
-            reduce_r(self._qr, 2 * width, exp)
+            reduce_r(self._qr, 2 * width + self.intercept, exp)  # [1 |] Z_c | Z_o
             return self
 
         def statistic(value, shape):  # a process without rows adds zeros
@@ -503,6 +537,9 @@ class CrossAccumulator:
         self._cross = all_sum(statistic(self._cross, (width, width)))
         self._sq_cols = all_sum(statistic(self._sq_cols, (width,)))
         self._sq_norm = float(all_sum(np.array([self._sq_norm]))[0])
+        if self.intercept:  # the column sums of fit_intercept
+            self._sums = tuple(all_sum(statistic(v, (width,)))
+                               for v in (self._sums or (None, None)))
         return self
 
     def statistics(self) -> CrossStatistics:
@@ -511,16 +548,27 @@ class CrossAccumulator:
             raise ValueError("No data has been accumulated yet.")
         m = self.n_features
         if self._qr is not None:
-            R = np.zeros((2 * m, 2 * m))
+            c = int(self.intercept)  # the constant column, first
+            R = np.zeros((2 * m + c, 2 * m + c))
             R_acc = _array.to_numpy(self._qr.R).astype(np.float64)
             R[: R_acc.shape[0]] = R_acc
+            means, scale = None, 1.0
+            if c:
+                R, means, scale = _centred.centred_triangular(R, m)
             sq_cols = np.sum(R[:, m:] ** 2, axis=0)
-            return CrossStatistics("qr", R[:m, :m], R[:m, m:], float(sq_cols.sum()), self._eps,
+            sq_norm = float(sq_cols.sum())
+            return CrossStatistics("qr", R[:m, :m], R[:m, m:], sq_norm, self._eps,
+                                   self.n_samples, self._unchanged, sq_cols, means=means,
+                                   scale=scale)
+        gram, cross = _array.to_numpy(self._gram), _array.to_numpy(self._cross)
+        sq_cols = np.asarray(_array.to_numpy(self._sq_cols), dtype=np.float64)
+        if not self.intercept:
+            return CrossStatistics("gram", gram, cross, self._sq_norm, self._eps,
                                    self.n_samples, self._unchanged, sq_cols)
-        return CrossStatistics("gram", _array.to_numpy(self._gram),
-                               _array.to_numpy(self._cross), self._sq_norm, self._eps,
-                               self.n_samples, self._unchanged,
-                               _array.to_numpy(self._sq_cols))
+        G, C, sq_norm, sq_cols, means, scale = _centred.centred_gram(
+            gram, cross, self._sq_norm, sq_cols, self._sums, self.n_samples)
+        return CrossStatistics("gram", G, C, sq_norm, self._eps, self.n_samples,
+                               self._unchanged, sq_cols, means=means, scale=scale)
 
 
 def _agree(A, B) -> bool:

@@ -127,6 +127,16 @@ def test_bench_gram_quick():
     assert len(table_rows(out, "pivoted Cholesky")) == 3
 
 
+def test_bench_peers_quick():
+    pytest.importorskip("transformers")
+    out = run_quick("bench_peers.py")
+    cnn = table_rows(out, "digits CNN: top-1 agreement")
+    assert sum(row.startswith("| FLAP") for row in cnn) == 2
+    assert any("fit_intercept" in row for row in cnn)
+    assert len(table_rows(out, "LLaMA-shaped causal LM (")) == 9
+    assert len(table_rows(out, "LLaMA-shaped causal LM, heads only")) == 12
+
+
 def test_bench_residual_quick():
     out = run_quick("bench_residual.py")
     for model in ("ResNet", "MobileNetV2"):

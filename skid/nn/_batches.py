@@ -24,6 +24,7 @@ __all__ = [
     "hash_value",
     "model_device_dtype",
     "run_model",
+    "slice_rows",
     "to_inputs",
 ]
 
@@ -61,7 +62,7 @@ class Batches:
         if self._sliceable:
             self.n_samples = _check_sliceable(X, allow_empty)
             self._source = X
-            self.first = _slice(X, 0, batch_size) if self.n_samples else None
+            self.first = slice_rows(X, 0, batch_size) if self.n_samples else None
             self.n_batches = -(-self.n_samples // batch_size)
             return
         if isinstance(X, (str, bytes)) or not isinstance(X, Iterable):
@@ -100,7 +101,7 @@ class Batches:
     def __iter__(self):
         if self._sliceable:
             for start in range(0, self.n_samples, self.batch_size):
-                yield _slice(self._source, start, self.batch_size)
+                yield slice_rows(self._source, start, self.batch_size)
             return
         if self._one_shot:
             if self._spent:
@@ -148,7 +149,7 @@ def _check_sliceable(X, allow_empty: bool = False) -> int:
     return n_samples.pop()
 
 
-def _slice(X, start: int, size: int):
+def slice_rows(X, start: int, size: int):
     """Rows ``start:start+size`` of an array, or of every array value of a dict."""
     if _is_array(X):
         return X[start : start + size]

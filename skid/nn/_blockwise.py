@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _distributed
+from . import _distributed, _sensitivity
 from ._batches import model_device_dtype
 from ._blocks import Runner
 from ._calibration import fingerprint
@@ -56,21 +56,22 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
     by a ``k × m`` matrix per unit.
 
     ``target_flops`` weighs every unit against every other: a first walk keeps each unit's
-    :class:`ErrorCurve` (its statistics are freed block by block), the budget gives candidate
-    widths from these original-model curves (as a one-pass fit does for every calibration),
-    and a second walk folds them — building every candidate side by side when there are
-    several, each in its own copy of the model (sharing the model's tensors: it costs the
-    candidate's folded weights), so that the one whose outputs on the first batch stay closest
-    is kept, as a one-pass fit decides. A calibration that follows the compression then walks
-    a third time with the chosen widths. With ``memory=`` the later walks read the statistics
-    back.
+    :class:`ErrorCurve` (its statistics are freed block by block), a second measures each
+    unit's output weight (:func:`_output_weights`), the budget gives candidate widths from
+    these original-model curves (as a one-pass fit does for every calibration), and a third
+    walk folds them — building every candidate side by side when there are several, each in
+    its own copy of the model (sharing the model's tensors: it costs the candidate's folded
+    weights), fitted without the last calibration batch, so that the one whose outputs on
+    that batch stay closest is kept, as a one-pass fit decides. A last walk fits the chosen
+    widths on every row (with a calibration that follows the compression, as it). With
+    ``memory=`` the later walks read the statistics back.
     """
     device = home if settings.device is None else settings.device
     calibration = settings.calibration
     planner = Planner(settings, units, flops_info)
 
-    def walk(targets, mode, widths=None):
-        w = _Walk(planner, targets, units, batches, key, cache, widths)
+    def walk(targets, mode, widths=None, data=(batches, key)):
+        w = _Walk(planner, targets, units, *data, cache, widths)
         return w.run(layout, device, home, mode), w.source.n_samples
 
     uniform_tol = settings.uniform and settings.target_flops is None and settings.rank is None
@@ -78,21 +79,31 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         (selections,), n = walk([work], calibration)
         return Plan(tuple(selections), n)
     (curves,), _ = walk([work], _COLLECT)
+    split, judge, held_out = None, batches.first, (batches, key)
     if uniform_tol:  # one width per kind of repeated unit needs every unit's curve first
         candidates = [planner.widths(curves, units)]
     else:
-        candidates = planner.flops_candidates(curves, units, work)
+        # as one pass does (Planner.faithful_widths): the candidates' folds are fitted
+        # without the held-out rows that judge them, the greedy's curves weighted by their
+        # output effects
+        split = _sensitivity.split_held_out(batches)
+        rest, judge = split if split is not None else (batches,
+                                                       _sensitivity.held_out_batch(batches))
+        held_out = (rest, key if key is None or split is None else fingerprint(key, "held out"))
+        weights = None if settings.uniform else _output_weights(planner, work, units, curves,
+                                                                 walk, held_out, home)
+        candidates = planner.flops_candidates(curves, units, work, weights)
     del curves
-    batched = not calibration.follows_compression
+    batched = not calibration.follows_compression and split is None
     if len(candidates) > 1:
-        reference = batch_outputs(work, batches.first)
+        reference = batch_outputs(work, judge)
         pristine = None if batched else sharing_copy(work)
         targets = [work] + [sharing_copy(work) for _ in candidates[1:]]
-        plans, n = walk(targets, _ORIGINAL, candidates)
+        plans, n = walk(targets, _ORIGINAL, candidates, held_out)
         for target in targets[1:]:
             target.to(home)  # what was folded into a copy during its block's turn
         best = min(range(len(targets)),
-                   key=lambda c: output_distance(targets[c], reference, batches.first))
+                   key=lambda c: output_distance(targets[c], reference, judge))
         del targets[1:best], targets[best + 1:]  # the losers' models go now
         _transplant(work, targets[-1] if batched else pristine)
         if batched:
@@ -100,6 +111,32 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         candidates = [candidates[best]]
     (selections,), n = walk([work], calibration, candidates)
     return Plan(tuple(selections), n)
+
+
+def _output_weights(planner, work, units, curves, walk, data, home):
+    """:func:`skid.nn._sensitivity.output_weights` block-wise: the budget has only the error
+    curves here, so one more walk (over ``data``, the rows the candidates are fitted with)
+    builds side by side a copy per unit with that unit alone cut to the uniform width (the
+    others folded at full width); None with a single unit."""
+    if len(units) < 2:
+        return None
+    (uniform,) = planner.flops_candidates(curves, units, work, plain=True)
+    full = np.array([u.width for u in units], dtype=np.int64)
+    cut = [i for i in range(len(units)) if uniform[i] < full[i]]
+    weights = np.full(len(units), np.nan)
+    if cut:
+        trials = [sharing_copy(work) for _ in cut]
+        plans, _ = walk(trials, _ORIGINAL,
+                        [np.where(np.arange(len(units)) == i, uniform, full) for i in cut],
+                        data)
+        batch = data[0].first
+        reference = batch_outputs(work, batch)
+        for i, trial, plan in zip(cut, trials, plans, strict=True):
+            trial.to(home)
+            error = float(plan[i].error)
+            if error > 0:
+                weights[i] = output_distance(trial, reference, batch) ** 2 / error**2
+    return _sensitivity.measured(weights)
 
 
 def _transplant(target: nn.Module, source: nn.Module) -> None:

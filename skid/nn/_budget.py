@@ -10,6 +10,13 @@ channels it touches, e.g. a conv that consumes unit ``a`` and produces unit ``b`
 ``f · (k_a / m_a) · (k_b / m_b)``. Widths are then allocated greedily by the increase of the
 *squared* relative error per FLOP saved, and the result is compared with a uniform fraction at
 the same budget; the better of the two (sum of squared errors) is returned.
+
+A unit's relative error is not the same currency in every layer: what it does to the model's
+output differs. ``weights`` (one per unit: the squared output change per squared relative error,
+measured on the model, see :mod:`skid.nn._sensitivity`) turn the curves into estimates of the
+output error, ``Σ w_i e_i(k_i)²``, and the greedy runs on those too. Where the units are of
+several kinds (channel groups and heads), the uniform cut of one kind alone is a candidate as
+well: a model whose heads are a poor use of the budget keeps them all.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .. import _policy
 __all__ = [
     "FlopsModel",
     "flops_candidates",
+    "uniform_widths",
     "widths_for_flops",
     "widths_for_rank",
     "widths_for_tol",
@@ -146,7 +154,7 @@ def widths_for_flops(errors, flops: FlopsModel, target: float) -> np.ndarray:
 
 
 def flops_candidates(errors, flops: FlopsModel, target: float,
-                     minimum=None) -> list[np.ndarray]:
+                     minimum=None, *, weights=None, kinds=None) -> list[np.ndarray]:
     """Allocations within budget, best sum of squared errors first, without repeats.
 
     The greedy and the uniform allocation (both refilled), then the plain uniform cut (the
@@ -154,7 +162,10 @@ def flops_candidates(errors, flops: FlopsModel, target: float,
     preserves the model's outputs better (the squared-error sum is a proxy for that, not a
     guarantee); with the plain cut among them, the one it keeps is never worse there than
     keeping the same fraction of every unit. ``minimum`` gives each unit's smallest width
-    (default 1; e.g. one query head per key/value group).
+    (default 1; e.g. one query head per key/value group). ``weights`` (one positive number per
+    unit) add, first, the greedy on the weighted curves ``w_i e_i²``; ``kinds`` (a label per
+    unit) add, last, the uniform cut of each kind alone, the other units whole, where that
+    meets the budget.
 
     Raises
     ------
@@ -174,11 +185,36 @@ def flops_candidates(errors, flops: FlopsModel, target: float,
     greedy = _refill(_greedy(errors, flops, budget, minimum), errors, flops, budget)
     plain = _uniform(flops, budget, minimum)
     uniform = _refill(plain, errors, flops, budget)
+    found = sorted([greedy, uniform], key=lambda w: _objective(errors, w)) + [plain]
+    if weights is not None:
+        scaled = _weighted(errors, weights)
+        found.insert(0, _refill(_greedy(scaled, flops, budget, minimum), scaled, flops, budget))
+    for kind in dict.fromkeys(kinds if kinds is not None else ()):
+        if len(set(kinds)) > 1:
+            alone = _uniform(flops, budget, minimum, [k == kind for k in kinds])
+            if flops(alone) <= budget * (1 + 1e-12):
+                found.append(alone)
     candidates = []
-    for widths in sorted([greedy, uniform], key=lambda w: _objective(errors, w)) + [plain]:
+    for widths in found:
         if not any(np.array_equal(widths, other) for other in candidates):
             candidates.append(widths)
     return candidates
+
+
+def uniform_widths(flops: FlopsModel, target: float, minimum=None) -> np.ndarray:
+    """The plain uniform cut: the largest same fraction of every unit within the budget."""
+    minimum = None if minimum is None else np.asarray(minimum, np.int64)
+    return _uniform(flops, target * flops.total, minimum)
+
+
+def _weighted(errors, weights) -> list[np.ndarray]:
+    """Curves whose squares are ``w_i e_i²``: the greedy's currency becomes output error."""
+    weights = np.asarray(weights, dtype=float)
+    if weights.shape != (len(errors),) or not (np.isfinite(weights).all() and
+                                               (weights >= 0).all()):
+        raise ValueError(f"weights must hold one finite nonnegative number per unit; "
+                         f"got {weights!r}.")
+    return [e * np.sqrt(w) for e, w in zip(errors, weights, strict=True)]
 
 
 def _objective(errors, kept) -> float:
@@ -229,20 +265,30 @@ def _greedy(errors, flops: FlopsModel, budget: float, minimum=None) -> np.ndarra
     return kept
 
 
-def _uniform(flops: FlopsModel, budget: float, minimum=None) -> np.ndarray:
-    """Widths ``max(minimum, ceil(r * width))`` for the largest fraction ``r`` within budget."""
+def _uniform(flops: FlopsModel, budget: float, minimum=None, cut=None) -> np.ndarray:
+    """Widths ``max(minimum, ceil(r * width))`` for the largest fraction ``r`` within budget.
+
+    ``cut`` (a boolean per unit) restricts the cut to those units; the others stay whole (the
+    result may then exceed the budget: the caller checks).
+    """
     minimum = np.ones_like(flops.widths) if minimum is None else minimum
+    cut = np.ones(len(flops.widths), bool) if cut is None else np.asarray(cut, bool)
+
+    def widths(fraction):
+        return np.where(cut, np.maximum(minimum, widths_for_rank(flops.widths, fraction)),
+                        flops.widths)
+
     fractions = np.unique(
-        np.concatenate([np.arange(1, m + 1) / m for m in flops.widths] + [np.ones(1)])
+        np.concatenate([np.arange(1, m + 1) / m for m in flops.widths[cut]] + [np.ones(1)])
     )
-    lo, hi = 0, len(fractions) - 1  # fractions[lo] is feasible (the minimum everywhere)
+    lo, hi = 0, len(fractions) - 1  # fractions[lo]: the minimum everywhere it may cut
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if flops(np.maximum(minimum, widths_for_rank(flops.widths, fractions[mid]))) <= budget:
+        if flops(widths(fractions[mid])) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return np.maximum(minimum, widths_for_rank(flops.widths, fractions[lo]))
+    return widths(fractions[lo])
 
 
 def _refill(kept, errors, flops: FlopsModel, budget: float) -> np.ndarray:

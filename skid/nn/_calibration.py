@@ -24,7 +24,7 @@ from torch import nn
 from .. import _array
 from .._corrective import CrossAccumulator
 from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
-from . import _distributed
+from . import _distributed, _intercept
 from ._batches import (
     StopForward,
     batch_size_of,
@@ -129,7 +129,7 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
         for handle in handles:
             handle.remove()
     flat = [acc for unit_accs in accumulators for acc in unit_accs]
-    widths = [unit_kind(u).statistic_width(u)
+    widths = [_statistic_width(u)
               for u, unit_accs in zip(units, accumulators, strict=True) for _ in unit_accs]
     n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
     return [_factorize(u, accs) for u, accs in zip(units, accumulators, strict=True)], n_samples
@@ -146,6 +146,12 @@ def _statistic_gram(accumulator) -> np.ndarray:
     if not np.isfinite(gram).all():
         raise ValueError("The statistics hold NaN or infinite values.")
     return gram
+
+
+def _statistic_width(unit) -> int:
+    """Columns of a unit's statistic: what its kind reads (and the constant column of
+    ``fit_intercept``)."""
+    return unit_kind(unit).statistic_width(unit) + _intercept.applies(unit)
 
 
 def reading_consumers(unit):
@@ -196,13 +202,16 @@ def _columns(model, consumer, unit):
 
 def _accumulating_hook(unit, consumer, accumulator, state: _HookState, columns=slice(None),
                        key=None):
-    """A forward pre-hook that feeds the consumer's input rows into ``accumulator``."""
+    """A forward pre-hook that feeds the consumer's input rows into ``accumulator`` (with a
+    constant first column when the fit asks for an intercept)."""
+    constant = _intercept.applies(unit)
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
         # Half-precision rows are upcast block by block inside the accumulator.
         try:
-            accumulator.update(as_samples(module, x, consumer.positions)[:, columns])
+            Z = as_samples(module, x, consumer.positions)[:, columns]
+            accumulator.update(_intercept.with_constant(Z) if constant else Z)
         except NonFiniteDataError:  # NaN/Inf rows: the accumulator refused them, untouched
             raise _NonFiniteActivations(_non_finite_message(unit, consumer.name)) from None
         state.seen.add(consumer.name if key is None else key)
@@ -252,7 +261,7 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
     """
     global _passes
     device, dtype = model_device_dtype(model)
-    accumulator = CrossAccumulator(method, precision)
+    accumulator = CrossAccumulator(method, precision, intercept=_intercept.applies(unit))
     n_samples = 0
     with torch.no_grad():
         for batch in _progress(batches, verbose):
@@ -275,7 +284,7 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
                     f"The inputs of {unit.consumer!r} in the compressed and the original "
                     f"model do not pair up row for row ({exc}); corrective calibration "
                     "needs the consumer to see the same rows in both.") from exc
-    width = unit_kind(unit).statistic_width(unit)
+    width = _statistic_width(unit)
     n_samples = _distributed.reduce_cross(accumulator, width, n_samples)
     if getattr(accumulator, "n_samples", None) == 0:
         raise ValueError(_no_rows_message(unit, unit.consumer))
@@ -327,6 +336,8 @@ def _factorize(unit, accumulators):
         if getattr(accumulator, "n_samples", None) == 0:
             raise ValueError(_no_rows_message(unit, consumer.name))
     try:
+        if _intercept.applies(unit):
+            return _intercept_factorization(unit, accumulators[0])
         kind = unit_kind(unit)
         if kind.gram_factorization is not None:  # e.g. whole heads from one Gram
             return kind.gram_factorization(_statistic_gram(accumulators[0]), unit)
@@ -338,6 +349,20 @@ def _factorize(unit, accumulators):
         return JointFactorization.from_accumulators(accumulators, summed=kind.sums_readings)
     except ValueError as exc:
         raise ValueError(f"{_non_finite_message(unit)} ({exc})") from exc
+
+
+def _intercept_factorization(unit, accumulator):
+    """``fit_intercept``: the ID of the centred rows (a kind with its own Gram factorization,
+    heads: that factorization of their centred Gram), with the means that give the consumer's
+    constant."""
+    factorization = unit_kind(unit).gram_factorization
+    if factorization is None:
+        return _intercept.InterceptFactorization.from_accumulator(accumulator)
+    centred, mean, sq_norm = _intercept.centred_gram(_statistic_gram(accumulator))
+    fac = factorization(centred, unit)
+    fac.means = (mean, mean)
+    fac.errors = fac.errors * np.sqrt(max(float(np.trace(centred)), 0.0) / sq_norm)
+    return fac
 
 
 def _no_rows_message(unit, consumer) -> str:

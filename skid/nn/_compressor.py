@@ -23,7 +23,7 @@ from .. import metrics
 from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from ..exceptions import NotPrunableError
-from . import _distributed, _hf_config, _residual
+from . import _distributed, _hf_config, _intercept, _residual
 from ._batches import Batches, example_inputs, model_device_dtype, run_model
 from ._blocks import find_blocks
 from ._blockwise import blockwise_plan
@@ -76,11 +76,16 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         down to a multiple of a grouped convolution's groups).
     target_flops : float in (0, 1), default=None
         Keep this fraction of the model's FLOPs instead of using ``tol``; widths are chosen
-        greedily by the increase of the squared relative ID error per FLOP saved. That
-        allocation, the largest uniform fraction of every unit within the budget, and that
-        fraction with the leftover budget refilled are tried on the first calibration batch,
-        and the one whose outputs stay closer to the model's is kept, so it never does worse
-        there than keeping the same fraction of every unit.
+        greedily by the increase of the squared relative ID error per FLOP saved, the errors
+        weighted by what each unit's error does to the model's output (each unit alone cut to
+        the uniform width, measured on the first calibration batch: one forward pass per
+        unit). That allocation, the unweighted one, the largest uniform fraction of every unit
+        within the budget (plain and with the leftover budget refilled) and, with channels and
+        heads, the uniform cut of each kind alone are built from the statistics without the
+        last calibration batch (one more statistics pass) and tried on that batch; the one
+        whose outputs stay closest to the model's is kept (then fitted on every row), so on
+        those held-out rows it is never worse than keeping the same fraction of every unit.
+        With a single batch the candidates are judged on it, in-sample.
     layers : "auto" or list of str or (str, str), default="auto"
         Restrict pruning to the groups of these producers (qualified names as in
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.
@@ -191,6 +196,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         data's rounding, 2-4× the work). ``"auto"`` uses ``"qr"`` only for ``tol`` below
         1e-4. The rules are ``InterpolativeDecomposition``'s (``skid._policy``), re-check
         included: see Notes.
+    fit_intercept : bool, default=False
+        Fit ``T`` with a constant column, ``Z ≈ Z[:, J] T + 1 bᵀ`` (the ID of the centred
+        activations, ``b = μ − Tᵀ μ_J``), and fold the constant into each consumer's bias,
+        ``c ← c + W b`` (a consumer without a bias gets one): what FLAP's bias compensation
+        buys, at every width, for one bias vector per consumer; exact at full width. For a
+        convolution with zero padding the constant is exact away from the borders. Groups
+        read as several tensors or by grouped convolutions keep no constant. A Hugging Face
+        model gets its config's ``mlp_bias``/``attention_bias`` set (and zero biases in the
+        other layers of those families) so that ``save_pretrained`` output reloads; a
+        consumer no config flag governs (Qwen2's MLP, say) is refused with the reason. Off by
+        default: see benchmarks/README.md (bench_peers.py) for where it helps.
     batch_size : int, default=256
         Rows per batch when ``X`` is a tensor or an array.
     device : str or torch.device, default=None
@@ -311,6 +327,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         "calibration": [Registered(calibration_names, Calibration)],
         "blocks": [None, str],
         "method": [Options(("auto", "gram", "qr"))],
+        "fit_intercept": [bool],
         "batch_size": [Interval(numbers.Integral, 1, None)],
         "device": [None, str, torch.device],
         "process_group": [None, Options(("auto",)), _distributed.ProcessGroup],
@@ -334,6 +351,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         calibration="original",
         blocks="auto",
         method="auto",
+        fit_intercept=False,
         batch_size=256,
         device=None,
         process_group="auto",
@@ -353,6 +371,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.calibration = calibration
         self.blocks = blocks
         self.method = method
+        self.fit_intercept = fit_intercept
         self.batch_size = batch_size
         self.device = device
         self.process_group = process_group
@@ -417,14 +436,17 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         key = None if self.memory is None else self._cache_key(batches, units, settings)
         cache = StatisticsCache(self.memory)
         flops_info = (module_flops, flops_before)
-        if layout is None:
-            plan = plan_one_pass(settings, work, units, batches, key, cache, flops_info)
-        elif any(_residual.is_residual(u) for u in units):
-            plan = _residual.blockwise(settings, work, units, layout, batches, key, cache,
-                                       flops_info, stage)
-        else:
-            plan = blockwise_plan(settings, work, units, layout, batches, key, cache,
-                                  flops_info, stage)
+        with _intercept.fitting_intercept(settings.fit_intercept):
+            bias_flags = _intercept.hf_bias_flags(work, _intercept.new_biases(work, units))
+            if layout is None:
+                plan = plan_one_pass(settings, work, units, batches, key, cache, flops_info)
+            elif any(_residual.is_residual(u) for u in units):
+                plan = _residual.blockwise(settings, work, units, layout, batches, key, cache,
+                                           flops_info, stage)
+            else:
+                plan = blockwise_plan(settings, work, units, layout, batches, key, cache,
+                                      flops_info, stage)
+        _intercept.set_hf_bias_flags(work, bias_flags)
         _hf_config.update(work, plan, uniform=settings.uniform)
         self.plan_ = plan
         self.n_calibration_samples_ = plan.n_samples
@@ -552,6 +574,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             [repr(u) for u in units],
             settings.method,
             settings.precision,
+            settings.fit_intercept,
         )
 
     # ------------------------------------------------------------------------- outputs

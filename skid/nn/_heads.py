@@ -29,6 +29,7 @@ from torch import nn
 from .._linalg import BlockPivotedFactorization
 from . import _budget
 from ._attention_layouts import FORMS, AttentionLayout, attention_layout
+from ._head_greedy import groupwise_candidates
 from ._plan import Consumer, Skipped
 from ._surgery import fold_in, sharing_copy, slice_out, surgery_for
 
@@ -139,6 +140,7 @@ class HeadSelection:
     kv_heads: np.ndarray
     interpolation: np.ndarray
     error: float
+    intercept: np.ndarray | None = None  # fit_intercept: the constant b of the input
     interpolations = None  # one fold, into the output projection
 
     @property
@@ -386,6 +388,7 @@ class HeadFactorization:
             groups = [np.concatenate(heads[g * size:(g + 1) * size])
                       for g in range(unit.n_kv_heads)]
             self._modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
+            self._modes.update(groupwise_candidates(gram, heads, labels, weight_gram))
         self._best = {}  # valid head count -> (mode, number of blocks)
         for mode, fac in self._modes.items():
             for blocks in range(1, fac.n_blocks + 1):
@@ -410,7 +413,7 @@ class HeadFactorization:
         return HeadFactorization(self.gram, self.unit, weight_gram)
 
     def _heads_of(self, mode, blocks) -> int:
-        if mode == "per_group":  # rounds: one head per key/value group each
+        if mode.startswith("per_group"):  # rounds, or per-group candidates: equal per group
             return blocks if blocks % self.unit.n_kv_heads == 0 else -1
         return blocks * (self.unit.group_size if mode == "groups" else 1)
 

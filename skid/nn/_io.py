@@ -308,6 +308,11 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
         raise bad(f"'tensors' of {name!r} must be a mapping")
     tensors = _tensors(module)
     for key, shape in shapes.items():
+        if key in _absent_biases(module):  # fit_intercept gave the consumer a bias
+            if not (isinstance(shape, list) and len(shape) == 1 and _is_int(shape[0])
+                    and shape[0] >= 0):
+                raise bad(f"shape {shape!r} of the new {name}.{key} must list 1 integer")
+            continue
         if key not in tensors:
             raise bad(f"{name!r} has no parameter or buffer {key!r}")
         if (
@@ -328,19 +333,34 @@ def _checked_shapes(name, module, shapes, bad) -> dict:
     return shapes
 
 
+def _absent_biases(module: nn.Module) -> set:
+    """Bias parameters a module declares as None (``bias=False``): a plan may create them
+    (``fit_intercept`` gives a consumer a bias)."""
+    return {k for k, v in module._parameters.items() if v is None and k == "bias"}
+
+
 def _resize(module: nn.Module, attributes: dict, shapes: dict):
     """Empty tensors of the planned shapes (same device/dtype) and the planned attributes;
     returns the function that puts the module back as it was."""
     tensors, values = dict(_tensors(module)), {k: getattr(module, k) for k in attributes}
+    created = [k for k in shapes if k in _absent_biases(module)]
 
     def restore():
         for key, tensor in tensors.items():
             where = module._parameters if key in module._parameters else module._buffers
             where[key] = tensor
+        for key in created:
+            module._parameters[key] = None
         for key, value in values.items():
             setattr(module, key, value)
 
     for key, shape in shapes.items():
+        if key in created:  # a new bias, like the weight beside it
+            weight = module.weight
+            module._parameters[key] = nn.Parameter(
+                torch.empty(shape, dtype=weight.dtype, device=weight.device),
+                requires_grad=weight.requires_grad)
+            continue
         old = tensors[key]
         if list(old.shape) == shape:
             continue  # unchanged: keeps ties between modules (e.g. shared embeddings)
@@ -426,16 +446,29 @@ def _check_weights(path: Path, model: nn.Module, changes) -> None:
     with the planned shape and a dtype of its kind; else a ValueError naming file and field."""
     header = _header(path)
     planned = {}  # id of a module's tensor → its planned shape
+    created = {}  # name → shape of a bias the plan creates (fit_intercept)
+    names = {id(m): n for n, m in model.named_modules()}
     for module, _, shapes in changes:
         tensors = _tensors(module)
-        planned.update({id(tensors[k]): shape for k, shape in shapes.items()})
+        for k, shape in shapes.items():
+            if k in tensors:
+                planned[id(tensors[k])] = shape
+            else:
+                created[f"{names[id(module)]}.{k}".lstrip(".")] = shape
     state = model.state_dict(keep_vars=True)
-    unexpected = sorted(set(header) - set(state))
+    for name, shape in created.items():
+        entry = header.get(name)
+        if entry is None or list(entry["shape"]) != list(shape):
+            raise ValueError(f"{path} has no tensor {name!r} of shape {list(shape)}, which the "
+                             "plan creates: the weights and the plan come from different saves")
+        if _kind_of_code(entry["dtype"]) != "float":
+            raise ValueError(f"{path}: {name!r} is {entry['dtype']}, not a float tensor")
+    unexpected = sorted(set(header) - set(state) - set(created))
     if unexpected:
         raise ValueError(f"{path} holds {unexpected[0]!r} ({len(unexpected)} such), which this "
                          f"{type(model).__name__} does not have: is it the weights of this "
                          "plan's model?")
-    stored = {_storage(state[name]) for name in header}
+    stored = {_storage(state[name]) for name in header if name not in created}
     for name, tensor in state.items():
         shape = planned.get(id(tensor), list(tensor.shape))
         if name not in header:

@@ -162,6 +162,11 @@ class _TransposedLinearKind:
         if hasattr(module, "nx"):
             module.nx = folded.shape[0]
 
+    def bias_shift(self, module, b, positions=1):
+        m = self.in_width(module, positions)
+        w = module.weight.detach().to(torch.float64).reshape(m, positions, -1)
+        return torch.einsum("mpo,m->o", w, b)
+
     def weight_gram(self, module, positions=1):
         m = self.in_width(module, positions)
         weight = module.weight.reshape(m, positions, -1).permute(2, 0, 1)  # (out, m, positions)

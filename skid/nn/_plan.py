@@ -134,6 +134,9 @@ class Selection:
     columns ``keep``; a consumer's input ``z`` is replaced by ``interpolation.T @ z[keep]``.
     ``interpolations``, when given, holds one such matrix per consumer of the group (in the
     order of ``unit.consumers``); None means ``interpolation`` for every consumer.
+    ``intercepts`` (``fit_intercept``), when given, holds per consumer the constant ``b``
+    (shape ``(unit.width,)``) added to its input, ``z ≈ interpolation.T @ z[keep] + b``; it
+    folds into the consumer's bias.
     """
 
     unit: ChannelGroup
@@ -141,6 +144,7 @@ class Selection:
     interpolation: torch.Tensor
     error: float
     interpolations: tuple | None = None
+    intercepts: tuple | None = None
 
     def interpolation_for(self, index: int):
         """The interpolation matrix folded into consumer ``index``."""

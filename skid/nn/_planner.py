@@ -22,7 +22,7 @@ import torch
 
 from .. import _corrective, _policy
 from .._linalg import PivotedFactorization
-from . import _budget, _uniform
+from . import _budget, _sensitivity, _uniform
 from ._calibration import fingerprint, reading_consumers
 from ._joint import reading_error
 from ._outputs import batch_outputs, output_distance
@@ -148,20 +148,17 @@ class Planner:
 
     # ------------------------------------------------------------------------------ widths
 
-    def widths(self, facs, units, work=None, first=None) -> np.ndarray:
+    def widths(self, facs, units, work=None, source=None, key=None) -> np.ndarray:
         """Kept width per unit from ``tol``, ``rank`` or ``target_flops``.
 
-        For ``target_flops`` every candidate of :meth:`flops_candidates` is tried on the
-        ``first`` calibration batch, and the one whose outputs stay closest to the model's
-        wins: the error-per-FLOP greedy is a proxy, and must never do worse than a uniform
-        cut.
+        For ``target_flops`` (:meth:`faithful_widths`) every candidate of
+        :meth:`flops_candidates` is tried on held-out calibration rows of ``source``, and the
+        one whose outputs stay closest to the model's wins: the error-per-FLOP greedy is a
+        proxy, and must never do worse than a uniform cut.
         """
         s = self.settings
         if s.target_flops is not None:
-            candidates = self.flops_candidates(facs, units, work)
-            if len(candidates) == 1:
-                return candidates[0]
-            return self.most_faithful(work, units, facs, candidates, first)
+            return self.faithful_widths(source, facs, units, work, key)
         if s.uniform:
             return _uniform.widths(units, facs, rank=s.rank, tol=s.tol)
         if s.rank is not None:
@@ -169,10 +166,12 @@ class Planner:
                              for u, fac in zip(units, facs, strict=True)], dtype=np.int64)
         return _budget.widths_for_tol([fac.errors for fac in facs], s.tol)
 
-    def flops_candidates(self, facs, units, work) -> list:
-        """The ``target_flops`` allocations worth comparing (:func:`_budget.flops_candidates`),
-        widths rounded to what the model's code runs. ``facs`` need only ``errors`` (and, for
-        heads, ``valid_counts`` and ``valid``): an ``ErrorCurve`` will do."""
+    def flops_candidates(self, facs, units, work, weights=None, plain=False) -> list:
+        """The ``target_flops`` allocations worth comparing (:func:`_budget.flops_candidates`:
+        greedy, uniform, each kind's uniform cut alone, and with ``weights`` the greedy on the
+        output-weighted curves), widths rounded to what the model's code runs. ``plain``: only
+        the plain uniform cut. ``facs`` need only ``errors`` (and, for heads,
+        ``valid_counts`` and ``valid``): an ``ErrorCurve`` will do."""
         module_flops, total = self.flops_info
         if self.settings.uniform:
             return _uniform.flops_candidates(units, facs, self.flops_info,
@@ -183,12 +182,49 @@ class Planner:
         kinds = [unit_kind(u) for u in units]
         minimum = [kind.smallest(fac) for kind, fac in zip(kinds, facs, strict=True)]
         errors = [fac.errors for fac in facs]
+        target = self.settings.target_flops
+        if plain:
+            found = [_budget.uniform_widths(model, target, minimum)]
+        else:
+            found = _budget.flops_candidates(errors, model, target, minimum, weights=weights,
+                                             kinds=[u.kind for u in units])
         return [
             np.array([kind.runnable(fac, k) for kind, fac, k in zip(kinds, facs, widths,
                                                                      strict=True)])
-            for widths in _budget.flops_candidates(errors, model, self.settings.target_flops,
-                                                   minimum)
+            for widths in found
         ]
+
+    def faithful_widths(self, source, facs, units, work, key) -> np.ndarray:
+        """``target_flops`` with the factorizations at hand: the units' output weights
+        (:mod:`skid.nn._sensitivity`), the candidates, and the one whose outputs stay closest
+        on held-out calibration rows.
+
+        Where the data split (:func:`_sensitivity.split_held_out`), a second statistics pass
+        without the last batch gives the folds the candidates are built with, and that batch
+        judges them; otherwise the second (or only) batch judges, in-sample.
+        """
+        s = self.settings
+        batches = source.batches
+        split = _sensitivity.split_held_out(batches)
+        fitted, judge, first = facs, _sensitivity.held_out_batch(batches), source.first
+        if split is not None:
+            rest, judge = split
+            first = rest.first
+            fitted, _ = source.cache.get(
+                None if key is None else fingerprint(key, "held out"), work, list(units),
+                rest, method=s.method, precision=s.precision, verbose=s.verbose)
+            fitted = self.for_objective(work, units, fitted)
+        weights = None
+        if len(units) > 1 and not s.uniform:  # uniform=True: one width per kind anyway
+            (uniform,) = self.flops_candidates(facs, units, work, plain=True)
+            weights = _sensitivity.output_weights(
+                work, units, fitted, uniform, first,
+                lambda model, unit, fac, k: apply(model, select(unit, fac, k)),
+                batch_outputs, output_distance)
+        candidates = self.flops_candidates(facs, units, work, weights)
+        if len(candidates) == 1:
+            return candidates[0]
+        return self.most_faithful(work, units, fitted, candidates, judge)
 
     def most_faithful(self, work, units, facs, candidates, batch) -> np.ndarray:
         """The candidate widths whose compressed model's outputs on ``batch`` stay closest."""
@@ -333,7 +369,7 @@ def plan_one_pass(settings, work, units, batches, key, cache, flops_info) -> Pla
     if not calibration.follows_compression or settings.target_flops is not None or (
             settings.uniform):
         facs = planner.for_objective(work, units, source.statistics(key, units))
-        widths = planner.widths(facs, units, work, source.first)
+        widths = planner.widths(facs, units, work, source, key)
         if not calibration.follows_compression:
             facs, widths = planner.recheck(source, units, facs, widths, key)
             selections = [select(u, f, k) for u, f, k in zip(units, facs, widths, strict=True)]

@@ -43,6 +43,9 @@ class FitSettings:
         How a residual stream is narrowed (``prune="residual"``).
     uniform : bool
         One width per kind of repeated unit.
+    fit_intercept : bool
+        ``T`` with a constant column, folded into the consumers' biases
+        (:mod:`skid.nn._intercept`).
     """
 
     tol: float
@@ -61,6 +64,7 @@ class FitSettings:
     verbose: bool
     stream: str = "rotate"
     uniform: bool = False
+    fit_intercept: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> FitSettings:
@@ -90,6 +94,7 @@ class FitSettings:
             verbose=bool(params["verbose"]),
             stream=params.get("stream", "rotate"),
             uniform=bool(params.get("uniform", False)),
+            fit_intercept=bool(params.get("fit_intercept", False)),
         )
 
     @property

@@ -46,6 +46,7 @@ __all__ = [
     "apply_selection",
     "as_samples",
     "concat_widths",
+    "fold_constant",
     "fold_in",
     "offset_of",
     "register_surgery",
@@ -59,7 +60,7 @@ __all__ = [
 KINDS_BY_TYPE: dict[type, object] = {}
 # Kinds of optional packages, by ``f"{cls.__module__}.{cls.__qualname__}"`` (never imported).
 KINDS_BY_NAME: dict[str, object] = {}
-_VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples", "weight_gram")
+_VERBS = ("slice_out", "slice_channels", "fold_in", "as_samples", "weight_gram", "bias_shift")
 _WIDTH_OF = {"slice_out": "out_width", "slice_channels": "out_width", "fold_in": "in_width"}
 
 
@@ -147,6 +148,37 @@ def fold_in(module: nn.Module, T, positions: int = 1) -> None:
         viewed as ``(out, m, positions)`` and contracted over ``m`` (no Kronecker product).
     """
     surgery_for(module, "fold_in").fold_in(module, T, positions)
+
+
+def fold_constant(module: nn.Module, b, positions: int = 1) -> None:
+    """Make a consumer take a constant ``b`` added to its input channels: ``c ← c + W b``.
+
+    ``fit_intercept`` replaces the consumer's input ``z`` by ``Tᵀ z[keep] + b``; the weights
+    see ``W Tᵀ`` (:func:`fold_in`) and the bias gets ``W b``, computed from the weight as it is
+    *before* the fold. A consumer without a bias gets one (zeros plus the shift), in the
+    weight's dtype and on its device. For a convolution the shift sums the kernel taps, exact
+    away from zero padding (at a padded border the taps outside read zeros, not ``b``).
+
+    Parameters
+    ----------
+    module : nn.Module
+        A consumer whose kind has ``bias_shift`` (Linear, Conv, Hugging Face Conv1D).
+    b : array-like of shape (m,)
+        The constant per input channel.
+    positions : int, default=1
+        As in :func:`fold_in`: the constant repeats over a flattened input's positions.
+    """
+    weight = module.weight.detach()
+    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b)
+    b = b.detach().to(device=weight.device, dtype=torch.float64).reshape(-1)
+    shift = surgery_for(module, "bias_shift").bias_shift(module, b, positions)
+    bias = getattr(module, "bias", None)
+    total = shift if bias is None else bias.detach().to(torch.float64) + shift
+    new = total.to(weight.dtype).contiguous()
+    if bias is None:
+        module.bias = nn.Parameter(new, requires_grad=weight.requires_grad)
+    else:
+        set_tensor(module, "bias", new)
 
 
 def weight_gram(module: nn.Module, positions: int = 1) -> np.ndarray:
@@ -260,6 +292,11 @@ class _LinearSurgery:
         set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_features = folded.shape[1]
 
+    def bias_shift(self, module: nn.Linear, b, positions=1):
+        m = check_positions(module.in_features, positions)
+        w = module.weight.detach().to(torch.float64).reshape(module.out_features, m, positions)
+        return torch.einsum("omp,m->o", w, b)
+
     def weight_gram(self, module: nn.Linear, positions=1):
         m = check_positions(module.in_features, positions)
         return gram_of_weight(module.weight.reshape(module.out_features, m, positions))
@@ -307,6 +344,11 @@ class _ConvSurgery:
             for g, block in enumerate(blocks)])
         set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_channels = T.shape[0]
+
+    def bias_shift(self, module, b, positions=1):
+        _require_groups(module, dense=True, verb="bias_shift")
+        w = module.weight.detach().to(torch.float64).flatten(2)  # (out, in, taps)
+        return torch.einsum("omt,m->o", w, b)
 
     def weight_gram(self, module, positions=1):
         """Block-diagonal for ``groups > 1``: each group's outputs read only its channels."""
@@ -429,12 +471,20 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
                  for c in unit.consumers]
     offsets = {name: offset_of(model, unit.before(name))
                for name in (*unit.passthroughs, *(c.name for c in unit.consumers))}
+    if selection.intercepts is not None:
+        for module in consumers:  # fit_intercept: every consumer must take the constant
+            surgery_for(module, "bias_shift")
     for module in producers:
         slice_out(module, keep)
     for name, module in zip(unit.passthroughs, passthroughs, strict=True):
         slice_channels(module, _around(keep, offsets[name], unit.width, _width(module)))
-    for module, consumer, T in zip(consumers, unit.consumers, folds, strict=True):
+    intercepts = selection.intercepts or (None,) * len(consumers)
+    for module, consumer, T, b in zip(consumers, unit.consumers, folds, intercepts,
+                                      strict=True):
         total = surgery_for(module).in_width(module, consumer.positions)
+        if b is not None:  # W b from the weight before the fold
+            fold_constant(module, _embed_constant(b, offsets[consumer.name], total),
+                          consumer.positions)
         fold_in(module, _embed(T, offsets[consumer.name], total), consumer.positions)
     return model
 
@@ -474,6 +524,14 @@ def _embed(T: torch.Tensor, offset: int, total: int) -> torch.Tensor:
     full[offset:offset + k, offset:offset + m] = T
     rest = total - offset - m
     full[offset + k:, offset + m:] = torch.eye(rest, dtype=T.dtype)
+    return full
+
+
+def _embed_constant(b, offset: int, total: int) -> torch.Tensor:
+    """The constant ``b`` (m,) of a group at ``offset`` of ``total`` channels; 0 elsewhere."""
+    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b).reshape(-1)
+    full = torch.zeros(total, dtype=torch.float64)
+    full[offset:offset + b.numel()] = b.to(torch.float64)
     return full
 
 

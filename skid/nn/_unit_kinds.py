@@ -9,15 +9,17 @@ residual stream) is one new entry, registered with :func:`register_unit_kind`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from .._linalg import PivotedFactorization, factorize_for_outputs
-from . import _budget
+from . import _budget, _intercept
 from ._heads import CorrectiveHeadFactorization, HeadFactorization, apply_head_selection
 from ._joint import interpolations_for
 from ._plan import Selection
-from ._surgery import apply_selection, offset_of, weight_gram
+from ._surgery import apply_selection, fold_constant, offset_of, weight_gram
 
 __all__ = ["UnitKind", "register_unit_kind", "unit_kind"]
 
@@ -103,6 +105,7 @@ class _Channels(UnitKind):
             )
         keep, T = fac.select(int(k))
         per_consumer = interpolations_for(unit, fac, keep, T)
+        b = _intercept.intercept(fac, keep, T)  # fit_intercept's constant, or None
         return Selection(
             unit=unit,
             keep=torch.as_tensor(keep, dtype=torch.int64),
@@ -110,6 +113,7 @@ class _Channels(UnitKind):
             error=float(fac.errors[len(keep)]),  # a grouped width may round k down
             interpolations=None if per_consumer is None else tuple(
                 torch.as_tensor(t) for t in per_consumer),
+            intercepts=None if b is None else (torch.as_tensor(b),) * len(unit.consumers),
         )
 
     def report(self, selection) -> dict:
@@ -126,10 +130,13 @@ class _Channels(UnitKind):
         }
 
     def for_outputs(self, work, unit, fac, pivots):
+        weights = lambda: sum(consumer_weight_gram(work, unit, c)  # noqa: E731
+                              for c in unit.consumers)
+        if isinstance(fac, _intercept.InterceptFactorization):  # the centred factorization
+            return fac.for_outputs(lambda f: factorize_for_outputs(f, weights(), pivots))
         if not isinstance(fac, PivotedFactorization):
             return None  # joint or block statistics: no single output
-        weights = sum(consumer_weight_gram(work, unit, c) for c in unit.consumers)
-        return factorize_for_outputs(fac, weights, pivots)
+        return factorize_for_outputs(fac, weights(), pivots)
 
 
 class _Heads(UnitKind):
@@ -140,9 +147,15 @@ class _Heads(UnitKind):
         return unit.n_heads * unit.head_dim  # every head's columns
 
     def select(self, unit, fac, k):
-        return fac.select(int(k))  # the nearest count the model's code runs
+        selection = fac.select(int(k))  # the nearest count the model's code runs
+        d = unit.head_dim
+        columns = (selection.heads[:, None] * d + np.arange(d)).ravel()
+        b = _intercept.intercept(fac, columns, selection.interpolation)
+        return selection if b is None else replace(selection, intercept=b)
 
     def apply(self, model, selection) -> None:
+        if getattr(selection, "intercept", None) is not None:  # W b before the fold
+            fold_constant(model.get_submodule(selection.unit.consumer), selection.intercept)
         apply_head_selection(model, selection)
 
     def report(self, selection) -> dict:
@@ -178,14 +191,22 @@ class _Heads(UnitKind):
         return gram.shape[0]
 
     def for_outputs(self, work, unit, fac, pivots):
-        return fac.for_outputs(consumer_weight_gram(work, unit, unit.consumers[0]))
+        return _with_means(fac.for_outputs(consumer_weight_gram(work, unit, unit.consumers[0])),
+                           getattr(fac, "means", None))
 
     def corrective_factorization(self, stats, unit, selection):
-        return CorrectiveHeadFactorization(stats, unit)
+        return _with_means(CorrectiveHeadFactorization(stats, unit), stats.means)
 
     def corrective_for_outputs(self, work, unit, stats, pivots):
         weights = consumer_weight_gram(work, unit, unit.consumers[0])
-        return CorrectiveHeadFactorization(stats, unit, weights)
+        return _with_means(CorrectiveHeadFactorization(stats, unit, weights), stats.means)
+
+
+def _with_means(fac, means):
+    """A head factorization carrying ``fit_intercept``'s means (for its constant)."""
+    if means is not None:
+        fac.means = means
+    return fac
 
 
 class _ResidualStage(_Channels):

@@ -144,3 +144,33 @@ def test_units_without_flops_are_kept_whole():
     kept = widths_for_flops(errors, flops, 0.5)
     assert kept[1] == 8
     assert flops(kept) <= 10.0
+
+
+def test_output_weights_steer_the_greedy_to_the_cheap_unit(vgg_like):
+    """Equal curves, but unit 0's error costs the output 100 times as much: the weighted greedy
+    (first candidate) keeps more of unit 0 than the unweighted one does."""
+    from skid.nn._budget import flops_candidates
+
+    units, flops = chain([32, 32], [1e6, 1e6, 1e6])
+    errors = [curve(np.exp(-0.1 * np.arange(32)))] * 2
+    plain = flops_candidates(errors, flops, 0.5)
+    weighted = flops_candidates(errors, flops, 0.5, weights=[100.0, 1.0])
+    assert weighted[0][0] > weighted[0][1]
+    assert not any(np.array_equal(weighted[0], c) for c in plain)
+    assert flops(weighted[0]) <= 0.5 * flops.total
+    with pytest.raises(ValueError, match="one finite nonnegative number per unit"):
+        flops_candidates(errors, flops, 0.5, weights=[1.0])
+
+
+def test_each_kind_alone_is_a_candidate():
+    from skid.nn._budget import flops_candidates
+
+    units, flops = chain([16, 16, 16], [1e6, 1e6, 1e6, 1e6])
+    errors = [curve(np.exp(-0.2 * np.arange(16)))] * 3
+    candidates = flops_candidates(errors, flops, 0.7, kinds=["heads", "channels", "channels"])
+    alone = [c for c in candidates if c[0] == 16 and c[1] == c[2] < 16]
+    assert alone and flops(alone[0]) <= 0.7 * flops.total
+    assert any(c[0] < 16 and c[1] == c[2] == 16 for c in candidates)  # the heads alone
+    # one kind only: nothing added
+    assert len(flops_candidates(errors, flops, 0.7, kinds=["channels"] * 3)) == len(
+        flops_candidates(errors, flops, 0.7))

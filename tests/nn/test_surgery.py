@@ -64,13 +64,18 @@ def _duplicate_channel(model: nn.Module, unit: Unit, src: int = 1, dst: int = 0)
 
 
 def _drop_duplicate(unit: Unit, src: int = 1, dst: int = 0, seed: int = 0) -> Selection:
-    """Keep every channel but ``dst``, in a random pivot order; T maps ``dst`` to ``src``."""
+    """Keep every channel but ``dst``, in a random pivot order; T maps ``dst`` to ``src``.
+
+    A zero constant (``fit_intercept``'s, exact here) goes through every consumer's
+    ``bias_shift`` and gives the consumers without a bias one (see test_intercept.py for
+    nonzero constants)."""
     rng = np.random.default_rng(seed)
     keep = rng.permutation([c for c in range(unit.width) if c != dst])
     T = np.zeros((keep.size, unit.width))
     T[np.arange(keep.size), keep] = 1.0
     T[np.flatnonzero(keep == src)[0], dst] = 1.0
-    return Selection(unit, torch.as_tensor(keep), torch.as_tensor(T), 0.0)
+    zeros = (torch.zeros(unit.width, dtype=torch.float64),) * len(unit.consumers)
+    return Selection(unit, torch.as_tensor(keep), torch.as_tensor(T), 0.0, intercepts=zeros)
 
 
 def _full_width(unit: Unit, seed: int = 0) -> Selection:
@@ -125,7 +130,7 @@ _CASES = {
     nn.PReLU: [(lambda: _seq(nn.Linear(6, 8), nn.PReLU(8), nn.Linear(8, 3)), (5, 6))],
 }
 _ROLE_VERBS = {"producer": ("slice_out",), "passthrough": ("slice_channels",),
-               "consumer": ("fold_in", "as_samples", "weight_gram")}
+               "consumer": ("fold_in", "as_samples", "weight_gram", "bias_shift")}
 
 
 def _randomize(model: nn.Module, dtype) -> nn.Module:

@@ -1,0 +1,104 @@
+"""What one unit's ID error does to the model's output, measured on a calibration batch.
+
+``target_flops`` trades every unit's error against every other's. A unit's relative error
+``e_i`` is its own currency: the same ``e`` in the first MLP of a language model and in its
+last changes the logits by very different amounts. The exchange rate is measured: each unit
+alone is cut to the width of the plain uniform cut (the same fraction everywhere), with its
+ID and fold, and ``w_i = ‖y − y_i‖² / e_i²`` is the squared change of the outputs ``y`` on
+one calibration batch per squared relative error. The budget's greedy then spends FLOPs where
+``Σ w_i e_i(k_i)²`` grows least (:func:`skid.nn._budget.flops_candidates`).
+
+Cost: one forward pass of one batch per unit, each on a :func:`sharing_copy` of the model
+holding one unit's folded weights. The candidates are then judged on calibration rows that
+neither the weights nor the fitted ``T`` saw (:func:`split_held_out`: the last batch is held
+out of a second statistics pass, whose folds the candidates are built with): judged on rows
+the fold was fitted to, a deep cut of one unit looks better than it generalizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _distributed
+from ._batches import slice_rows
+from ._surgery import sharing_copy
+
+__all__ = ["held_out_batch", "measured", "output_weights", "split_held_out"]
+
+
+def output_weights(work, units, facs, widths, batch, fold, outputs, distance) -> np.ndarray:
+    """``w_i``: squared output change per squared relative error when unit ``i`` alone keeps
+    ``widths[i]``, on ``batch``.
+
+    Units kept whole there, or whose error is 0 at that width, say nothing about their rate:
+    they get the median of the others (1 when no unit says anything).
+
+    Parameters
+    ----------
+    work : nn.Module
+        The model (not modified: every trial is a sharing copy).
+    units, facs : lists
+        The units and their factorizations (with ``errors`` and ``select``).
+    widths : array of int
+        Width per unit (valid head counts for heads).
+    batch
+        One calibration batch.
+    fold : callable
+        ``fold(model, unit, fac, k)`` folds unit's selection at width ``k`` into ``model``.
+    outputs, distance : callable
+        ``outputs(model, batch)`` and ``distance(model, reference, batch)``
+        (:mod:`skid.nn._outputs`).
+    """
+    reference = outputs(work, batch)
+    weights = np.full(len(units), np.nan)
+    for i, (unit, fac, k) in enumerate(zip(units, facs, widths, strict=True)):
+        error = float(fac.errors[int(k)])
+        if int(k) >= len(fac.errors) - 1 or error <= 0:  # kept whole, or exact
+            continue
+        trial = sharing_copy(work)
+        fold(trial, unit, fac, int(k))
+        weights[i] = distance(trial, reference, batch) ** 2 / error**2
+    return measured(weights)
+
+
+def split_held_out(batches):
+    """``(rest, held)``: the calibration data without its last batch, and that batch, for
+    judging candidates on rows their statistics never saw; None when the data cannot be
+    split so (one batch, a one-shot iterator, an iterable that is not a list, or a
+    data-parallel fit, whose ranks must agree on one batch)."""
+    from ._calibration import Batches
+
+    if _distributed.current() is not None or not batches.rereadable:
+        return None
+    if getattr(batches, "_sliceable", False):
+        n, size = batches.n_samples, batches.batch_size
+        if n <= size:
+            return None
+        last = (n - 1) // size * size  # the start of the last batch
+        source = batches._source
+        return Batches(slice_rows(source, 0, last), size), slice_rows(source, last, n - last)
+    source = getattr(batches, "_source", None)
+    if isinstance(source, list) and len(source) > 1:
+        return Batches(source[:-1], batches.batch_size), source[-1]
+    return None
+
+
+def held_out_batch(batches):
+    """The calibration batch that judges the ``target_flops`` candidates: the second batch
+    when there is one (the first measured the weights), else the first. Data-parallel fits
+    use the first (the one batch every rank agrees on)."""
+    if _distributed.current() is not None or not batches.rereadable:
+        return batches.first
+    if getattr(batches, "_sliceable", False):
+        if batches.n_samples > batches.batch_size:
+            return slice_rows(batches._source, batches.batch_size, batches.batch_size)
+        return batches.first
+    iterator = iter(batches)
+    next(iterator, None)
+    return next(iterator, batches.first)
+
+
+def measured(weights) -> np.ndarray:
+    """Units without a measured weight get the median of the others (1 if none)."""
+    known = weights[np.isfinite(weights)]
+    return np.where(np.isfinite(weights), weights, float(np.median(known)) if known.size else 1.0)
