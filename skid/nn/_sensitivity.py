@@ -66,7 +66,7 @@ def split_held_out(batches):
     judging candidates on rows their statistics never saw; None when the data cannot be
     split so (one batch, a one-shot iterator, an iterable that is not a list, or a
     data-parallel fit, whose ranks must agree on one batch)."""
-    from ._calibration import Batches
+    from ._batches import Batches
 
     if _distributed.current() is not None or not batches.rereadable:
         return None

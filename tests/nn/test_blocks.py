@@ -213,7 +213,7 @@ def tiny_text(n=8, length=10, vocab=64):
 @pytest.mark.slow
 def test_finds_the_decoder_layers_of_hf_llama():
     transformers = pytest.importorskip("transformers")
-    from skid.nn._calibration import example_inputs
+    from skid.nn._batches import example_inputs
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(

@@ -279,7 +279,8 @@ def test_the_stream_error_sums_its_readings():
     """Every reading of a stream feeds another block: its error curve (what ``tol`` and the
     budget see, and the reported error) is the root of the *sum* of the readings' squared
     relative errors, ``sqrt(n_readings)`` times their root mean square."""
-    from skid.nn._calibration import Batches, unit_statistics
+    from skid.nn._batches import Batches
+    from skid.nn._calibration import unit_statistics
     from skid.nn._joint import JointFactorization
 
     model, x = make_stages("resnet50_stages"), _data("resnet50_stages")
