@@ -1,9 +1,9 @@
 """NetworkCompressor: model-preserving compression of a torch model (its surface only).
 
 ``fit`` reads as a list of steps: check the parameters into one :class:`FitSettings` → the
-data → a deep copy of the model → its units (``_graph``, ``_heads``) → its blocks
-(``_blocks``) → FLOPs (``_flops``) → the plan (``_planner`` over one pass, or
-``_blockwise`` block by block), applied to the copy → the report.
+data → a deep copy of the model → its units and blocks (``_discovery``) → FLOPs (``_flops``)
+→ the plan (``_planner`` over one pass, or ``_blockwise`` block by block), applied to the copy
+→ the report.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ from torch import nn
 from .. import metrics
 from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
-from ..exceptions import NotPrunableError
 from . import _distributed, _hf_config, _intercept, _residual
-from ._batches import Batches, example_inputs, model_device_dtype, run_model
-from ._blocks import find_blocks
+from ._batches import Batches, example_inputs, model_device_dtype
 from ._blockwise import blockwise_plan
 from ._calibration import StatisticsCache, calibration_passes, fingerprint, model_fingerprint
+from ._discovery import block_layout, find_all_units, require_units
 from ._flops import count_flops, count_params
-from ._heads import find_heads, in_forward_order, release_heads
 from ._model_checks import check_model
 from ._objectives import (
     Calibration,
@@ -40,7 +38,6 @@ from ._objectives import (
 )
 from ._outputs import ModelOutputs, cached_outputs, collect_outputs, model_outputs
 from ._planner import plan_one_pass
-from ._residual_stages import find_channel_groups
 from ._settings import FitSettings
 from ._unit_kinds import unit_kind
 
@@ -418,8 +415,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         stage = home if settings.blocks is not None else device
         work = _working_copy(model, stage)
         example = example_inputs(batches.first, stage, dtype)
-        units = self._find_units(work, example, settings)
-        layout = self._find_blocks(work, example, settings, units)
+        units, skipped = find_all_units(work, example, settings)
+        self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
+        require_units(work, units, skipped, self.prune, settings.verbose)
+        layout = block_layout(work, example, settings, units)
         self.blocks_ = None if layout is None else layout.name
         if layout is not None:
             batches.make_reusable()  # several passes over the data
@@ -508,63 +507,6 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device={self.device!r} is not a torch device: {exc}") from exc
         return FitSettings.from_params(self.get_params(deep=False))
-
-    def _find_units(self, work, example, settings):
-        """Units of the work copy; NotPrunableError listing every skipped layer if none."""
-        args, kwargs = example
-        with torch.no_grad():
-            run_model(work, args, kwargs, what="first samples of the calibration data")
-        prune = settings.prune
-        units, skipped = [], []
-        if prune & {"channels", "residual"}:
-            units, skipped = find_channel_groups(
-                work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
-                channels="channels" in prune, residual="residual" in prune)
-        if "heads" in prune:
-            heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
-            if settings.layers != "auto":  # heads are named by their attention block
-                wanted = {n if isinstance(n, str) else n[0] for n in settings.layers}
-                dropped = [h for h in heads if h.attention not in wanted
-                           and h.producer not in wanted]
-                release_heads(work, dropped)
-                heads = [h for h in heads if h not in dropped]
-            units = in_forward_order(work, units + heads, args, kwargs)
-            skipped += skipped_heads
-        if "residual" in prune:  # after the rest: "sequential" sees them compressed first
-            streams, skipped_stream = _residual.find(work, example, exclude=settings.exclude,
-                                                     layers=settings.layers)
-            if any(unit_kind(u).prune == "residual" for u in units):
-                skipped_stream = []  # a CNN's streams were found: no transformer to miss
-            units, skipped = units + streams, skipped + skipped_stream
-        self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
-        if settings.verbose:
-            for s in skipped:
-                print(f"[NetworkCompressor] skipping {s.producer!r}: {s.reason}")
-        if not units:
-            reasons = "".join(f"\n  - {s.producer!r}: {s.reason}" for s in skipped)
-            raise NotPrunableError(
-                f"No prunable unit in this {type(work).__name__} (prune={self.prune!r}): no "
-                f"Linear/Conv layer's output channels reach only following Linear/Conv layers "
-                f"through per-channel operations and gates, no attention block's heads "
-                f"and no residual stream can be pruned."
-                f"{reasons or ' The model has no Linear/Conv layer.'}"
-            )
-        return units
-
-    def _find_blocks(self, work, example, settings, units):
-        """The block layout of the units (the stream aside), or None for one pass: with a
-        stream, ``target_flops`` budgets it with the other units in one pass."""
-        others = [u for u in units if not _residual.is_residual(u)]
-        if len(others) < len(units) and settings.blocks is not None and (
-                settings.target_flops is not None or not others):
-            if settings.blocks != "auto":
-                raise ValueError(
-                    f"blocks={settings.blocks!r} with prune including 'residual' and "
-                    f"{'target_flops' if others else 'no other unit'}: the stream's width is "
-                    "budgeted with the other units in one pass over the model; use "
-                    "blocks='auto' or None.")
-            return None
-        return find_blocks(work, example, settings.blocks, others)
 
     def _cache_key(self, batches: Batches, units, settings) -> str:
         """Content key of the statistics: the model's key, the data, the units and route."""
