@@ -58,6 +58,21 @@ def fit(model, X, **params):
     return NetworkCompressor(model, batch_size=40, **params).fit(X)
 
 
+def fit_interrupted(monkeypatch, model, at: int = 2, **params) -> None:
+    """A block-wise fit of ``model`` on ``X`` stopped (KeyboardInterrupt) at block ``at``."""
+    real_turn = _blocks.Runner.turn
+
+    def failing_turn(self, i):
+        if i == at:
+            raise KeyboardInterrupt
+        real_turn(self, i)
+
+    monkeypatch.setattr(_blocks.Runner, "turn", failing_turn)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, X, **params)
+    monkeypatch.setattr(_blocks.Runner, "turn", real_turn)
+
+
 def assert_same_models(a, b, atol=1e-6):
     assert [r["width_after"] for r in a.layers_] == [r["width_after"] for r in b.layers_]
     sa, sb = a.compressed_model_.state_dict(), b.compressed_model_.state_dict()
@@ -185,17 +200,7 @@ def test_memory_resumes_an_interrupted_run(tmp_path, monkeypatch):
     fresh = fit(model, X, calibration="sequential", rank=0.5, blocks="layers")
     total = fresh.n_calibration_passes_
 
-    real_turn = _blocks.Runner.turn
-
-    def failing_turn(self, i):
-        if i == 2:
-            raise KeyboardInterrupt
-        real_turn(self, i)
-
-    monkeypatch.setattr(_blocks.Runner, "turn", failing_turn)
-    with pytest.raises(KeyboardInterrupt):
-        fit(model, X, calibration="sequential", rank=0.5, memory=tmp_path)
-    monkeypatch.setattr(_blocks.Runner, "turn", real_turn)
+    fit_interrupted(monkeypatch, model, calibration="sequential", rank=0.5, memory=tmp_path)
     before = calibration_passes()
     resumed = fit(model, X, calibration="sequential", rank=0.5, memory=tmp_path)
     assert 0 < calibration_passes() - before < total  # blocks 0 and 1 came from the cache

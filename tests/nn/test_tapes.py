@@ -8,10 +8,10 @@ import joblib
 import pytest
 import torch
 
-from skid.nn import _blocks, _tapes
+from skid.nn import _tapes
 from skid.nn._calibration import calibration_passes
 
-from .test_blocks import X, assert_same_models, fit, make_stack
+from .test_blocks import X, assert_same_models, fit, fit_interrupted, make_stack
 
 
 class Pair(NamedTuple):
@@ -124,17 +124,7 @@ def test_an_incomplete_recording_never_replaces_a_complete_one(tmp_path):
 def test_a_resumed_fit_re_records_a_damaged_tape(tmp_path, monkeypatch, damage, calibration):
     model = make_stack()
     fresh = fit(model, X, calibration=calibration, rank=0.5)
-    real_turn = _blocks._Runner.turn
-
-    def failing_turn(self, i):
-        if i == 2:
-            raise KeyboardInterrupt
-        real_turn(self, i)
-
-    monkeypatch.setattr(_blocks._Runner, "turn", failing_turn)
-    with pytest.raises(KeyboardInterrupt):
-        fit(model, X, calibration=calibration, rank=0.5, memory=tmp_path)
-    monkeypatch.setattr(_blocks._Runner, "turn", real_turn)
+    fit_interrupted(monkeypatch, model, calibration=calibration, rank=0.5, memory=tmp_path)
     tapes = sorted((tmp_path / "joblib" / "skid_block_outputs").glob("*/2.tape"))
     assert tapes
     for path in tapes:
