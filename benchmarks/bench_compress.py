@@ -52,7 +52,7 @@ from sklearn.model_selection import GridSearchCV, PredefinedSplit
 
 from skid import NetworkCompressor, _corrective, metrics
 from skid.model_selection import most_compressed
-from skid.nn import _calibration, _compressor, _discovery, _unit_kinds
+from skid.nn import _calibration, _compressor, _unit_kinds
 from skid.nn._calibration import calibration_passes
 
 BATCH_SIZE = 256
@@ -61,7 +61,7 @@ TOL = 0.05
 # Functions fit calls, wrapped with a stopwatch for the breakdown (module, attribute, phase).
 PHASES = [
     (_compressor, "_working_copy", "copy"),
-    (_discovery, "find_all_units", "walk"),
+    (_compressor, "find_all_units", "walk"),
     (_compressor, "count_flops", "flops"),
     (_calibration, "unit_statistics", "calibration"),
     (_calibration, "corrective_statistics", "calibration"),
