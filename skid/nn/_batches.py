@@ -109,6 +109,30 @@ class Batches:
             self._spent = True
         yield from self._source
 
+    def split_last(self):
+        """``(Batches of all but the last batch, the last batch)`` of re-readable batches; None
+        for one batch or an iterable that is not a list."""
+        if self._sliceable:
+            n, size = self.n_samples, self.batch_size
+            if n <= size:
+                return None
+            last = (n - 1) // size * size  # the start of the last batch
+            return (Batches(slice_rows(self._source, 0, last), size),
+                    slice_rows(self._source, last, n - last))
+        if isinstance(self._source, list) and len(self._source) > 1:
+            return Batches(self._source[:-1], self.batch_size), self._source[-1]
+        return None
+
+    def second(self):
+        """The second batch of re-readable batches, or the first where there is one only."""
+        if self._sliceable:
+            if self.n_samples > self.batch_size:
+                return slice_rows(self._source, self.batch_size, self.batch_size)
+            return self.first
+        iterator = iter(self)
+        next(iterator, None)
+        return next(iterator, self.first)
+
     @property
     def rereadable(self) -> bool:
         """False for a one-shot iterator read without ``reusable`` (one pass only)."""

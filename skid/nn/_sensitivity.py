@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _distributed
-from ._batches import slice_rows
 from ._surgery import sharing_copy
 
 __all__ = ["held_out_batch", "measured", "output_weights", "split_held_out"]
@@ -66,21 +65,9 @@ def split_held_out(batches):
     judging candidates on rows their statistics never saw; None when the data cannot be
     split so (one batch, a one-shot iterator, an iterable that is not a list, or a
     data-parallel fit, whose ranks must agree on one batch)."""
-    from ._batches import Batches
-
     if _distributed.current() is not None or not batches.rereadable:
         return None
-    if getattr(batches, "_sliceable", False):
-        n, size = batches.n_samples, batches.batch_size
-        if n <= size:
-            return None
-        last = (n - 1) // size * size  # the start of the last batch
-        source = batches._source
-        return Batches(slice_rows(source, 0, last), size), slice_rows(source, last, n - last)
-    source = getattr(batches, "_source", None)
-    if isinstance(source, list) and len(source) > 1:
-        return Batches(source[:-1], batches.batch_size), source[-1]
-    return None
+    return batches.split_last()
 
 
 def held_out_batch(batches):
@@ -89,13 +76,7 @@ def held_out_batch(batches):
     use the first (the one batch every rank agrees on)."""
     if _distributed.current() is not None or not batches.rereadable:
         return batches.first
-    if getattr(batches, "_sliceable", False):
-        if batches.n_samples > batches.batch_size:
-            return slice_rows(batches._source, batches.batch_size, batches.batch_size)
-        return batches.first
-    iterator = iter(batches)
-    next(iterator, None)
-    return next(iterator, batches.first)
+    return batches.second()
 
 
 def measured(weights) -> np.ndarray:
