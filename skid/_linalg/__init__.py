@@ -16,8 +16,9 @@ arithmetic (both pick the column of largest remaining norm). With ``U`` the pivo
 factor, ``T = U11⁻¹ U12`` (a triangular solve) and ``‖X − X[:, J] T‖_F = ‖U22‖_F`` for every k,
 so one factorization gives the exact error curve for all ranks at once.
 
-The package, one job per module (each re-exported here, so ``from skid._linalg import X`` and
-``_linalg.X`` keep working; a test that shrinks a block size patches :mod:`._blocking`):
+The package, one job per module (their public names re-exported here, so
+``from skid._linalg import X`` keeps working; a test that shrinks a block size patches
+:mod:`._blocking`):
 
 * :mod:`._factorization`: :class:`PivotedFactorization`, what every route returns;
 * :mod:`._cholesky`: pivoted Cholesky of a Gram (:func:`factorize_gram`);
