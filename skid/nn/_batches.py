@@ -109,18 +109,15 @@ class Batches:
             self._spent = True
         yield from self._source
 
-    def split_last(self):
-        """``(Batches of all but the last batch, the last batch)`` of re-readable batches; None
-        for one batch or an iterable that is not a list."""
+    def split_first(self):
+        """``(Batches of all but the first batch, the first batch)`` of re-readable batches (the
+        rest may be empty); None for an iterable that is not a list."""
         if self._sliceable:
-            n, size = self.n_samples, self.batch_size
-            if n <= size:
-                return None
-            last = (n - 1) // size * size  # the start of the last batch
-            return (Batches(slice_rows(self._source, 0, last), size),
-                    slice_rows(self._source, last, n - last))
-        if isinstance(self._source, list) and len(self._source) > 1:
-            return Batches(self._source[:-1], self.batch_size), self._source[-1]
+            start = min(self.batch_size, self.n_samples)
+            rest = slice_rows(self._source, start, self.n_samples - start)
+            return Batches(rest, self.batch_size, allow_empty=True), self.first
+        if isinstance(self._source, list):
+            return Batches(self._source[1:], self.batch_size, allow_empty=True), self.first
         return None
 
     def second(self):

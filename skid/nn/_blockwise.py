@@ -61,7 +61,7 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
     these original-model curves (as a one-pass fit does for every calibration), and a third
     walk folds them — building every candidate side by side when there are several, each in
     its own copy of the model (sharing the model's tensors: it costs the candidate's folded
-    weights), fitted without the last calibration batch, so that the one whose outputs on
+    weights), fitted without the first calibration batch, so that the one whose outputs on
     that batch stay closest is kept, as a one-pass fit decides. A last walk fits the chosen
     widths on every row (with a calibration that follows the compression, as it). With
     ``memory=`` the later walks read the statistics back.

@@ -31,6 +31,8 @@ from .._linalg import GramAccumulator, QRAccumulator, triangle_size
 from ._trace import map_tensors
 
 __all__ = [
+    "any_rank",
+    "owns_first_batch",
     "active",
     "agreed_key",
     "all_hit",
@@ -352,6 +354,24 @@ def first_batch(batch):
     payload = [map_tensors(batch, torch.Tensor.cpu) if rank == owner else None]
     dist.broadcast_object_list(payload, src=dist.get_global_rank(group, owner), group=group)
     return batch if rank == owner else payload[0]
+
+
+def owns_first_batch(has_data: bool) -> bool:
+    """Whether this rank's first batch is the one :func:`first_batch` hands every rank (the
+    lowest rank with data); True without a group."""
+    group = current()
+    if group is None:
+        return has_data
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    (top,) = _max([size - rank if has_data else 0], "the choice of the first batch")
+    return top != 0 and size - top == rank
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag or-ed over the ranks (the flags themselves without a group)."""
+    if current() is None:
+        return [bool(f) for f in flags]
+    return [bool(v) for v in _max([int(bool(f)) for f in flags], "an agreement on the split")]
 
 
 def agreed_key(key: str) -> str:

@@ -200,7 +200,7 @@ class Planner:
         on held-out calibration rows.
 
         Where the data split (:func:`_sensitivity.split_held_out`), a second statistics pass
-        without the last batch gives the folds the candidates are built with, and that batch
+        without the first batch gives the folds the candidates are built with, and that batch
         judges them; otherwise the second (or only) batch judges, in-sample.
         """
         s = self.settings

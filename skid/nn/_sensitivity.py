@@ -10,12 +10,16 @@ one calibration batch per squared relative error. The budget's greedy then spend
 
 Cost: one forward pass of one batch per unit, each on a :func:`sharing_copy` of the model
 holding one unit's folded weights. The candidates are then judged on calibration rows that
-neither the weights nor the fitted ``T`` saw (:func:`split_held_out`: the last batch is held
+neither the weights nor the fitted ``T`` saw (:func:`split_held_out`: the first batch is held
 out of a second statistics pass, whose folds the candidates are built with): judged on rows
-the fold was fitted to, a deep cut of one unit looks better than it generalizes.
+the fold was fitted to, a deep cut of one unit looks better than it generalizes. The first
+batch, not another, because it is the one batch the ranks of a data-parallel fit agree on, so
+ranks on shards hold out what one process on all the data holds out.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -61,22 +65,42 @@ def output_weights(work, units, facs, widths, batch, fold, outputs, distance) ->
 
 
 def split_held_out(batches):
-    """``(rest, held)``: the calibration data without its last batch, and that batch, for
-    judging candidates on rows their statistics never saw; None when the data cannot be
-    split so (one batch, a one-shot iterator, an iterable that is not a list, or a
-    data-parallel fit, whose ranks must agree on one batch)."""
-    if _distributed.current() is not None or not batches.rereadable:
+    """``(rest, held)``: the calibration data without its first batch, and that batch, for
+    judging candidates on rows their statistics never saw; None (on every rank alike) when the
+    data cannot be split so (one batch in all, a one-shot iterator, an iterable that is not a
+    list).
+
+    Data-parallel, the first batch is the rank-agreed one (:func:`_distributed.first_batch`):
+    the rank it comes from leaves it out of its statistics, the others keep all their rows, so
+    together they leave out what one process on all the data leaves out. ``rest.first``, which
+    measures the output weights, is agreed the same way (the data's second batch when the
+    shards are contiguous and the first holds two batches).
+    """
+    if not batches.rereadable:
         return None
-    return batches.split_last()
+    owner = _distributed.owns_first_batch(batches.n_batches != 0)
+    # a copy, not the fit's own Batches: rest.first is agreed below, batches.first must stay
+    split = batches.split_first() if owner else (copy.copy(batches), batches.first)
+    unsplittable, any_rest = _distributed.any_rank(
+        split is None, split is not None and split[0].n_batches != 0)
+    if unsplittable or not any_rest:
+        return None
+    rest, held = split
+    rest.first = _distributed.first_batch(rest.first)
+    return rest, held
 
 
 def held_out_batch(batches):
-    """The calibration batch that judges the ``target_flops`` candidates: the second batch
-    when there is one (the first measured the weights), else the first. Data-parallel fits
-    use the first (the one batch every rank agrees on)."""
-    if _distributed.current() is not None or not batches.rereadable:
+    """The calibration batch that judges the ``target_flops`` candidates where the data does
+    not split: the second batch when there is one (the first measured the weights), else the
+    first; data-parallel, the second batch of the rank the first comes from, the same on every
+    rank."""
+    if not batches.rereadable:
         return batches.first
-    return batches.second()
+    if _distributed.current() is None:
+        return batches.second()
+    owner = _distributed.owns_first_batch(batches.n_batches != 0)
+    return _distributed.first_batch(batches.second() if owner else None)
 
 
 def measured(weights) -> np.ndarray:

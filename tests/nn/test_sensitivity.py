@@ -65,14 +65,16 @@ def test_target_flops_spends_the_budget_where_the_output_cares():
     assert widths["b"] > widths["a"]
 
 
-def test_split_held_out_leaves_the_last_batch_out():
+def test_split_held_out_leaves_the_first_batch_out():
     from skid.nn._sensitivity import split_held_out
 
     X = torch.arange(10.0).reshape(5, 2)
-    rest, held = split_held_out(Batches(X, 2))
-    assert torch.equal(held, X[4:]) and rest.n_samples == 4
-    assert [b.shape[0] for b in rest] == [2, 2]
+    batches = Batches(X, 2)
+    rest, held = split_held_out(batches)
+    assert torch.equal(held, X[:2]) and rest.n_samples == 3
+    assert [b.shape[0] for b in rest] == [2, 1]
+    assert torch.equal(rest.first, X[2:4]) and torch.equal(batches.first, X[:2])
     rest, held = split_held_out(Batches([X[:1], X[1:3], X[3:]], 2))
-    assert torch.equal(held, X[3:]) and len(list(rest)) == 2
+    assert torch.equal(held, X[:1]) and len(list(rest)) == 2
     assert split_held_out(Batches(X, 8)) is None  # one batch
     assert split_held_out(Batches(iter([X[:1], X[1:]]), 2)) is None  # one-shot
