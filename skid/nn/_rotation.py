@@ -56,7 +56,9 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
     """
     device, dtype = model_device_dtype(model)
     d = stream.width
-    grams = [torch.zeros(d, d, dtype=torch.float64, device=device) for _ in stream.norms]
+    # the project's streamed statistic: float64 products of row blocks (no float64 copy of a
+    # whole batch), the upper triangle only
+    accumulators = [_linalg.GramAccumulator("float64") for _ in stream.norms]
     counts = [0] * len(stream.norms)
     mask, samples = [None], 0
 
@@ -67,7 +69,8 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
             if m is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(m.shape):
                 x = x[m.to(x.device)]
             rows = normalized_rows(x.reshape(-1, d), stream.form)
-            grams[i].add_(rows.T @ rows)
+            if rows.shape[0]:
+                accumulators[i].update(rows)
             counts[i] += rows.shape[0]
         return hook
 
@@ -85,15 +88,28 @@ def stream_statistics(model: nn.Module, stream: Stream, batches) -> tuple[list, 
     finally:
         for h in handles:
             h.remove()
+    grams = [_dense_gram(acc, d, device) for acc in accumulators]
     grams = [_distributed.all_sum(g).cpu().numpy() for g in grams]
     counts = _distributed.all_sum(torch.tensor([*counts, samples], dtype=torch.float64))
     counts = [int(c) for c in counts]
     return grams, counts[:-1], counts[-1]
 
 
+def _dense_gram(acc, d: int, device) -> torch.Tensor:
+    """The accumulated ``XᵀX`` as a dense float64 tensor (zeros where no row came)."""
+    gram = acc.gram
+    if gram is None:
+        return torch.zeros(d, d, dtype=torch.float64, device=device)
+    # unit-RMS rows never need scaling, but the statistic's scale is part of its contract
+    return torch.as_tensor(gram, device=device).mul(4.0**acc.scale_exp)
+
+
 def normalized_rows(x: torch.Tensor, form: str) -> torch.Tensor:
-    """Rows (n, d) in float64, centered for LayerNorm, divided by their RMS (zero rows: 0)."""
-    x = x.to(torch.float64)
+    """Rows (n, d), centered for LayerNorm, divided by their RMS (zero rows: 0), in the
+    activations' own precision (half precision in float32): the Gram multiplies them in
+    float64 block by block."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
     if form == "layer":
         x = x - x.mean(dim=1, keepdim=True)
     rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
