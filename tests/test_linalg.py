@@ -282,6 +282,19 @@ def test_block_pivoting_gains_as_norms_keep_the_trace_greedy(seed, rounds):
         assert fac.order.tolist().index(6) < fac.order.tolist().index(7)
 
 
+@pytest.mark.parametrize("rank", [24, 10, 0])
+def test_block_pivoting_t_solve_is_scipys_pinvh(rank):
+    # T from syevd, as scipy.linalg.pinvh (syev) gives it: full rank, dependent columns, zeros
+    from skid._linalg._block_pivoting import pinvh_solve
+
+    rng = np.random.default_rng(rank)
+    X = rng.standard_normal((80, rank)) @ rng.standard_normal((rank, 24)) * 1e3
+    G = X.T @ X
+    expected = scipy.linalg.pinvh(G[:16, :16]) @ G[:16]
+    np.testing.assert_allclose(pinvh_solve(G[:16, :16], G[:16]), expected,
+                               atol=1e-9 * max(1.0, np.abs(expected).max()))
+
+
 def test_block_pivoting_rejects_bad_input():
     G = np.eye(8)
     with pytest.raises(ValueError, match="partition the Gram's columns"):
