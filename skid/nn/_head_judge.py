@@ -57,11 +57,11 @@ def held_out_error(gram, columns, T, weight_gram=None) -> float:
 
 
 def judged_on_held_out(candidates, rest_modes, held_out: HeldOutGrams) -> dict:
-    """``{count: kept heads}`` where the candidates for a count, built on the rows without the
-    held-out batch (``rest_modes``), keep different heads: the heads of the one whose fold
+    """``{count: kept columns}`` where the candidates for a count, built on the rows without
+    the held-out batch (``rest_modes``), keep different heads: the columns of the one whose fold
     has the smallest :func:`held_out_error` on that batch (of the output projection's outputs
-    where ``held_out.weights`` is given; the first in order on a tie). Where they agree the
-    held-out rows have nothing to choose between: the count is left out.
+    where ``held_out.weights`` is given; the first in order on a tie). Where they keep the
+    same heads the held-out rows have nothing to choose between: the count is left out.
 
     Parameters
     ----------
@@ -76,10 +76,10 @@ def judged_on_held_out(candidates, rest_modes, held_out: HeldOutGrams) -> dict:
     for count, options in candidates.items():
         if len(options) < 2:
             continue
-        fits = [rest_modes[mode].select(blocks) for mode, blocks in options]
-        if len({tuple(np.sort(kept)) for kept, _, _ in fits}) < 2:
+        fits = [rest_modes[mode].select(blocks)[1:] for mode, blocks in options]
+        if len({tuple(np.sort(columns)) for columns, _ in fits}) < 2:
             continue
         errors = [held_out_error(held_out.held, columns, T, held_out.weights)
-                  for _, columns, T in fits]
+                  for columns, T in fits]
         chosen[count] = np.sort(fits[int(np.argmin(errors))][0])
     return chosen

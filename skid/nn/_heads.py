@@ -399,8 +399,8 @@ class HeadFactorization:
         if held_out is not None and any(len(o) > 1 for o in candidates.values()):
             rest_modes = _modes(held_out.rest, unit, weight_gram)
             judged = FixedHeads(gram, _head_columns(unit), weight_gram)
-            for k, kept in judged_on_held_out(candidates, rest_modes, held_out).items():
-                judged.add(kept)
+            for k, columns in judged_on_held_out(candidates, rest_modes, held_out).items():
+                judged.add(np.unique(columns // unit.head_dim))
                 self._best[k] = ("judged", k)
             self._modes["judged"] = judged
         errors = np.ones(H + 1)
