@@ -108,8 +108,10 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     # the first batch's rows apart, for units that judge candidates on them (one reading)
     held = [(GramAccumulator(precision) if method == "gram" else QRAccumulator())
             if unit_kind(u).holds_out(u) else None for u in units]
+    # data-parallel: the batch every rank agrees is the first, on the rank it comes from
+    # (``batches.first`` is that batch on every rank, so it does not say which)
     holding = any(h is not None for h in held) and _distributed.owns_first_batch(
-        batches.first is not None)  # data-parallel: the rank-agreed first batch
+        batches.n_batches != 0)
     state = _HookState(sum(len(r) for r in readings))  # several groups may hook one module
     handles = []
     n_samples = 0
