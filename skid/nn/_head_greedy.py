@@ -7,7 +7,9 @@ With one or two heads per group the order matters most, and a plainer rule does 
 trained models (``benchmarks/README.md``): each key/value group on its own, a greedy block ID
 of its own heads' columns (``own``), or of every column (``all``), none of them seeing the
 others' choice. Both are offered as candidates; :class:`~skid.nn._heads.HeadFactorization`
-keeps, per head count, the selection with the smallest exact error of the least-squares fold.
+keeps, per head count, the selection judged best on a held-out calibration batch
+(:mod:`skid.nn._head_judge`), or with one batch the smallest exact error of the least-squares
+fold.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ model's own code runs unchanged.
 Grouped-query attention shares each key/value head among ``group_size`` query heads. Two
 selections keep a grouping the code can run: the same number of query heads in every key/value
 group (key/value heads all stay), or whole key/value groups with all their query heads. Both are
-factorized and, for every number of heads, the one with the smaller error is used.
+factorized (and, at one or two heads per group, the per-group greedy of
+:mod:`skid.nn._head_greedy`); for every number of heads, the candidate judged best on the
+held-out first calibration batch is used (:mod:`skid.nn._head_judge`), or, with one batch, the
+one with the smallest error.
 
 A layout (:class:`AttentionLayout`) says where a family keeps its projections and which
 tensors follow its heads; the table of families is :mod:`skid.nn._attention_layouts`.
