@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import joblib
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 
 from .. import _array
 from .._corrective import CrossAccumulator
-from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
+from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator, one_blas_thread
 from . import _distributed, _intercept
 from ._batches import (
     StopForward,
@@ -147,8 +148,26 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     flat += [h for h in held if h is not None]
     widths += [_statistic_width(u) for u, h in zip(units, held, strict=True) if h is not None]
     n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
-    return [_factorize(u, accs, h, w) for u, accs, h, w in zip(units, accumulators, held,
-                                                                weights, strict=True)], n_samples
+    jobs = list(zip(units, accumulators, held, weights, strict=True))
+    return _factorize_all(jobs), n_samples
+
+
+def _factorize_all(jobs) -> list:
+    """``_factorize`` of each job, in order: concurrently on ``torch.get_num_threads()``
+    workers (LAPACK releases the GIL; one factorization does not speed up with BLAS threads),
+    each on one BLAS thread and in the caller's context (e.g. ``fit_intercept``). At most that
+    many m × m factorizations are in flight; the first failing job in order raises."""
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        return [_factorize(*job) for job in jobs]
+    with one_blas_thread():
+        pool = ThreadPoolExecutor(workers)
+        try:
+            futures = [pool.submit(contextvars.copy_context().run, _factorize, *job)
+                       for job in jobs]
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure, start no more jobs
 
 
 def _statistic_gram(accumulator) -> np.ndarray:
