@@ -15,7 +15,6 @@ import contextlib
 import contextvars
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import joblib
 import numpy as np
@@ -24,7 +23,7 @@ from torch import nn
 
 from .. import _array
 from .._corrective import CrossAccumulator
-from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator, one_blas_thread
+from .._linalg import GramAccumulator, NonFiniteDataError, QRAccumulator
 from . import _distributed, _intercept
 from ._batches import (
     StopForward,
@@ -37,6 +36,7 @@ from ._batches import (
 from ._fingerprint import describe_execution
 from ._head_judge import HeldOutGrams
 from ._joint import BlockFactorization, JointFactorization
+from ._parallel import map_in_threads
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
 from ._unit_kinds import consumer_weight_gram, unit_kind
@@ -153,21 +153,8 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
 
 
 def _factorize_all(jobs) -> list:
-    """``_factorize`` of each job, in order: concurrently on ``torch.get_num_threads()``
-    workers (LAPACK releases the GIL; one factorization does not speed up with BLAS threads),
-    each on one BLAS thread and in the caller's context (e.g. ``fit_intercept``). At most that
-    many m × m factorizations are in flight; the first failing job in order raises."""
-    workers = min(torch.get_num_threads(), len(jobs))
-    if workers <= 1:
-        return [_factorize(*job) for job in jobs]
-    with one_blas_thread():
-        pool = ThreadPoolExecutor(workers)
-        try:
-            futures = [pool.submit(contextvars.copy_context().run, _factorize, *job)
-                       for job in jobs]
-            return [future.result() for future in futures]
-        finally:
-            pool.shutdown(cancel_futures=True)  # after a failure, start no more jobs
+    """``_factorize`` of each job, in order, the units side by side (:mod:`._parallel`)."""
+    return map_in_threads(lambda job: _factorize(*job), jobs)
 
 
 def _statistic_gram(accumulator) -> np.ndarray:
