@@ -258,13 +258,15 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
 
         Nothing is set when the factorization fails (non-finite data in ``fit``).
         """
-        fac = accumulator.factorize()
-        self._accumulator = accumulator
         n_seen = accumulator.n_samples
+        rank = self._requested_rank((n_seen, X.shape[1]), streaming=True)
+        # The width rule is known before the factorization: only the pivots it needs.
+        fac = accumulator.factorize(rank=rank, tol=self.tol)
+        self._accumulator = accumulator
         if self.tol is not None:
             k = fac.rank_for_tol(self.tol)
-        elif self.rank is not None:
-            k = self._requested_rank((n_seen, X.shape[1]), streaming=True)
+        elif rank is not None:
+            k = rank
         else:
             eps = np.finfo(_array.float_dtype_for(X)).eps
             k = fac.numerical_rank(max(n_seen, X.shape[1]) * eps)

@@ -10,6 +10,7 @@ from scipy.linalg import lapack
 from . import _blocking
 from ._blocking import binary_exponent
 from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
+from ._leading import early_pivot_limit, leading_pivots
 from ._threads import small_step
 
 
@@ -21,6 +22,8 @@ def factorize_gram(
     scale_exp: int = 0,
     upper: bool = False,
     overwrite: bool = False,
+    rank: int | None = None,
+    tol: float | None = None,
 ) -> PivotedFactorization:
     """Pivoted Cholesky of a Gram matrix ``XᵀX / 4**scale_exp`` (float64, m × m).
 
@@ -37,6 +40,14 @@ def factorize_gram(
     checked too (the lower one may hold anything). ``overwrite``: ``gram`` is a contiguous
     float64 NumPy array the caller no longer needs; it is scaled and factorized in place and
     ``U`` is a view of it, so no m × m copy is made (otherwise one copy, which LAPACK writes).
+
+    ``rank`` or ``tol``: the caller's width rule, known in advance (a fit for a rank, or for
+    an error). Then only the pivots it needs may be computed (:func:`._leading.leading_pivots`,
+    where that is cheaper than LAPACK's whole factorization: :func:`._leading.early_pivot_limit`):
+    ``rank`` pivots, or up to the first width whose error is at most ``tol``. The result is
+    then partial (``complete`` False): the same pivots, rows and errors as far as they go, and
+    nothing past them. Without a rule (a caller that needs the whole error curve), or when the
+    cutoff or the rows seen end the factorization first, it is LAPACK's complete one.
     """
     gram = np.asarray(gram, dtype=np.float64)
     if not _finite(gram, upper):
@@ -59,6 +70,10 @@ def factorize_gram(
         np.ldexp(gram.T if lower else gram, -shift, out=a)
     sq_norm = float(np.trace(a))
     cutoff = -1.0 if product_eps is None else m * product_eps * math.ldexp(diag_max, -shift)
+    if rank is not None or tol is not None:
+        fac = _leading(a.T if lower else a, n_samples, cutoff, sq_norm, rank, tol)
+        if fac is not None:
+            return _unscaled(fac, shift // 2 + scale_exp, product_eps)
     with small_step(m):
         factor, piv, rank, info = lapack.dpstrf(a, lower=lower, tol=cutoff, overwrite_a=True)
     if info < 0:
@@ -74,13 +89,61 @@ def factorize_gram(
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(np.einsum("ij,ij->i", U, U))
     sq_tail[rank + 1 :] = sq_tail[rank]
     errors = relative_errors(sq_tail, sq_norm)
-    half = shift // 2 + scale_exp
+    fac = PivotedFactorization(perm, U, sq_norm, errors, rank, n_samples)
+    return _unscaled(fac, shift // 2 + scale_exp, product_eps)
+
+
+def _unscaled(fac: PivotedFactorization, half: int, product_eps) -> PivotedFactorization:
+    """``fac`` of the scaled Gram as the factorization of X itself (``U · 2**half``)."""
     if half:
-        np.ldexp(U, half, out=U)
-    return PivotedFactorization(
-        perm, U, ldexp_inf(sq_norm, 2 * half), errors, rank, n_samples,
-        float32_products=product_eps is not None,
-    )  # fmt: skip
+        np.ldexp(fac.U, half, out=fac.U)
+    fac.sq_norm = ldexp_inf(fac.sq_norm, 2 * half)
+    fac.float32_products = product_eps is not None
+    return fac
+
+
+def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
+    """The partial factorization of :func:`factorize_gram` for a width rule (or a complete one
+    the cutoff ended), from the matrix whose upper triangle holds the scaled Gram; None where
+    LAPACK's whole factorization is the way (too many pivots, or fewer rows than pivots)."""
+    m = upper.shape[0]
+    limit = early_pivot_limit(m)
+    if n_samples is not None:
+        limit = min(limit, int(n_samples))
+    if rank is not None and not 0 < rank <= limit:
+        return None
+    _symmetrize(upper)
+    rows = upper if upper.flags.c_contiguous else upper.T  # symmetric: rows whole, contiguous
+    if cutoff < 0:  # LAPACK's default: m · DLAMCH('Epsilon') · the largest diagonal entry
+        cutoff = m * np.finfo(np.float64).epsneg * float(np.max(np.diagonal(rows)))
+    perm, U, row_sq, stop = leading_pivots(
+        rows, limit if rank is None else rank, cutoff, sq_norm, tol
+    )
+    if stop == "pivots" and rank is None:
+        return None  # the error rule needs more pivots than pay off here
+    k = U.shape[0]
+    sq_tail = np.empty(m + 1)
+    sq_tail[0] = sq_norm
+    sq_tail[1 : k + 1] = sq_norm - np.cumsum(row_sq)
+    complete = stop == "cutoff" or k == m
+    if complete:
+        sq_tail[k + 1 :] = sq_tail[k]
+        errors = relative_errors(sq_tail, sq_norm)
+    else:  # the curve as far as it goes (the appended 0 is relative_errors' last entry)
+        errors = np.full(m + 1, np.nan)
+        errors[: k + 1] = relative_errors(np.append(sq_tail[: k + 1], 0.0), sq_norm)[: k + 1]
+    return PivotedFactorization(perm, U, sq_norm, errors, k, n_samples, complete=complete)
+
+
+def _symmetrize(a: np.ndarray) -> None:
+    """Copy the upper triangle of the square ``a`` onto its lower one, in place, by column
+    steps (temporaries of 256 × 256)."""
+    m = a.shape[0]
+    for start in range(0, m, _blocking.TRIANGLE_STEP):
+        stop = min(start + _blocking.TRIANGLE_STEP, m)
+        block = a[start:stop, start:stop]
+        block[...] = np.triu(block) + np.triu(block, 1).T
+        a[stop:, start:stop] = a[start:stop, stop:].T
 
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:

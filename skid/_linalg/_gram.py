@@ -426,7 +426,7 @@ class GramAccumulator:
             self.scale_exp = exp
         return math.ldexp(1.0, 2 * (exp - self.scale_exp))
 
-    def factorize(self, consume: bool = False) -> PivotedFactorization:
+    def factorize(self, consume: bool = False, *, rank=None, tol=None) -> PivotedFactorization:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
         The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
@@ -439,6 +439,9 @@ class GramAccumulator:
             the m × m array and one panel), and the accumulator is left empty, as new (also
             when the factorization raises). A caller that goes on accumulating must leave it
             False.
+        rank, tol : int or float, optional
+            The caller's width rule, when known: only the pivots it needs may be computed (a
+            partial factorization; see :func:`factorize_gram`).
 
         Returns
         -------
@@ -456,8 +459,9 @@ class GramAccumulator:
                     self._panels[p] = None  # the loop's name holds it until the next panel
             panel = None
             return factorize_gram(
-                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True
-            )
+                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True,
+                rank=rank, tol=tol,
+            )  # fmt: skip
         finally:
             if consume:
                 self._clear()

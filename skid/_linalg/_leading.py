@@ -1,0 +1,110 @@
+"""The leading pivots of a pivoted Cholesky, stopped once a fit's width is known.
+
+LAPACK's ``?pstrf`` runs all m pivots, however few the fit keeps; at m = 256 it costs about
+three ``?potrf`` (its inner panel is level-2), while a ``rank=64`` fit needs only the first 64
+rows of its factor. :func:`leading_pivots` computes those rows and stops: after a number of
+pivots, or once the error tail ``‖R22‖_F²`` is at most ``tol² ‖X‖_F²``. Its pivots are
+``?pstf2``'s: the largest remaining diagonal ``A_ii − Σ_k U_ki²`` (that running sum of squares,
+as LAPACK keeps it), the first in the current pivot order on ties, and the same stopping rule at
+the cutoff; so it selects the columns LAPACK would, up to the rounding of near-ties.
+
+The rows are computed in the matrix's own column order (each one GEMV against the rows before
+it, over contiguous rows; no row or column swaps) and gathered into pivot order at the end.
+Each pivot costs a few NumPy calls (≈ 6 µs at m = 256) plus a GEMV that grows with the pivots,
+so it pays off for the leading pivots only: :func:`early_pivot_limit` is where it still beats
+LAPACK's whole factorization, measured per m with ``benchmarks/bench_id.py --pivots``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Up to this m the whole ``?pstrf`` is cheaper than a loop of NumPy calls.
+_SMALL_M = 96
+
+
+def early_pivot_limit(m: int) -> int:
+    """Most pivots :func:`leading_pivots` computes for an m × m Gram before LAPACK's whole
+    factorization is the cheaper way (0: always LAPACK). Measured on the NumPy loop against
+    ``dpstrf`` (OpenBLAS, one thread): at k = m/2 pivots the loop takes 0.5–0.6× dpstrf's
+    time from m = 256 to 2,048 (its GEMVs grow as k² m, dpstrf's work as m³)."""
+    return 0 if m <= _SMALL_M else m // 2
+
+
+def leading_pivots(sym, max_pivots: int, cutoff: float, sq_norm: float, tol: float | None = None):
+    """The first pivots and rows of the pivoted Cholesky factor of a symmetric PSD matrix.
+
+    Parameters
+    ----------
+    sym : ndarray of shape (m, m)
+        Symmetric float64 matrix, C-contiguous (its rows are read whole).
+    max_pivots : int
+        Stop after this many pivots.
+    cutoff : float
+        LAPACK's stop: a pivot (after the first) at most ``cutoff``, or a first pivot ≤ 0,
+        ends the factorization there (``?pstrf``'s ``DSTOP``).
+    sq_norm : float
+        The trace of ``sym`` as the caller computed it (the errors' denominator).
+    tol : float or None
+        Also stop at the first width whose relative error is at most ``tol``: the error
+        computed as :func:`~._factorization.relative_errors` does from the rows' squared
+        norms (the same operations, so that ``width_for_tol`` of those errors is this width).
+
+    Returns
+    -------
+    perm : ndarray of shape (m,)
+        Pivot order: the first ``k`` pivots, then the other columns in LAPACK's order at
+        that point.
+    U : ndarray of shape (k, m)
+        The factor's first k rows, columns in pivot order (upper trapezoidal).
+    row_sq : ndarray of shape (k,)
+        Squared norms of U's rows.
+    stop : {"cutoff", "tol", "pivots"}
+        What stopped it: the cutoff (then the factorization is complete: LAPACK stops there
+        too; so is one that reached all m pivots), the error rule, or ``max_pivots``.
+    """
+    m = sym.shape[0]
+    diag = sym.diagonal().copy()
+    rows = np.empty((max_pivots, m))  # in the matrix's column order
+    row_sq = np.empty(max_pivots)
+    perm = np.arange(m)
+    alive = np.ones(m)  # 0 at the pivots taken: their entries of a new row are rounding
+    sums = np.zeros(m)  # Σ_k U_ki², LAPACK's WORK(1:N)
+    residual = diag.copy()
+    sq, done, tail, k, stop = np.empty(m), 0.0, math.inf, 0, "pivots"
+    while k < max_pivots:
+        remaining = residual[perm[k:]]  # in pivot order: ties go to the first, as MAXLOC's
+        q = int(np.argmax(remaining))
+        pivot = float(remaining[q])
+        if not pivot > (cutoff if k else 0.0):  # NaN stops too
+            stop = "cutoff"
+            break
+        p = int(perm[k + q])
+        perm[k + q] = perm[k]
+        perm[k] = p
+        pivot = math.sqrt(pivot)
+        row = rows[k]
+        if k:
+            np.matmul(rows[:k, p], rows[:k], out=row)
+            np.subtract(sym[p], row, out=row)
+        else:
+            row[:] = sym[p]
+        row *= alive
+        row *= 1.0 / pivot
+        row[p] = pivot
+        alive[p] = 0.0
+        np.multiply(row, row, out=sq)
+        row_sq[k] = value = float(np.sum(sq))
+        sums += sq
+        np.subtract(diag, sums, out=residual)
+        k += 1
+        if tol is not None:  # relative_errors and width_for_tol, one width at a time
+            done += value  # np.cumsum's sequential sum
+            tail = min(tail, max(sq_norm - done, 0.0))
+            if k == m or sq_norm <= 0 or math.sqrt(tail / sq_norm) <= tol:
+                stop = "tol"
+                break
+    U = rows[:k][:, perm]
+    return perm, U, row_sq[:k], stop
