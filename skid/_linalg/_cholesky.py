@@ -112,12 +112,10 @@ def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
         limit = min(limit, int(n_samples))
     if rank is not None and not 0 < rank <= limit:
         return None
-    _symmetrize(upper)
-    rows = upper if upper.flags.c_contiguous else upper.T  # symmetric: rows whole, contiguous
     if cutoff < 0:  # LAPACK's default: m · DLAMCH('Epsilon') · the largest diagonal entry
-        cutoff = m * np.finfo(np.float64).epsneg * float(np.max(np.diagonal(rows)))
+        cutoff = m * np.finfo(np.float64).epsneg * float(np.max(np.diagonal(upper)))
     perm, U, row_sq, stop = leading_pivots(
-        rows, limit if rank is None else rank, cutoff, sq_norm, tol
+        upper, limit if rank is None else rank, cutoff, sq_norm, tol
     )
     if stop == "pivots" and rank is None:
         return None  # the error rule needs more pivots than pay off here
@@ -133,17 +131,6 @@ def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
         errors = np.full(m + 1, np.nan)
         errors[: k + 1] = relative_errors(np.append(sq_tail[: k + 1], 0.0), sq_norm)[: k + 1]
     return PivotedFactorization(perm, U, sq_norm, errors, k, n_samples, complete=complete)
-
-
-def _symmetrize(a: np.ndarray) -> None:
-    """Copy the upper triangle of the square ``a`` onto its lower one, in place, by column
-    steps (temporaries of 256 × 256)."""
-    m = a.shape[0]
-    for start in range(0, m, _blocking.TRIANGLE_STEP):
-        stop = min(start + _blocking.TRIANGLE_STEP, m)
-        block = a[start:stop, start:stop]
-        block[...] = np.triu(block) + np.triu(block, 1).T
-        a[stop:, start:stop] = a[start:stop, stop:].T
 
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:

@@ -4,12 +4,12 @@ LAPACK's ``?pstrf`` runs all m pivots, however few the fit keeps; at m = 256 it 
 three ``?potrf`` (its inner panel is level-2), while a ``rank=64`` fit needs only the first 64
 rows of its factor. :func:`leading_pivots` computes those rows and stops: after a number of
 pivots, or once the error tail ``‖R22‖_F²`` is at most ``tol² ‖X‖_F²``. Its pivots are
-``?pstf2``'s: the largest remaining diagonal ``A_ii − Σ_k U_ki²`` (that running sum of squares,
-as LAPACK keeps it), the first in the current pivot order on ties, and the same stopping rule at
-the cutoff; so it selects the columns LAPACK would, up to the rounding of near-ties.
+``?pstf2``'s: the largest remaining diagonal ``A_ii − Σ_k U_ki²``, the first in the current
+pivot order on ties, and the same stopping rule at the cutoff; so it selects the columns
+LAPACK would, up to the rounding of near-ties.
 
 The rows are computed in the matrix's own column order (each one GEMV against the rows before
-it, over contiguous rows; no row or column swaps) and gathered into pivot order at the end.
+it; no row or column swaps, no symmetric copy) and gathered into pivot order at the end.
 Each pivot costs a few NumPy calls (≈ 6 µs at m = 256) plus a GEMV that grows with the pivots,
 so it pays off for the leading pivots only: :func:`early_pivot_limit` is where it still beats
 LAPACK's whole factorization, measured per m with ``benchmarks/bench_id.py --pivots``.
@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 #: Up to this m the whole ``?pstrf`` is cheaper than a loop of NumPy calls.
-_SMALL_M = 96
+_SMALL_M = 128
 
 
 def early_pivot_limit(m: int) -> int:
@@ -33,20 +33,24 @@ def early_pivot_limit(m: int) -> int:
     return 0 if m <= _SMALL_M else m // 2
 
 
-def leading_pivots(sym, max_pivots: int, cutoff: float, sq_norm: float, tol: float | None = None):
+def leading_pivots(
+    upper, max_pivots: int, cutoff: float, sq_norm: float, tol: float | None = None
+):
     """The first pivots and rows of the pivoted Cholesky factor of a symmetric PSD matrix.
 
     Parameters
     ----------
-    sym : ndarray of shape (m, m)
-        Symmetric float64 matrix, C-contiguous (its rows are read whole).
+    upper : ndarray of shape (m, m)
+        Float64 matrix whose upper triangle holds the symmetric one (the lower one is not
+        read); each pivot reads one row of it, from its column above the diagonal and its
+        row from the diagonal on.
     max_pivots : int
         Stop after this many pivots.
     cutoff : float
         LAPACK's stop: a pivot (after the first) at most ``cutoff``, or a first pivot ≤ 0,
         ends the factorization there (``?pstrf``'s ``DSTOP``).
     sq_norm : float
-        The trace of ``sym`` as the caller computed it (the errors' denominator).
+        The trace of the matrix as the caller computed it (the errors' denominator).
     tol : float or None
         Also stop at the first width whose relative error is at most ``tol``: the error
         computed as :func:`~._factorization.relative_errors` does from the rows' squared
@@ -65,18 +69,16 @@ def leading_pivots(sym, max_pivots: int, cutoff: float, sq_norm: float, tol: flo
         What stopped it: the cutoff (then the factorization is complete: LAPACK stops there
         too; so is one that reached all m pivots), the error rule, or ``max_pivots``.
     """
-    m = sym.shape[0]
-    diag = sym.diagonal().copy()
+    m = upper.shape[0]
     rows = np.empty((max_pivots, m))  # in the matrix's column order
     row_sq = np.empty(max_pivots)
     perm = np.arange(m)
     alive = np.ones(m)  # 0 at the pivots taken: their entries of a new row are rounding
-    sums = np.zeros(m)  # Σ_k U_ki², LAPACK's WORK(1:N)
-    residual = diag.copy()
+    residual = upper.diagonal().copy()  # A_ii − Σ_k U_ki²
     sq, done, tail, k, stop = np.empty(m), 0.0, math.inf, 0, "pivots"
     while k < max_pivots:
-        remaining = residual[perm[k:]]  # in pivot order: ties go to the first, as MAXLOC's
-        q = int(np.argmax(remaining))
+        remaining = residual.take(perm[k:])  # in pivot order: ties go to the first (MAXLOC)
+        q = int(remaining.argmax())
         pivot = float(remaining[q])
         if not pivot > (cutoff if k else 0.0):  # NaN stops too
             stop = "cutoff"
@@ -86,25 +88,26 @@ def leading_pivots(sym, max_pivots: int, cutoff: float, sq_norm: float, tol: flo
         perm[k] = p
         pivot = math.sqrt(pivot)
         row = rows[k]
+        row[:p] = upper[:p, p]
+        row[p:] = upper[p, p:]
         if k:
-            np.matmul(rows[:k, p], rows[:k], out=row)
-            np.subtract(sym[p], row, out=row)
-        else:
-            row[:] = sym[p]
+            np.matmul(rows[:k, p], rows[:k], out=sq)
+            row -= sq
         row *= alive
         row *= 1.0 / pivot
         row[p] = pivot
         alive[p] = 0.0
         np.multiply(row, row, out=sq)
-        row_sq[k] = value = float(np.sum(sq))
-        sums += sq
-        np.subtract(diag, sums, out=residual)
+        residual -= sq
         k += 1
         if tol is not None:  # relative_errors and width_for_tol, one width at a time
+            row_sq[k - 1] = value = float(sq.sum())
             done += value  # np.cumsum's sequential sum
             tail = min(tail, max(sq_norm - done, 0.0))
             if k == m or sq_norm <= 0 or math.sqrt(tail / sq_norm) <= tol:
                 stop = "tol"
                 break
     U = rows[:k][:, perm]
+    if tol is None:
+        row_sq[:k] = np.einsum("ij,ij->i", U, U)
     return perm, U, row_sq[:k], stop
