@@ -136,6 +136,9 @@ def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
 def _finite(a: np.ndarray, upper: bool = False) -> bool:
     """Whether every entry of the square ``a`` (only its upper triangle with ``upper``) is
     finite, checked by column blocks (masks of m × 256, not m × m)."""
+    with _blocking.quiet():
+        if math.isfinite(float(np.sum(a))):  # a NaN or Inf anywhere makes the sum non-finite
+            return True
     m = a.shape[0]
     for start in range(0, m, _blocking.TRIANGLE_STEP):
         stop = min(start + _blocking.TRIANGLE_STEP, m)
