@@ -49,6 +49,7 @@ def assert_same_panels(acc, kept):
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that one update multiplies several blocks."""
     monkeypatch.setattr(_blocking, "NATIVE_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_blocking, "NATIVE_VIEW_ROWS", 7)
     monkeypatch.setattr(_blocking, "BLOCK_ELEMENTS", 7 * 40)
 
 

@@ -62,6 +62,12 @@ def _gram_slices(X, dtype: str, exp: int) -> list:
         _blas_readable(X)
     ):
         return [slice(None)]  # nothing to upcast or scale: the products read X in place
+    if dtype == "float32" and _array.dtype_name(X) == "float32" and exp == 0 and (
+        _blas_readable(X)
+    ):  # float32 products read X in place: longer blocks, of equal length
+        parts = -(-n // _blocking.NATIVE_VIEW_ROWS)
+        step = max(1, -(-n // max(parts, 1)))
+        return [slice(start, min(start + step, n)) for start in range(0, n, step)]
     max_elements = (_blocking.BLOCK_ELEMENTS if dtype == "float64"
                     else _blocking.NATIVE_BLOCK_ROWS * m)
     return list(row_blocks(n, m, max_elements))
