@@ -69,8 +69,9 @@ def test_rank_rule_gives_the_whole_factorizations_selection_T_and_errors(kind, r
     G = X.T @ X
     whole = _linalg.factorize_gram(G, X.shape[0])
     early = _linalg.factorize_gram(G, X.shape[0], rank=rank)
-    assert early.complete == (whole.trusted_rank < rank)  # the cutoff ends both
-    assert early.trusted_rank == min(rank, whole.trusted_rank)
+    partial = rank <= _leading.early_pivot_limit(M) and rank <= whole.trusted_rank
+    assert early.complete == (not partial)  # the cutoff, or LAPACK past the loop's limit
+    assert early.trusted_rank == (rank if partial else whole.trusted_rank)
     selected, T = early.select(rank)
     expected_selected, expected_T = whole.select(rank)
     np.testing.assert_array_equal(selected, expected_selected)
@@ -97,6 +98,21 @@ def test_error_tail_rule_stops_at_the_width_for_tol(kind, tol):
     selected, T = early.select(k)
     np.testing.assert_array_equal(selected, whole.select(k)[0])
     np.testing.assert_allclose(T, whole.select(k)[1], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["random", "orthogonal"])  # full rank: past the limit
+@pytest.mark.parametrize("rule", [{"rank": 120}, {"tol": 0.05}, {"tol": 1e-9}])
+def test_past_the_loops_limit_lapack_finishes_with_the_same_pivots(kind, rule):
+    X = _data(kind)
+    G = X.T @ X
+    whole = _linalg.factorize_gram(G, X.shape[0])
+    fac = _linalg.factorize_gram(G, X.shape[0], **rule)
+    assert fac.complete and fac.trusted_rank == whole.trusted_rank
+    np.testing.assert_array_equal(fac.perm[: fac.trusted_rank], whole.perm[: fac.trusted_rank])
+    _assert_same_errors(fac.errors, whole.errors)
+    scale = np.sqrt(G.diagonal().max())
+    np.testing.assert_allclose(fac.U[:, : fac.trusted_rank], whole.U[:, : fac.trusted_rank],
+                               rtol=0, atol=1e-10 * scale)
 
 
 def test_a_partial_factorization_refuses_what_needs_more_pivots():

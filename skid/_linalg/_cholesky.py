@@ -103,23 +103,24 @@ def _unscaled(fac: PivotedFactorization, half: int, product_eps) -> PivotedFacto
 
 
 def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
-    """The partial factorization of :func:`factorize_gram` for a width rule (or a complete one
-    the cutoff ended), from the matrix whose upper triangle holds the scaled Gram; None where
-    LAPACK's whole factorization is the way (too many pivots, or fewer rows than pivots)."""
+    """:func:`factorize_gram` for a width rule, from the matrix whose upper triangle holds the
+    scaled Gram: the leading pivots up to :func:`early_pivot_limit` (partial, or complete where
+    the cutoff ends them), then, when the rule needs more, LAPACK for the rest; None where
+    LAPACK's whole factorization is the cheaper way (small m)."""
     m = upper.shape[0]
     limit = early_pivot_limit(m)
-    if n_samples is not None:
-        limit = min(limit, int(n_samples))
-    if rank is not None and not 0 < rank <= limit:
+    if limit == 0:
         return None
+    if n_samples is not None:  # LAPACK's pivots past the rows seen: the rest's dpstrf
+        limit = min(limit, int(n_samples))
     if cutoff < 0:  # LAPACK's default: m · DLAMCH('Epsilon') · the largest diagonal entry
         cutoff = m * np.finfo(np.float64).epsneg * float(np.max(np.diagonal(upper)))
     perm, U, row_sq, stop = leading_pivots(
-        upper, limit if rank is None else rank, cutoff, sq_norm, tol
+        upper, limit if rank is None else min(rank, limit), cutoff, sq_norm, tol
     )
-    if stop == "pivots" and rank is None:
-        return None  # the error rule needs more pivots than pay off here
     k = U.shape[0]
+    if stop == "pivots" and (rank is None or k < rank):
+        return _continued(upper, perm, U, cutoff, sq_norm, n_samples)
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm
     sq_tail[1 : k + 1] = sq_norm - np.cumsum(row_sq)
@@ -131,6 +132,43 @@ def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
         errors = np.full(m + 1, np.nan)
         errors[: k + 1] = relative_errors(np.append(sq_tail[: k + 1], 0.0), sq_norm)[: k + 1]
     return PivotedFactorization(perm, U, sq_norm, errors, k, n_samples, complete=complete)
+
+
+def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorization:
+    """The complete factorization after the leading pivots (``U``, ``perm``): LAPACK's
+    ``dpstrf`` of the rest's Schur complement, in LAPACK's column order at that point and
+    with the whole matrix's cutoff, so that its pivots are the ones it would have chosen."""
+    m, k = upper.shape[0], U.shape[0]
+    rest = perm[k:]
+    block = upper[np.ix_(rest, rest)]
+    schur = np.where(rest[:, None] <= rest[None, :], block, block.T)  # the upper triangle's
+    tail = U[:, k:]
+    schur -= tail.T @ tail
+    schur = np.asfortranarray(schur)
+    if k == 0 or float(np.max(np.diagonal(schur), initial=0.0)) > cutoff:
+        with small_step(m):
+            factor, piv, rank, info = lapack.dpstrf(schur, tol=cutoff, overwrite_a=True)
+        if info < 0:
+            raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
+        order = piv[: m - k].astype(np.int64) - 1
+    else:  # LAPACK stops here: its test of the next pivot, which the loop did not reach
+        factor, rank, order = None, 0, np.arange(m - k)
+    total = k + rank
+    trusted = total if n_samples is None else min(total, int(n_samples))
+    full = np.zeros((total, m))
+    full[:k, :k] = U[:, :k]
+    full[:k, k:] = tail[:, order]
+    if rank:
+        full[k:, k:] = np.triu(factor[:rank])
+    full = full[:trusted]
+    sq_tail = np.empty(m + 1)
+    sq_tail[0] = sq_norm
+    sq_tail[1 : trusted + 1] = sq_norm - np.cumsum(np.einsum("ij,ij->i", full, full))
+    sq_tail[trusted + 1 :] = sq_tail[trusted]
+    perm = np.concatenate([perm[:k], rest[order]])
+    return PivotedFactorization(
+        perm, full, sq_norm, relative_errors(sq_tail, sq_norm), trusted, n_samples
+    )
 
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:

@@ -11,8 +11,8 @@ LAPACK would, up to the rounding of near-ties.
 The rows are computed in the matrix's own column order (each one GEMV against the rows before
 it; no row or column swaps, no symmetric copy) and gathered into pivot order at the end.
 Each pivot costs a few NumPy calls (≈ 6 µs at m = 256) plus a GEMV that grows with the pivots,
-so it pays off for the leading pivots only: :func:`early_pivot_limit` is where it still beats
-LAPACK's whole factorization, measured per m with ``benchmarks/bench_id.py --pivots``.
+so it pays off for the leading pivots only (:func:`early_pivot_limit`, measured per m with
+``benchmarks/bench_id.py --pivots``).
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ _SMALL_M = 128
 
 
 def early_pivot_limit(m: int) -> int:
-    """Most pivots :func:`leading_pivots` computes for an m × m Gram before LAPACK's whole
-    factorization is the cheaper way (0: always LAPACK). Measured on the NumPy loop against
-    ``dpstrf`` (OpenBLAS, one thread): at k = m/2 pivots the loop takes 0.5–0.6× dpstrf's
-    time from m = 256 to 2,048 (its GEMVs grow as k² m, dpstrf's work as m³)."""
-    return 0 if m <= _SMALL_M else m // 2
+    """Most pivots :func:`leading_pivots` computes for an m × m Gram (0: LAPACK's whole
+    factorization is cheaper); past them LAPACK factorizes the rest. Measured against
+    ``dpstrf`` (``bench_id.py --pivots``, OpenBLAS, one thread): the first m/4 pivots cost
+    0.2–0.34× its time from m = 256 to 2,048, m/2 pivots 0.4–1.0× (the loop's GEMVs grow as
+    k² m), while after m/4 pivots LAPACK on the remaining 3m/4 costs about (3/4)³ of it."""
+    return 0 if m <= _SMALL_M else m // 4
 
 
 def leading_pivots(
