@@ -219,7 +219,8 @@ class GramAccumulator:
     precision : {"float64", "native"}
         ``"float64"``: each sub-block is upcast and multiplied in float64 (never the whole
         matrix at once). ``"native"``: float32 (and half) blocks are multiplied in float32 over
-        ``NATIVE_BLOCK_ROWS`` rows at a time and summed in float64 — twice as fast, reliable
+        ``NATIVE_BLOCK_ROWS`` rows at a time (float32 data read in place: up to
+        ``NATIVE_VIEW_ROWS``, in equal blocks) and summed in float64 — twice as fast, reliable
         for relative errors down to :data:`FLOAT32_GRAM_RELIABLE_ERROR`.
     products : {"auto", "whole", "panels"}
         How an update multiplies a row block: ``"whole"``, all of ``blockᵀ block`` into one
