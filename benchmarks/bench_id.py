@@ -217,6 +217,31 @@ def partial_fit_memory(m=256, block=2000, sizes=(20_000, 80_000, 320_000)):
         print(f"{n:10d} {peak / 2**20:9.1f}")
 
 
+def rule_table(m, n, rounds, clock_name):
+    """``GramAccumulator.factorize`` with a width rule (rank or tol) against the whole
+    factorization of the same statistic, on ReLU features of a rank-m/4 signal (an FFN-like
+    input: most columns needed at small tol)."""
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((n, m // 4)) @ rng.standard_normal((m // 4, m)) * 0.5
+    acc = GramAccumulator().update(np.maximum(Z, 0) + 0.02 * rng.standard_normal((n, m)))
+    whole = acc.factorize()
+    rules = [{"rank": m // 16}, {"rank": m // 8}, {"rank": m // 4}, {"rank": m // 2},
+             {"tol": 0.5}, {"tol": 0.3}, {"tol": 0.1}, {"tol": 0.05}]
+    ways = {"whole": acc.factorize}
+    for i, rule in enumerate(rules):
+        ways[i] = lambda rule=rule: acc.factorize(**rule)
+    med = interleaved(ways, rounds, CLOCK[clock_name])
+    rows = []
+    for i, rule in enumerate(rules):
+        k = rule.get("rank") or whole.rank_for_tol(rule["tol"])
+        rows.append((str(rule), k, med[i] * 1e3, med[i] / med["whole"]))
+    print_table(
+        f"GramAccumulator.factorize(rule) on {n}×{m} ReLU features against the whole "
+        f"factorization ({med['whole'] * 1e3:.1f} ms; {clock_name} time, median of {rounds})",
+        ["rule", "width", "ms", "÷ whole"], rows, ["s", "d", ".1f", ".2f"],
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the 20,000×256 shape")
@@ -244,6 +269,8 @@ def main():
     if args.pivots:
         sizes = (64, 128, 256, 512) if args.quick else (64, 128, 256, 512, 1024, 1536, 2048)
         pivots_table(sizes, args.floor_rounds or 5, "cpu" if args.cpu_time else "wall")
+        m = 512 if args.quick else 1536
+        rule_table(m, 4 * m, args.floor_rounds or 5, "cpu" if args.cpu_time else "wall")
         return
     shapes = [(20_000, 256)] if args.quick else [(20_000, 256), (100_000, 512)]
     floor_rounds = args.floor_rounds or (3 if args.quick else 9)

@@ -140,11 +140,18 @@ def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorizati
     with the whole matrix's cutoff, so that its pivots are the ones it would have chosen."""
     m, k = upper.shape[0], U.shape[0]
     rest = perm[k:]
-    block = upper[np.ix_(rest, rest)]
-    schur = np.where(rest[:, None] <= rest[None, :], block, block.T)  # the upper triangle's
-    tail = U[:, k:]
+    # The rest's block, gathered row by row from the storage's rows (a 2-D fancy index would
+    # read across them), then made whole from the entries the upper triangle holds.
+    if upper.flags.f_contiguous and not upper.flags.c_contiguous:
+        block = upper.T[rest][:, rest]  # (i, j): upper[rest_j, rest_i]
+        held = rest[None, :] <= rest[:, None]
+    else:
+        block = upper[rest][:, rest]  # (i, j): upper[rest_i, rest_j]
+        held = rest[:, None] <= rest[None, :]
+    schur = np.where(held, block, block.T)
+    tail = np.ascontiguousarray(U[:, k:])  # one buffer: ``tail.T @ tail`` is then a ?syrk
     schur -= tail.T @ tail
-    schur = np.asfortranarray(schur)
+    schur = schur.T  # symmetric: the same matrix, Fortran-ordered for LAPACK (no copy)
     if k == 0 or float(np.max(np.diagonal(schur), initial=0.0)) > cutoff:
         with small_step(m):
             factor, piv, rank, info = lapack.dpstrf(schur, tol=cutoff, overwrite_a=True)
@@ -159,7 +166,9 @@ def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorizati
     full[:k, :k] = U[:, :k]
     full[:k, k:] = tail[:, order]
     if rank:
-        full[k:, k:] = np.triu(factor[:rank])
+        full[k:, k:] = factor[:rank]
+        for i in range(1, rank):  # the upper factor (np.triu would make two more copies)
+            full[k + i, k : k + i] = 0.0
     full = full[:trusted]
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm
