@@ -115,6 +115,23 @@ def test_past_the_loops_limit_lapack_finishes_with_the_same_pivots(kind, rule):
                                rtol=0, atol=1e-10 * scale)
 
 
+@pytest.mark.parametrize("step", [7, 256])  # the rest's block gathered in strips of rows
+@pytest.mark.parametrize("order", ["C", "F"])  # an overwritten Gram in either memory order
+def test_the_rest_is_gathered_from_either_storage_in_strips(monkeypatch, step, order):
+    from skid._linalg import _blocking
+
+    monkeypatch.setattr(_blocking, "TRIANGLE_STEP", step)
+    X = _data("random")
+    G = X.T @ X
+    whole = _linalg.factorize_gram(G, X.shape[0])
+    G[np.tril_indices(M, -1)] = np.nan  # only the upper triangle may be read
+    fac = _linalg.factorize_gram(np.array(G, order=order), X.shape[0], upper=True,
+                                 overwrite=True, tol=1e-9)
+    assert fac.complete and fac.trusted_rank == whole.trusted_rank
+    np.testing.assert_array_equal(fac.perm, whole.perm)
+    _assert_same_errors(fac.errors, whole.errors)
+
+
 def test_a_partial_factorization_refuses_what_needs_more_pivots():
     X = _data("random")
     fac = _linalg.factorize_gram(X.T @ X, rank=10)

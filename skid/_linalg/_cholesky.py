@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
 
 from . import _blocking
 from ._blocking import binary_exponent
@@ -137,24 +137,17 @@ def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
 def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorization:
     """The complete factorization after the leading pivots (``U``, ``perm``): LAPACK's
     ``dpstrf`` of the rest's Schur complement, in LAPACK's column order at that point and
-    with the whole matrix's cutoff, so that its pivots are the ones it would have chosen."""
+    with the whole matrix's cutoff, so that its pivots are the ones it would have chosen.
+    Temporaries of 256 rows; the factor is written over ``upper``, which is spent by then."""
     m, k = upper.shape[0], U.shape[0]
     rest = perm[k:]
-    # The rest's block, gathered row by row from the storage's rows (a 2-D fancy index would
-    # read across them), then made whole from the entries the upper triangle holds.
-    if upper.flags.f_contiguous and not upper.flags.c_contiguous:
-        block = upper.T[rest][:, rest]  # (i, j): upper[rest_j, rest_i]
-        held = rest[None, :] <= rest[:, None]
-    else:
-        block = upper[rest][:, rest]  # (i, j): upper[rest_i, rest_j]
-        held = rest[:, None] <= rest[None, :]
-    schur = np.where(held, block, block.T)
-    tail = np.ascontiguousarray(U[:, k:])  # one buffer: ``tail.T @ tail`` is then a ?syrk
-    schur -= tail.T @ tail
-    schur = schur.T  # symmetric: the same matrix, Fortran-ordered for LAPACK (no copy)
+    schur = _rest_block(upper, rest)
+    tail = U[:, k:]
+    if k:  # the update of the triangle LAPACK reads, in place (?syrk)
+        blas.dsyrk(-1.0, tail, beta=1.0, c=schur.T, trans=1, overwrite_c=1)
     if k == 0 or float(np.max(np.diagonal(schur), initial=0.0)) > cutoff:
         with small_step(m):
-            factor, piv, rank, info = lapack.dpstrf(schur, tol=cutoff, overwrite_a=True)
+            factor, piv, rank, info = lapack.dpstrf(schur.T, tol=cutoff, overwrite_a=True)
         if info < 0:
             raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
         order = piv[: m - k].astype(np.int64) - 1
@@ -162,9 +155,10 @@ def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorizati
         factor, rank, order = None, 0, np.arange(m - k)
     total = k + rank
     trusted = total if n_samples is None else min(total, int(n_samples))
-    full = np.zeros((total, m))
+    full = upper.ravel(order="K")[: total * m].reshape(total, m)  # over the spent Gram
     full[:k, :k] = U[:, :k]
     full[:k, k:] = tail[:, order]
+    full[k:, :k] = 0.0
     if rank:
         full[k:, k:] = factor[:rank]
         for i in range(1, rank):  # the upper factor (np.triu would make two more copies)
@@ -178,6 +172,28 @@ def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorizati
     return PivotedFactorization(
         perm, full, sq_norm, relative_errors(sq_tail, sq_norm), trusted, n_samples
     )
+
+
+def _rest_block(upper, rest) -> np.ndarray:
+    """``A[rest][:, rest]`` of the symmetric A whose upper triangle ``upper`` holds, its lower
+    triangle true (the one LAPACK reads of its transpose): gathered 256 rows at a time from
+    the storage's rows (a 2-D fancy index would read across them), then each lower entry whose
+    index pair lies in A's lower triangle taken from its mirror, which lies in the upper one."""
+    transposed = upper.flags.f_contiguous and not upper.flags.c_contiguous
+    rows = upper.T if transposed else upper  # C-ordered: row i of ``rows`` is contiguous
+    r, step = rest.shape[0], _blocking.TRIANGLE_STEP
+    block = np.empty((r, r))
+    for start in range(0, r, step):
+        stop = min(start + step, r)
+        block[start:stop] = rows[rest[start:stop]][:, rest]
+    for start in range(0, r, step):  # writes below the diagonal, reads above it
+        stop = min(start + step, r)
+        i, j = rest[start:stop, None], rest[None, :stop]
+        # (a, b) of the block holds upper[rest_b, rest_a] (transposed) or upper[rest_a, rest_b]
+        mirrored = (j > i) if transposed else (i > j)
+        below = np.arange(start, stop)[:, None] > np.arange(stop)[None, :]
+        np.copyto(block[start:stop, :stop], block[:stop, start:stop].T, where=below & mirrored)
+    return block
 
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:
