@@ -42,12 +42,14 @@ def factorize_gram(
     ``U`` is a view of it, so no m × m copy is made (otherwise one copy, which LAPACK writes).
 
     ``rank`` or ``tol``: the caller's width rule, known in advance (a fit for a rank, or for
-    an error). Then only the pivots it needs may be computed (:func:`._leading.leading_pivots`,
-    where that is cheaper than LAPACK's whole factorization: :func:`._leading.early_pivot_limit`):
-    ``rank`` pivots, or up to the first width whose error is at most ``tol``. The result is
-    then partial (``complete`` False): the same pivots, rows and errors as far as they go, and
-    nothing past them. Without a rule (a caller that needs the whole error curve), or when the
-    cutoff or the rows seen end the factorization first, it is LAPACK's complete one.
+    an error). Then only the pivots it needs are computed where m > 128
+    (:func:`._leading.leading_pivots`): ``rank`` pivots, or up to the first width whose error
+    is at most ``tol``, and the result is partial (``complete`` False: the same pivots, rows
+    and errors as far as they go, nothing past them). A rule that needs more than
+    :func:`._leading.early_pivot_limit` pivots (or more than the rows seen) gets a complete
+    factorization: LAPACK finishes the rest's Schur complement, over ``gram``'s memory when it
+    may be overwritten; so does one the cutoff ends. Without a rule (a caller that needs the
+    whole error curve) it is LAPACK's factorization of the whole Gram, as before.
     """
     gram = np.asarray(gram, dtype=np.float64)
     if not _finite(gram, upper):
@@ -198,7 +200,8 @@ def _rest_block(upper, rest) -> np.ndarray:
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:
     """Whether every entry of the square ``a`` (only its upper triangle with ``upper``) is
-    finite, checked by column blocks (masks of m × 256, not m × m)."""
+    finite: one sum first (finite only if every entry is), then, when it is not, by column
+    blocks (masks of m × 256, not m × m)."""
     with _blocking.quiet():
         if math.isfinite(float(np.sum(a))):  # a NaN or Inf anywhere makes the sum non-finite
             return True

@@ -29,7 +29,7 @@ def early_pivot_limit(m: int) -> int:
     """Most pivots :func:`leading_pivots` computes for an m × m Gram (0: LAPACK's whole
     factorization is cheaper); past them LAPACK factorizes the rest. Measured against
     ``dpstrf`` (``bench_id.py --pivots``, OpenBLAS, one thread): the first m/4 pivots cost
-    0.2–0.34× its time from m = 256 to 2,048, m/2 pivots 0.4–1.0× (the loop's GEMVs grow as
+    0.16–0.39× its time from m = 256 to 2,048, m/2 pivots 0.4–0.8× (the loop's GEMVs grow as
     k² m), while after m/4 pivots LAPACK on the remaining 3m/4 costs about (3/4)³ of it."""
     return 0 if m <= _SMALL_M else m // 4
 
