@@ -117,9 +117,10 @@ def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
         limit = min(limit, int(n_samples))
     if cutoff < 0:  # LAPACK's default: m · DLAMCH('Epsilon') · the largest diagonal entry
         cutoff = m * np.finfo(np.float64).epsneg * float(np.max(np.diagonal(upper)))
-    perm, U, row_sq, stop = leading_pivots(
-        upper, limit if rank is None else min(rank, limit), cutoff, sq_norm, tol
-    )
+    with small_step(m):  # its GEMVs, like LAPACK's, on one BLAS thread after the product
+        perm, U, row_sq, stop = leading_pivots(
+            upper, limit if rank is None else min(rank, limit), cutoff, sq_norm, tol
+        )
     k = U.shape[0]
     if stop == "pivots" and (rank is None or k < rank):
         return _continued(upper, perm, U, cutoff, sq_norm, n_samples)
