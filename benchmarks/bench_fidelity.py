@@ -17,7 +17,8 @@ FLOPs kept go from 1.0 down to 0.2, for
 
 Prints one table per model and sweep, a summary at 50 % and 25 % of the FLOPs, target_flops
 against the widest uniform cut within the same FLOPs (held out: a measurement, not a
-guarantee), and saves
+guarantee; with and without fit_intercept, then over random resplits of the calibration and
+held-out digits), and saves
 agreement vs FLOPs kept (both models, one panel each) to ``docs/images/fidelity_digits.png``.
 
 Then the three ``calibration`` modes at the same per-layer widths (a ``target_flops`` and a
