@@ -335,7 +335,7 @@ def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypa
 
     import numpy as np
 
-    from skid.nn import _blockwise, _planner, _sensitivity
+    from skid.nn import _planner, _sensitivity
 
     seen, real = [], _planner.Planner.flops_candidates
 
