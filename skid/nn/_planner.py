@@ -210,9 +210,10 @@ class Planner:
         if split is not None:
             rest, judge = split
             first = rest.first
-            fitted, _ = source.cache.get(
-                None if key is None else fingerprint(key, "held out"), work, list(units),
-                rest, method=s.method, precision=s.precision, verbose=s.verbose)
+            # a source over the rest, so units with a pass of their own (a stream) get it too
+            held_out = StatisticsSource(work, rest, source.cache, s)
+            fitted = held_out.statistics(None if key is None else fingerprint(key, "held out"),
+                                         list(units), warn=False)
             fitted = self.for_objective(work, units, fitted)
         weights = plain = None
         if not s.uniform:  # uniform=True: one width per kind anyway
