@@ -20,7 +20,9 @@ Models: the LLaMA-shaped causal LM of ``benchmarks/_llm.py`` (trained here on CP
 ``Lib/*.py``; held-out perplexity, lower is better; its two SwiGLU MLPs pruned) and the digits
 CNN of ``tests/nn/digits.py`` (top-1 agreement with the original on the held-out digits, and
 accuracy). Then the LLaMA's heads at one and two query heads per key/value group: skid's head
-choice with and without the per-group greedy candidates (``skid/nn/_head_greedy.py``).
+choice (candidates judged on the held-out first calibration batch, ``skid/nn/_head_judge.py``)
+beside the candidates it chooses among (``skid/nn/_head_greedy.py``) and the choice by the
+smallest exact error it replaced, and what the judging costs.
 
     python benchmarks/bench_peers.py            # the tables of benchmarks/README.md
     python benchmarks/bench_peers.py --quick    # smoke run (20 training steps)
@@ -29,6 +31,7 @@ choice with and without the per-group greedy candidates (``skid/nn/_head_greedy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 from unittest import mock
@@ -196,35 +199,63 @@ def llama_rows(steps, n_calib, n_test, fractions, cache) -> tuple[list, float]:
     return rows, base
 
 
-def heads_rows(steps, n_calib, n_test, cache) -> list:
-    """One and two query heads per key/value group: skid with and without the per-group
-    greedy candidates (the same Gram and fold; only the candidates differ)."""
+def heads_rows(steps, n_calib, n_test, cache, seed=1) -> list:
+    """One and two query heads per key/value group: the candidates skid chooses among (the
+    same Gram and fold; only the candidates, and how one is chosen, differ); ``seed`` draws
+    the calibration windows."""
     from _llm import HEADS, KV_HEADS, perplexity, trained, windows
 
     model, train, held_out = trained(steps, cache)
-    calib = {"input_ids": windows(train, n_calib, seed=1)[:, :-1]}
+    calib = {"input_ids": windows(train, n_calib, seed=seed)[:, :-1]}
     test = windows(held_out, n_test, seed=2)
     rows = []
     per_group = HEADS // KV_HEADS
-    variants = (
-        ("rounds only (before)", lambda *a, **k: {}),
-        ("skid: smallest exact error of both", None),
-        ("per-group greedy alone", _forced_groupwise),
+    no_judge = ("skid.nn._heads.judged_on_held_out", lambda *a, **k: {})
+    variants = (  # (label, patches)
+        ("rounds only", [("skid.nn._heads.groupwise_candidates", lambda *a, **k: {}), no_judge]),
+        ("smallest exact error (before)", [no_judge]),
+        ("skid: judged on held-out rows", []),
+        ("per-group greedy alone", [("skid.nn._heads.groupwise_candidates", _forced_groupwise),
+                                    no_judge]),
     )
     for count in (1, 2):
         rank = count / per_group
-        for label, replacement in variants:
-            context = (mock.patch("skid.nn._heads.groupwise_candidates", replacement)
-                       if replacement is not None else mock.MagicMock())
-            with context:
+        for label, patches in variants:
+            with contextlib.ExitStack() as stack:
+                for target, replacement in patches:
+                    stack.enter_context(mock.patch(target, replacement))
                 for calibration in ("original", "corrective"):
                     nc = NetworkCompressor(model, rank=rank, prune="heads", batch_size=32,
                                            calibration=calibration).fit(calib)
                     error = np.sqrt(np.mean([r["error"] ** 2 for r in nc.layers_]))
+                    forced = label == "per-group greedy alone"
                     rows.append((f"{count} per group", label, calibration,
-                                 "-" if replacement is _forced_groupwise else f"{error:.4f}",
+                                 "-" if forced else f"{error:.4f}",
                                  perplexity(nc.compressed_model_, test)))
     return rows
+
+
+def heads_cost(steps, n_calib, cache, rounds) -> list:
+    """Process CPU time of ``fit`` (heads at one per group, ``"original"``) with the held-out
+    judge and without it (no batch gathered apart: the code path before it), interleaved."""
+    from _llm import HEADS, KV_HEADS, trained, windows
+
+    model, train, _ = trained(steps, cache)
+    calib = {"input_ids": windows(train, n_calib, seed=1)[:, :-1]}
+    times = {"judged on held-out rows": [], "without the judge": []}
+    for _ in range(rounds):
+        for label in times:
+            with contextlib.ExitStack() as stack:
+                if label == "without the judge":
+                    stack.enter_context(mock.patch("skid.nn._unit_kinds._Heads.holds_out",
+                                                   lambda *a, **k: False))
+                started = time.process_time()
+                NetworkCompressor(model, rank=KV_HEADS / HEADS, prune="heads",
+                                  batch_size=32).fit(calib)
+                times[label].append(time.process_time() - started)
+    base = float(np.median(times["without the judge"]))
+    return [(label, float(np.median(t)), float(np.median(t)) / base)
+            for label, t in times.items()]
 
 
 def _forced_groupwise(*args, **kwargs):
@@ -286,6 +317,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--skip", nargs="*", default=(), choices=("cnn", "llama", "heads"))
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (heads cost)")
+    parser.add_argument("--heads-seeds", type=int, nargs="+", default=[1],
+                        help="calibration draws of the heads table (1: the README's)")
     parser.add_argument("--cache", default=None,
                         help="file for the trained LLaMA's weights (read if it exists)")
     args = parser.parse_args()
@@ -308,11 +342,19 @@ def main():
             ["method [widths per unit]", "MLP width", "params kept", "FLOPs kept",
              "perplexity"], rows, ["s", "s", ".3f", ".3f", ".3f"])
     if "heads" not in args.skip:
+        for seed in args.heads_seeds:
+            print_table(
+                "LLaMA-shaped causal LM, heads only: skid's head choice and the candidates it "
+                f"chooses among (calibration windows of seed {seed})",
+                ["heads", "candidates", "calibration", "rms head error", "perplexity"],
+                heads_rows(steps, n_calib, n_test, args.cache, seed),
+                ["s", "s", "s", "s", ".3f"])
+        rounds = 2 if args.quick else args.rounds
         print_table(
-            "LLaMA-shaped causal LM, heads only: skid's head choice with and without the "
-            "per-group greedy candidates",
-            ["heads", "candidates", "calibration", "rms head error", "perplexity"],
-            heads_rows(steps, n_calib, n_test, args.cache), ["s", "s", "s", "s", ".3f"])
+            f"cost of the held-out judge: process CPU time of fit (1 per group, original), "
+            f"median of {rounds} interleaved rounds",
+            ["heads fit", "CPU s", "÷ without the judge"],
+            heads_cost(steps, n_calib, args.cache, rounds), ["s", ".3f", ".3f"])
 
 
 if __name__ == "__main__":

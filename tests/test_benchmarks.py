@@ -135,7 +135,9 @@ def test_bench_peers_quick():
     assert sum(row.startswith("| FLAP") for row in cnn) == 2
     assert any("fit_intercept" in row for row in cnn)
     assert len(table_rows(out, "LLaMA-shaped causal LM (")) == 9
-    assert len(table_rows(out, "LLaMA-shaped causal LM, heads only")) == 12
+    heads = table_rows(out, "LLaMA-shaped causal LM, heads only")
+    assert len(heads) == 16 and sum("judged on held-out rows" in row for row in heads) == 4
+    assert len(table_rows(out, "cost of the held-out judge")) == 2
 
 
 def test_bench_residual_quick():

@@ -34,10 +34,11 @@ from ._batches import (
     to_inputs,
 )
 from ._fingerprint import describe_execution
+from ._head_judge import HeldOutGrams
 from ._joint import BlockFactorization, JointFactorization
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
-from ._unit_kinds import unit_kind
+from ._unit_kinds import consumer_weight_gram, unit_kind
 
 __all__ = [
     "StatisticsCache",
@@ -104,20 +105,29 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
         [GramAccumulator(precision) if method == "gram" else QRAccumulator() for _ in unit_readers]
         for unit_readers in readings
     ]
+    # the first batch's rows apart, for units that judge candidates on them (one reading)
+    held = [(GramAccumulator(precision) if method == "gram" else QRAccumulator())
+            if unit_kind(u).holds_out(u) else None for u in units]
+    # data-parallel: the batch every rank agrees is the first, on the rank it comes from
+    # (``batches.first`` is that batch on every rank, so it does not say which)
+    holding = any(h is not None for h in held) and _distributed.owns_first_batch(
+        batches.n_batches != 0)
     state = _HookState(sum(len(r) for r in readings))  # several groups may hook one module
     handles = []
     n_samples = 0
     try:
-        for unit, unit_readers, unit_accs in zip(units, readings, accumulators, strict=True):
+        for unit, unit_readers, unit_accs, unit_held in zip(units, readings, accumulators, held,
+                                                            strict=True):
             for consumer, acc in zip(unit_readers, unit_accs, strict=True):
                 columns = _columns(model, consumer, unit)
-                hook = _accumulating_hook(unit, consumer, acc, state, columns, key=len(handles))
+                hook = _accumulating_hook(unit, consumer, acc, state, columns, key=len(handles),
+                                          held=unit_held)
                 handles.append(modules[consumer.name].register_forward_pre_hook(hook))
         with torch.no_grad():
-            for batch in _progress(batches, verbose):
+            for index, batch in enumerate(_progress(batches, verbose)):
                 args, kwargs = to_inputs(batch, device, dtype)
                 n_samples += batch_size_of(args, kwargs)
-                state.start(kwargs.get("attention_mask"))
+                state.start(kwargs.get("attention_mask"), holding=holding and index == 0)
                 _passes += 1
                 try:
                     run_model(model, args, kwargs)
@@ -131,8 +141,14 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     flat = [acc for unit_accs in accumulators for acc in unit_accs]
     widths = [_statistic_width(u)
               for u, unit_accs in zip(units, accumulators, strict=True) for _ in unit_accs]
+    # the held-out rows are judged by what the output projection makes of them
+    weights = [consumer_weight_gram(model, u, reading_consumers(u)[0]) if h is not None
+               else None for u, h in zip(units, held, strict=True)]
+    flat += [h for h in held if h is not None]
+    widths += [_statistic_width(u) for u, h in zip(units, held, strict=True) if h is not None]
     n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
-    return [_factorize(u, accs) for u, accs in zip(units, accumulators, strict=True)], n_samples
+    return [_factorize(u, accs, h, w) for u, accs, h, w in zip(units, accumulators, held,
+                                                                weights, strict=True)], n_samples
 
 
 def _statistic_gram(accumulator) -> np.ndarray:
@@ -184,12 +200,15 @@ class _HookState:
         self.n_consumers = n_consumers
         self.mask = None
         self.seen = set()
+        self.holding = False
 
-    def start(self, mask) -> None:
-        """Reset for a new batch; keep a (batch, sequence) attention mask if there is one."""
+    def start(self, mask, holding: bool = False) -> None:
+        """Reset for a new batch; keep a (batch, sequence) attention mask if there is one;
+        ``holding``: the batch's rows go to the held-out statistics where a unit has them."""
         is_mask = isinstance(mask, torch.Tensor) and mask.ndim == 2
         self.mask = mask.bool() if is_mask else None
         self.seen = set()
+        self.holding = holding
 
 
 def _columns(model, consumer, unit):
@@ -201,17 +220,19 @@ def _columns(model, consumer, unit):
 
 
 def _accumulating_hook(unit, consumer, accumulator, state: _HookState, columns=slice(None),
-                       key=None):
+                       key=None, held=None):
     """A forward pre-hook that feeds the consumer's input rows into ``accumulator`` (with a
-    constant first column when the fit asks for an intercept)."""
+    constant first column when the fit asks for an intercept), or into ``held`` while the
+    state holds a batch out."""
     constant = _intercept.applies(unit)
 
     def hook(module, args):
         x = _drop_padding(module, args[0], state.mask)
+        target = held if held is not None and state.holding else accumulator
         # Half-precision rows are upcast block by block inside the accumulator.
         try:
             Z = as_samples(module, x, consumer.positions)[:, columns]
-            accumulator.update(_intercept.with_constant(Z) if constant else Z)
+            target.update(_intercept.with_constant(Z) if constant else Z)
         except NonFiniteDataError:  # NaN/Inf rows: the accumulator refused them, untouched
             raise _NonFiniteActivations(_non_finite_message(unit, consumer.name)) from None
         state.seen.add(consumer.name if key is None else key)
@@ -325,8 +346,13 @@ def _consumer_input(model, unit, args, kwargs, mask, consumer=None):
     return captured[0] if captured else None
 
 
-def _factorize(unit, accumulators):
-    """The group's factorization (joint over its readings), with errors that name the group."""
+def _factorize(unit, accumulators, held=None, weights=None):
+    """The group's factorization (joint over its readings), with errors that name the group;
+    ``held``: the first batch's statistics of a unit that holds it out (its one reading's
+    ``accumulators[0]`` has the other rows), judged by the consumer's ``weights`` (``WᵀW``)."""
+    split = held is not None and held.n_samples > 0 and accumulators[0].n_samples > 0
+    if held is not None and not split:  # one batch, or no rows: nothing to hold out
+        accumulators = [accumulators[0].merge(held)]
     for consumer, accumulator in zip(reading_consumers(unit), accumulators, strict=True):
         if accumulator.n_features is None:
             raise ValueError(
@@ -339,6 +365,12 @@ def _factorize(unit, accumulators):
         if _intercept.applies(unit):
             return _intercept_factorization(unit, accumulators[0])
         kind = unit_kind(unit)
+        if split:
+            rest = accumulators[0]
+            gram, held_out = HeldOutGrams.combined(_statistic_gram(rest), rest.scale_exp,
+                                                   _statistic_gram(held), held.scale_exp,
+                                                   weights)
+            return kind.gram_factorization(gram, unit, held_out=held_out)
         if kind.gram_factorization is not None:  # e.g. whole heads from one Gram
             return kind.gram_factorization(_statistic_gram(accumulators[0]), unit)
         if unit.blocks > 1:

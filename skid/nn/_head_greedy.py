@@ -7,7 +7,9 @@ With one or two heads per group the order matters most, and a plainer rule does 
 trained models (``benchmarks/README.md``): each key/value group on its own, a greedy block ID
 of its own heads' columns (``own``), or of every column (``all``), none of them seeing the
 others' choice. Both are offered as candidates; :class:`~skid.nn._heads.HeadFactorization`
-keeps, per head count, the selection with the smallest exact error of the least-squares fold.
+keeps, per head count, the selection judged best on a held-out calibration batch
+(:mod:`skid.nn._head_judge`), or with one batch the smallest exact error of the least-squares
+fold.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import scipy.linalg
 
 from .._linalg import BlockPivotedFactorization
 
-__all__ = ["SMALL_PER_GROUP", "GroupwiseGreedy", "groupwise_candidates"]
+__all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_candidates"]
 
 #: Heads per key/value group up to which the per-group candidates are tried.
 SMALL_PER_GROUP = 2
@@ -48,61 +50,36 @@ def groupwise_candidates(gram, heads, labels, weight_gram=None) -> dict:
             for scope in ("own", "all")}
 
 
-class GroupwiseGreedy:
-    """Per-group greedy selections at a few per-group counts, with their exact errors.
-
-    Has what :class:`~skid.nn._heads.HeadFactorization` reads from a mode: ``n_blocks``,
-    ``errors[blocks]`` (infinite where no candidate was built) and ``select(blocks)``.
+class FixedHeads:
+    """Given head sets, one per count, with ``T`` the least-squares fold on ``gram``'s rows
+    and the exact error. Has what :class:`~skid.nn._heads.HeadFactorization` reads from a
+    mode: ``n_blocks``, ``errors[blocks]`` (infinite where no set was given; ``blocks`` counts
+    heads) and ``select(blocks)``.
 
     Parameters
     ----------
-    gram, heads, labels, weight_gram
-        As :func:`groupwise_candidates`.
-    counts : iterable of int
-        Heads per group to build.
-    scope : {"own", "all"}
-        Each group's greedy reconstructs its own heads' columns, or all columns.
+    gram : ndarray of shape (m, m)
+        Gram of the output projection's input.
+    heads : list of int arrays
+        Columns of each head.
+    weight_gram : ndarray of shape (m, m), optional
+        ``WᵀW`` of the output projection: errors are then output errors.
     """
 
-    def __init__(self, gram, heads, labels, counts, scope, weight_gram=None):
+    def __init__(self, gram, heads, weight_gram=None):
         self.gram = np.asarray(gram, dtype=np.float64)
         self.heads = [np.asarray(h, dtype=np.int64) for h in heads]
         self.weight_gram = weight_gram
-        labels = np.asarray(labels)
-        groups = np.unique(labels)
         self.n_blocks = len(self.heads)
         self.errors = np.full(self.n_blocks + 1, np.inf)
         self._kept = {}
-        counts = list(counts)
         self._total = self._energy(self.gram, slice(None))
-        orders = {g: self._group_order(np.flatnonzero(labels == g), scope, max(counts))
-                  for g in groups}
-        for count in counts:
-            kept = np.sort(np.concatenate([orders[g][:count] for g in groups]))
-            self._kept[kept.size] = kept
-            self.errors[kept.size] = self._error(kept)
 
-    def _group_order(self, members, scope, steps: int) -> np.ndarray:
-        """The group's first ``steps`` heads in the order of its own greedy block ID."""
-        columns = np.concatenate([self.heads[h] for h in members])
-        if scope == "own":
-            local = [np.arange(i * len(self.heads[h]), (i + 1) * len(self.heads[h]))
-                     for i, h in enumerate(members)]
-            weights = (None if self.weight_gram is None
-                       else self.weight_gram[np.ix_(columns, columns)])
-            fac = BlockPivotedFactorization(self.gram[np.ix_(columns, columns)], local, None,
-                                            weights)
-            return members[fac.order[:steps]]
-        # every column: a greedy whose candidates are this group's heads only
-        order, chosen = [], []
-        remaining = list(members)
-        while remaining and len(order) < steps:
-            errors = [self._error(np.array(chosen + [h])) for h in remaining]
-            best = remaining[int(np.argmin(errors))]
-            order.append(best)
-            chosen.append(best)
-            remaining.remove(best)
-        return np.asarray(order, dtype=np.int64)
+    def add(self, kept) -> None:
+        """Offer the heads ``kept`` at their count."""
+        kept = np.sort(np.asarray(kept, dtype=np.int64))
+        self._kept[kept.size] = kept
+        self.errors[kept.size] = self._error(kept)
 
     def _columns(self, kept) -> np.ndarray:
         return np.concatenate([self.heads[h] for h in kept])
@@ -136,3 +113,49 @@ class GroupwiseGreedy:
         kept = self._kept[int(blocks)]
         columns, T = self._fit(kept)
         return kept.copy(), columns, T
+
+
+class GroupwiseGreedy(FixedHeads):
+    """Per-group greedy selections at a few per-group counts, with their exact errors.
+
+    Parameters
+    ----------
+    gram, heads, labels, weight_gram
+        As :func:`groupwise_candidates`.
+    counts : iterable of int
+        Heads per group to build.
+    scope : {"own", "all"}
+        Each group's greedy reconstructs its own heads' columns, or all columns.
+    """
+
+    def __init__(self, gram, heads, labels, counts, scope, weight_gram=None):
+        super().__init__(gram, heads, weight_gram)
+        labels = np.asarray(labels)
+        groups = np.unique(labels)
+        counts = list(counts)
+        orders = {g: self._group_order(np.flatnonzero(labels == g), scope, max(counts))
+                  for g in groups}
+        for count in counts:
+            self.add(np.concatenate([orders[g][:count] for g in groups]))
+
+    def _group_order(self, members, scope, steps: int) -> np.ndarray:
+        """The group's first ``steps`` heads in the order of its own greedy block ID."""
+        columns = np.concatenate([self.heads[h] for h in members])
+        if scope == "own":
+            local = [np.arange(i * len(self.heads[h]), (i + 1) * len(self.heads[h]))
+                     for i, h in enumerate(members)]
+            weights = (None if self.weight_gram is None
+                       else self.weight_gram[np.ix_(columns, columns)])
+            fac = BlockPivotedFactorization(self.gram[np.ix_(columns, columns)], local, None,
+                                            weights)
+            return members[fac.order[:steps]]
+        # every column: a greedy whose candidates are this group's heads only
+        order, chosen = [], []
+        remaining = list(members)
+        while remaining and len(order) < steps:
+            errors = [self._error(np.array(chosen + [h])) for h in remaining]
+            best = remaining[int(np.argmin(errors))]
+            order.append(best)
+            chosen.append(best)
+            remaining.remove(best)
+        return np.asarray(order, dtype=np.int64)

@@ -12,7 +12,10 @@ model's own code runs unchanged.
 Grouped-query attention shares each key/value head among ``group_size`` query heads. Two
 selections keep a grouping the code can run: the same number of query heads in every key/value
 group (key/value heads all stay), or whole key/value groups with all their query heads. Both are
-factorized and, for every number of heads, the one with the smaller error is used.
+factorized (and, at one or two heads per group, the per-group greedy of
+:mod:`skid.nn._head_greedy`); for every number of heads, the candidate judged best on the
+held-out first calibration batch is used (:mod:`skid.nn._head_judge`), or, with one batch, the
+one with the smallest error.
 
 A layout (:class:`AttentionLayout`) says where a family keeps its projections and which
 tensors follow its heads; the table of families is :mod:`skid.nn._attention_layouts`.
@@ -29,7 +32,8 @@ from torch import nn
 from .._linalg import BlockPivotedFactorization
 from . import _budget
 from ._attention_layouts import FORMS, AttentionLayout, attention_layout
-from ._head_greedy import groupwise_candidates
+from ._head_greedy import FixedHeads, groupwise_candidates
+from ._head_judge import judged_on_held_out
 from ._plan import Consumer, Skipped
 from ._surgery import fold_in, sharing_copy, slice_out, surgery_for
 
@@ -366,6 +370,10 @@ class HeadFactorization:
     among the selections of at most ``k`` heads that the model can run, so it is nonincreasing
     and the smallest ``k`` meeting a tolerance is always a valid count.
 
+    Where several candidates give one count, the smallest exact error picks one; with
+    ``held_out``, the candidates built without the first calibration batch are judged on it
+    instead (:mod:`skid.nn._head_judge`), and the winner is built on all rows.
+
     Parameters
     ----------
     gram : ndarray of shape (n_heads * head_dim, n_heads * head_dim)
@@ -373,33 +381,31 @@ class HeadFactorization:
     weight_gram : ndarray, optional
         ``WᵀW`` of the output projection: heads are then kept for its outputs (errors are
         relative output errors; ``T`` stays the least-squares fit).
+    held_out : skid.nn._head_judge.HeldOutGrams, optional
+        ``gram`` split into the first batch's Gram and the rest's.
     """
 
-    def __init__(self, gram, unit: HeadUnit, weight_gram=None):
-        self.unit, self.gram = unit, gram
-        H, d, size = unit.n_heads, unit.head_dim, unit.group_size
-        heads = [np.arange(h * d, (h + 1) * d) for h in range(H)]
-        self._modes = {}
-        if size == 1 or unit.n_kv_heads == 1:
-            self._modes["heads"] = BlockPivotedFactorization(gram, heads, None, weight_gram)
-        else:
-            labels = np.arange(H) // size
-            self._modes["per_group"] = BlockPivotedFactorization(gram, heads, labels, weight_gram)
-            groups = [np.concatenate(heads[g * size:(g + 1) * size])
-                      for g in range(unit.n_kv_heads)]
-            self._modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
-            self._modes.update(groupwise_candidates(gram, heads, labels, weight_gram))
-        self._best = {}  # valid head count -> (mode, number of blocks)
+    def __init__(self, gram, unit: HeadUnit, weight_gram=None, held_out=None):
+        self.unit, self.gram, self.held_out = unit, gram, held_out
+        H = unit.n_heads
+        self._modes = _modes(gram, unit, weight_gram)
+        candidates = {}  # valid head count -> [(mode, number of blocks)], in the modes' order
         for mode, fac in self._modes.items():
             for blocks in range(1, fac.n_blocks + 1):
                 k = self._heads_of(mode, blocks)
-                if k <= 0:
-                    continue  # mid-round: the groups would keep unequal counts
-                if k in self._best:
-                    old_mode, old_blocks = self._best[k]
-                    if self._modes[old_mode].errors[old_blocks] <= fac.errors[blocks]:
-                        continue
-                self._best[k] = (mode, blocks)
+                # not mid-round (the groups would keep unequal counts), not a count the mode
+                # has no candidate for (infinite error)
+                if k > 0 and np.isfinite(fac.errors[blocks]):
+                    candidates.setdefault(k, []).append((mode, blocks))
+        self._best = {k: min(options, key=lambda o: self._modes[o[0]].errors[o[1]])
+                      for k, options in candidates.items()}  # the first on a tie
+        if held_out is not None and any(len(o) > 1 for o in candidates.values()):
+            rest_modes = _modes(held_out.rest, unit, weight_gram)
+            judged = FixedHeads(gram, _head_columns(unit), weight_gram)
+            for k, columns in judged_on_held_out(candidates, rest_modes, held_out).items():
+                judged.add(np.unique(columns // unit.head_dim))
+                self._best[k] = ("judged", k)
+            self._modes["judged"] = judged
         errors = np.ones(H + 1)
         for k in range(1, H + 1):
             valid = [j for j in self._best if j <= k]
@@ -410,9 +416,11 @@ class HeadFactorization:
 
     def for_outputs(self, weight_gram) -> HeadFactorization:
         """The same statistic, heads kept for the output projection's outputs."""
-        return HeadFactorization(self.gram, self.unit, weight_gram)
+        return HeadFactorization(self.gram, self.unit, weight_gram, self.held_out)
 
     def _heads_of(self, mode, blocks) -> int:
+        if mode == "judged":  # held-out winners, by their count of heads
+            return blocks
         if mode.startswith("per_group"):  # rounds, or per-group candidates: equal per group
             return blocks if blocks % self.unit.n_kv_heads == 0 else -1
         return blocks * (self.unit.group_size if mode == "groups" else 1)
@@ -451,6 +459,25 @@ class HeadFactorization:
         heads = np.unique(columns // d)
         kv_heads = np.unique(heads // size)
         return HeadSelection(self.unit, heads, kv_heads, T, self._error(k))
+
+
+def _head_columns(unit) -> list:
+    """The columns of each head in the output projection's input."""
+    d = unit.head_dim
+    return [np.arange(h * d, (h + 1) * d) for h in range(unit.n_heads)]
+
+
+def _modes(gram, unit, weight_gram) -> dict:
+    """``{mode: factorization}`` of the selections the model can run, from one Gram."""
+    H, size = unit.n_heads, unit.group_size
+    heads = _head_columns(unit)
+    if size == 1 or unit.n_kv_heads == 1:
+        return {"heads": BlockPivotedFactorization(gram, heads, None, weight_gram)}
+    labels = np.arange(H) // size
+    groups = [np.concatenate(heads[g * size:(g + 1) * size]) for g in range(unit.n_kv_heads)]
+    return {"per_group": BlockPivotedFactorization(gram, heads, labels, weight_gram),
+            "groups": BlockPivotedFactorization(gram, groups, None, weight_gram),
+            **groupwise_candidates(gram, heads, labels, weight_gram)}
 
 
 class CorrectiveHeadFactorization(HeadFactorization):

@@ -32,8 +32,8 @@ class UnitKind:
     ``prune``: the entry of the ``prune`` parameter that asks for units of this kind.
     ``sums_readings``: a unit's error is the root of the *sum* of its readings' squared
     relative errors (:func:`skid.nn._joint.reading_error`), not of their mean.
-    ``gram_factorization``: ``f(gram, unit)`` factorizing the unit's one Gram its own way
-    (whole heads), or None for the channels' pivoted factorizations.
+    ``gram_factorization``: ``f(gram, unit, held_out=None)`` factorizing the unit's one Gram
+    its own way (whole heads), or None for the channels' pivoted factorizations.
     """
 
     fits_corrective = True
@@ -44,6 +44,11 @@ class UnitKind:
     def statistic_width(self, unit) -> int:
         """Columns of the unit's statistic (what its consumers read of it)."""
         return unit.width
+
+    def holds_out(self, unit) -> bool:
+        """Whether the statistics pass gathers the first batch's Gram apart (``held_out`` of
+        ``gram_factorization``): the unit chooses among candidates on held-out rows."""
+        return False
 
     def statistics(self, source, key, unit):
         """The unit's factorization from a pass of its own, or None: it shares the pass of
@@ -145,6 +150,10 @@ class _Heads(UnitKind):
 
     def statistic_width(self, unit) -> int:
         return unit.n_heads * unit.head_dim  # every head's columns
+
+    def holds_out(self, unit) -> bool:
+        # several candidates per count only with groups (fit_intercept: its centred Gram)
+        return unit.group_size > 1 and unit.n_kv_heads > 1 and not _intercept.applies(unit)
 
     def select(self, unit, fac, k):
         selection = fac.select(int(k))  # the nearest count the model's code runs

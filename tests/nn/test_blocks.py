@@ -309,10 +309,10 @@ def test_target_flops_holds_one_blocks_statistics_at_a_time(monkeypatch, calibra
     alive, most = weakref.WeakSet(), []
     real = _calibration._factorize
 
-    def factorize(unit, accumulators):
+    def factorize(unit, accumulators, *held):
         gc.collect()
         most.append(len(alive))
-        fac = real(unit, accumulators)
+        fac = real(unit, accumulators, *held)
         alive.add(fac)
         return fac
 

@@ -33,6 +33,11 @@ CASES = {
     "corrective": (dict(rank=0.5, calibration="corrective"), 150),
     "corrective_qr": (dict(tol=0.05, calibration="corrective", method="qr"), 170),
     "corrective_empty_rank1": (dict(rank=0.5, calibration="corrective"), N_SAMPLES),
+    # grouped-query heads, judged on the first batch (rank 0's): held out on one rank only
+    "heads": (dict(rank=1 / 3, prune="heads", blocks=None), 150),
+    "heads_blocks_sequential": (dict(rank=1 / 3, prune="heads", calibration="sequential"),
+                                150),
+    "heads_empty_rank0": (dict(rank=1 / 3, prune="heads"), 0),
 }
 
 
@@ -63,6 +68,18 @@ class Stack(nn.Module):
 
 def make_model_and_data(name="mlp"):
     torch.manual_seed(0)
+    if name.startswith("heads"):  # a LLaMA with 6 query heads on 2 key/value heads
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=40, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32,
+            head_dim=8)
+        model = transformers.LlamaForCausalLM(config).eval()
+        # data on which the held-out judge changes the heads, and would change them again if
+        # each rank held out its own first batch
+        return model, torch.randint(0, 40, (N_SAMPLES, 8),
+                                    generator=torch.Generator().manual_seed(4))
     if name.startswith("blocks"):
         model = Stack().eval()
     else:
