@@ -1,8 +1,10 @@
 """Speed and accuracy of skid's ID against SciPy and LAPACK, peers measured in the same run.
 
 First the floor: ``InterpolativeDecomposition(rank=m/4).fit`` and the Gram route's three steps
-(accumulate, factorize, select) with the accumulator's current products and with its previous
-ones (panel by panel, after a pass that checks each block), each ÷ one ``X.T @ X`` of the same
+(accumulate, factorize, select) as ``fit`` runs them (the factorization stops at the rank's
+pivots), with LAPACK's whole ``dpstrf`` instead (the previous factorization), and with the
+previous products too (panel by panel, after a pass that checks each block), each ÷ one
+``X.T @ X`` of the same
 array (the n·m² floor every exact ID pays to read X once), on NumPy and torch CPU arrays in
 float64 and float32, the variants interleaved round by round (medians). Then, for
 activation-like matrices ``relu(G @ W) + noise`` (n × m, k = m/4), per dtype: time (median of
@@ -16,6 +18,7 @@ process's CPU time on one thread, which other jobs disturb far less (the load is
     python benchmarks/bench_id.py            # 20,000×256 and 100,000×512
     python benchmarks/bench_id.py --quick    # 20,000×256 only, fewer rounds
     python benchmarks/bench_id.py --floor-only --threads 1 --cpu-time
+    python benchmarks/bench_id.py --pivots --threads 1 --cpu-time   # leading pivots vs dpstrf
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import scipy.linalg
 import scipy.linalg.interpolative as sli
 import torch
 from _models import print_table, set_threads
+from scipy.linalg import lapack
 
 from skid import InterpolativeDecomposition
 from skid._linalg import GramAccumulator
+from skid._linalg._leading import early_pivot_limit, leading_pivots
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -95,12 +100,13 @@ def gemm_floor(X, rounds):
     return statistics.median(times)
 
 
-def gram_id(X, k, products):
+def gram_id(X, k, products, leading=True):
     """The Gram route's steps as ``fit`` runs them for a rank (float32 data: float32
-    products, as the policy chooses), with the accumulator's ``products``."""
+    products, as the policy chooses), with the accumulator's ``products``; ``leading``: the
+    factorization stops at the rank's pivots (else LAPACK's whole ``dpstrf``, as before)."""
     float32 = str(X.dtype).endswith("float32")
     acc = GramAccumulator("native" if float32 else "float64", products).update(X)
-    return acc.factorize(consume=True).select(k)
+    return acc.factorize(consume=True, rank=k if leading else None).select(k)
 
 
 def interleaved(ways, rounds, clock):
@@ -126,20 +132,50 @@ def floor_table(n, m, rounds, clock_name):
                 "floor": lambda X=X: X.T @ X,
                 "fit": lambda X=X: InterpolativeDecomposition(rank=k).fit(X),
                 "new": lambda X=X: gram_id(X, k, "auto"),
-                "previous": lambda X=X: gram_id(X, k, "panels"),
+                "dpstrf": lambda X=X: gram_id(X, k, "auto", leading=False),
+                "previous": lambda X=X: gram_id(X, k, "panels", leading=False),
             }
             med = interleaved(ways, rounds, CLOCK[clock_name])
             floor = med["floor"]
             rows.append((library, np.dtype(dtype).name, floor * 1e3, med["fit"] / floor,
-                         med["new"] / floor, med["previous"] / floor,
-                         med["previous"] / med["new"]))
+                         med["new"] / floor, med["dpstrf"] / floor, med["previous"] / floor,
+                         med["dpstrf"] / med["new"]))
     print_table(
         f"{n}×{m}, rank {k}: time ÷ one X.T @ X of the same array ({clock_name} time, median "
         f"of {rounds} interleaved rounds, {torch.get_num_threads()} torch thread(s)); "
-        "steps = accumulate + factorize + select",
-        ["library", "dtype", "X.T @ X ms", "fit ÷ floor", "steps, whole products ÷ floor",
-         "steps, previous panels ÷ floor", "previous ÷ whole"],
-        rows, ["s", "s", ".1f", ".3f", ".3f", ".3f", ".3f"],
+        "steps = accumulate + factorize + select; leading = the factorization stops at the "
+        "rank's pivots; whole dpstrf = all m pivots (the previous factorization); previous "
+        "panels = also the previous accumulator",
+        ["library", "dtype", "X.T @ X ms", "fit ÷ floor", "steps, leading ÷ floor",
+         "steps, whole dpstrf ÷ floor", "steps, previous panels ÷ floor",
+         "whole dpstrf ÷ leading"],
+        rows, ["s", "s", ".1f", ".3f", ".3f", ".3f", ".3f", ".3f"],
+    )
+
+
+def pivots_table(sizes, rounds, clock_name):
+    """The leading pivots (the NumPy loop that stops at k) against LAPACK's whole ``dpstrf``
+    of the same Gram, per m and k; the loop's default limit is where it still wins."""
+    rows = []
+    for m in sizes:
+        X = activation_like(4 * m, m, np.float64)
+        G = np.asfortranarray(X.T @ X)
+        G /= G.diagonal().max()
+        sq_norm, cutoff = float(np.trace(G)), m * np.finfo(np.float64).epsneg
+        ways = {"dpstrf": lambda G=G: lapack.dpstrf(G.copy(order="F"), tol=-1.0),
+                "dpotrf": lambda G=G: lapack.dpotrf(G.copy(order="F"))}
+        fractions = (8, 4, 2, 4 / 3, 1)
+        for f in fractions:
+            ways[f] = lambda G=G, k=int(m / f), c=cutoff, t=sq_norm: leading_pivots(G, k, c, t)
+        med = interleaved(ways, rounds if m <= 512 else max(1, rounds // 3), CLOCK[clock_name])
+        rows.append((m, early_pivot_limit(m), med["dpstrf"] * 1e3, med["dpotrf"] * 1e3,
+                     *(med[f] / med["dpstrf"] for f in fractions)))
+    print_table(
+        f"Pivoted Cholesky of an m × m Gram: the first k pivots (NumPy loop) ÷ LAPACK's "
+        f"whole dpstrf ({clock_name} time, medians)",
+        ["m", "loop's limit", "dpstrf ms", "dpotrf ms", "k = m/8", "k = m/4", "k = m/2",
+         "k = 3m/4", "k = m"],
+        rows, ["d", "d", ".2f", ".2f", ".3f", ".3f", ".3f", ".3f", ".3f"],
     )
 
 
@@ -181,6 +217,31 @@ def partial_fit_memory(m=256, block=2000, sizes=(20_000, 80_000, 320_000)):
         print(f"{n:10d} {peak / 2**20:9.1f}")
 
 
+def rule_table(m, n, rounds, clock_name):
+    """``GramAccumulator.factorize`` with a width rule (rank or tol) against the whole
+    factorization of the same statistic, on ReLU features of a rank-m/4 signal (an FFN-like
+    input: most columns needed at small tol)."""
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((n, m // 4)) @ rng.standard_normal((m // 4, m)) * 0.5
+    acc = GramAccumulator().update(np.maximum(Z, 0) + 0.02 * rng.standard_normal((n, m)))
+    whole = acc.factorize()
+    rules = [{"rank": m // 16}, {"rank": m // 8}, {"rank": m // 4}, {"rank": m // 2},
+             {"tol": 0.5}, {"tol": 0.3}, {"tol": 0.1}, {"tol": 0.05}]
+    ways = {"whole": acc.factorize}
+    for i, rule in enumerate(rules):
+        ways[i] = lambda rule=rule: acc.factorize(**rule)
+    med = interleaved(ways, rounds, CLOCK[clock_name])
+    rows = []
+    for i, rule in enumerate(rules):
+        k = rule.get("rank") or whole.rank_for_tol(rule["tol"])
+        rows.append((str(rule), k, med[i] * 1e3, med[i] / med["whole"]))
+    print_table(
+        f"GramAccumulator.factorize(rule) on {n}×{m} ReLU features against the whole "
+        f"factorization ({med['whole'] * 1e3:.1f} ms; {clock_name} time, median of {rounds})",
+        ["rule", "width", "ms", "÷ whole"], rows, ["s", "d", ".1f", ".2f"],
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the 20,000×256 shape")
@@ -189,6 +250,8 @@ def main():
     parser.add_argument("--floor-rounds", type=int, default=None,
                         help="interleaved rounds of the floor table (default 9, --quick 3)")
     parser.add_argument("--floor-only", action="store_true", help="only the floor table")
+    parser.add_argument("--pivots", action="store_true",
+                        help="only the leading pivots against dpstrf, m = 64 … 2,048")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch and BLAS threads (0: leave as they are)")
     parser.add_argument("--cpu-time", action="store_true",
@@ -203,6 +266,12 @@ def main():
         print("BLAS:", blas)
     except ImportError:
         pass
+    if args.pivots:
+        sizes = (64, 128, 256, 512) if args.quick else (64, 128, 256, 512, 1024, 1536, 2048)
+        pivots_table(sizes, args.floor_rounds or 5, "cpu" if args.cpu_time else "wall")
+        m = 512 if args.quick else 1536
+        rule_table(m, 4 * m, args.floor_rounds or 5, "cpu" if args.cpu_time else "wall")
+        return
     shapes = [(20_000, 256)] if args.quick else [(20_000, 256), (100_000, 512)]
     floor_rounds = args.floor_rounds or (3 if args.quick else 9)
     for n, m in shapes:

@@ -258,13 +258,15 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
 
         Nothing is set when the factorization fails (non-finite data in ``fit``).
         """
-        fac = accumulator.factorize()
-        self._accumulator = accumulator
         n_seen = accumulator.n_samples
+        rank = self._requested_rank((n_seen, X.shape[1]), streaming=True)
+        # The width rule is known before the factorization: only the pivots it needs.
+        fac = accumulator.factorize(rank=rank, tol=self.tol)
+        self._accumulator = accumulator
         if self.tol is not None:
             k = fac.rank_for_tol(self.tol)
-        elif self.rank is not None:
-            k = self._requested_rank((n_seen, X.shape[1]), streaming=True)
+        elif rank is not None:
+            k = rank
         else:
             eps = np.finfo(_array.float_dtype_for(X)).eps
             k = fac.numerical_rank(max(n_seen, X.shape[1]) * eps)
@@ -310,7 +312,8 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------ validation
     def _check_params(self):
-        check_params(self.get_params(), self._parameter_constraints, type(self).__name__)
+        params = {name: getattr(self, name) for name in self._parameter_constraints}
+        check_params(params, self._parameter_constraints, type(self).__name__)  # no inspect
         if self.rank is not None and self.tol is not None:
             raise ValueError(
                 f"Give rank or tol, not both (got rank={self.rank!r}, tol={self.tol!r})."
@@ -364,6 +367,10 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
 
             _dask.check_shape(X)  # finiteness is checked by the tasks that read the chunks
             return _check_device_array(self, X, reset, finite=False)
+        if reset and type(X) is np.ndarray and X.dtype in _FLOAT_DTYPES and (
+            X.ndim == 2 and min(X.shape) > 0
+        ):  # nothing for sklearn to convert: the same checks without its overhead (0.2 ms)
+            return _check_device_array(self, X, reset, finite)
         if _array.array_kind(X) == "numpy":
             return validate_data(
                 self,
@@ -496,6 +503,9 @@ class InterpolativeDecomposition(TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _input_feature_names(estimator, input_features):

@@ -72,7 +72,8 @@ def test_bench_fidelity_quick():
                            "ID without T", "magnitude"]
         heads = table_rows(out, "LLaMA-shaped causal LM, attention heads")
         assert len(heads) == 10 and heads[1].startswith("| heads 2/3 ")
-    assert len(table_rows(out, "target_flops vs the widest uniform cut")) == 2
+    assert len(table_rows(out, "target_flops vs the widest uniform cut")) == 4  # × intercept
+    assert len(table_rows(out, "target_flops − widest uniform cut")) == 4  # resampled
 
 
 def test_bench_coverage_quick():

@@ -176,6 +176,18 @@ def test_dataframe_names_and_set_output():
     assert list(est.feature_names_in_) == list("abcde")
 
 
+def test_refit_on_a_float_array_forgets_the_dataframe_names():
+    pd = pytest.importorskip("pandas")
+    X = low_rank(40, 5, 2, seed=6)
+    est = InterpolativeDecomposition(rank=2).fit(pd.DataFrame(X, columns=list("abcde")))
+    est.fit(X[:, :4].astype(np.float32))  # a float ndarray: the fast validation path
+    assert not hasattr(est, "feature_names_in_") and est.n_features_in_ == 4
+    with pytest.raises(ValueError, match="4 features"):
+        est.transform(X)
+    with pytest.raises(ValueError, match="2-?D"):
+        InterpolativeDecomposition(rank=1).fit(X[0])
+
+
 def test_torch_cpu_tensor_stays_a_tensor():
     torch = pytest.importorskip("torch")
     X = torch.as_tensor(low_rank(60, 9, 3, seed=7, dtype=np.float32))

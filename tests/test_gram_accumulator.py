@@ -49,6 +49,7 @@ def assert_same_panels(acc, kept):
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so that one update multiplies several blocks."""
     monkeypatch.setattr(_blocking, "NATIVE_BLOCK_ROWS", 7)
+    monkeypatch.setattr(_blocking, "NATIVE_VIEW_ROWS", 7)
     monkeypatch.setattr(_blocking, "BLOCK_ELEMENTS", 7 * 40)
 
 
@@ -405,3 +406,17 @@ def test_torch_nan_block_and_scaling_and_merge(small_blocks, narrow_steps, produ
     reduced.update(X[:5])  # NumPy rows into a torch statistic
     np.testing.assert_allclose(reduced.gram.numpy(), exact_gram(np.vstack([X, X[:5]])),
                                rtol=0, atol=1e-5 * np.abs(exact_gram(X)).max())
+
+
+def test_float32_read_in_place_takes_longer_equal_blocks(monkeypatch):
+    monkeypatch.setattr(_blocking, "NATIVE_VIEW_ROWS", 100)
+    monkeypatch.setattr(_blocking, "NATIVE_BLOCK_ROWS", 50)
+    X = np.random.default_rng(0).standard_normal((250, 8)).astype(np.float32)
+    lengths = [rows.stop - rows.start for rows in _gram._gram_slices(X, "float32", 0)]
+    assert lengths == [84, 84, 82]  # no copy: up to NATIVE_VIEW_ROWS, in equal parts
+    for copied in (X.astype(np.float16), X[:, ::2]):  # upcast, or not readable in place
+        assert len(_gram._gram_slices(copied, "float32", 0)) == 5
+    assert len(_gram._gram_slices(X, "float32", 3)) == 5  # scaled: a copy per block
+    blocks = [X[rows].T @ X[rows] for rows in _gram._gram_slices(X, "float32", 0)]
+    expected = sum(block.astype(np.float64) for block in blocks)  # float32 products, float64 sum
+    np.testing.assert_array_equal(_linalg.GramAccumulator("native").update(X).gram, expected)

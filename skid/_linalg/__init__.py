@@ -22,6 +22,7 @@ The package, one job per module (their public names re-exported here, so
 
 * :mod:`._factorization`: :class:`PivotedFactorization`, what every route returns;
 * :mod:`._cholesky`: pivoted Cholesky of a Gram (:func:`factorize_gram`);
+* :mod:`._leading`: its leading pivots only, for a width rule known in advance;
 * :mod:`._gram`: :class:`GramAccumulator`, the Gram streamed into a packed triangle;
 * :mod:`._tsqr`: :class:`QRAccumulator` and :func:`factorize_triangular`;
 * :mod:`._outputs`: :func:`factorize_for_outputs`, pivots by a consumer's output error;

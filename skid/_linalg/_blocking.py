@@ -12,6 +12,13 @@ import numpy as np
 #: Rows per block of float32 products (the ``"native"`` Gram's).
 NATIVE_BLOCK_ROWS = 4096
 
+#: Most rows per block of float32 products read in place (float32 data that BLAS reads
+#: as they are: no copy, so a longer block costs no memory), cut into equal blocks. Fewer
+#: float32 → float64 additions and product calls: 1.02–1.06× one ``X.T @ X`` instead of 1.11×
+#: at 20,000 × 256; the float32 Gram's relative rounding grows 1.3–1.4× over 4,096-row blocks
+#: (measured: 1.0e-7 against 7.1e-8 at 20,000 × 256, 6.5e-8 against 5.2e-8 at 100,000 × 512).
+NATIVE_VIEW_ROWS = 16384
+
 #: Entries per block of float64 rows (upcast or scaled copies): about 32 MB.
 BLOCK_ELEMENTS = 1 << 22
 

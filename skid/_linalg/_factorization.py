@@ -33,11 +33,16 @@ class PivotedFactorization:
         Rows of X the statistic was accumulated from (None: unknown).
     float32_products : bool
         Whether the statistic is a Gram of float32 products (its rounding is float32's).
+    complete : bool
+        False for the leading pivots of a width rule only (``factorize_gram(rank=, tol=)``):
+        ``U`` has ``trusted_rank`` rows, ``errors`` is NaN past them, and what needs more
+        (a wider selection, the Gram, the numerical rank) raises.
     """
 
     def __init__(
-        self, perm, U, sq_norm, errors, trusted_rank, n_samples=None, float32_products=False
-    ):
+        self, perm, U, sq_norm, errors, trusted_rank, n_samples=None, float32_products=False,
+        complete=True,
+    ):  # fmt: skip
         self.perm = perm
         self.U = U
         self.sq_norm = sq_norm
@@ -45,6 +50,7 @@ class PivotedFactorization:
         self.trusted_rank = trusted_rank
         self.n_samples = n_samples
         self.float32_products = float32_products
+        self.complete = complete
 
     @property
     def n_features(self) -> int:
@@ -52,10 +58,18 @@ class PivotedFactorization:
 
     def rank_for_tol(self, tol: float) -> int:
         """Smallest k ≥ 1 whose relative error is at most ``tol`` (the policy's rule)."""
-        return _policy.width_for_tol(self.errors, tol)
+        return self._within(_policy.width_for_tol(self.errors, tol))
+
+    def _within(self, k: int) -> int:
+        """``k``, checked against the pivots of a partial factorization."""
+        if not self.complete and k > self.trusted_rank:
+            raise ValueError(f"This factorization stopped after {self.trusted_rank} pivots "
+                             f"(its caller's width rule); width {k} needs a complete one.")
+        return k
 
     def numerical_rank(self, rel_tol: float) -> int:
         """Number of pivots with ``|U_kk| > rel_tol · |U_00|`` (at least 1)."""
+        self._within(self.n_features)
         diag = np.abs(np.diag(self.U[: self.trusted_rank]))
         if diag.size == 0 or diag[0] == 0:
             return 1
@@ -63,6 +77,7 @@ class PivotedFactorization:
 
     def gram(self) -> np.ndarray:
         """The Gram ``XᵀX`` (m × m, original column order) as the factor holds it (``UᵀU``)."""
+        self._within(self.n_features)
         U = self.U[: self.trusted_rank]
         gram = np.empty((self.n_features, self.n_features))
         gram[np.ix_(self.perm, self.perm)] = U.T @ U
@@ -75,7 +90,7 @@ class PivotedFactorization:
         part in reconstructing the other columns.
         """
         m = self.n_features
-        k_solve = min(k, self.trusted_rank)
+        k_solve = min(self._within(k), self.trusted_rank)
         T = np.zeros((k, m))  # written in the original column order: no pivoted copy
         T[np.arange(k), self.perm[:k]] = 1.0
         if k_solve > 0 and k < m:

@@ -62,6 +62,12 @@ def _gram_slices(X, dtype: str, exp: int) -> list:
         _blas_readable(X)
     ):
         return [slice(None)]  # nothing to upcast or scale: the products read X in place
+    if dtype == "float32" and _array.dtype_name(X) == "float32" and exp == 0 and (
+        _blas_readable(X)
+    ):  # float32 products read X in place: longer blocks, of equal length
+        parts = -(-n // _blocking.NATIVE_VIEW_ROWS)
+        step = max(1, -(-n // max(parts, 1)))
+        return [slice(start, min(start + step, n)) for start in range(0, n, step)]
     max_elements = (_blocking.BLOCK_ELEMENTS if dtype == "float64"
                     else _blocking.NATIVE_BLOCK_ROWS * m)
     return list(row_blocks(n, m, max_elements))
@@ -213,7 +219,8 @@ class GramAccumulator:
     precision : {"float64", "native"}
         ``"float64"``: each sub-block is upcast and multiplied in float64 (never the whole
         matrix at once). ``"native"``: float32 (and half) blocks are multiplied in float32 over
-        ``NATIVE_BLOCK_ROWS`` rows at a time and summed in float64 — twice as fast, reliable
+        ``NATIVE_BLOCK_ROWS`` rows at a time (float32 data read in place: up to
+        ``NATIVE_VIEW_ROWS``, in equal blocks) and summed in float64 — twice as fast, reliable
         for relative errors down to :data:`FLOAT32_GRAM_RELIABLE_ERROR`.
     products : {"auto", "whole", "panels"}
         How an update multiplies a row block: ``"whole"``, all of ``blockᵀ block`` into one
@@ -426,7 +433,7 @@ class GramAccumulator:
             self.scale_exp = exp
         return math.ldexp(1.0, 2 * (exp - self.scale_exp))
 
-    def factorize(self, consume: bool = False) -> PivotedFactorization:
+    def factorize(self, consume: bool = False, *, rank=None, tol=None) -> PivotedFactorization:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
         The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
@@ -439,6 +446,9 @@ class GramAccumulator:
             the m × m array and one panel), and the accumulator is left empty, as new (also
             when the factorization raises). A caller that goes on accumulating must leave it
             False.
+        rank, tol : int or float, optional
+            The caller's width rule, when known: only the pivots it needs may be computed (a
+            partial factorization; see :func:`factorize_gram`).
 
         Returns
         -------
@@ -456,8 +466,9 @@ class GramAccumulator:
                     self._panels[p] = None  # the loop's name holds it until the next panel
             panel = None
             return factorize_gram(
-                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True
-            )
+                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True,
+                rank=rank, tol=tol,
+            )  # fmt: skip
         finally:
             if consume:
                 self._clear()

@@ -109,7 +109,7 @@ class QRAccumulator:
         self.n_samples += other.n_samples
         return self
 
-    def factorize(self, consume: bool = False) -> PivotedFactorization:
+    def factorize(self, consume: bool = False, *, rank=None, tol=None) -> PivotedFactorization:
         """Column-pivoted QR of the accumulated R factor (on the host).
 
         Parameters
@@ -117,6 +117,8 @@ class QRAccumulator:
         consume : bool
             As in :meth:`GramAccumulator.factorize`, the accumulator is left empty (R, which
             merges may share, is still copied).
+        rank, tol : optional
+            Accepted as by :meth:`GramAccumulator.factorize`; the factorization is complete.
 
         Returns
         -------

@@ -21,7 +21,15 @@ from ._blocks import Runner
 from ._calibration import fingerprint
 from ._outputs import batch_outputs, output_distance
 from ._parallel import map_in_threads
-from ._planner import Plan, Planner, StatisticsSource, apply, plan_content, select
+from ._planner import (
+    Plan,
+    Planner,
+    StatisticsSource,
+    apply,
+    plain_index,
+    plan_content,
+    select,
+)
 from ._surgery import sharing_copy
 from ._tapes import TapeStore
 
@@ -80,7 +88,7 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         (selections,), n = walk([work], calibration)
         return Plan(tuple(selections), n)
     (curves,), _ = walk([work], _COLLECT)
-    split, judge, held_out = None, batches.first, (batches, key)
+    split, judge, held_out, plain = None, batches.first, (batches, key), None
     if uniform_tol:  # one width per kind of repeated unit needs every unit's curve first
         candidates = [planner.widths(curves, units)]
     else:
@@ -94,6 +102,9 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         weights = None if settings.uniform else _output_weights(planner, work, units, curves,
                                                                  walk, held_out, home)
         candidates = planner.flops_candidates(curves, units, work, weights)
+        if not settings.uniform:
+            (plain,) = planner.flops_candidates(curves, units, work, plain=True)
+            plain = plain_index(candidates, plain)
     del curves
     batched = not calibration.follows_compression and split is None
     if len(candidates) > 1:
@@ -103,8 +114,8 @@ def blockwise_plan(settings, work, units, layout, batches, key, cache, flops_inf
         plans, n = walk(targets, _ORIGINAL, candidates, held_out)
         for target in targets[1:]:
             target.to(home)  # what was folded into a copy during its block's turn
-        best = min(range(len(targets)),
-                   key=lambda c: output_distance(targets[c], reference, judge))
+        best = _sensitivity.most_faithful(
+            [_sensitivity.output_gap(target, reference, judge) for target in targets], plain)
         del targets[1:best], targets[best + 1:]  # the losers' models go now
         _transplant(work, targets[-1] if batched else pristine)
         if batched:

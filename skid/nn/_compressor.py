@@ -79,10 +79,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         unit). That allocation, the unweighted one, the largest uniform fraction of every unit
         within the budget (plain and with the leftover budget refilled) and, with channels and
         heads, the uniform cut of each kind alone are built from the statistics without the
-        last calibration batch (one more statistics pass) and tried on that batch; the one
-        whose outputs stay closest to the model's is kept (then fitted on every row), so on
-        those held-out rows it is never worse than keeping the same fraction of every unit.
-        With a single batch the candidates are judged on it, in-sample.
+        first calibration batch (one more statistics pass) and tried on that batch; the one
+        whose outputs stay closest to the model's is kept (then fitted on every row), provided
+        they are at least as close as the plain uniform cut's in distance and in direction
+        (per sample, the cosine with the original output), so on those held-out rows it is
+        never worse than keeping the same fraction of every unit by either measure. With a
+        single batch the candidates are judged on it, in-sample.
     layers : "auto" or list of str or (str, str), default="auto"
         Restrict pruning to the groups of these producers (qualified names as in
         ``model.named_modules()``) or ``(producer, consumer)`` pairs.

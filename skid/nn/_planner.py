@@ -210,33 +210,38 @@ class Planner:
         if split is not None:
             rest, judge = split
             first = rest.first
-            fitted, _ = source.cache.get(
-                None if key is None else fingerprint(key, "held out"), work, list(units),
-                rest, method=s.method, precision=s.precision, verbose=s.verbose)
+            # a source over the rest, so units with a pass of their own (a stream) get it too
+            held_out = StatisticsSource(work, rest, source.cache, s)
+            fitted = held_out.statistics(None if key is None else fingerprint(key, "held out"),
+                                         list(units), warn=False)
             fitted = self.for_objective(work, units, fitted)
-        weights = None
-        if len(units) > 1 and not s.uniform:  # uniform=True: one width per kind anyway
-            (uniform,) = self.flops_candidates(facs, units, work, plain=True)
+        weights = plain = None
+        if not s.uniform:  # uniform=True: one width per kind anyway
+            (plain,) = self.flops_candidates(facs, units, work, plain=True)
+        if len(units) > 1 and plain is not None:
             weights = _sensitivity.output_weights(
-                work, units, fitted, uniform, first,
+                work, units, fitted, plain, first,
                 lambda model, unit, fac, k: apply(model, select(unit, fac, k)),
                 batch_outputs, output_distance)
         candidates = self.flops_candidates(facs, units, work, weights)
         if len(candidates) == 1:
             return candidates[0]
-        return self.most_faithful(work, units, fitted, candidates, judge)
+        return self.most_faithful(work, units, fitted, candidates, judge, plain)
 
-    def most_faithful(self, work, units, facs, candidates, batch) -> np.ndarray:
-        """The candidate widths whose compressed model's outputs on ``batch`` stay closest."""
+    def most_faithful(self, work, units, facs, candidates, batch, plain=None) -> np.ndarray:
+        """The candidate widths whose compressed model's outputs on ``batch`` stay closest,
+        and no further than the ``plain`` uniform cut's in distance or direction
+        (:func:`_sensitivity.most_faithful`)."""
         reference = batch_outputs(work, batch)
 
-        def output_error(widths) -> float:
+        def gap(widths) -> tuple[float, float]:
             trial = sharing_copy(work)
             for unit, fac, k in zip(units, facs, widths, strict=True):
                 apply(trial, select(unit, fac, k))
-            return output_distance(trial, reference, batch)
+            return _sensitivity.output_gap(trial, reference, batch)
 
-        return min(candidates, key=output_error)
+        gaps = [gap(widths) for widths in candidates]
+        return candidates[_sensitivity.most_faithful(gaps, plain_index(candidates, plain))]
 
     # ---------------------------------------------------------------------------- re-check
 
@@ -396,6 +401,13 @@ def plan_one_pass(settings, work, units, batches, key, cache, flops_info) -> Pla
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def plain_index(candidates, plain) -> int | None:
+    """Where the plain uniform cut ``plain`` is among ``candidates`` (None: not there)."""
+    if plain is None:
+        return None
+    return next((i for i, c in enumerate(candidates) if np.array_equal(c, plain)), None)
 
 
 def select(unit, fac, k):

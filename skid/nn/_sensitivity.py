@@ -15,6 +15,14 @@ out of a second statistics pass, whose folds the candidates are built with): jud
 the fold was fitted to, a deep cut of one unit looks better than it generalizes. The first
 batch, not another, because it is the one batch the ranks of a data-parallel fit agree on, so
 ranks on shards hold out what one process on all the data holds out.
+
+The judge counts two things (:func:`output_gap`): the outputs' distance and, per sample, the
+angle between their output and the original's. A narrow cut's fold shrinks the outputs (a
+least-squares fit loses norm) and the distance counts that shrinkage as error, though it moves
+no sample's top class; a candidate may then win on distance while turning more samples'
+outputs away from the original's (on the digits CNN: closer logits, fewer agreeing digits). So
+a candidate replaces the plain uniform cut only where it is at least as close in both
+(:func:`most_faithful`): the uniform cut's guarantee holds in each.
 """
 
 from __future__ import annotations
@@ -22,11 +30,14 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import torch
 
 from . import _distributed
+from ._outputs import batch_outputs
 from ._surgery import sharing_copy
 
-__all__ = ["held_out_batch", "measured", "output_weights", "split_held_out"]
+__all__ = ["held_out_batch", "measured", "most_faithful", "output_gap", "output_weights",
+           "split_held_out"]
 
 
 def output_weights(work, units, facs, widths, batch, fold, outputs, distance) -> np.ndarray:
@@ -107,3 +118,29 @@ def measured(weights) -> np.ndarray:
     """Units without a measured weight get the median of the others (1 if none)."""
     known = weights[np.isfinite(weights)]
     return np.where(np.isfinite(weights), weights, float(np.median(known)) if known.size else 1.0)
+
+
+def output_gap(model, reference, batch) -> tuple[float, float]:
+    """How far ``model``'s outputs on ``batch`` are from ``reference``: their Frobenius
+    distance, and the sum over samples of ``1 − cos`` of each sample's output (flattened) and
+    its reference (two zero outputs are the same direction, one zero output is orthogonal)."""
+    outputs = batch_outputs(model, batch)
+    distance = float(torch.linalg.vector_norm(outputs - reference))
+    ours, theirs = outputs.reshape(len(outputs), -1), reference.reshape(len(reference), -1)
+    norms = torch.linalg.vector_norm(ours, dim=1) * torch.linalg.vector_norm(theirs, dim=1)
+    cosine = (ours * theirs).sum(1) / torch.where(norms > 0, norms, 1.0)
+    same = (norms == 0) & (ours == theirs).all(1)
+    return distance, float((1.0 - torch.where(same, 1.0, cosine)).sum())
+
+
+def most_faithful(gaps, plain: int | None) -> int:
+    """The index of the candidate to keep, from each one's :func:`output_gap`: the closest in
+    distance among those at least as close as the plain uniform cut ``gaps[plain]`` in
+    distance *and* in direction (the plain cut itself qualifies); the closest in distance
+    where there is no plain cut (None). Ties go to the earlier candidate."""
+    if plain is None:
+        allowed = range(len(gaps))
+    else:
+        allowed = [i for i, (distance, angle) in enumerate(gaps)
+                   if distance <= gaps[plain][0] and angle <= gaps[plain][1]]
+    return min(allowed, key=lambda i: gaps[i][0])

@@ -335,7 +335,7 @@ def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypa
 
     import numpy as np
 
-    from skid.nn import _blockwise, _planner
+    from skid.nn import _planner, _sensitivity
 
     seen, real = [], _planner.Planner.flops_candidates
 
@@ -347,8 +347,7 @@ def test_target_flops_candidates_are_compared_as_one_pass_compares_them(monkeypa
 
     later_is_closer = itertools.count(0, -1)
     monkeypatch.setattr(_planner.Planner, "flops_candidates", candidates)
-    for module in (_blockwise, _planner):
-        monkeypatch.setattr(module, "output_distance", lambda *a: next(later_is_closer))
+    monkeypatch.setattr(_sensitivity, "output_gap", lambda *a: (next(later_is_closer),) * 2)
     model = make_stack()
     blockwise = fit(model, X, target_flops=0.45, calibration=calibration)
     assert blockwise.blocks_ == "layers" and len(seen[0]) > 1  # the side-by-side walk ran

@@ -222,6 +222,14 @@ def test_target_flops_budgets_the_stream_with_the_other_units():
     assert any(r["kind"] == "residual" for r in nc.layers_)
 
 
+def test_target_flops_holds_out_a_batch_with_the_stream_among_the_units():
+    # several batches: the candidates' statistics come from a second pass without the first
+    # batch, which must compute the stream's own statistic as the first pass does
+    model, X, nc = _fit("llama", target_flops=0.5, prune=ALL, batch_size=8)
+    assert nc.flops_["after"] <= 0.5 * nc.flops_["before"] * 1.001
+    assert any(r["kind"] == "residual" for r in nc.layers_)
+
+
 def test_tol_bounds_the_stream_error():
     _, _, nc = _fit("llama", tol=0.2, prune="residual")
     (row,) = nc.layers_
