@@ -238,8 +238,11 @@ _PARTS = {
     "forward": [("skid.nn._batches", "run_model")],
     "Gram": [("skid._linalg._gram", "GramAccumulator.update")],
     "hooks, rest": [("skid.nn._calibration", "_accumulating_hook")],
-    "factorization": [("skid.nn._calibration", "_factorize"),
-                      ("skid.nn._planner", "Planner.selections_from")],
+    # the units' factorizations and selections, side by side on torch's threads: timed as a
+    # whole from the calling thread (the timers' stack is not shared across threads)
+    "factorization": [("skid.nn._parallel", "map_in_threads"),
+                      ("skid.nn._planner", "Planner.selections_from"),
+                      ("skid.nn._planner", "Planner.resolved")],
     "surgery": [("skid.nn._planner", "apply")],
     "units": [("skid.nn._discovery", "find_all_units")],
 }

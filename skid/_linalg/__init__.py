@@ -60,7 +60,7 @@ from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
 from ._gram import GramAccumulator, triangle_size
 from ._outputs import factorize_for_outputs
 from ._randomized import randomized_factorization
-from ._threads import small_step
+from ._threads import one_blas_thread, small_step
 from ._tsqr import QRAccumulator, factorize_triangular
 
 __all__ = [

@@ -20,7 +20,16 @@ from ._batches import model_device_dtype
 from ._blocks import Runner
 from ._calibration import fingerprint
 from ._outputs import batch_outputs, output_distance
-from ._planner import Plan, Planner, StatisticsSource, apply, plain_index, plan_content
+from ._parallel import map_in_threads
+from ._planner import (
+    Plan,
+    Planner,
+    StatisticsSource,
+    apply,
+    plain_index,
+    plan_content,
+    select,
+)
 from ._surgery import sharing_copy
 from ._tapes import TapeStore
 
@@ -273,6 +282,7 @@ class _Walk:
         step = list(indices)
         step_key = None if self.key is None else fingerprint(self.state, tag, step)
         facs = self.source.statistics(step_key, [units[i] for i in step])
+        resolved = []
         for i, fac in zip(step, facs, strict=True):
             if mode == _COLLECT:
                 (fac,) = planner.for_objective(self.work, [units[i]], [fac])
@@ -280,8 +290,12 @@ class _Walk:
                 continue
             unit_key = None if step_key is None else fingerprint(step_key, i)
             ks = None if self.widths is None else [c[i] for c in self.widths]
-            chosen = planner.selections_from(self.source, units[i], fac, ks, unit_key)
-            for results, selection in zip(self.results, chosen, strict=True):
+            resolved.append((i, *planner.resolved(self.source, units[i], fac, ks, unit_key)))
+        # the selections (T solves, head greedy) of the units side by side
+        chosen = map_in_threads(
+            lambda job: [select(units[job[0]], job[1], k) for k in job[2]], resolved)
+        for (i, _, _), selections in zip(resolved, chosen, strict=True):
+            for results, selection in zip(self.results, selections, strict=True):
                 results[i] = selection
 
     def fold(self, indices, track=False) -> None:

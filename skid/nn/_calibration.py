@@ -36,6 +36,7 @@ from ._batches import (
 from ._fingerprint import describe_execution
 from ._head_judge import HeldOutGrams
 from ._joint import BlockFactorization, JointFactorization
+from ._parallel import map_in_threads
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
 from ._unit_kinds import consumer_weight_gram, unit_kind
@@ -147,8 +148,13 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
     flat += [h for h in held if h is not None]
     widths += [_statistic_width(u) for u, h in zip(units, held, strict=True) if h is not None]
     n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
-    return [_factorize(u, accs, h, w) for u, accs, h, w in zip(units, accumulators, held,
-                                                                weights, strict=True)], n_samples
+    jobs = list(zip(units, accumulators, held, weights, strict=True))
+    return _factorize_all(jobs), n_samples
+
+
+def _factorize_all(jobs) -> list:
+    """``_factorize`` of each job, in order, the units side by side (:mod:`._parallel`)."""
+    return map_in_threads(lambda job: _factorize(*job), jobs)
 
 
 def _statistic_gram(accumulator) -> np.ndarray:

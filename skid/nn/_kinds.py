@@ -157,7 +157,7 @@ class _TransposedLinearKind:
         m = self.in_width(module, positions)
         T = _surgery.as_interpolation(T, weight, m)
         w = weight.to(torch.float64).reshape(m, positions, -1)
-        folded = torch.einsum("mpo,km->kpo", w, T).reshape(-1, weight.shape[1])
+        folded = _surgery.fold_channels(w, T, dim=0).reshape(-1, weight.shape[1])
         _surgery.set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         if hasattr(module, "nx"):
             module.nx = folded.shape[0]

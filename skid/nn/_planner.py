@@ -305,6 +305,13 @@ class Planner:
         """``unit``'s selections from its statistics ``fac``, one per width of ``ks`` (None:
         the fit's width rule). A width the route does not resolve is recomputed on a finer
         one first; with several widths, at the widest (the most demanding)."""
+        fac, ks = self.resolved(source, unit, fac, ks, key)
+        return [select(unit, fac, k) for k in ks]
+
+    def resolved(self, source, unit, fac, ks, key):
+        """:meth:`selections_from` up to the selections: the factorization as the objective
+        reads it, on a route that resolves the widths, and the widths — each may then be
+        selected on its own thread (no calibration pass is left)."""
         (fac,) = self.for_objective(source.work, [unit], [fac])
         rule = ks is None
         if rule:
@@ -312,7 +319,7 @@ class Planner:
         (fac,), (k,) = self.recheck(source, [unit], [fac], [max(ks)], key)
         if rule:
             ks = [k]  # a tol width, chosen again from the finer errors
-        return [select(unit, fac, k) for k in ks]
+        return fac, ks
 
     def plain_selection(self, source, unit, k, key) -> Selection:
         """``unit``'s ID from the model ``source`` runs, at width ``k`` (None: the rule)."""

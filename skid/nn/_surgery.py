@@ -250,6 +250,25 @@ def as_interpolation(T, weight: torch.Tensor, m: int) -> torch.Tensor:
     return T
 
 
+def fold_channels(w: torch.Tensor, T: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``w`` with its channel axis ``dim`` (m) contracted with ``T`` (k, m), both float64:
+    ``out[.., i, ..] = Σ_j T[i, j] w[.., j, ..]``, the axis now of length k.
+
+    A plain ID's ``T`` is the identity on the kept columns: a column of ``T`` with one nonzero,
+    an exact 1, is added into its row, and only the other columns are multiplied (at 1,371 of
+    1,536 kept, 9× fewer flops than the dense product; equal to it up to rounding).
+    """
+    w = w.movedim(dim, -1)
+    rows, columns = (T == 1).nonzero(as_tuple=True)  # row-major scans: column ones are slow
+    alone = (T != 0).sum(0, dtype=torch.int32)[columns] == 1
+    rows, columns = rows[alone], columns[alone]
+    rest = torch.ones(T.shape[1], dtype=torch.bool, device=T.device)
+    rest[columns] = False
+    out = w[..., rest] @ T[:, rest].T
+    out.index_add_(out.ndim - 1, rows, w[..., columns])
+    return out.movedim(-1, dim)
+
+
 def gram_of_weight(w: torch.Tensor) -> np.ndarray:
     """``Σ WᵀW`` over the output and spatial axes of a weight viewed as (out, m, rest)."""
     w = w.detach().to(torch.float64)
@@ -288,7 +307,7 @@ class _LinearSurgery:
         m = check_positions(module.in_features, positions)
         T = as_interpolation(T, weight, m)
         w = weight.to(torch.float64).reshape(module.out_features, m, positions)
-        folded = torch.einsum("omp,km->okp", w, T).reshape(module.out_features, -1)
+        folded = fold_channels(w, T).reshape(module.out_features, -1)
         set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_features = folded.shape[1]
 
@@ -339,9 +358,8 @@ class _ConvSurgery:
         T = as_interpolation(T, weight, module.in_channels)
         blocks = _diagonal_blocks(T, module.groups)
         outputs = module.out_channels // module.groups
-        folded = torch.cat([
-            torch.einsum("om...,km->ok...", weight[g * outputs:(g + 1) * outputs].double(), block)
-            for g, block in enumerate(blocks)])
+        folded = torch.cat([fold_channels(weight[g * outputs:(g + 1) * outputs].double(), block)
+                            for g, block in enumerate(blocks)])
         set_tensor(module, "weight", folded.to(weight.dtype).contiguous())
         module.in_channels = T.shape[0]
 

@@ -1,0 +1,36 @@
+"""Per-unit host work (factorizations, selections) on ``torch.get_num_threads()`` threads.
+
+Each unit's m × m LAPACK work runs on one BLAS thread (one ``dpstrf`` does not speed up with
+more) and releases the GIL, so units run side by side; the results are the sequential ones
+bit for bit, since every unit's arithmetic is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .._linalg import one_blas_thread
+
+__all__ = ["map_in_threads"]
+
+
+def map_in_threads(function, jobs) -> list:
+    """``[function(job) for job in jobs]``, on up to ``torch.get_num_threads()`` workers, each
+    in the caller's context (e.g. ``fit_intercept``) and BLAS on one thread. At most that many
+    jobs are in flight (peak memory); the first failing job in order raises, no job starts
+    after it."""
+    jobs = list(jobs)
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        return [function(job) for job in jobs]
+    with one_blas_thread():  # entered here, so every worker's small steps find it set
+        pool = ThreadPoolExecutor(workers)
+        try:
+            futures = [pool.submit(contextvars.copy_context().run, function, job)
+                       for job in jobs]
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(cancel_futures=True)

@@ -1,0 +1,90 @@
+"""The units' factorizations run concurrently on ``torch.get_num_threads()`` workers and give
+exactly the sequential result."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from skid.nn import NetworkCompressor, _calibration
+
+from .hf_models import HF_MODELS
+
+pytest.importorskip("transformers")
+
+
+def _fit(name, threads, **params):
+    factory, make_input = HF_MODELS[name]
+    torch.manual_seed(0)
+    model = factory()
+    X = make_input(n=8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return NetworkCompressor(model, batch_size=4, **params).fit(X)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("params", [dict(rank=0.5), dict(rank=0.5, prune="heads"),
+                                    dict(tol=0.05, fit_intercept=True)])
+def test_two_workers_give_the_sequential_plan_bit_for_bit(name, params):
+    one, two = (_fit(name, threads, **params) for threads in (1, 2))
+    assert [r["error"] for r in one.layers_] == [r["error"] for r in two.layers_]
+    for a, b in zip(one.plan_.selections, two.plan_.selections, strict=True):
+        assert a.unit == b.unit
+        for field in ("keep", "heads", "kv_heads", "interpolation", "interpolations",
+                      "intercepts", "intercept"):
+            _assert_identical(getattr(a, field, None), getattr(b, field, None))
+
+
+def _assert_identical(a, b):
+    if isinstance(a, tuple | list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_identical(x, y)
+    elif a is None:
+        assert b is None
+    else:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+def _jobs(n):
+    return [(index, None, None, None) for index in range(n)]
+
+
+def test_jobs_run_on_several_threads_in_order(monkeypatch):
+    seen = set()
+
+    def factorize(index, *rest):
+        seen.add(threading.get_ident())
+        time.sleep(0.05)  # long enough that a second worker takes the next job
+        return index
+
+    monkeypatch.setattr(_calibration, "_factorize", factorize)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _calibration._factorize_all(_jobs(6)) == list(range(6))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(seen) == 2
+
+
+def test_the_first_failing_job_in_order_raises(monkeypatch):
+    def factorize(index, *rest):
+        if index >= 2:
+            time.sleep(0.05 if index == 2 else 0.0)  # job 3 fails first in time
+            raise ValueError(f"job {index}")
+        return index
+
+    monkeypatch.setattr(_calibration, "_factorize", factorize)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="job 2"):
+            _calibration._factorize_all(_jobs(5))
+    finally:
+        torch.set_num_threads(previous)

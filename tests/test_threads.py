@@ -1,0 +1,67 @@
+"""The one-BLAS-thread limit of the small m × m steps, entered from several threads at once."""
+
+import threading
+
+import pytest
+
+from skid._linalg import one_blas_thread, small_step
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+
+def _blas_threads():
+    return [p["num_threads"] for p in threadpoolctl.threadpool_info()
+            if p["user_api"] == "blas"]
+
+
+@pytest.fixture
+def two_blas_threads():
+    if not _blas_threads():
+        pytest.skip("no BLAS library that threadpoolctl controls")
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        if set(_blas_threads()) != {2}:
+            pytest.skip("BLAS does not take two threads")
+        yield
+
+
+def test_interleaved_entries_restore_the_original_limits(two_blas_threads):
+    # A enters, B enters, A leaves, B leaves: B must not restore the 1 that A had set
+    entered, left, inside = threading.Event(), threading.Event(), []
+
+    def second():
+        with small_step(8):
+            entered.set()
+            left.wait(10)
+            inside.append(_blas_threads())
+
+    thread = threading.Thread(target=second)
+    with small_step(8):
+        thread.start()
+        entered.wait(10)
+    left.set()
+    thread.join(20)
+    assert inside and set(inside[0]) == {1}  # still limited while B is inside
+    assert set(_blas_threads()) == {2}
+
+
+def test_many_concurrent_entries_restore_the_original_limits(two_blas_threads):
+    barrier = threading.Barrier(4)
+
+    def work():
+        for _ in range(20):
+            with one_blas_thread():
+                barrier.wait(10)
+                assert set(_blas_threads()) == {1}
+            barrier.wait(10)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(_blas_threads()) == {2}
+
+
+def test_large_steps_are_not_limited(two_blas_threads):
+    with small_step(4096):
+        assert set(_blas_threads()) == {2}
