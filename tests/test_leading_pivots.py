@@ -62,13 +62,18 @@ def test_leading_pivots_are_dpstrfs(kind, k):
     np.testing.assert_allclose(row_sq, np.einsum("ij,ij->i", U, U))
 
 
+def _whole_and_early(kind, **rule):
+    """The whole factorization of the kind's Gram, and the one stopped at ``rule``."""
+    X = _data(kind)
+    G = X.T @ X
+    return (_linalg.factorize_gram(G, X.shape[0]),
+            _linalg.factorize_gram(G, X.shape[0], **rule))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rank", [5, 50, 100])
 def test_rank_rule_gives_the_whole_factorizations_selection_T_and_errors(kind, rank):
-    X = _data(kind)
-    G = X.T @ X
-    whole = _linalg.factorize_gram(G, X.shape[0])
-    early = _linalg.factorize_gram(G, X.shape[0], rank=rank)
+    whole, early = _whole_and_early(kind, rank=rank)
     partial = rank <= _leading.early_pivot_limit(M) and rank <= whole.trusted_rank
     assert early.complete == (not partial)  # the cutoff, or LAPACK past the loop's limit
     assert early.trusted_rank == (rank if partial else whole.trusted_rank)
@@ -84,10 +89,7 @@ def test_rank_rule_gives_the_whole_factorizations_selection_T_and_errors(kind, r
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tol", [0.9, 0.5, 0.2])
 def test_error_tail_rule_stops_at_the_width_for_tol(kind, tol):
-    X = _data(kind)
-    G = X.T @ X
-    whole = _linalg.factorize_gram(G, X.shape[0])
-    early = _linalg.factorize_gram(G, X.shape[0], tol=tol)
+    whole, early = _whole_and_early(kind, tol=tol)
     k = whole.rank_for_tol(tol)
     assert early.rank_for_tol(tol) == k
     assert early.errors[k] <= tol and (k == 1 or early.errors[k - 1] > tol)
