@@ -42,7 +42,7 @@ from .. import _array, _policy
 
 # Where each route stops resolving errors is a rule of the policy (re-exported here).
 from .._policy import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
-from ._block_pivoting import BlockPivotedFactorization
+from ._block_pivoting import BlockPivotedFactorization, pinvh_solve
 from ._blocking import (
     BLOCK_ELEMENTS,
     NATIVE_BLOCK_ROWS,
@@ -74,6 +74,7 @@ __all__ = [
     "factorize_for_outputs",
     "factorize_gram",
     "factorize_triangular",
+    "pinvh_solve",
     "randomized_factorization",
     "row_blocks",
     "triangle_size",

@@ -15,9 +15,8 @@ fold.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
-from .._linalg import BlockPivotedFactorization
+from .._linalg import BlockPivotedFactorization, pinvh_solve
 
 __all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_candidates"]
 
@@ -86,7 +85,7 @@ class FixedHeads:
 
     def _fit(self, kept):
         columns = self._columns(kept)
-        T = scipy.linalg.pinvh(self.gram[np.ix_(columns, columns)]) @ self.gram[columns]
+        T = pinvh_solve(self.gram[np.ix_(columns, columns)], self.gram[columns])
         return columns, T
 
     def _energy(self, gram, columns) -> float:
@@ -100,11 +99,8 @@ class FixedHeads:
         ``‖X − X_K T‖² = tr(G) − tr(G_KK⁺ G_K: G_:K)`` (no m × m product)."""
         columns = self._columns(kept)
         G_K = self.gram[columns]  # (|K|, m)
-        inverse = scipy.linalg.pinvh(self.gram[np.ix_(columns, columns)])
-        if self.weight_gram is None:
-            explained = float(np.einsum("ij,ji->", inverse, G_K @ G_K.T))
-        else:
-            explained = float(np.einsum("ij,ji->", inverse, G_K @ self.weight_gram @ G_K.T))
+        projected = G_K @ G_K.T if self.weight_gram is None else G_K @ self.weight_gram @ G_K.T
+        explained = float(np.trace(pinvh_solve(self.gram[np.ix_(columns, columns)], projected)))
         total = self._total
         return float(np.sqrt(max(total - explained, 0.0) / total)) if total > 0 else 0.0
 
