@@ -123,21 +123,12 @@ def apply(model, selection: StreamSelection) -> None:
 def report_row(selection: StreamSelection) -> dict:
     """The stream's ``layers_`` row: writers, readers and norms, widths, error."""
     stream = selection.unit
-    return {
-        "producer": stream.producer,
-        "consumer": stream.consumer,
-        "kind": "residual",
-        "producers": list(stream.writers),
-        "consumers": list(stream.readers),
-        "width_before": int(stream.width),
-        "width_after": int(selection.width),
-        "error": float(selection.error),
-        "norms": [n.name for n in stream.norms],
-        "stream": selection.how,
-        "norm": {"rms": "RMSNorm", "rms_offset": "RMSNorm (1 + w)",
-                 "layer": "LayerNorm (writers made zero-mean)"}[stream.form],
-        "untied": [list(pair) for pair in stream.tied],
-    }
+    norm = {"rms": "RMSNorm", "rms_offset": "RMSNorm (1 + w)",
+            "layer": "LayerNorm (writers made zero-mean)"}[stream.form]
+    return UnitKind.row(selection, "residual", stream.writers, stream.readers, stream.width,
+                        selection.width, norms=[n.name for n in stream.norms],
+                        stream=selection.how, norm=norm,
+                        untied=[list(pair) for pair in stream.tied])
 
 
 class _StreamKind(UnitKind):

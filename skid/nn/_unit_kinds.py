@@ -67,6 +67,15 @@ class UnitKind:
         """One row of ``layers_``."""
         raise NotImplementedError
 
+    @staticmethod
+    def row(selection, kind, producers, consumers, width_before, width_after, **extra) -> dict:
+        """The ``layers_`` fields every kind reports, then the kind's own (``extra``)."""
+        unit = selection.unit
+        return {"producer": unit.producer, "consumer": unit.consumer, "kind": kind,
+                "producers": list(producers), "consumers": list(consumers),
+                "width_before": int(width_before), "width_after": int(width_after),
+                "error": float(selection.error), **extra}
+
     def width_for_rank(self, unit, fac, rank: float) -> int:
         return int(_budget.widths_for_rank([unit.width], rank)[0])
 
@@ -123,16 +132,8 @@ class _Channels(UnitKind):
 
     def report(self, selection) -> dict:
         unit = selection.unit
-        return {
-            "producer": unit.producer,
-            "consumer": unit.consumer,
-            "kind": unit.kind,
-            "producers": list(unit.producers),
-            "consumers": [c.name for c in unit.consumers],
-            "width_before": int(unit.width),
-            "width_after": int(selection.keep.numel()),
-            "error": float(selection.error),
-        }
+        return self.row(selection, unit.kind, unit.producers, [c.name for c in unit.consumers],
+                        unit.width, selection.keep.numel())
 
     def for_outputs(self, work, unit, fac, pivots):
         weights = lambda: sum(consumer_weight_gram(work, unit, c)  # noqa: E731
@@ -169,20 +170,10 @@ class _Heads(UnitKind):
 
     def report(self, selection) -> dict:
         unit = selection.unit
-        return {
-            "producer": unit.producer,
-            "consumer": unit.consumer,
-            "kind": "heads",
-            "producers": list(unit.producers),
-            "consumers": [unit.consumer],
-            "width_before": int(unit.n_heads),
-            "width_after": int(selection.heads.size),
-            "error": float(selection.error),
-            "attention": unit.attention,
-            "kv_heads_before": int(unit.n_kv_heads),
-            "kv_heads_after": int(selection.kv_heads.size if unit.group_size > 1
-                                  else selection.heads.size),
-        }
+        kv_after = selection.kv_heads.size if unit.group_size > 1 else selection.heads.size
+        return self.row(selection, "heads", unit.producers, [unit.consumer], unit.n_heads,
+                        selection.heads.size, attention=unit.attention,
+                        kv_heads_before=int(unit.n_kv_heads), kv_heads_after=int(kv_after))
 
     def width_for_rank(self, unit, fac, rank):
         return int(fac.width_for_rank(rank))
