@@ -155,14 +155,22 @@ class HeadSelection:
 # ------------------------------------------------------------------------------ discovery
 
 
-def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=()):
+def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(),
+               call_order=None):
     """Self-attention blocks whose heads can be pruned, and the attention blocks left alone.
 
     A block counts only if the forward pass on the example calls its output projection, and
     only if its forward runs with one head (or key/value group) fewer: a block whose code fixes
     its width another way (a reshape to the input width) is skipped with the error it raised.
-    ``model`` must be the compressor's working copy: a block with a ``form`` (an
-    ``nn.MultiheadAttention``) takes that class in place, with all its heads.
+    Both are seen in one forward pass. ``model`` must be the compressor's working copy: a block
+    with a ``form`` (an ``nn.MultiheadAttention``) takes that class in place, with all its
+    heads.
+
+    Parameters
+    ----------
+    call_order : dict, optional
+        Filled with the position of every module's first call in that pass (by qualified
+        name), what :func:`in_forward_order` needs, so it needs no pass of its own.
 
     Returns
     -------
@@ -189,9 +197,10 @@ def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(
             skipped.append(Skipped(name, f"attention heads: {reason}"))
         else:
             found.append(unit)
-    order = _call_order(model, [u.consumer for u in found], example_args, example_kwargs)
-    failures = _fewer_heads_fail(model, [u for u in found if u.consumer in order],
-                                 example_args, example_kwargs)
+    order = {} if call_order is None else call_order
+    failures = {}
+    if found or call_order is not None:
+        failures = _probed_pass(model, found, example_args, example_kwargs, order)
     units = []
     for unit in found:
         reason = ("never called on the data" if unit.consumer not in order
@@ -263,14 +272,22 @@ def _per_head_target(block, spec):
 _CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
-def _fewer_heads_fail(model, units, args, kwargs) -> dict:
-    """``attention -> reason`` for the blocks whose forward does not run with fewer heads.
+def _probed_pass(model, units, args, kwargs, order: dict) -> dict:
+    """One forward pass on the example: fills ``order`` (the position of every module's
+    first call, by each of its names) and returns ``attention -> reason`` for the blocks whose
+    forward does not run with fewer heads.
 
     Each block, on its first call, is copied (sharing the tensors, which the surgery replaces)
     and run on the same inputs with one head, or key/value group, fewer; a block fails if that
-    raises or gives an output of another shape.
+    raises or gives an output of another shape. (A block whose output projection is never
+    called is probed too; :func:`find_heads` skips it for that reason first.)
     """
     failures, tried, handles = {}, set(), []
+    for name, module in model.named_modules(remove_duplicate=False):
+        def called(block, inputs, name=name, module=module):
+            if block is module:  # not a probe's copy, which copies this hook
+                order.setdefault(name, len(order))
+        handles.append(module.register_forward_pre_hook(called))
     for unit in units:
         def probe(block, inputs, kw, output, unit=unit):
             if unit.attention in tried:
@@ -331,10 +348,14 @@ def _in_width(module) -> int:
     return int(surgery_for(module).in_width(module))
 
 
-def in_forward_order(model, units, args, kwargs) -> list:
+def in_forward_order(model, units, args, kwargs, order=None) -> list:
     """Channel groups and head units together, by the first call of their first producer
-    (a stable sort: units with one producer keep their order)."""
-    order = _call_order(model, list(dict.fromkeys(u.producer for u in units)), args, kwargs)
+    (a stable sort: units with one producer keep their order). ``order`` is a
+    ``call_order`` that :func:`find_heads` filled on this model; without it, a forward pass
+    on the example finds it."""
+    if order is None:
+        order = _call_order(model, list(dict.fromkeys(u.producer for u in units)), args,
+                            kwargs)
     return sorted(units, key=lambda u: order.get(u.producer, len(order)))
 
 
