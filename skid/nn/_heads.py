@@ -420,10 +420,14 @@ class HeadFactorization:
                     candidates.setdefault(k, []).append((mode, blocks))
         self._best = {k: min(options, key=lambda o: self._modes[o[0]].errors[o[1]])
                       for k, options in candidates.items()}  # the first on a tie
-        if held_out is not None and any(len(o) > 1 for o in candidates.values()):
-            rest_modes = _modes(held_out.rest, unit, weight_gram)
+        # every candidate of all H heads keeps them all: only the counts below H are judged,
+        # and only the modes they offer are built again without the held-out rows
+        contested = {k: o for k, o in candidates.items() if len(o) > 1 and k < H}
+        if held_out is not None and contested:
+            wanted = {mode for options in contested.values() for mode, _ in options}
+            rest_modes = _modes(held_out.rest, unit, weight_gram, wanted)
             judged = FixedHeads(gram, _head_columns(unit), weight_gram)
-            for k, columns in judged_on_held_out(candidates, rest_modes, held_out).items():
+            for k, columns in judged_on_held_out(contested, rest_modes, held_out).items():
                 judged.add(np.unique(columns // unit.head_dim))
                 self._best[k] = ("judged", k)
             self._modes["judged"] = judged
@@ -488,17 +492,23 @@ def _head_columns(unit) -> list:
     return [np.arange(h * d, (h + 1) * d) for h in range(unit.n_heads)]
 
 
-def _modes(gram, unit, weight_gram) -> dict:
-    """``{mode: factorization}`` of the selections the model can run, from one Gram."""
+def _modes(gram, unit, weight_gram, wanted=None) -> dict:
+    """``{mode: factorization}`` of the selections the model can run, from one Gram (only the
+    modes named in ``wanted``, if given)."""
     H, size = unit.n_heads, unit.group_size
     heads = _head_columns(unit)
     if size == 1 or unit.n_kv_heads == 1:
         return {"heads": BlockPivotedFactorization(gram, heads, None, weight_gram)}
     labels = np.arange(H) // size
     groups = [np.concatenate(heads[g * size:(g + 1) * size]) for g in range(unit.n_kv_heads)]
-    return {"per_group": BlockPivotedFactorization(gram, heads, labels, weight_gram),
-            "groups": BlockPivotedFactorization(gram, groups, None, weight_gram),
-            **groupwise_candidates(gram, heads, labels, weight_gram)}
+    modes = {}
+    if wanted is None or "per_group" in wanted:
+        modes["per_group"] = BlockPivotedFactorization(gram, heads, labels, weight_gram)
+    if wanted is None or "groups" in wanted:
+        modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
+    if wanted is None or any(mode.startswith("per_group_") for mode in wanted):
+        modes.update(groupwise_candidates(gram, heads, labels, weight_gram))
+    return modes
 
 
 class CorrectiveHeadFactorization(HeadFactorization):
