@@ -114,7 +114,7 @@ def main() -> None:
     columns, results = [], []
     models = [("LLaMA", llama_fit, 9)] + ([] if args.quick else [("MiniLM", minilm_fit, 3)])
     for model_name, make, rounds in models:
-        rounds = 3 if args.quick else args.rounds or rounds
+        rounds = args.rounds or (3 if args.quick else rounds)
         for label, prune in (("channels", "channels"), ("ch+heads", ("channels", "heads"))):
             fit = make(prune)
             if fit is None:
