@@ -41,7 +41,17 @@ def to_numpy(A) -> np.ndarray:
 
 def dtype_name(X) -> str:
     """The dtype as a NumPy-style name ("float32", "int64", ...), for any kind."""
-    return str(X.dtype).removeprefix("torch.")
+    dtype = X.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:  # the first of its dtype (NumPy's str of a dtype runs Python code)
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+        return name
+    except TypeError:  # an unhashable dtype
+        return str(dtype).removeprefix("torch.")
+
+
+_DTYPE_NAMES: dict = {}
 
 
 def from_numpy(A: np.ndarray, like, dtype: str | None = None):

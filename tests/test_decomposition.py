@@ -359,3 +359,56 @@ def test_one_huge_block_does_not_poison_partial_fit():
     assert est.n_samples_seen_ == 90
     assert np.array_equal(est.selected_features_, whole.selected_features_)
     assert est.error_ == pytest.approx(whole.error_, rel=1e-9)
+
+
+def _layouts(X):
+    wide = np.zeros((X.shape[0], 2 * X.shape[1]))
+    wide[:, ::2] = X
+    return {"C": X, "F": np.asfortranarray(X), "strided": wide[:, ::2],
+            "rows": np.repeat(X, 2, axis=0)[::2]}
+
+
+@pytest.mark.parametrize("params", [dict(rank=50), dict(tol=0.3)])
+def test_a_fit_read_in_place_matches_the_streamed_one_in_every_layout(params):
+    X = low_rank(600, 200, 60, seed=16, noise=0.05)  # one panel: the Gram is the product
+    streamed = InterpolativeDecomposition(**params, method="gram")
+    for part in np.array_split(X, 4):
+        streamed.partial_fit(part)
+    for name, Y in _layouts(X).items():
+        est = InterpolativeDecomposition(**params).fit(Y)
+        assert est.method_ == "gram", name
+        np.testing.assert_array_equal(est.selected_features_, streamed.selected_features_)
+        np.testing.assert_allclose(est.interpolation_matrix_, streamed.interpolation_matrix_,
+                                   rtol=0, atol=1e-9)
+        assert est.error_ == pytest.approx(streamed.error_, rel=1e-9)
+        more = est.partial_fit(Y)  # the fit's statistic goes on accumulating
+        assert more.n_samples_seen_ == 1200
+        np.testing.assert_array_equal(more.selected_features_, streamed.selected_features_)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_fit_read_in_place_refuses_non_finite_data(bad):
+    X = low_rank(600, 200, 60, seed=17, noise=0.05)
+    X[311, 117] = bad
+    for Y in _layouts(X).values():
+        with pytest.raises(ValueError, match="NaN|infinit"):
+            InterpolativeDecomposition(rank=50).fit(Y)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_a_fit_read_in_place_scales_extreme_data(scale):
+    X = low_rank(600, 200, 60, seed=18, noise=0.05)
+    reference = InterpolativeDecomposition(rank=50).fit(X)
+    est = InterpolativeDecomposition(rank=50).fit(X * scale)
+    np.testing.assert_array_equal(est.selected_features_, reference.selected_features_)
+    np.testing.assert_allclose(est.interpolation_matrix_, reference.interpolation_matrix_,
+                               rtol=0, atol=1e-9)
+
+
+def test_a_parameter_value_met_before_is_told_from_one_of_another_type():
+    X = np.ones((4, 4))
+    InterpolativeDecomposition(rank=1).fit(X)  # 1 met the constraints; True equals 1
+    with pytest.raises(InvalidParameterError, match="'rank' parameter"):
+        InterpolativeDecomposition(rank=True).fit(X)
+    with pytest.raises(InvalidParameterError, match="'tol' parameter"):
+        InterpolativeDecomposition(tol=float("nan")).fit(X)

@@ -323,6 +323,34 @@ def test_the_packed_triangle_is_lapacks_and_reads_back(m):
     assert _linalg.GramAccumulator().triangle() is None
 
 
+def test_a_new_one_panel_statistic_is_its_first_products_array():
+    m = 200  # one panel
+    X = data(3 * m, m)
+    acc = _linalg.GramAccumulator()
+    peak = traced_peak(lambda: acc.update(X[:m]))
+    assert peak < 8 * m * m * 3 // 2  # the product's m × m array: no zeros to add it to
+    assert acc.nbytes == 8 * m * m
+    assert_gram(acc, X[:m])
+    acc.update(X[m:])  # and it goes on accumulating
+    assert_gram(acc, X)
+
+
+@pytest.mark.parametrize("rule", [{"rank": 30}, {"tol": 0.2}, {}])
+def test_a_summed_triangle_is_read_as_the_products_and_checked_whole(rule):
+    m = 200  # one panel, read as a symmetric m × m array
+    acc = _linalg.GramAccumulator().update(data(300, m))
+    back = _linalg.GramAccumulator().set_triangle(acc.triangle(), m, acc.scale_exp)
+    back.n_samples = acc.n_samples
+    ours, theirs = back.factorize(**rule), acc.factorize(**rule)
+    for name in ("perm", "U", "errors"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+    packed = acc.triangle()
+    packed[1] = np.nan  # G[0, 1]: off the diagonal, which is all a checked statistic shows
+    bad = _linalg.GramAccumulator().set_triangle(packed, m)
+    with pytest.raises(ValueError, match="NaN"):
+        bad.factorize(**rule)
+
+
 @pytest.mark.parametrize("consume", [False, True])
 def test_factorize_copies_the_triangle_once_and_consume_frees_as_it_goes(monkeypatch,
                                                                           consume):

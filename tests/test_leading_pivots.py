@@ -177,3 +177,65 @@ def test_fit_selects_as_with_the_whole_factorization(monkeypatch, params, dtype)
     np.testing.assert_allclose(fast.interpolation_matrix_, whole.interpolation_matrix_,
                                rtol=0, atol=1e-5 if dtype == np.float32 else 1e-9)
     assert fast.error_ == pytest.approx(whole.error_, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("tol", [None, 0.3])
+def test_whole_lines_of_a_symmetric_gram_give_the_same_bits(kind, order, tol):
+    X = _data(kind)
+    G = X.T @ X
+    cutoff, sq_norm = M * np.finfo(np.float64).epsneg * G.diagonal().max(), float(np.trace(G))
+    torn = np.triu(G)
+    torn[np.tril_indices(M, -1)] = np.nan  # the upper triangle's reads must not touch these
+    expected = _leading.leading_pivots(np.array(torn, order=order), 64, cutoff, sq_norm, tol)
+    got = _leading.leading_pivots(np.array(G, order=order), 64, cutoff, sq_norm, tol,
+                                  symmetric=True)
+    for ours, theirs in zip(got[:3], expected[:3], strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert got[3] == expected[3]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rule", [{"rank": 1}, {"rank": 40}, {"rank": 120}, {"tol": 0.3},
+                                  {"tol": 1e-9}, {}])
+def test_a_one_panel_statistic_is_factorized_in_place_as_a_copy_would_be(kind, rule):
+    X = _data(kind)  # 200 columns: one panel, the whole symmetric Gram
+    acc = _linalg.GramAccumulator().update(X)
+    before = acc.gram
+    fac = acc.factorize(**rule)
+    copy = np.asfortranarray(np.triu(before))  # the multi-panel way: an F copy, one triangle
+    expected = _linalg.factorize_gram(copy, X.shape[0], upper=True, overwrite=True, **rule)
+    for name in ("perm", "U", "errors"):
+        np.testing.assert_array_equal(getattr(fac, name), getattr(expected, name))
+    assert (fac.trusted_rank, fac.complete) == (expected.trusted_rank, expected.complete)
+    np.testing.assert_array_equal(acc.gram, before)  # read, not written
+
+
+def test_the_leading_pivots_copy_no_m_by_m_array():
+    import tracemalloc
+
+    X = _data("random")
+    acc = _linalg.GramAccumulator().update(X)
+    tracemalloc.start()
+    try:
+        acc.factorize(rank=40)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * M * M // 2  # the rows and T's temporaries, no copy of the Gram
+
+
+@pytest.mark.parametrize("power", [-400, -12, 0, 12, 400])  # 4**power: inside 2**±900
+@pytest.mark.parametrize("rule", [{"rank": 40}, {"tol": 0.3}, {"rank": 120}, {}])
+def test_an_unscaled_gram_gives_the_scaled_ones_bits(power, rule):
+    X = _data("random")
+    G = X.T @ X
+    G /= 2.0 ** _linalg._blocking.binary_exponent(G.diagonal().max())  # as if scaled
+    reference = _linalg.factorize_gram(G, X.shape[0], **rule)
+    fac = _linalg.factorize_gram(G * 4.0**power, X.shape[0], **rule)
+    np.testing.assert_array_equal(fac.perm, reference.perm)
+    np.testing.assert_array_equal(fac.errors, reference.errors)
+    np.testing.assert_array_equal(fac.U, reference.U * 2.0**power)
+    k = fac.trusted_rank
+    np.testing.assert_array_equal(fac.select(k)[1], reference.select(k)[1])

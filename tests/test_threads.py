@@ -65,3 +65,20 @@ def test_many_concurrent_entries_restore_the_original_limits(two_blas_threads):
 def test_large_steps_are_not_limited(two_blas_threads):
     with small_step(4096):
         assert set(_blas_threads()) == {2}
+
+
+def test_libraries_on_one_thread_already_are_left_alone(monkeypatch):
+    from skid._linalg import _threads
+
+    libraries = _threads._blas_libraries()
+    if not libraries:
+        pytest.skip("no BLAS library that threadpoolctl controls")
+    calls = []
+    for library in libraries:
+        monkeypatch.setattr(library, "set_num_threads", calls.append, raising=False)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        if set(_blas_threads()) != {1}:
+            pytest.skip("BLAS does not take one thread")
+        with small_step(8), small_step(8):
+            pass
+    assert calls == []  # nothing to set, nothing to restore

@@ -24,6 +24,8 @@ def factorize_gram(
     overwrite: bool = False,
     rank: int | None = None,
     tol: float | None = None,
+    symmetric: bool = False,
+    checked: bool = False,
 ) -> PivotedFactorization:
     """Pivoted Cholesky of a Gram matrix ``XᵀX / 4**scale_exp`` (float64, m × m).
 
@@ -37,47 +39,57 @@ def factorize_gram(
     infinite for data beyond the float64 range of squares); pivots, T and errors are scale-free.
 
     Only the upper triangle of ``gram`` is read by LAPACK. With ``upper`` it is the only one
-    checked too (the lower one may hold anything). ``overwrite``: ``gram`` is a contiguous
-    float64 NumPy array the caller no longer needs; it is scaled and factorized in place and
-    ``U`` is a view of it, so no m × m copy is made (otherwise one copy, which LAPACK writes).
+    checked too (the lower one may hold anything); ``symmetric``: both triangles hold the
+    matrix (the leading pivots then read contiguous lines). ``checked``: the caller knows
+    the entries are finite where the diagonal is (a Gram whose every block was checked from
+    its diagonal, ``|G_ij| ≤ sqrt(G_ii G_jj)``): only the diagonal is checked. ``overwrite``:
+    ``gram`` is a contiguous float64 NumPy array the caller no longer needs; it is scaled and
+    factorized in place and ``U`` is a view of it, so no m × m copy is made (otherwise one
+    copy, which LAPACK writes, made only when LAPACK runs or the Gram must be scaled).
+
+    A Gram whose largest diagonal entry lies outside ``[2**-SAFE_EXPONENT, 2**SAFE_EXPONENT]``
+    is factorized divided by a power of two (exact); within that range every operation of the
+    factorization commutes with such a scaling (no value leaves the normal range), so the
+    Gram is factorized as it is: the same pivots, T and errors, bit for bit, as scaled.
 
     ``rank`` or ``tol``: the caller's width rule, known in advance (a fit for a rank, or for
     an error). Then only the pivots it needs are computed where m > 128
-    (:func:`._leading.leading_pivots`): ``rank`` pivots, or up to the first width whose error
-    is at most ``tol``, and the result is partial (``complete`` False: the same pivots, rows
-    and errors as far as they go, nothing past them). A rule that needs more than
-    :func:`._leading.early_pivot_limit` pivots (or more than the rows seen) gets a complete
-    factorization: LAPACK finishes the rest's Schur complement, over ``gram``'s memory when it
-    may be overwritten; so does one the cutoff ends. Without a rule (a caller that needs the
-    whole error curve) it is LAPACK's factorization of the whole Gram, as before.
+    (:func:`._leading.leading_pivots`, which reads ``gram`` in place): ``rank`` pivots, or
+    up to the first width whose error is at most ``tol``, and the result is partial
+    (``complete`` False: the same pivots, rows and errors as far as they go, nothing past
+    them). A rule that needs more than :func:`._leading.early_pivot_limit` pivots (or more
+    than the rows seen) gets a complete factorization: LAPACK finishes the rest's Schur
+    complement, over ``gram``'s memory when it may be overwritten; so does one the cutoff
+    ends. Without a rule (a caller that needs the whole error curve) it is LAPACK's
+    factorization of the whole Gram, as before.
     """
     gram = np.asarray(gram, dtype=np.float64)
-    if not _finite(gram, upper):
+    diag_max = float(gram.diagonal().max(initial=0.0))  # NaN when the diagonal has one
+    if not (math.isfinite(diag_max) if checked else _finite(gram, upper)):
         raise ValueError(
             "The statistics hold NaN or infinite values: the data (or the activations) "
             "contain NaN/Inf. Check the input for non-finite values."
         )
     m = gram.shape[0]
-    diag_max = float(np.max(np.diagonal(gram), initial=0.0))
-    shift = binary_exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
-    if overwrite and gram.flags.f_contiguous:
-        a, lower = gram, 0
-    elif overwrite and gram.flags.c_contiguous:  # LAPACK's Fortran order reads the transpose:
-        a, lower = gram.T, 1  # the same triangle as its lower one
-    else:
-        a, lower = np.empty_like(gram, order="F"), 0  # the one copy, for LAPACK to overwrite
-        if not shift:
-            np.copyto(a, gram)
-    if shift:
-        np.ldexp(gram.T if lower else gram, -shift, out=a)
-    sq_norm = float(np.trace(a))
+    shift = _shift(diag_max)
+    # the upper triangle's holder as the factorization reads it (scaled), and whether LAPACK
+    # may write over it; a Gram read in place is copied only when LAPACK runs
+    source, writable = (gram, False) if not (shift or overwrite) else (
+        _lapack_matrix(gram, shift, overwrite), True)
+    sq_norm = float(np.trace(source))
     cutoff = -1.0 if product_eps is None else m * product_eps * math.ldexp(diag_max, -shift)
     if rank is not None or tol is not None:
-        fac = _leading(a.T if lower else a, n_samples, cutoff, sq_norm, rank, tol)
+        # LAPACK's default (cutoff -1): m · DLAMCH('Epsilon') · the largest diagonal entry
+        stop = cutoff if cutoff >= 0 else m * EPSILON * math.ldexp(diag_max, -shift)
+        fac = _leading(source, n_samples, stop, sq_norm, rank, tol, symmetric, writable)
         if fac is not None:
             return _unscaled(fac, shift // 2 + scale_exp, product_eps)
+    if not writable:
+        source = _lapack_matrix(source, 0, False)
+    lower = int(not source.flags.f_contiguous)  # LAPACK's Fortran order reads the transpose
     with small_step(m):
-        factor, piv, rank, info = lapack.dpstrf(a, lower=lower, tol=cutoff, overwrite_a=True)
+        factor, piv, rank, info = lapack.dpstrf(
+            source.T if lower else source, lower=lower, tol=cutoff, overwrite_a=True)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     if n_samples is not None:
@@ -95,6 +107,35 @@ def factorize_gram(
     return _unscaled(fac, shift // 2 + scale_exp, product_eps)
 
 
+EPSILON = float(np.finfo(np.float64).epsneg)  # LAPACK's DLAMCH('Epsilon')
+
+#: A Gram whose largest diagonal entry is within ``2**±SAFE_EXPONENT`` is factorized unscaled.
+SAFE_EXPONENT = 900
+
+
+def _shift(diag_max: float) -> int:
+    """The even power of two :func:`factorize_gram` divides the Gram by (0 in the safe range;
+    else the one that brings the largest diagonal entry into [2**-2, 1))."""
+    if math.ldexp(1.0, -SAFE_EXPONENT) <= diag_max <= math.ldexp(1.0, SAFE_EXPONENT):
+        return 0
+    return binary_exponent(diag_max) // 2 * 2  # even: U unscales by an exact power of two
+
+
+def _lapack_matrix(gram, shift: int, overwrite: bool):
+    """``gram / 2**shift`` in memory LAPACK may overwrite: ``gram``'s own (``overwrite``; a
+    C-ordered one stays C-ordered: LAPACK reads its transpose, the same triangle as its lower
+    one) or one Fortran-ordered copy."""
+    if overwrite and (gram.flags.f_contiguous or gram.flags.c_contiguous):
+        a = gram
+    else:
+        a = np.empty_like(gram, order="F")  # the one copy, for LAPACK to overwrite
+        if not shift:
+            np.copyto(a, gram)
+    if shift:
+        np.ldexp(gram, -shift, out=a)
+    return a
+
+
 def _unscaled(fac: PivotedFactorization, half: int, product_eps) -> PivotedFactorization:
     """``fac`` of the scaled Gram as the factorization of X itself (``U · 2**half``)."""
     if half:
@@ -104,25 +145,28 @@ def _unscaled(fac: PivotedFactorization, half: int, product_eps) -> PivotedFacto
     return fac
 
 
-def _leading(upper, n_samples, cutoff, sq_norm, rank, tol):
+def _leading(upper, n_samples, cutoff, sq_norm, rank, tol, symmetric, writable):
     """:func:`factorize_gram` for a width rule, from the matrix whose upper triangle holds the
-    scaled Gram: the leading pivots up to :func:`early_pivot_limit` (partial, or complete where
-    the cutoff ends them), then, when the rule needs more, LAPACK for the rest; None where
-    LAPACK's whole factorization is the cheaper way (small m)."""
+    scaled Gram (``symmetric``: both triangles; ``writable``: LAPACK may write over it, else
+    it is copied first) and LAPACK's ``cutoff`` (its value, not its default -1): the leading
+    pivots up to :func:`early_pivot_limit` (partial, or complete where the cutoff ends them),
+    then, when the rule needs more, LAPACK for the rest; None where LAPACK's whole
+    factorization is the cheaper way (small m)."""
     m = upper.shape[0]
     limit = early_pivot_limit(m)
     if limit == 0:
         return None
     if n_samples is not None:  # LAPACK's pivots past the rows seen: the rest's dpstrf
         limit = min(limit, int(n_samples))
-    if cutoff < 0:  # LAPACK's default: m · DLAMCH('Epsilon') · the largest diagonal entry
-        cutoff = m * np.finfo(np.float64).epsneg * float(np.max(np.diagonal(upper)))
     with small_step(m):  # its GEMVs, like LAPACK's, on one BLAS thread after the product
         perm, U, row_sq, stop = leading_pivots(
-            upper, limit if rank is None else min(rank, limit), cutoff, sq_norm, tol
+            upper, limit if rank is None else min(rank, limit), cutoff, sq_norm, tol,
+            symmetric=symmetric,
         )
     k = U.shape[0]
     if stop == "pivots" and (rank is None or k < rank):
+        if not writable:
+            upper = _lapack_matrix(upper, 0, False)
         return _continued(upper, perm, U, cutoff, sq_norm, n_samples)
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm
@@ -200,12 +244,14 @@ def _rest_block(upper, rest) -> np.ndarray:
 
 
 def _finite(a: np.ndarray, upper: bool = False) -> bool:
-    """Whether every entry of the square ``a`` (only its upper triangle with ``upper``) is
-    finite: one sum first (finite only if every entry is), then, when it is not, by column
-    blocks (masks of m × 256, not m × m)."""
+    """Whether every entry of ``a`` (of a square ``a``, only its upper triangle with
+    ``upper``) is finite: one sum first (finite only if every entry is), then, when it is
+    not, by column blocks (masks of m × 256, not m × m)."""
     with _blocking.quiet():
         if math.isfinite(float(np.sum(a))):  # a NaN or Inf anywhere makes the sum non-finite
             return True
+    if a.ndim == 1:
+        return False
     m = a.shape[0]
     for start in range(0, m, _blocking.TRIANGLE_STEP):
         stop = min(start + _blocking.TRIANGLE_STEP, m)

@@ -90,6 +90,13 @@ def _add_scaled(total, part, factor: float = 1.0) -> None:
         total += _array.astype(part, "float64") * factor
 
 
+def _float64_copy(part):
+    """A new float64 array of ``part``'s values, in its library and device."""
+    if _array.dtype_name(part) == "float64":
+        return _array.copy(part)
+    return _array.astype(part, "float64")
+
+
 def _as_kind(part, like):
     """``part`` in the library (and torch device) of ``like``."""
     kind = _array.array_kind(like)
@@ -180,6 +187,13 @@ def _whole_product(block, buffer):
     return buffer, rows
 
 
+def _diagonal_max(parts) -> float:
+    """The largest of G's diagonal (the columns' sums of squares; NaN if one is) from the
+    panels' rows of G: one read from the device (one sync)."""
+    maxima = [part[:, part.shape[1] - part.shape[0] :].diagonal().max() for part in parts]
+    return float(maxima[0] if len(maxima) == 1 else _xp(parts[0]).stack(maxima).max())
+
+
 def _xp(a):
     """The array library of ``a`` (``numpy``, ``torch`` or ``cupy``), for its ``matmul``."""
     kind = _array.array_kind(a)
@@ -201,10 +215,13 @@ class GramAccumulator:
     p holds ``G[:stop_p, start_p:stop_p]``, column-major (kept as the C-ordered array of its
     transpose, ``G[start_p:stop_p, :stop_p]``: for NumPy, the Fortran-ordered panel), in
     float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
-    instead of m², whatever the number of rows. Each panel's rows of a block's product are
-    added into it in place; the products are made whole, or panel by panel through an
-    m × 256 buffer for the widest statistics (``products``), so accumulating never holds an
-    m × m temporary past ``_WHOLE_PRODUCT_BYTES``.
+    instead of m², whatever the number of rows; each panel's square ``G[start_p:stop_p,
+    start_p:stop_p]`` holds both its triangles (a statistic of m ≤ 256 columns is one
+    symmetric m × m array). Each panel's rows of a block's product are added into it in place
+    (an empty statistic's first block is copied in, not added to zeros; a one-panel one keeps
+    the product's own array); the products are made whole, or panel by panel through an m ×
+    256 buffer for the widest statistics (``products``), so accumulating never holds an m × m
+    temporary past ``_WHOLE_PRODUCT_BYTES``.
 
     Each block is checked before anything is added, from its product's diagonal alone (its
     columns' sums of squares: ``|G_ij| ≤ sqrt(G_ii G_jj)``, so a finite diagonal in range
@@ -242,6 +259,7 @@ class GramAccumulator:
         self.n_features = None
         self.scale_exp = 0
         self.float32_products = False
+        self._checked = True  # every block was checked from its diagonal (not set_triangle's)
 
     @property
     def nbytes(self) -> int:
@@ -299,8 +317,11 @@ class GramAccumulator:
             panel[_panel_mask(stop - start, stop, values)] = values[
                 triangle_size(start) : triangle_size(stop)
             ]
+            square = panel[:, start:stop]  # stored: its lower triangle (G's upper one)
+            square += _array.tril(square, -1).T
             panels.append(panel)
         self._panels, self.n_features, self.scale_exp = panels, n_features, scale_exp
+        self._checked = False  # summed elsewhere: factorize checks every entry
         return self
 
     def update(self, X) -> GramAccumulator:
@@ -331,26 +352,29 @@ class GramAccumulator:
         diagonal checked, then added into the panels: no pass over X before the products. A
         statistic that had rows takes a single block here (checked before anything is added);
         an empty one is emptied again on a bad block, or redone, scaled, when the blocks'
-        squares leave the safe range."""
+        squares leave the safe range. An empty statistic's panels are its first block's
+        product (copied in float64; a one-panel float64 product of the only block is kept as
+        it is: the Gram's own m × m array, no zeros and no addition)."""
         low, high = _GRAM_SAFE[dtype]
         fresh = self._panels is None
         exp, scaled, buffer = 0, False, None
         while True:
             if fresh:
-                self._panels = [_array.zeros((stop - start, stop), X, "float64")
-                                for start, stop in _panel_bounds(X.shape[1])]
-                self.scale_exp = exp
+                self._panels, self.scale_exp = None, exp
             factor, largest = None, 0.0  # the scales are reconciled once a block is checked
+            slices = _gram_slices(X, dtype, exp)
             with quiet():  # overflow and underflow are checked and handled here
-                for rows in _gram_slices(X, dtype, exp):
+                for rows in slices:
                     buffer, parts = _whole_product(_gram_block(X, rows, dtype, exp), buffer)
-                    maxima = [part[:, part.shape[1] - part.shape[0] :].diagonal().max()
-                              for part in parts]  # of G's diagonal: the sums of squares
-                    value = float(_xp(parts[0]).stack(maxima).max())  # one read (one sync)
+                    value = _diagonal_max(parts)
                     if not value <= largest and largest == largest:  # larger, or NaN (stays)
                         largest = value
                     if not largest <= high or (not fresh and largest < low):
                         break  # NaN, Inf or squares near overflow; or one block to scale
+                    if self._panels is None:  # an empty statistic's first block
+                        keep = len(slices) == 1 and len(parts) == 1 and dtype == "float64"
+                        self._panels = parts if keep else [_float64_copy(part) for part in parts]
+                        continue
                     factor = self._reconcile(exp) if factor is None else factor
                     for panel, part in zip(self._panels, parts, strict=True):
                         _add_scaled(panel, _as_kind(part, panel), factor)
@@ -422,6 +446,7 @@ class GramAccumulator:
         self.n_features = other.n_features
         self.n_samples += other.n_samples
         self.float32_products = self.float32_products or other.float32_products
+        self._checked = self._checked and other._checked
         return self
 
     def _reconcile(self, exp: int) -> float:
@@ -437,7 +462,8 @@ class GramAccumulator:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
         The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
-        factorizes in place.
+        factorizes in place. A one-panel statistic (m ≤ 256) is the whole symmetric Gram:
+        it is read in place (on the host), and copied only when LAPACK runs.
 
         Parameters
         ----------
@@ -457,7 +483,16 @@ class GramAccumulator:
         if self._panels is None:
             raise ValueError("No data has been accumulated yet.")
         eps = float(np.finfo(np.float32).eps) if self.float32_products else None
+        rule = {"scale_exp": self.scale_exp, "upper": True, "checked": self._checked,
+                "rank": rank, "tol": tol}
         try:
+            if len(self._panels) == 1:  # the whole Gram, both triangles (see the class)
+                panel = self._panels[0]
+                gram, copied = _array.to_numpy(panel), _array.is_gpu(panel)
+                if consume:
+                    self._panels[0] = panel = None
+                return factorize_gram(gram, self.n_samples, eps, symmetric=True,
+                                      overwrite=consume or copied, **rule)
             gram = np.zeros((self.n_features,) * 2, order="F")  # LAPACK reads its upper triangle
             for p, panel in enumerate(self._panels):
                 width, stop = panel.shape
@@ -465,10 +500,7 @@ class GramAccumulator:
                 if consume:
                     self._panels[p] = None  # the loop's name holds it until the next panel
             panel = None
-            return factorize_gram(
-                gram, self.n_samples, eps, scale_exp=self.scale_exp, upper=True, overwrite=True,
-                rank=rank, tol=tol,
-            )  # fmt: skip
+            return factorize_gram(gram, self.n_samples, eps, overwrite=True, **rule)
         finally:
             if consume:
                 self._clear()

@@ -35,16 +35,17 @@ def early_pivot_limit(m: int) -> int:
 
 
 def leading_pivots(
-    upper, max_pivots: int, cutoff: float, sq_norm: float, tol: float | None = None
-):
+    upper, max_pivots: int, cutoff: float, sq_norm: float, tol: float | None = None, *,
+    symmetric: bool = False,
+):  # fmt: skip
     """The first pivots and rows of the pivoted Cholesky factor of a symmetric PSD matrix.
 
     Parameters
     ----------
     upper : ndarray of shape (m, m)
         Float64 matrix whose upper triangle holds the symmetric one (the lower one is not
-        read); each pivot reads one row of it, from its column above the diagonal and its
-        row from the diagonal on.
+        read unless ``symmetric``); only read. Each pivot reads one row of it, from its
+        column above the diagonal and its row from the diagonal on.
     max_pivots : int
         Stop after this many pivots.
     cutoff : float
@@ -56,6 +57,10 @@ def leading_pivots(
         Also stop at the first width whose relative error is at most ``tol``: the error
         computed as :func:`~._factorization.relative_errors` does from the rows' squared
         norms (the same operations, so that ``width_for_tol`` of those errors is this width).
+    symmetric : bool
+        Both triangles hold the matrix: each pivot reads its row as one contiguous line (a
+        row of a C-ordered ``upper``, a column of an F-ordered one) instead of a column and
+        a strided row (the same values, fewer cache lines).
 
     Returns
     -------
@@ -71,35 +76,47 @@ def leading_pivots(
         too; so is one that reached all m pivots), the error rule, or ``max_pivots``.
     """
     m = upper.shape[0]
+    lines = upper if upper.flags.c_contiguous else upper.T  # line p: row p = column p
     rows = np.empty((max_pivots, m))  # in the matrix's column order
     row_sq = np.empty(max_pivots)
-    perm = np.arange(m)
+    perm, where = list(range(m)), list(range(m))  # pivot order, and each column's place in it
     alive = np.ones(m)  # 0 at the pivots taken: their entries of a new row are rounding
-    residual = upper.diagonal().copy()  # A_ii − Σ_k U_ki²
+    residual = upper.diagonal().copy()  # A_ii − Σ_k U_ki²; −inf at the pivots taken
+    backward = residual[::-1]
     sq, done, tail, k, stop = np.empty(m), 0.0, math.inf, 0, "pivots"
     while k < max_pivots:
-        remaining = residual.take(perm[k:])  # in pivot order: ties go to the first (MAXLOC)
-        q = int(remaining.argmax())
-        pivot = float(remaining[q])
+        p = int(residual.argmax())
+        if p != m - 1 - int(backward.argmax()):  # a tie: the first in pivot order (MAXLOC)
+            p = perm[k + int(residual.take(perm[k:]).argmax())]
+        pivot = float(residual[p])
         if not pivot > (cutoff if k else 0.0):  # NaN stops too
             stop = "cutoff"
             break
-        p = int(perm[k + q])
-        perm[k + q] = perm[k]
-        perm[k] = p
+        q = where[p]  # LAPACK's swap of columns k and q
+        perm[q], where[perm[k]] = perm[k], q
+        perm[k], where[p] = p, k
         pivot = math.sqrt(pivot)
         row = rows[k]
-        row[:p] = upper[:p, p]
-        row[p:] = upper[p, p:]
         if k:
-            np.matmul(rows[:k, p], rows[:k], out=sq)
-            row -= sq
+            np.dot(rows[:k, p], rows[:k], out=sq)  # BLAS's GEMV, as matmul's: less overhead
+            if symmetric:
+                np.subtract(lines[p], sq, out=row)
+            else:
+                row[:p] = upper[:p, p]
+                row[p:] = upper[p, p:]
+                row -= sq
+        elif symmetric:
+            row[:] = lines[p]
+        else:
+            row[:p] = upper[:p, p]
+            row[p:] = upper[p, p:]
         row *= alive
         row *= 1.0 / pivot
         row[p] = pivot
         alive[p] = 0.0
         np.multiply(row, row, out=sq)
         residual -= sq
+        residual[p] = -math.inf
         k += 1
         if tol is not None:  # relative_errors and width_for_tol, one width at a time
             row_sq[k - 1] = value = float(sq.sum())
@@ -108,6 +125,7 @@ def leading_pivots(
             if k == m or sq_norm <= 0 or math.sqrt(tail / sq_norm) <= tol:
                 stop = "tol"
                 break
+    perm = np.array(perm)
     U = rows[:k][:, perm]
     if tol is None:
         row_sq[:k] = np.einsum("ij,ij->i", U, U)
