@@ -153,3 +153,13 @@ def test_bench_objectives_quick():
     assert len(table_rows(out, "digits CNN, objective × calibration")) == 4
     if "not installed" not in out:
         assert len(table_rows(out, "MiniLM, FFN at half width")) == 4
+
+
+def test_bench_fit_overhead_quick():
+    pytest.importorskip("transformers")
+    out = run_quick("bench_fit_overhead.py")
+    rows = table_rows(out, "CPU ms per fit")
+    assert [row.split("|")[1].strip() for row in rows][:2] == ["working copy",
+                                                                "finding the units"]
+    heads = {row.split("|")[1].strip(): row.split("|")[3].strip() for row in rows}
+    assert heads["heads' probing pass"] != "-" and heads["head factorizations"] != "-"

@@ -34,14 +34,16 @@ def find_all_units(work, example, settings) -> tuple[list, list]:
             work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
             channels="channels" in prune, residual="residual" in prune)
     if "heads" in prune:
-        heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude)
+        order = {}  # the probing pass's call order: no pass of its own to sort the units
+        heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude,
+                                          call_order=order)
         if settings.layers != "auto":  # heads are named by their attention block
             wanted = {n if isinstance(n, str) else n[0] for n in settings.layers}
             dropped = [h for h in heads if h.attention not in wanted
                        and h.producer not in wanted]
             release_heads(work, dropped)
             heads = [h for h in heads if h not in dropped]
-        units = in_forward_order(work, units + heads, args, kwargs)
+        units = in_forward_order(work, units + heads, args, kwargs, order)
         skipped += skipped_heads
     if "residual" in prune:  # after the rest: "sequential" sees them compressed first
         streams, skipped_stream = _residual.find(work, example, exclude=settings.exclude,

@@ -155,14 +155,22 @@ class HeadSelection:
 # ------------------------------------------------------------------------------ discovery
 
 
-def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=()):
+def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(),
+               call_order=None):
     """Self-attention blocks whose heads can be pruned, and the attention blocks left alone.
 
     A block counts only if the forward pass on the example calls its output projection, and
     only if its forward runs with one head (or key/value group) fewer: a block whose code fixes
     its width another way (a reshape to the input width) is skipped with the error it raised.
-    ``model`` must be the compressor's working copy: a block with a ``form`` (an
-    ``nn.MultiheadAttention``) takes that class in place, with all its heads.
+    Both are seen in one forward pass. ``model`` must be the compressor's working copy: a block
+    with a ``form`` (an ``nn.MultiheadAttention``) takes that class in place, with all its
+    heads.
+
+    Parameters
+    ----------
+    call_order : dict, optional
+        Filled with the position of every module's first call in that pass (by qualified
+        name), what :func:`in_forward_order` needs, so it needs no pass of its own.
 
     Returns
     -------
@@ -189,9 +197,10 @@ def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(
             skipped.append(Skipped(name, f"attention heads: {reason}"))
         else:
             found.append(unit)
-    order = _call_order(model, [u.consumer for u in found], example_args, example_kwargs)
-    failures = _fewer_heads_fail(model, [u for u in found if u.consumer in order],
-                                 example_args, example_kwargs)
+    order = {} if call_order is None else call_order
+    failures = {}
+    if found or call_order is not None:
+        failures = _probed_pass(model, found, example_args, example_kwargs, order)
     units = []
     for unit in found:
         reason = ("never called on the data" if unit.consumer not in order
@@ -263,14 +272,22 @@ def _per_head_target(block, spec):
 _CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
-def _fewer_heads_fail(model, units, args, kwargs) -> dict:
-    """``attention -> reason`` for the blocks whose forward does not run with fewer heads.
+def _probed_pass(model, units, args, kwargs, order: dict) -> dict:
+    """One forward pass on the example: fills ``order`` (the position of every module's
+    first call, by each of its names) and returns ``attention -> reason`` for the blocks whose
+    forward does not run with fewer heads.
 
     Each block, on its first call, is copied (sharing the tensors, which the surgery replaces)
     and run on the same inputs with one head, or key/value group, fewer; a block fails if that
-    raises or gives an output of another shape.
+    raises or gives an output of another shape. (A block whose output projection is never
+    called is probed too; :func:`find_heads` skips it for that reason first.)
     """
     failures, tried, handles = {}, set(), []
+    for name, module in model.named_modules(remove_duplicate=False):
+        def called(block, inputs, name=name, module=module):
+            if block is module:  # not a probe's copy, which copies this hook
+                order.setdefault(name, len(order))
+        handles.append(module.register_forward_pre_hook(called))
     for unit in units:
         def probe(block, inputs, kw, output, unit=unit):
             if unit.attention in tried:
@@ -331,10 +348,14 @@ def _in_width(module) -> int:
     return int(surgery_for(module).in_width(module))
 
 
-def in_forward_order(model, units, args, kwargs) -> list:
+def in_forward_order(model, units, args, kwargs, order=None) -> list:
     """Channel groups and head units together, by the first call of their first producer
-    (a stable sort: units with one producer keep their order)."""
-    order = _call_order(model, list(dict.fromkeys(u.producer for u in units)), args, kwargs)
+    (a stable sort: units with one producer keep their order). ``order`` is a
+    ``call_order`` that :func:`find_heads` filled on this model; without it, a forward pass
+    on the example finds it."""
+    if order is None:
+        order = _call_order(model, list(dict.fromkeys(u.producer for u in units)), args,
+                            kwargs)
     return sorted(units, key=lambda u: order.get(u.producer, len(order)))
 
 
@@ -399,10 +420,14 @@ class HeadFactorization:
                     candidates.setdefault(k, []).append((mode, blocks))
         self._best = {k: min(options, key=lambda o: self._modes[o[0]].errors[o[1]])
                       for k, options in candidates.items()}  # the first on a tie
-        if held_out is not None and any(len(o) > 1 for o in candidates.values()):
-            rest_modes = _modes(held_out.rest, unit, weight_gram)
+        # every candidate of all H heads keeps them all: only the counts below H are judged,
+        # and only the modes they offer are built again without the held-out rows
+        contested = {k: o for k, o in candidates.items() if len(o) > 1 and k < H}
+        if held_out is not None and contested:
+            wanted = {mode for options in contested.values() for mode, _ in options}
+            rest_modes = _modes(held_out.rest, unit, weight_gram, wanted)
             judged = FixedHeads(gram, _head_columns(unit), weight_gram)
-            for k, columns in judged_on_held_out(candidates, rest_modes, held_out).items():
+            for k, columns in judged_on_held_out(contested, rest_modes, held_out).items():
                 judged.add(np.unique(columns // unit.head_dim))
                 self._best[k] = ("judged", k)
             self._modes["judged"] = judged
@@ -467,17 +492,23 @@ def _head_columns(unit) -> list:
     return [np.arange(h * d, (h + 1) * d) for h in range(unit.n_heads)]
 
 
-def _modes(gram, unit, weight_gram) -> dict:
-    """``{mode: factorization}`` of the selections the model can run, from one Gram."""
+def _modes(gram, unit, weight_gram, wanted=None) -> dict:
+    """``{mode: factorization}`` of the selections the model can run, from one Gram (only the
+    modes named in ``wanted``, if given)."""
     H, size = unit.n_heads, unit.group_size
     heads = _head_columns(unit)
     if size == 1 or unit.n_kv_heads == 1:
         return {"heads": BlockPivotedFactorization(gram, heads, None, weight_gram)}
     labels = np.arange(H) // size
     groups = [np.concatenate(heads[g * size:(g + 1) * size]) for g in range(unit.n_kv_heads)]
-    return {"per_group": BlockPivotedFactorization(gram, heads, labels, weight_gram),
-            "groups": BlockPivotedFactorization(gram, groups, None, weight_gram),
-            **groupwise_candidates(gram, heads, labels, weight_gram)}
+    modes = {}
+    if wanted is None or "per_group" in wanted:
+        modes["per_group"] = BlockPivotedFactorization(gram, heads, labels, weight_gram)
+    if wanted is None or "groups" in wanted:
+        modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
+    if wanted is None or any(mode.startswith("per_group_") for mode in wanted):
+        modes.update(groupwise_candidates(gram, heads, labels, weight_gram))
+    return modes
 
 
 class CorrectiveHeadFactorization(HeadFactorization):

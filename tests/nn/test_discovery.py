@@ -1,0 +1,84 @@
+"""Finding the units: one probing pass serves the heads' checks and the forward order."""
+
+import pytest
+import torch
+
+from skid.nn import NetworkCompressor
+from skid.nn._discovery import find_all_units
+from skid.nn._heads import find_heads, in_forward_order, release_heads
+from skid.nn._residual_stages import find_channel_groups
+
+from .blocks import ATTENTION_BLOCKS, BLOCKS, make_block
+from .models import ARCHITECTURES, call_args
+
+
+def _models():
+    """``name -> (factory, make_input)``: the attention blocks, a few CNNs and BERT, and the
+    Hugging Face models where ``transformers`` is installed."""
+    found = {name: (lambda n=name: make_block(n), spec[1])
+             for name, spec in ATTENTION_BLOCKS.items()}
+    found.update({name: (lambda n=name: make_block(n), BLOCKS[name][1])
+                  for name in ("gated_mlp", "mbconv_se", "inception")})
+    found.update({name: ARCHITECTURES[name] for name in ("bert", "resnet_basic", "vgg")})
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return found
+    from .hf_attention import HF_ATTENTION
+    from .hf_models import HF_MODELS
+
+    found.update({f"hf_{name}": (spec[0], spec[1])
+                  for name, spec in {**HF_MODELS, **HF_ATTENTION}.items()})
+    return found
+
+
+_MODELS = _models()
+
+
+def _settings(**params):
+    return NetworkCompressor(**params)._check_params()
+
+
+def _inputs(make):
+    return call_args(make(2))
+
+
+@pytest.mark.parametrize("layers", ["auto", "some"])
+@pytest.mark.parametrize("name", sorted(_MODELS))
+def test_units_in_the_order_of_their_own_pass(name, layers):
+    """The units and skip records are those the finders give when the forward order is
+    found by a pass of its own after them (as before the probing pass kept it)."""
+    factory, make = _MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    args, kwargs = _inputs(make)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    chosen = "auto" if layers == "auto" else linear[::2]
+    settings = _settings(layers=chosen)
+    units, skipped = find_all_units(model, (args, kwargs), settings)
+
+    torch.manual_seed(0)
+    fresh = factory().eval()
+    groups, skipped_groups = find_channel_groups(fresh, args, kwargs, layers=chosen)
+    heads, skipped_heads = find_heads(fresh, args, kwargs)
+    if chosen != "auto":
+        dropped = [h for h in heads if h.attention not in chosen and h.producer not in chosen]
+        release_heads(fresh, dropped)
+        heads = [h for h in heads if h not in dropped]
+    expected = in_forward_order(fresh, groups + heads, args, kwargs)
+    assert [repr(u) for u in units] == [repr(u) for u in expected]
+    assert [(s.producer, s.reason) for s in skipped] == [
+        (s.producer, s.reason) for s in skipped_groups + skipped_heads]
+    assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
+
+
+@pytest.mark.parametrize("name", ["transformer_encoder", "timm_vit", "vgg"])
+def test_finding_channels_and_heads_runs_the_model_three_times(name):
+    """A check that it runs on the example, the channel trace, and the pass that probes every
+    attention block with fewer heads while it records the forward order."""
+    factory, make = _MODELS[name]
+    model = factory().eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    find_all_units(model, _inputs(make), _settings())
+    assert len(calls) == 3
