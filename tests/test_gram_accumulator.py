@@ -448,3 +448,49 @@ def test_float32_read_in_place_takes_longer_equal_blocks(monkeypatch):
     blocks = [X[rows].T @ X[rows] for rows in _gram._gram_slices(X, "float32", 0)]
     expected = sum(block.astype(np.float64) for block in blocks)  # float32 products, float64 sum
     np.testing.assert_array_equal(_linalg.GramAccumulator("native").update(X).gram, expected)
+
+
+@pytest.mark.parametrize("m, steps", [(200, None), (300, None), (40, 3), (40, 16)])
+@pytest.mark.parametrize("precision", ["float64", "native"])
+def test_torch_cpu_products_in_short_steps_leave_out_the_squares_other_triangle(
+        monkeypatch, m, steps, precision):
+    """Torch on the CPU multiplies each panel's rows in steps, each only up to its own last
+    column: the squares' other triangle is left out (zeros), never read; the Gram, the
+    packed triangle and the factorization are the panel products' ones."""
+    if steps is not None:
+        monkeypatch.setattr(_blocking, "product_step", lambda m: steps)
+    X = data(90, m)
+    block = torch.as_tensor(X)
+    _, parts, symmetric = _gram._whole_product(block, None)
+    assert not symmetric
+    square = parts[0][:, : parts[0].shape[0]].numpy()
+    assert (np.triu(square, 1) == 0).any()  # the part no step reached
+    np.testing.assert_allclose(np.tril(square), np.tril(exact_gram(X)[: square.shape[0],
+                                                                      : square.shape[0]]),
+                               rtol=1e-12, atol=1e-12 * np.abs(square).max())
+    acc = _linalg.GramAccumulator(precision)
+    for part in np.array_split(X, 3):
+        acc.update(torch.as_tensor(part))
+    gram = acc.gram.numpy()
+    np.testing.assert_array_equal(gram, gram.T)
+    np.testing.assert_allclose(gram, exact_gram(X), rtol=0,
+                               atol=1e-12 * np.abs(exact_gram(X)).max())
+    numpy_acc = _linalg.GramAccumulator(precision).update(X)
+    packed = numpy_acc.triangle()
+    np.testing.assert_allclose(acc.triangle().numpy(), packed, rtol=0,
+                               atol=1e-12 * np.abs(packed).max())
+    for rule in ({}, {"rank": m // 4}, {"tol": 0.05}):
+        fac, expected = acc.factorize(**rule), numpy_acc.factorize(**rule)
+        k = fac.trusted_rank if not rule else (rule.get("rank") or expected.rank_for_tol(0.05))
+        np.testing.assert_array_equal(fac.perm[:k], expected.perm[:k])
+        np.testing.assert_allclose(fac.errors[: k + 1], expected.errors[: k + 1], rtol=1e-9,
+                                   atol=1e-7)  # a Gram's errors near 0: its rounding
+
+
+def test_numpy_and_gpu_products_fill_both_triangles():
+    X = data(30, 100)
+    _, _, symmetric = _gram._whole_product(X, None)
+    assert symmetric
+    assert _gram._product_step(np.ones((3, 100))) is None
+    assert _gram._product_step(torch.ones(3, 100)) == _blocking.product_step(100)
+    assert _gram._product_step(torch.ones(3, 100, device="meta")) is None

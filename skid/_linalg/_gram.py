@@ -165,26 +165,49 @@ def _whole_product(block, buffer):
     """Each panel's rows ``G[start:stop, :stop]`` of ``G = blockᵀ block``, as views into
     ``buffer`` (flat, of the block's dtype and library; None: a new one). NumPy computes G in
     one ``?syrk`` (half a GEMM's flops: the call of the floor ``XᵀX`` itself); torch and CuPy,
-    which have no ``syrk``, multiply panel by panel (the triangle's flops, not a full GEMM's).
-    Returns ``(buffer, rows)``."""
+    which have no ``syrk``, multiply panel by panel (the triangle's flops, not a full GEMM's),
+    and torch on the CPU in shorter steps of rows (:func:`._blocking.product_step`), each only
+    up to its own last column. Returns ``(buffer, rows, symmetric)``: ``symmetric`` False
+    when the squares' other triangles were left out (zeros there: only each square's lower
+    triangle, G's upper one, holds G)."""
     kind = _array.array_kind(block)
     m = block.shape[1]
     bounds = _panel_bounds(m)
+    step = _product_step(block)
     if buffer is None:
         size = _whole_entries(m, kind)
-        buffer = block.new_empty(size) if kind == "torch" else _xp(block).empty(
-            size, dtype=block.dtype)
+        if kind == "torch":  # left-out entries are zeros, never stale memory
+            buffer = (block.new_empty if step is None else block.new_zeros)(size)
+        else:
+            buffer = _xp(block).empty(size, dtype=block.dtype)
     if kind == "numpy":
         square = buffer.reshape(m, m)
         np.matmul(block.T, block, out=square)
-        return buffer, [square[start:stop, :stop] for start, stop in bounds]
-    rows, offset = [], 0
+        return buffer, [square[start:stop, :stop] for start, stop in bounds], True
+    rows, offset, symmetric = [], 0, True
     for start, stop in bounds:
         part = buffer[offset : offset + (stop - start) * stop].reshape(stop - start, stop)
-        _xp(block).matmul(block[:, start:stop].T, block[:, :stop], out=part)
+        if step is None or step >= stop - start:
+            _xp(block).matmul(block[:, start:stop].T, block[:, :stop], out=part)
+        else:  # written in place: BLAS's leading dimension is the panel's row length
+            import torch
+
+            for low in range(start, stop, step):
+                high = min(low + step, stop)
+                torch.mm(block[:, low:high].T, block[:, :high],
+                         out=part[low - start : high - start, :high])
+            symmetric = False
         rows.append(part)
         offset += (stop - start) * stop
-    return buffer, rows
+    return buffer, rows, symmetric
+
+
+def _product_step(block) -> int | None:
+    """:func:`._blocking.product_step` for a torch block on the CPU; None (one product per
+    panel) otherwise: GPU GEMMs were not measured in shorter steps."""
+    if _array.array_kind(block) != "torch" or block.device.type != "cpu":
+        return None
+    return _blocking.product_step(block.shape[1])
 
 
 def _diagonal_max(parts) -> float:
@@ -217,7 +240,9 @@ class GramAccumulator:
     float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
     instead of m², whatever the number of rows; each panel's square ``G[start_p:stop_p,
     start_p:stop_p]`` holds both its triangles (a statistic of m ≤ 256 columns is one
-    symmetric m × m array). Each panel's rows of a block's product are added into it in place
+    symmetric m × m array), except where torch multiplied on the CPU in shorter steps
+    (:func:`_whole_product`): there only the square's lower triangle (G's upper one) holds
+    G, and the other is not read. Each panel's rows of a block's product are added into it in place
     (an empty statistic's first block is copied in, not added to zeros; a one-panel one keeps
     the product's own array); the products are made whole, or panel by panel through an m ×
     256 buffer for the widest statistics (``products``), so accumulating never holds an m × m
@@ -260,6 +285,7 @@ class GramAccumulator:
         self.scale_exp = 0
         self.float32_products = False
         self._checked = True  # every block was checked from its diagonal (not set_triangle's)
+        self._symmetric = True  # each panel's square holds both triangles (see the class)
 
     @property
     def nbytes(self) -> int:
@@ -322,6 +348,7 @@ class GramAccumulator:
             panels.append(panel)
         self._panels, self.n_features, self.scale_exp = panels, n_features, scale_exp
         self._checked = False  # summed elsewhere: factorize checks every entry
+        self._symmetric = True
         return self
 
     def update(self, X) -> GramAccumulator:
@@ -365,12 +392,14 @@ class GramAccumulator:
             slices = _gram_slices(X, dtype, exp)
             with quiet():  # overflow and underflow are checked and handled here
                 for rows in slices:
-                    buffer, parts = _whole_product(_gram_block(X, rows, dtype, exp), buffer)
+                    buffer, parts, whole = _whole_product(_gram_block(X, rows, dtype, exp),
+                                                          buffer)
                     value = _diagonal_max(parts)
                     if not value <= largest and largest == largest:  # larger, or NaN (stays)
                         largest = value
                     if not largest <= high or (not fresh and largest < low):
                         break  # NaN, Inf or squares near overflow; or one block to scale
+                    self._symmetric = self._symmetric and whole
                     if self._panels is None:  # an empty statistic's first block
                         keep = len(slices) == 1 and len(parts) == 1 and dtype == "float64"
                         self._panels = parts if keep else [_float64_copy(part) for part in parts]
@@ -447,6 +476,7 @@ class GramAccumulator:
         self.n_samples += other.n_samples
         self.float32_products = self.float32_products or other.float32_products
         self._checked = self._checked and other._checked
+        self._symmetric = self._symmetric and other._symmetric
         return self
 
     def _reconcile(self, exp: int) -> float:
@@ -462,8 +492,8 @@ class GramAccumulator:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
         The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
-        factorizes in place. A one-panel statistic (m ≤ 256) is the whole symmetric Gram:
-        it is read in place (on the host), and copied only when LAPACK runs.
+        factorizes in place. A one-panel statistic (m ≤ 256) is the whole Gram: it is read in
+        place (on the host), and copied only when LAPACK runs.
 
         Parameters
         ----------
@@ -486,12 +516,14 @@ class GramAccumulator:
         rule = {"scale_exp": self.scale_exp, "upper": True, "checked": self._checked,
                 "rank": rank, "tol": tol}
         try:
-            if len(self._panels) == 1:  # the whole Gram, both triangles (see the class)
+            if len(self._panels) == 1:  # the whole Gram (see the class)
                 panel = self._panels[0]
                 gram, copied = _array.to_numpy(panel), _array.is_gpu(panel)
                 if consume:
                     self._panels[0] = panel = None
-                return factorize_gram(gram, self.n_samples, eps, symmetric=True,
+                if not self._symmetric:  # G's upper triangle is the stored square's lower
+                    gram = gram.T
+                return factorize_gram(gram, self.n_samples, eps, symmetric=self._symmetric,
                                       overwrite=consume or copied, **rule)
             gram = np.zeros((self.n_features,) * 2, order="F")  # LAPACK reads its upper triangle
             for p, panel in enumerate(self._panels):
