@@ -4,13 +4,6 @@ Offers :func:`count_flops` (FLOPs per sample, 2 per multiply-add, counted by
 :class:`torch.utils.flop_counter.FlopCounterMode` on a one-sample forward pass, in total and
 per ``Linear``/``Conv`` module) and :func:`count_params`.
 
-The count is ``FlopCounterMode``'s (its formulas, its decompositions), taken by a lean
-dispatch mode of the same rules without the module tracking skid does not read and with each
-op's "no decomposition" answer remembered: a fit counts twice (before and after), and on the
-benchmark LLaMA ``FlopCounterMode``'s per-op Python overhead made a count 4.5× a plain
-forward pass (2.6× now). Higher-order ops (``torch.cond``), which the lean mode does not
-handle, get ``FlopCounterMode`` itself.
-
 Every attention is counted, its projections and its scores (``QKᵀ`` and the product with
 ``V``), from the shapes that really run: ``torch``'s fused fast path of
 ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` (which the counter does not see) is
@@ -29,7 +22,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ._trace import module_kind
@@ -75,16 +67,10 @@ def count_flops(model: nn.Module, example_args, example_kwargs=None, *,
     """
     args = example_args if isinstance(example_args, (tuple, list)) else (example_args,)
     args, kwargs = _first_sample(tuple(args)), _first_sample(dict(example_kwargs or {}))
-    try:
-        return _count(model, args, kwargs, set(own), _LeanCounter())
-    except _NeedsTorchCounter:
-        return _count(model, args, kwargs, set(own), _TorchCounter())
-
-
-def _count(model, args, kwargs, own: set, counter) -> tuple[int, dict]:
-    """One counted forward pass of ``model`` under ``counter``."""
     per_module: dict[str, int] = {}
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     handles, modes = [], {m: m.training for m in model.modules()}
+    own = set(own)
     for name, module in model.named_modules():
         if module_kind(module) in ("linear", "conv") or name in own:
             handles += _attribution_hooks(module, name, counter, per_module)
@@ -101,68 +87,6 @@ def _count(model, args, kwargs, own: set, counter) -> tuple[int, dict]:
         inside = [n for n in per_module if n.startswith(f"{block}.") and n not in own]
         per_module[block] -= sum(per_module[n] for n in inside)
     return int(counter.get_total_flops()), per_module
-
-
-class _NeedsTorchCounter(Exception):
-    """A higher-order op ran: count with ``FlopCounterMode`` itself."""
-
-
-class _TorchCounter(FlopCounterMode):
-    """``FlopCounterMode`` as skid uses it (no table, skid's extra formulas)."""
-
-    def __init__(self):
-        super().__init__(display=False, custom_mapping=_EXTRA_FORMULAS)
-
-
-def _aten(name: str, overload: str = "default"):
-    """``torch.ops.aten.<name>.<overload>``, or None where this torch lacks it."""
-    return getattr(getattr(torch.ops.aten, name, None), overload, None)
-
-
-#: What ``FlopCounterMode``'s dispatch leaves to others (sizes and strides, for tensor
-#: subclasses with their own), as it lists them.
-_METADATA = frozenset(op for op in (
-    *(_aten(n) for n in ("sym_is_contiguous", "is_contiguous", "is_strides_like_format",
-                         "is_non_overlapping_and_dense", "size", "sym_size", "stride",
-                         "sym_stride", "storage_offset", "sym_storage_offset", "numel",
-                         "sym_numel", "dim")),
-    _aten("is_contiguous", "memory_format"), torch.ops.prim.layout.default) if op is not None)
-
-
-class _LeanCounter(TorchDispatchMode):
-    """``FlopCounterMode``'s total by its rules (an op with a composite implementation is
-    decomposed, any other is run and counted by its formula, if it has one), without its
-    per-module tracking, and with the ops found to have no decomposition remembered for the
-    pass, so they are not re-entered into the mode on every call."""
-
-    supports_higher_order_operators = True  # to hand them to FlopCounterMode
-
-    def __init__(self):
-        super().__init__()
-        self.registry = _TorchCounter().flop_registry
-        self.total = 0
-        self._plain = {torch.ops.prim.device.default}
-
-    def get_total_flops(self) -> int:
-        return self.total
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _METADATA:
-            return NotImplemented
-        if isinstance(func, torch._ops.HigherOrderOperator):
-            raise _NeedsTorchCounter
-        if func not in self._plain:  # FlopCounterMode tries every op's decomposition
-            with self:
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-            self._plain.add(func)
-        out = func(*args, **kwargs)
-        formula = self.registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
 
 
 @contextlib.contextmanager
