@@ -26,6 +26,10 @@ BLOCK_ELEMENTS = 1 << 22
 #: temporaries of m × 256.
 TRIANGLE_STEP = 256
 
+#: Square blocks of an m × m transposing copy (measured at m = 1,536: 128 the fastest of
+#: 64 to 512).
+MIRROR_STEP = 128
+
 
 def product_step(m: int) -> int:
     """Rows of G per product where torch multiplies an m-wide triangle on the CPU: each

@@ -491,8 +491,8 @@ class GramAccumulator:
     def factorize(self, consume: bool = False, *, rank=None, tol=None) -> PivotedFactorization:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
-        The triangle is copied into one new Fortran-ordered m × m float64 array, which LAPACK
-        factorizes in place. A one-panel statistic (m ≤ 256) is the whole Gram: it is read in
+        The triangle is copied into the upper triangle of one new C-ordered m × m float64
+        array, which LAPACK factorizes in place. A one-panel statistic (m ≤ 256) is the whole Gram: it is read in
         place (on the host), and copied only when LAPACK runs.
 
         Parameters
@@ -525,7 +525,9 @@ class GramAccumulator:
                     gram = gram.T
                 return factorize_gram(gram, self.n_samples, eps, symmetric=self._symmetric,
                                       overwrite=consume or copied, **rule)
-            gram = np.zeros((self.n_features,) * 2, order="F")  # LAPACK reads its upper triangle
+            # C-ordered: LAPACK reads its upper triangle as the transpose's lower one, the
+            # faster form (see _cholesky._lapack_matrix)
+            gram = np.zeros((self.n_features,) * 2)
             for p, panel in enumerate(self._panels):
                 width, stop = panel.shape
                 gram[:stop, stop - width : stop] = _array.to_numpy(panel).T
