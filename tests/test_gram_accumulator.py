@@ -236,6 +236,56 @@ def test_factorize_gram_reads_one_triangle_in_any_layout():
         _linalg.factorize_gram(torn)  # the NaN triangle is checked unless told it is unread
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("layout", ["C", "F", "F symmetric", "strided"])
+def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout, overwrite):
+    # dpstrf on a Fortran-ordered upper triangle walks rows across the columns (1.7x slower
+    # at m = 1,536): every layout reaches it as the lower triangle of a Fortran-ordered array
+    from scipy.linalg import lapack
+
+    from skid._linalg import _cholesky
+
+    seen, dpstrf = [], lapack.dpstrf
+
+    def spy(a, lower=0, **kwargs):
+        seen.append((a.flags.f_contiguous, lower))
+        return dpstrf(a, lower=lower, **kwargs)
+
+    monkeypatch.setattr(_cholesky.lapack, "dpstrf", spy)
+    m = 300
+    gram = exact_gram(data(400, m))
+    reference = _linalg.factorize_gram(gram.copy())
+    given = {"C": np.triu(gram), "F": np.asfortranarray(np.triu(gram)),
+             "F symmetric": np.asfortranarray(gram),
+             "strided": np.kron(np.triu(gram), np.ones((2, 2)))[::2, ::2]}[layout]
+    before = given.copy(order="K")
+    fac = _linalg.factorize_gram(given, overwrite=overwrite, upper=True,
+                                 symmetric=layout == "F symmetric")
+    assert seen[-1] == (True, 1)
+    np.testing.assert_array_equal(fac.perm, reference.perm)
+    np.testing.assert_allclose(fac.U, reference.U, rtol=1e-12, atol=1e-12 * np.abs(gram).max())
+    if not overwrite or layout == "strided":
+        np.testing.assert_array_equal(given, before)
+    if overwrite and layout != "strided":  # in place: no m × m copy of its own
+        assert traced_peak(lambda: _linalg.factorize_gram(
+            before.copy(order="K"), overwrite=True, upper=True)) < 8 * m * m * 1.5
+    # the accumulator's statistic, one panel or several, reaches it the same way
+    for width in (200, m):
+        _linalg.GramAccumulator().update(data(400, width)).factorize(consume=overwrite)
+        assert seen[-1] == (True, 1)
+
+
+def test_the_upper_triangle_mirrored_in_place_is_the_symmetric_matrix():
+    from skid._linalg._cholesky import _mirror_upper
+
+    for m in (1, 5, _blocking.MIRROR_STEP, 2 * _blocking.MIRROR_STEP + 3):
+        full = exact_gram(data(m + 3, m))
+        for order in "CF":
+            torn = np.array(np.triu(full), order=order)
+            torn[np.tril_indices(m, -1)] = np.nan
+            np.testing.assert_array_equal(_mirror_upper(torn), full)
+
+
 def test_reading_the_gram_midway_keeps_the_sum_right(narrow_steps):
     X = data(90, 25)
     acc = _linalg.GramAccumulator()
