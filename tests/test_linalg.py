@@ -225,6 +225,19 @@ def test_block_pivoting_takes_the_best_block_first_and_finds_exact_spans():
     assert _block_error(X, columns, T) < 1e-7
 
 
+def test_block_pivoting_keeping_every_block_is_the_identity_fit():
+    # nothing to solve: the exact fit, also where the blocks are linearly dependent (the
+    # least-squares minimum-norm T would be a projector there, which changes the consumer's
+    # weights off the calibration data's span)
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((100, 8)) @ rng.standard_normal((8, 24))  # rank 8 of 24
+    fac = _linalg.BlockPivotedFactorization(X.T @ X, _head_blocks(6, 4))
+    blocks, columns, T = fac.select(6)
+    assert sorted(columns) == list(range(24))
+    np.testing.assert_array_equal(T, np.eye(24)[columns])
+    np.testing.assert_array_equal(X[:, columns] @ T, X)
+
+
 def test_block_pivoting_in_rounds_keeps_equal_counts_per_group():
     rng = np.random.default_rng(2)
     X = rng.standard_normal((100, 8)) @ rng.standard_normal((8, 32))  # rank 8: one group wins

@@ -114,7 +114,8 @@ class BlockPivotedFactorization:
 
         ``T`` is the least-squares fit ``min ‖X − X[:, columns] T‖_F`` from the Gram (the
         minimum-norm one where the kept columns are linearly dependent); ``X[:, columns] T``
-        reconstructs every column.
+        reconstructs every column. Keeping every block, ``T`` is the identity (in the order
+        of ``columns``): the exact fit, with nothing to solve.
         """
         if not 0 <= k <= self.n_blocks:
             raise ValueError(f"k must be in [0, {self.n_blocks}]; got {k}.")
@@ -122,6 +123,10 @@ class BlockPivotedFactorization:
         columns = np.concatenate([self.blocks[b] for b in kept]) if k else np.array([], int)
         if not k:
             return kept.copy(), columns, np.zeros((0, self.gram.shape[0]))
+        if k == self.n_blocks:
+            T = np.zeros((columns.size, columns.size))
+            T[np.arange(columns.size), columns] = 1.0
+            return kept.copy(), columns, T
         with small_step(self.gram.shape[0]):
             T = pinvh_solve(self.gram[np.ix_(columns, columns)], self.gram[columns])
         return kept.copy(), columns, T
