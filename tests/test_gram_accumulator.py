@@ -507,6 +507,7 @@ def test_torch_cpu_products_in_short_steps_leave_out_the_squares_other_triangle(
     """Torch on the CPU multiplies each panel's rows in steps, each only up to its own last
     column: the squares' other triangle is left out (zeros), never read; the Gram, the
     packed triangle and the factorization are the panel products' ones."""
+    torch.set_num_threads(2)  # one thread takes NumPy's BLAS (the autouse fixture restores)
     if steps is not None:
         monkeypatch.setattr(_blocking, "product_step", lambda m: steps)
     X = data(90, m)
@@ -542,5 +543,43 @@ def test_numpy_and_gpu_products_fill_both_triangles():
     _, _, symmetric = _gram._whole_product(X, None)
     assert symmetric
     assert _gram._product_step(np.ones((3, 100))) is None
+    torch.set_num_threads(2)
     assert _gram._product_step(torch.ones(3, 100)) == _blocking.product_step(100)
     assert _gram._product_step(torch.ones(3, 100, device="meta")) is None
+    torch.set_num_threads(1)
+    assert _gram._product_step(torch.ones(3, 100)) == _gram._NUMPY_BLAS
+    assert _gram._product_step(torch.ones(3, 100, device="meta")) is None
+
+
+@pytest.mark.parametrize("m", [40, 256, 300, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_on_one_thread_multiplies_through_numpys_blas_into_the_same_panels(m, dtype):
+    """On one torch thread the panels' rows are NumPy's products (``?gemm`` left of each
+    square, ``?syrk`` on it, both triangles), written into the torch buffer: the statistic
+    stays torch's, its Gram and factorization those of NumPy's accumulator."""
+    torch.set_num_threads(1)
+    X = data(90, m)
+    block = torch.as_tensor(X, dtype=dtype)
+    view = block.numpy()
+    buffer, parts, symmetric = _gram._whole_product(block, None)
+    assert symmetric and isinstance(buffer, torch.Tensor) and buffer.dtype == dtype
+    for (start, stop), part in zip(_gram._panel_bounds(m), parts, strict=True):
+        assert part.data_ptr() >= buffer.data_ptr()  # views into the buffer
+        expected = view[:, start:stop].T @ view[:, :stop]
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        np.testing.assert_allclose(part.numpy(), expected, rtol=0,
+                                   atol=tol * np.abs(expected).max())
+        square = part[:, start:].numpy()
+        np.testing.assert_array_equal(square, square.T)
+    precision = "native" if dtype == torch.float32 else "float64"
+    acc = _linalg.GramAccumulator(precision)
+    for rows in np.array_split(np.arange(90), 3):
+        acc.update(block[rows])
+    assert acc._symmetric and all(isinstance(p, torch.Tensor) for p in acc._panels)
+    numpy_acc = _linalg.GramAccumulator(precision).update(X.astype(view.dtype))
+    np.testing.assert_allclose(acc.gram.numpy(), numpy_acc.gram, rtol=0,
+                               atol=(1e-5 if dtype == torch.float32 else 1e-12)
+                               * np.abs(numpy_acc.gram).max())
+    fac, expected = acc.factorize(), numpy_acc.factorize()
+    k = min(fac.trusted_rank, 20)
+    np.testing.assert_array_equal(fac.perm[:k], expected.perm[:k])

@@ -167,7 +167,8 @@ def _whole_product(block, buffer):
     one ``?syrk`` (half a GEMM's flops: the call of the floor ``XᵀX`` itself); torch and CuPy,
     which have no ``syrk``, multiply panel by panel (the triangle's flops, not a full GEMM's),
     and torch on the CPU in shorter steps of rows (:func:`._blocking.product_step`), each only
-    up to its own last column. Returns ``(buffer, rows, symmetric)``: ``symmetric`` False
+    up to its own last column, or, on one thread, through NumPy's BLAS into the same panels
+    (:func:`_product_step`). Returns ``(buffer, rows, symmetric)``: ``symmetric`` False
     when the squares' other triangles were left out (zeros there: only each square's lower
     triangle, G's upper one, holds G)."""
     kind = _array.array_kind(block)
@@ -177,7 +178,7 @@ def _whole_product(block, buffer):
     if buffer is None:
         size = _whole_entries(m, kind)
         if kind == "torch":  # left-out entries are zeros, never stale memory
-            buffer = (block.new_empty if step is None else block.new_zeros)(size)
+            buffer = (block.new_zeros if step else block.new_empty)(size)
         else:
             buffer = _xp(block).empty(size, dtype=block.dtype)
     if kind == "numpy":
@@ -185,6 +186,18 @@ def _whole_product(block, buffer):
         np.matmul(block.T, block, out=square)
         return buffer, [square[start:stop, :stop] for start, stop in bounds], True
     rows, offset, symmetric = [], 0, True
+    if step == _NUMPY_BLAS:  # the same panels' rows, through NumPy views of both
+        flat, view = buffer.numpy(), block.numpy()
+        for start, stop in bounds:
+            size = (stop - start) * stop
+            part = flat[offset : offset + size].reshape(stop - start, stop)
+            left = view[:, start:stop].T
+            if start:
+                np.matmul(left, view[:, :start], out=part[:, :start])  # ?gemm
+            np.matmul(left, view[:, start:stop], out=part[:, start:])  # ?syrk, mirrored
+            rows.append(buffer[offset : offset + size].view(stop - start, stop))
+            offset += size
+        return buffer, rows, symmetric
     for start, stop in bounds:
         part = buffer[offset : offset + (stop - start) * stop].reshape(stop - start, stop)
         if step is None or step >= stop - start:
@@ -202,11 +215,28 @@ def _whole_product(block, buffer):
     return buffer, rows, symmetric
 
 
+#: :func:`_product_step`'s answer for a torch block that NumPy's BLAS multiplies.
+_NUMPY_BLAS = 0
+
+
 def _product_step(block) -> int | None:
-    """:func:`._blocking.product_step` for a torch block on the CPU; None (one product per
-    panel) otherwise: GPU GEMMs were not measured in shorter steps."""
+    """How :func:`_whole_product` multiplies a torch block on the CPU: through NumPy's BLAS
+    (``_NUMPY_BLAS``) where torch runs on one thread, else in :func:`._blocking.product_step`
+    rows at a time; None (one product per panel) for other blocks: GPU GEMMs were not
+    measured in shorter steps.
+
+    NumPy's BLAS has ``?syrk`` for each panel's square (half its products, where torch
+    multiplies the whole square or steps of it) and multiplies the rest of a panel's rows in
+    one ``?gemm``: 0.72–0.85× the time of torch's steps, one thread, float32, m = 96 to
+    1,536 (``benchmarks/bench_gram.py --torch-products``). With several torch threads the
+    steps stay with torch: two thread pools (OpenBLAS's and torch's OpenMP one) spin against
+    each other on the same cores."""
     if _array.array_kind(block) != "torch" or block.device.type != "cpu":
         return None
+    import torch
+
+    if torch.get_num_threads() == 1:
+        return _NUMPY_BLAS
     return _blocking.product_step(block.shape[1])
 
 
