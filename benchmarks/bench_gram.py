@@ -6,7 +6,7 @@ element), cast to a new float64 m × m array and added, and a factorization that
 scaled m × m copy (and LAPACK's wrapper a Fortran-ordered one of that). skid stores only the
 upper triangle, in column panels 256 wide (about m (m + 256) / 2 entries), adds each panel's
 product ``block[:, :stop]ᵀ block[:, start:stop]`` into its panel in place (no m × m temporary),
-and factorizes one Fortran-ordered copy of the triangle in place (``factorize(consume=True)``
+and factorizes one C-ordered copy of the triangle in place (``factorize(consume=True)``
 releases each panel as it is copied). Time: median of rounds; memory: tracemalloc's peak over
 what was allocated before (NumPy's buffers are traced), measured in separate runs, and for the
 factorization also the resident set's peak above its start (Linux; tracemalloc counts an array
@@ -17,6 +17,8 @@ product cast to float64 and added, against skid's panels on torch's threads.
 
     python benchmarks/bench_gram.py            # 4096×2048 float32 in batches of 256 rows
     python benchmarks/bench_gram.py --quick    # 1024×512
+    python benchmarks/bench_gram.py --torch-products   # torch's steps or NumPy's BLAS
+    python benchmarks/bench_gram.py --dpstrf-forms     # LAPACK's upper or lower form
 """
 
 from __future__ import annotations
@@ -196,6 +198,75 @@ def bench_torch(n, m, batch, rounds):
     )
 
 
+def bench_torch_products(rounds):
+    """One torch block's panel products on one thread: torch's steps (what several threads
+    use) against NumPy's BLAS (what one thread uses), alternated, with NumPy's ``XᵀX`` of
+    the same block (the floor) measured beside them."""
+    import torch
+
+    from skid._linalg import _blocking, _gram
+
+    torch.set_num_threads(1)
+    rows = []
+    for n, m in ((1460, 96), (2048, 256), (1460, 384), (1460, 1024), (1460, 1536)):
+        block = torch.as_tensor(data(n, m))
+        view = block.numpy()
+        buffers = {}
+
+        def products(way, block=block, m=m):
+            original = _gram._product_step
+            if way == "steps":
+                _gram._product_step = lambda b: _blocking.product_step(m)
+            try:
+                buffers[way] = _gram._whole_product(block, buffers.get(way))[0]
+            finally:
+                _gram._product_step = original
+
+        square = np.empty((m, m), np.float32)
+        ways = {"steps": lambda: products("steps"), "numpy": lambda: products("numpy"),
+                "floor": lambda: np.matmul(view.T, view, out=square)}
+        times = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        rows.append((f"{n}×{m}", med["steps"] * 1e3, med["numpy"] * 1e3,
+                     med["numpy"] / med["steps"], med["numpy"] / med["floor"]))
+    print_table(
+        "one float32 torch block's panel products, one thread (median of "
+        f"{rounds} alternated rounds): torch's steps against NumPy's BLAS, and NumPy's "
+        "XᵀX of the block (the floor)",
+        ["block", "torch steps ms", "NumPy BLAS ms", "NumPy ÷ steps", "NumPy ÷ floor"],
+        rows, ["s", ".2f", ".2f", ".2f", ".2f"])
+
+
+def bench_dpstrf_forms(rounds):
+    """LAPACK's pivoted Cholesky given a Fortran-ordered upper triangle (the form skid
+    passed before) against the lower one (a C-ordered upper triangle's transpose: what
+    ``factorize_gram`` passes now), alternated, one BLAS thread."""
+    rows = []
+    for m in (256, 768, 1536):
+        X = data(2 * m, m).astype(np.float64)
+        gram = np.asfortranarray(X.T @ X)
+        ways = {"upper": lambda g=gram: lapack.dpstrf(g.copy(order="F"), lower=0,
+                                                      overwrite_a=1),
+                "lower": lambda g=gram: lapack.dpstrf(g.copy(order="F"), lower=1,
+                                                      overwrite_a=1)}
+        times = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        rows.append((m, med["upper"] * 1e3, med["lower"] * 1e3, med["lower"] / med["upper"]))
+    print_table(f"dpstrf of an m × m Gram, one thread (median of {rounds} alternated rounds, "
+                "copy included)", ["m", "upper ms", "lower ms", "lower ÷ upper"], rows,
+                ["d", ".1f", ".1f", ".2f"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024×512 only")
@@ -203,8 +274,18 @@ def main():
     parser.add_argument("--batch", type=int, default=256, help="rows per update")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS threads; 0: the libraries' defaults")
+    parser.add_argument("--torch-products", action="store_true",
+                        help="only the table of torch's panel products on one thread")
+    parser.add_argument("--dpstrf-forms", action="store_true",
+                        help="only the table of LAPACK's two triangle forms")
     args = parser.parse_args()
     set_threads(args.threads)
+    if args.torch_products or args.dpstrf_forms:
+        if args.torch_products:
+            bench_torch_products(7 if args.quick else 15)
+        if args.dpstrf_forms:
+            bench_dpstrf_forms(3 if args.quick else 9)
+        return
     with contextlib.suppress(OSError, AttributeError):  # glibc: freed arrays go back to the OS,
         ctypes.CDLL(None).mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: the resident set follows
     n, m = (1024, 512) if args.quick else (4096, 2048)

@@ -121,10 +121,11 @@ def main() -> None:
     for label, prune in (("channels", "channels"), ("channels + heads", ("channels", "heads"))):
         fit = lambda p=prune: NetworkCompressor(model, tol=0.05, prune=p).fit(calib)  # noqa: E731
         cost_rows(rows, splits, label, lambda: embed(model, calib), fit, rounds)
-    llama_rows(rows, splits, 64 if args.quick else 512, rounds)
+    # the LLaMA's rounds cost a second each: more of them steady its medians
+    llama_rows(rows, splits, 64 if args.quick else 512, rounds if args.quick else 9)
     print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
                 f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
-                f"of {rounds} interleaved rounds)",
+                f"of {rounds} interleaved rounds, {rounds if args.quick else 9} for the LLaMA)",
                 ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
     print_table("MiniLM and LLaMA, where fit's time goes (shares of the median fit, each "
                 "second counted once): the model's forward passes (hooks and Gram excluded), "

@@ -32,7 +32,8 @@ MIRROR_STEP = 128
 
 
 def product_step(m: int) -> int:
-    """Rows of G per product where torch multiplies an m-wide triangle on the CPU: each
+    """Rows of G per product where torch multiplies an m-wide triangle on the CPU (on
+    several threads; one thread goes through NumPy's BLAS, see ``_gram._product_step``): each
     step's rows only up to their own last column (written in place into the 256-wide panel),
     so less of each panel's square is multiplied than in one product per panel. Measured
     (torch 2.13, float32, one thread, 1,460–2,048 rows): 0.71× the panel products' time at

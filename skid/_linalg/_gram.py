@@ -227,10 +227,10 @@ def _product_step(block) -> int | None:
 
     NumPy's BLAS has ``?syrk`` for each panel's square (half its products, where torch
     multiplies the whole square or steps of it) and multiplies the rest of a panel's rows in
-    one ``?gemm``: 0.72–0.85× the time of torch's steps, one thread, float32, m = 96 to
+    one ``?gemm``: 0.72–0.89× the time of torch's steps, one thread, float32, m = 96 to
     1,536 (``benchmarks/bench_gram.py --torch-products``). With several torch threads the
     steps stay with torch: two thread pools (OpenBLAS's and torch's OpenMP one) spin against
-    each other on the same cores."""
+    each other on the same cores (MiniLM's fit on two threads of each took twice as long)."""
     if _array.array_kind(block) != "torch" or block.device.type != "cpu":
         return None
     import torch
