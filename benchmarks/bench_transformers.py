@@ -13,8 +13,9 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
 2. Heads: half of each layer's heads (6 of 12) alone, and with the FFN at half width, for ID,
    ID without T (the ID's heads, the output projection just drops the others) and magnitude
    (heads with the largest query-row and output-column norms).
-3. Cost: ``fit`` time ÷ one forward pass over the same calibration batches (median of rounds,
-   the two interleaved), and where fit's time goes (forward, Gram, hooks, factorization,
+3. Cost: ``fit`` time ÷ one forward pass over the same calibration batches (the median of
+   each round's ratio, the two run back to back: a shared machine's speed drifts between
+   rounds, less within one), and where fit's time goes (forward, Gram, hooks, factorization,
    surgery, finding the units: shares of the median fit, each second counted once).
 
     python benchmarks/bench_transformers.py            # about five minutes on 2 cores
@@ -124,8 +125,9 @@ def main() -> None:
     # the LLaMA's rounds cost a second each: more of them steady its medians
     llama_rows(rows, splits, 64 if args.quick else 512, rounds if args.quick else 9)
     print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
-                f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s), median "
-                f"of {rounds} interleaved rounds, {rounds if args.quick else 9} for the LLaMA)",
+                f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s); medians "
+                f"of {rounds} rounds, {rounds if args.quick else 9} for the LLaMA, the ratio "
+                "the median of each round's)",
                 ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
     print_table("MiniLM and LLaMA, where fit's time goes (shares of the median fit, each "
                 "second counted once): the model's forward passes (hooks and Gram excluded), "
@@ -216,20 +218,23 @@ def cost_rows(rows, splits, label, forward, fit, rounds) -> None:
 
     times = interleaved({"forward": forward, "fit": timed_fit}, rounds)
     median = sorted(fits, key=lambda s: s.total)[len(fits) // 2]
-    rows.append((label, times["forward"], times["fit"], times["fit"] / times["forward"]))
+    ratio = statistics.median(f / b for f, b in zip(times["fit"], times["forward"],
+                                                    strict=True))
+    rows.append((label, statistics.median(times["forward"]), statistics.median(times["fit"]),
+                 ratio))
     splits.append((label, *median.shares()))
 
 
 def interleaved(ways: dict, rounds: int) -> dict:
-    """Median time of each way (seconds, on ``CLOCK``), the ways run one after the other each
-    round."""
+    """Each way's times (seconds, on ``CLOCK``), one per round, the ways run one after the
+    other each round."""
     times = {name: [] for name in ways}
     for _ in range(rounds):
         for name, fn in ways.items():
             start = CLOCK[0]()
             fn()
             times[name].append(CLOCK[0]() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 #: The parts of fit's time: (module, attribute) of the functions whose calls are timed as each
