@@ -12,10 +12,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str) -> str:
-    """stdout of ``python benchmarks/<script> --quick``; fails the test on a non-zero exit."""
+def run_quick(script: str, *options: str) -> str:
+    """stdout of ``python benchmarks/<script> --quick [options]``; fails the test on a
+    non-zero exit."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), "--quick", *options],
         capture_output=True, text=True, timeout=180, cwd=BENCHMARKS.parent,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -126,6 +127,13 @@ def test_bench_gram_quick():
     out = run_quick("bench_gram.py")
     assert len(table_rows(out, "accumulating")) == 4  # 2 precisions × {plain, skid}
     assert len(table_rows(out, "pivoted Cholesky")) == 3
+
+
+def test_bench_gram_torch_products_and_dpstrf_forms_quick():
+    out = run_quick("bench_gram.py", "--torch-products", "--dpstrf-forms")
+    assert len(table_rows(out, "one float32 torch block's panel products")) == 5
+    assert len(table_rows(out, "dpstrf of an m × m Gram")) == 3
+    assert "accumulating" not in out  # only the tables asked for
 
 
 def test_bench_peers_quick():

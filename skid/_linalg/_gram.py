@@ -270,8 +270,8 @@ class GramAccumulator:
     float64 and in the blocks' own library and device — about ``m (m + 256) / 2`` entries
     instead of m², whatever the number of rows; each panel's square ``G[start_p:stop_p,
     start_p:stop_p]`` holds both its triangles (a statistic of m ≤ 256 columns is one
-    symmetric m × m array), except where torch multiplied on the CPU in shorter steps
-    (:func:`_whole_product`): there only the square's lower triangle (G's upper one) holds
+    symmetric m × m array), except where torch multiplied on the CPU in shorter steps (on
+    several threads, :func:`_whole_product`): there only the square's lower triangle (G's upper one) holds
     G, and the other is not read. Each panel's rows of a block's product are added into it in place
     (an empty statistic's first block is copied in, not added to zeros; a one-panel one keeps
     the product's own array); the products are made whole, or panel by panel through an m ×
