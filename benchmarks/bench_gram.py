@@ -198,48 +198,58 @@ def bench_torch(n, m, batch, rounds):
     )
 
 
+def alternated_medians(ways: dict, rounds: int) -> dict:
+    """Median wall time of each way, the ways run one after the other each round."""
+    times = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def bench_torch_products(rounds):
     """One torch block's panel products on one thread: torch's steps (what several threads
     use) against NumPy's BLAS (what one thread uses), alternated, with NumPy's ``XᵀX`` of
     the same block (the floor) measured beside them."""
     import torch
 
-    from skid._linalg import _blocking, _gram
-
     torch.set_num_threads(1)
-    rows = []
-    for n, m in ((1460, 96), (2048, 256), (1460, 384), (1460, 1024), (1460, 1536)):
-        block = torch.as_tensor(data(n, m))
-        view = block.numpy()
-        buffers = {}
-
-        def products(way, block=block, m=m):
-            original = _gram._product_step
-            if way == "steps":
-                _gram._product_step = lambda b: _blocking.product_step(m)
-            try:
-                buffers[way] = _gram._whole_product(block, buffers.get(way))[0]
-            finally:
-                _gram._product_step = original
-
-        square = np.empty((m, m), np.float32)
-        ways = {"steps": lambda: products("steps"), "numpy": lambda: products("numpy"),
-                "floor": lambda: np.matmul(view.T, view, out=square)}
-        times = {name: [] for name in ways}
-        for _ in range(rounds):
-            for name, fn in ways.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        rows.append((f"{n}×{m}", med["steps"] * 1e3, med["numpy"] * 1e3,
-                     med["numpy"] / med["steps"], med["numpy"] / med["floor"]))
+    rows = [_torch_products_row(n, m, rounds)
+            for n, m in ((1460, 96), (2048, 256), (1460, 384), (1460, 1024), (1460, 1536))]
     print_table(
         "one float32 torch block's panel products, one thread (median of "
         f"{rounds} alternated rounds): torch's steps against NumPy's BLAS, and NumPy's "
         "XᵀX of the block (the floor)",
         ["block", "torch steps ms", "NumPy BLAS ms", "NumPy ÷ steps", "NumPy ÷ floor"],
         rows, ["s", ".2f", ".2f", ".2f", ".2f"])
+
+
+def _torch_products_row(n, m, rounds) -> tuple:
+    import torch
+
+    from skid._linalg import _blocking, _gram
+
+    block = torch.as_tensor(data(n, m))
+    view = block.numpy()
+    buffers = {}
+
+    def products(way):
+        original = _gram._product_step
+        if way == "steps":
+            _gram._product_step = lambda b: _blocking.product_step(m)
+        try:
+            buffers[way] = _gram._whole_product(block, buffers.get(way))[0]
+        finally:
+            _gram._product_step = original
+
+    square = np.empty((m, m), np.float32)
+    med = alternated_medians({"steps": lambda: products("steps"),
+                              "numpy": lambda: products("numpy"),
+                              "floor": lambda: np.matmul(view.T, view, out=square)}, rounds)
+    return (f"{n}×{m}", med["steps"] * 1e3, med["numpy"] * 1e3,
+            med["numpy"] / med["steps"], med["numpy"] / med["floor"])
 
 
 def bench_dpstrf_forms(rounds):
@@ -254,13 +264,7 @@ def bench_dpstrf_forms(rounds):
                                                       overwrite_a=1),
                 "lower": lambda g=gram: lapack.dpstrf(g.copy(order="F"), lower=1,
                                                       overwrite_a=1)}
-        times = {name: [] for name in ways}
-        for _ in range(rounds):
-            for name, fn in ways.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        med = alternated_medians(ways, rounds)
         rows.append((m, med["upper"] * 1e3, med["lower"] * 1e3, med["lower"] / med["upper"]))
     print_table(f"dpstrf of an m × m Gram, one thread (median of {rounds} alternated rounds, "
                 "copy included)", ["m", "upper ms", "lower ms", "lower ÷ upper"], rows,

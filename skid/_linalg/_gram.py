@@ -271,12 +271,12 @@ class GramAccumulator:
     instead of m², whatever the number of rows; each panel's square ``G[start_p:stop_p,
     start_p:stop_p]`` holds both its triangles (a statistic of m ≤ 256 columns is one
     symmetric m × m array), except where torch multiplied on the CPU in shorter steps (on
-    several threads, :func:`_whole_product`): there only the square's lower triangle (G's upper one) holds
-    G, and the other is not read. Each panel's rows of a block's product are added into it in place
-    (an empty statistic's first block is copied in, not added to zeros; a one-panel one keeps
-    the product's own array); the products are made whole, or panel by panel through an m ×
-    256 buffer for the widest statistics (``products``), so accumulating never holds an m × m
-    temporary past ``_WHOLE_PRODUCT_BYTES``.
+    several threads, :func:`_whole_product`): there only the square's lower triangle (G's
+    upper one) holds G, and the other is not read. Each panel's rows of a block's product
+    are added into it in place (an empty statistic's first block is copied in, not added to
+    zeros; a one-panel one keeps the product's own array); the products are made whole, or
+    panel by panel through an m × 256 buffer for the widest statistics (``products``), so
+    accumulating never holds an m × m temporary past ``_WHOLE_PRODUCT_BYTES``.
 
     Each block is checked before anything is added, from its product's diagonal alone (its
     columns' sums of squares: ``|G_ij| ≤ sqrt(G_ii G_jj)``, so a finite diagonal in range
@@ -522,8 +522,8 @@ class GramAccumulator:
         """The pivoted Cholesky factorization of the accumulated Gram matrix (on the host).
 
         The triangle is copied into the upper triangle of one new C-ordered m × m float64
-        array, which LAPACK factorizes in place. A one-panel statistic (m ≤ 256) is the whole Gram: it is read in
-        place (on the host), and copied only when LAPACK runs.
+        array, which LAPACK factorizes in place. A one-panel statistic (m ≤ 256) is the whole
+        Gram: it is read in place (on the host), and copied only when LAPACK runs.
 
         Parameters
         ----------
