@@ -236,9 +236,11 @@ def test_factorize_gram_reads_one_triangle_in_any_layout():
         _linalg.factorize_gram(torn)  # the NaN triangle is checked unless told it is unread
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0**990])  # 2**990: divided by a power of two first
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("layout", ["C", "F", "F symmetric", "strided"])
-def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout, overwrite):
+def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout, overwrite,
+                                                             scale):
     # dpstrf on a Fortran-ordered upper triangle walks rows across the columns (1.7x slower
     # at m = 1,536): every layout reaches it as the lower triangle of a Fortran-ordered array
     from scipy.linalg import lapack
@@ -253,7 +255,8 @@ def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout,
 
     monkeypatch.setattr(_cholesky.lapack, "dpstrf", spy)
     m = 300
-    gram = exact_gram(data(400, m))
+    gram = exact_gram(data(400, m)) * scale
+    assert (_cholesky._shift(float(gram.diagonal().max())) != 0) == (scale != 1.0)
     reference = _linalg.factorize_gram(gram.copy())
     given = {"C": np.triu(gram), "F": np.asfortranarray(np.triu(gram)),
              "F symmetric": np.asfortranarray(gram),
