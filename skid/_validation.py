@@ -101,16 +101,26 @@ def _meets(value, constraint) -> bool:
 
 
 #: Parameter values that met their owner's constraints: a fit's checks are per-fit constants
-#: (≈ 20 µs of Python per estimator, more on the caches a large product leaves cold).
+#: (≈ 20 µs of Python per estimator, more on the caches a large product leaves cold). Only
+#: plain values are kept (:func:`_plain`): an object (a model, a process group, a cache) is
+#: checked every time, so the set never keeps one alive or trusts its changed state.
 _MET: set = set()
 _MET_SIZE = 4096
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def _plain(value) -> bool:
+    """A value of a built-in immutable type, or a tuple/frozenset of such values."""
+    if type(value) in (tuple, frozenset):
+        return all(type(item) in _PLAIN_TYPES for item in value)
+    return type(value) in _PLAIN_TYPES
 
 
 def check_params(params: dict, constraints: dict, owner: str) -> None:
     """Raise InvalidParameterError naming every parameter that meets none of its constraints.
 
-    A hashable value that met them once (the same owner, parameter, type and value) is not
-    checked again.
+    A plain value (a number, string, None, or a tuple of those) that met them once (the same
+    owner, parameter, type and value) is not checked again.
 
     >>> check_params({"rank": 0}, {"rank": [Interval(numbers.Integral, 1, None)]}, "ID")
     Traceback (most recent call last):
@@ -120,12 +130,9 @@ def check_params(params: dict, constraints: dict, owner: str) -> None:
     errors = []
     for name, allowed in constraints.items():
         value = params.get(name)
-        try:  # a value met before (the same type and value) meets its constraints again
-            key = (owner, name, type(value), value)
-            if key in _MET:
-                continue
-        except TypeError:  # unhashable: checked every time
-            key = None
+        key = (owner, name, type(value), value) if _plain(value) else None
+        if key is not None and key in _MET:  # met before: the same type and value
+            continue
         if any(_meets(value, c) for c in allowed):
             if key is not None and len(_MET) < _MET_SIZE:
                 _MET.add(key)

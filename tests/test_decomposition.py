@@ -412,3 +412,20 @@ def test_a_parameter_value_met_before_is_told_from_one_of_another_type():
         InterpolativeDecomposition(rank=True).fit(X)
     with pytest.raises(InvalidParameterError, match="'tol' parameter"):
         InterpolativeDecomposition(tol=float("nan")).fit(X)
+
+
+def test_the_parameter_check_keeps_no_model_alive():
+    # only plain values are remembered as met: a model passed as a parameter is released
+    import gc
+    import weakref
+
+    import torch
+
+    from skid import NetworkCompressor
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    alive = weakref.ref(model)
+    NetworkCompressor(model=model, rank=0.5).fit(torch.randn(64, 4))
+    del model
+    gc.collect()
+    assert alive() is None
