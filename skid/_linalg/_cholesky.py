@@ -86,16 +86,15 @@ def factorize_gram(
             return _unscaled(fac, shift // 2 + scale_exp, product_eps)
     if not writable:
         source = _lapack_matrix(source, 0, False, symmetric)
-    lower = int(not source.flags.f_contiguous)  # LAPACK's Fortran order reads the transpose
-    with small_step(m):
-        factor, piv, rank, info = lapack.dpstrf(
-            source.T if lower else source, lower=lower, tol=cutoff, overwrite_a=True)
+    with small_step(m):  # the C-ordered upper triangle: LAPACK's lower one of the transpose
+        factor, piv, rank, info = lapack.dpstrf(source.T, lower=1, tol=cutoff,
+                                                overwrite_a=True)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     if n_samples is not None:
         rank = min(rank, int(n_samples))
     perm = piv[:m].astype(np.int64) - 1
-    U = (factor.T if lower else factor)[:rank]
+    U = factor.T[:rank]
     for i in range(1, rank):  # the upper factor in place (np.triu would copy m × m)
         U[i, :i] = 0.0
     sq_tail = np.empty(m + 1)
