@@ -186,21 +186,11 @@ def _whole_product(block, buffer):
         np.matmul(block.T, block, out=square)
         return buffer, [square[start:stop, :stop] for start, stop in bounds], True
     rows, offset, symmetric = [], 0, True
-    if step == _NUMPY_BLAS:  # the same panels' rows, through NumPy views of both
-        flat, view = buffer.numpy(), block.numpy()
-        for start, stop in bounds:
-            size = (stop - start) * stop
-            part = flat[offset : offset + size].reshape(stop - start, stop)
-            left = view[:, start:stop].T
-            if start:
-                np.matmul(left, view[:, :start], out=part[:, :start])  # ?gemm
-            np.matmul(left, view[:, start:stop], out=part[:, start:])  # ?syrk, mirrored
-            rows.append(buffer[offset : offset + size].view(stop - start, stop))
-            offset += size
-        return buffer, rows, symmetric
     for start, stop in bounds:
         part = buffer[offset : offset + (stop - start) * stop].reshape(stop - start, stop)
-        if step is None or step >= stop - start:
+        if step == _NUMPY_BLAS:  # through NumPy views of the block and the panel's rows
+            _numpy_panel_rows(block.numpy(), part.numpy(), start, stop)
+        elif step is None or step >= stop - start:
             _xp(block).matmul(block[:, start:stop].T, block[:, :stop], out=part)
         else:  # written in place: BLAS's leading dimension is the panel's row length
             import torch
@@ -213,6 +203,15 @@ def _whole_product(block, buffer):
         rows.append(part)
         offset += (stop - start) * stop
     return buffer, rows, symmetric
+
+
+def _numpy_panel_rows(block: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """``out = block[:, start:stop]ᵀ block[:, :stop]``: one ``?gemm`` left of the square,
+    ``?syrk`` on it (NumPy fills both of its triangles)."""
+    left = block[:, start:stop].T
+    if start:
+        np.matmul(left, block[:, :start], out=out[:, :start])
+    np.matmul(left, block[:, start:stop], out=out[:, start:])
 
 
 #: :func:`_product_step`'s answer for a torch block that NumPy's BLAS multiplies.
