@@ -157,6 +157,29 @@ def stopwatch(store: dict, key: str):
 # --------------------------------------------------------------------------------- tables
 
 
+def replace_everywhere(module_name: str, attribute: str, wrap) -> list:
+    """Replace skid's ``module_name.attribute`` (a dotted path: ``Class.method`` too) by
+    ``wrap(original)`` in its module and in every skid module that imported it by name;
+    returns ``[(place, name, original)]`` to put back. None where the attribute is missing
+    (a checkout without that step): nothing replaced, ``[]``."""
+    import importlib
+
+    owner = importlib.import_module(module_name)
+    *path, name = attribute.split(".")
+    for step in path:
+        owner = getattr(owner, step)
+    original = getattr(owner, name, None)
+    if original is None:
+        return []
+    wrapped = wrap(original)
+    places = [owner] + [m for n, m in list(sys.modules.items()) if n.startswith("skid")
+                        and m is not None and m is not owner
+                        and getattr(m, name, None) is original]
+    for place in places:
+        setattr(place, name, wrapped)
+    return [(place, name, original) for place in places]
+
+
 def print_table(title, header, rows, formats) -> None:
     """Print a Markdown table: ``formats`` holds one format spec per column (``"s"``: text,
     left-aligned; ``".3f"``, ``"d"`` ...: numbers, right-aligned)."""

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import statistics
-import sys
 import time
 
-import torch
-from _models import print_table, set_threads
+from _models import print_table, replace_everywhere, set_threads
 
 from skid import NetworkCompressor
 
@@ -49,37 +46,24 @@ def instrument(seconds: dict) -> None:
     """Wrap every step's function (in its module and wherever skid imported it by name) to
     add its CPU seconds to ``seconds[label]``."""
     for label, module_name, attribute in STEPS:
-        owner = importlib.import_module(module_name)
-        *path, name = attribute.split(".")
-        for step in path:
-            owner = getattr(owner, step)
-        original = getattr(owner, name, None)
-        if original is None:
-            continue
+        replace_everywhere(module_name, attribute, functools.partial(_timed, seconds, label))
 
-        @functools.wraps(original)
-        def timed(*args, _original=original, _label=label, **kwargs):
-            start = time.process_time()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                seconds[_label] = seconds.get(_label, 0.0) + time.process_time() - start
 
-        places = [owner] + [m for n, m in list(sys.modules.items()) if n.startswith("skid")
-                            and m is not None and getattr(m, name, None) is original]
-        for place in places:
-            setattr(place, name, timed)
+def _timed(seconds: dict, label: str, original):
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[label] = seconds.get(label, 0.0) + time.process_time() - start
+    return timed
 
 
 def llama_fit(prune):
-    import transformers
-    from _llm import HEAD_DIM, HEADS, HIDDEN, INNER, KV_HEADS, LAYERS, SEQ, stdlib_tokens, windows
+    from _llm import make_llama, stdlib_tokens, windows
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        max_position_embeddings=SEQ, tie_word_embeddings=False)).eval()
+    model = make_llama(0).eval()
     ids = {"input_ids": windows(stdlib_tokens(300_000)[0], 512, seed=1)[:, :-1]}
     return lambda: NetworkCompressor(model, tol=0.05, prune=prune, batch_size=32).fit(ids)
 

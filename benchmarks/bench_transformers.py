@@ -25,6 +25,7 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import re
 import statistics
@@ -33,7 +34,7 @@ import time
 import numpy as np
 import torch
 from _baselines import heads_sliced, magnitude_heads
-from _models import print_table, set_threads
+from _models import print_table, replace_everywhere, set_threads
 
 from skid import NetworkCompressor
 from skid.nn import OutputsObjective
@@ -181,14 +182,9 @@ def quality_tables(model, calib, test, n) -> None:
 def llama_rows(rows, splits, n, rounds) -> None:
     """The cost rows of the LLaMA-shaped LM of ``_llm.py`` (its shape, random weights: the
     cost does not need the training), ``n`` windows of its 64 tokens in batches of 32."""
-    import transformers
-    from _llm import HEAD_DIM, HEADS, HIDDEN, INNER, KV_HEADS, LAYERS, SEQ, stdlib_tokens, windows
+    from _llm import make_llama, stdlib_tokens, windows
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        max_position_embeddings=SEQ, tie_word_embeddings=False)).eval()
+    model = make_llama(0).eval()
     ids = windows(stdlib_tokens(300_000)[0], n, seed=1)[:, :-1]
 
     def forward():
@@ -267,26 +263,13 @@ class TimeSplit:
         self._undo = []
 
     def __enter__(self):
-        import importlib
-        import sys
-
         for part, targets in _PARTS.items():
             for module_name, attribute in targets:
-                owner = importlib.import_module(module_name)
-                *path, name = attribute.split(".")
-                for step in path:
-                    owner = getattr(owner, step)
-                original = getattr(owner, name)
-                wrapped = self._timed(part, original)
-                if name == "_accumulating_hook":  # a factory: time the hooks it makes
-                    wrapped = self._factory(part, original)
-                # the module's own name, and every skid module that imported it by name
-                places = [owner] + [m for n, m in list(sys.modules.items())
-                                    if n.startswith("skid") and m is not None
-                                    and getattr(m, name, None) is original and m is not owner]
-                for place in places:
-                    self._undo.append((place, name, original))
-                    setattr(place, name, wrapped)
+                # a factory's hooks are timed (the Gram's hook), other functions' calls
+                wrap = (functools.partial(self._factory, part)
+                        if attribute == "_accumulating_hook"
+                        else functools.partial(self._timed, part))
+                self._undo += replace_everywhere(module_name, attribute, wrap)
         return self
 
     def __exit__(self, *exc):
@@ -300,8 +283,6 @@ class TimeSplit:
         return factory
 
     def _timed(self, part, fn):
-        import functools
-
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             frame = [part, CLOCK[0](), 0.0]
