@@ -250,6 +250,8 @@ def test_block_pivoting_in_rounds_keeps_equal_counts_per_group():
 
 def _greedy_by_trace(G, blocks, partition=None):
     """The block greedy as first written: each gain the trace of an m × m product ``hᵀh``."""
+    from skid._linalg._psd import inverse_root_product
+
     S, m = G.copy(), G.shape[0]
     cutoff = np.finfo(float).eps * m * max(float(np.trace(S)), np.finfo(float).tiny)
     labels = np.zeros(len(blocks), int) if partition is None else np.asarray(partition)
@@ -259,10 +261,9 @@ def _greedy_by_trace(G, blocks, partition=None):
             served = set()
         eligible = [b for b in remaining if partition is None or labels[b] not in served]
         halves = []
-        for b in eligible:
-            w, V = np.linalg.eigh(S[np.ix_(blocks[b], blocks[b])])
-            keep = w > cutoff
-            halves.append((V[:, keep] / np.sqrt(w[keep])).T @ S[blocks[b]])
+        for b in eligible:  # the same halves as the factorization's
+            halves.append(inverse_root_product(S[np.ix_(blocks[b], blocks[b])], S[blocks[b]],
+                                               cutoff))
         gains = [float(np.trace(h.T @ h)) for h in halves]
         gains_of_steps.append((halves, gains))
         best = eligible[int(np.argmax(gains))]
@@ -298,7 +299,7 @@ def test_block_pivoting_gains_as_norms_keep_the_trace_greedy(seed, rounds):
 @pytest.mark.parametrize("rank", [24, 10, 0])
 def test_block_pivoting_t_solve_is_scipys_pinvh(rank):
     # T from syevd, as scipy.linalg.pinvh (syev) gives it: full rank, dependent columns, zeros
-    from skid._linalg._block_pivoting import pinvh_solve
+    from skid._linalg._psd import pinvh_solve
 
     rng = np.random.default_rng(rank)
     X = rng.standard_normal((80, rank)) @ rng.standard_normal((rank, 24)) * 1e3
@@ -464,3 +465,76 @@ def test_select_writes_T_in_the_original_column_order():
     np.testing.assert_array_equal(T[:, keep], np.eye(k))
     residual = np.linalg.norm(X - X[:, keep] @ T) / np.linalg.norm(X)
     assert residual == pytest.approx(fac.errors[k], rel=1e-6)
+
+
+def _psd_with_spectrum(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues),) * 2))
+    A = (Q * np.asarray(eigenvalues, dtype=float)) @ Q.T
+    return (A + A.T) / 2
+
+
+@pytest.mark.parametrize("n", [1, 4, 16, 64])
+def test_a_definite_factor_only_where_no_eigenvalue_is_at_or_below_the_cutoff(n):
+    """The Cholesky path is taken only where the pseudo-inverse would drop nothing: never with
+    the smallest eigenvalue at or below the cutoff (or near it), always well above it."""
+    from skid._linalg._psd import definite_factor
+
+    cutoff = 1e-6
+    for f in [0.0, 0.5, 1.0 - 1e-9, 1.0]:  # at or below the cutoff: never Cholesky
+        A = _psd_with_spectrum(np.r_[np.linspace(1.0, 2.0, n - 1), f * cutoff], seed=n)
+        assert definite_factor(A, cutoff) is None, f
+    rng = np.random.default_rng(n)
+    for trial in range(50):  # around the cutoff: a factor only where the smallest is above
+        smallest = cutoff * 10.0 ** rng.uniform(-3, 3)
+        A = _psd_with_spectrum(np.r_[10.0 ** rng.uniform(-6, 1, n - 1), smallest], trial)
+        if definite_factor(A, cutoff) is not None:
+            assert np.linalg.eigvalsh(A).min() > cutoff
+    A = _psd_with_spectrum(np.r_[np.linspace(1.0, 2.0, n - 1), 1e3 * cutoff], seed=n)
+    L = definite_factor(A, cutoff)
+    assert L is not None
+    np.testing.assert_allclose(L @ L.T, A, atol=1e-13)
+    assert np.array_equal(L, np.tril(L))
+    assert definite_factor(np.zeros((n, n)), 0.0) is None
+    assert definite_factor(-np.eye(n), 0.0) is None  # not positive semi-definite
+
+
+@pytest.mark.parametrize("rank", [16, 9, 0])
+def test_inverse_root_products_match_the_eigendecompositions(monkeypatch, rank):
+    """``HᵀH = Bᵀ A⁺ B`` either way: Cholesky where A is safely definite, the eigenpairs
+    above the cutoff otherwise (then exactly the old computation)."""
+    from skid._linalg import _psd
+
+    rng = np.random.default_rng(rank)
+    X = rng.standard_normal((60, rank)) @ rng.standard_normal((rank, 40))
+    G = X.T @ X
+    cutoff = np.finfo(float).eps * 40 * max(np.trace(G), np.finfo(float).tiny)
+    A, B = G[:16, :16], G[:16]
+    w, V = np.linalg.eigh(A)
+    keep = w > cutoff
+    by_eigh = (V[:, keep] / np.sqrt(w[keep])).T @ B
+    H = _psd.inverse_root_product(A, B, cutoff)
+    scale = max(1.0, np.abs(by_eigh.T @ by_eigh).max())
+    np.testing.assert_allclose(H.T @ H, by_eigh.T @ by_eigh, atol=1e-9 * scale)
+    assert (_psd.definite_factor(A, cutoff) is not None) == (rank >= 16)
+    if rank < 16:  # singular: the eigendecomposition's own result, bit for bit
+        np.testing.assert_array_equal(H, by_eigh)
+
+
+def test_pinvh_solve_takes_cholesky_only_for_a_safely_definite_matrix(monkeypatch):
+    """A well-conditioned Gram block is solved from its Cholesky factor (no eigenvalues
+    computed); one with an eigenvalue near the pseudo-inverse's cutoff goes through them."""
+    from skid._linalg import _psd
+
+    calls = []
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
+    B = np.random.default_rng(0).standard_normal((16, 5))
+    good = _psd_with_spectrum(np.linspace(1.0, 10.0, 16))
+    np.testing.assert_allclose(_psd.pinvh_solve(good, B), scipy.linalg.pinvh(good) @ B,
+                               rtol=1e-10)
+    assert calls == []
+    near = _psd_with_spectrum(np.r_[np.linspace(1.0, 10.0, 15), 1e-14])
+    np.testing.assert_allclose(_psd.pinvh_solve(near, B), scipy.linalg.pinvh(near) @ B,
+                               atol=1e-6 * np.abs(scipy.linalg.pinvh(near) @ B).max())
+    assert calls == [(16, 16)]

@@ -42,7 +42,7 @@ from .. import _array, _policy
 
 # Where each route stops resolving errors is a rule of the policy (re-exported here).
 from .._policy import FLOAT32_GRAM_RELIABLE_ERROR, GRAM_RELIABLE_ERROR
-from ._block_pivoting import BlockPivotedFactorization, pinvh_solve
+from ._block_pivoting import BlockPivotedFactorization
 from ._blocking import (
     BLOCK_ELEMENTS,
     NATIVE_BLOCK_ROWS,
@@ -59,6 +59,7 @@ from ._cholesky import factorize_gram
 from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
 from ._gram import GramAccumulator, triangle_size
 from ._outputs import factorize_for_outputs
+from ._psd import pinvh_solve
 from ._randomized import randomized_factorization
 from ._threads import one_blas_thread, small_step
 from ._tsqr import QRAccumulator, factorize_triangular
