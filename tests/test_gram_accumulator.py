@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import pytest
 
-from skid import InterpolativeDecomposition, _linalg
+from skid import InterpolativeDecomposition, _array, _linalg
 from skid._linalg import _blocking, _gram
 
 
@@ -243,17 +243,15 @@ def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout,
                                                              scale):
     # dpstrf on a Fortran-ordered upper triangle walks rows across the columns (1.7x slower
     # at m = 1,536): every layout reaches it as the lower triangle of a Fortran-ordered array
-    from scipy.linalg import lapack
-
     from skid._linalg import _cholesky
 
-    seen, dpstrf = [], lapack.dpstrf
+    seen, dpstrf = [], _cholesky.dpstrf
 
-    def spy(a, lower=0, **kwargs):
+    def spy(a, lower, tol):
         seen.append((a.flags.f_contiguous, lower))
-        return dpstrf(a, lower=lower, **kwargs)
+        return dpstrf(a, lower, tol)
 
-    monkeypatch.setattr(_cholesky.lapack, "dpstrf", spy)
+    monkeypatch.setattr(_cholesky, "dpstrf", spy)
     m = 300
     gram = exact_gram(data(400, m)) * scale
     assert (_cholesky._shift(float(gram.diagonal().max())) != 0) == (scale != 1.0)
@@ -264,7 +262,7 @@ def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout,
     before = given.copy(order="K")
     fac = _linalg.factorize_gram(given, overwrite=overwrite, upper=True,
                                  symmetric=layout == "F symmetric")
-    assert seen[-1] == (True, 1)
+    assert seen[-1] == (True, True)
     np.testing.assert_array_equal(fac.perm, reference.perm)
     np.testing.assert_allclose(fac.U, reference.U, rtol=1e-12, atol=1e-12 * np.abs(gram).max())
     if not overwrite or layout == "strided":
@@ -275,18 +273,18 @@ def test_lapack_factorizes_the_columns_form_in_every_layout(monkeypatch, layout,
     # the accumulator's statistic, one panel or several, reaches it the same way
     for width in (200, m):
         _linalg.GramAccumulator().update(data(400, width)).factorize(consume=overwrite)
-        assert seen[-1] == (True, 1)
+        assert seen[-1] == (True, True)
 
 
 def test_the_upper_triangle_mirrored_in_place_is_the_symmetric_matrix():
-    from skid._linalg._cholesky import _mirror_upper
+    from skid._linalg._cholesky import mirror_upper
 
     for m in (1, 5, _blocking.MIRROR_STEP, 2 * _blocking.MIRROR_STEP + 3):
         full = exact_gram(data(m + 3, m))
         for order in "CF":
             torn = np.array(np.triu(full), order=order)
             torn[np.tril_indices(m, -1)] = np.nan
-            np.testing.assert_array_equal(_mirror_upper(torn), full)
+            np.testing.assert_array_equal(mirror_upper(torn), full)
 
 
 def test_reading_the_gram_midway_keeps_the_sum_right(narrow_steps):
@@ -529,6 +527,7 @@ def test_torch_cpu_products_in_short_steps_leave_out_the_squares_other_triangle(
     np.testing.assert_array_equal(gram, gram.T)
     np.testing.assert_allclose(gram, exact_gram(X), rtol=0,
                                atol=1e-12 * np.abs(exact_gram(X)).max())
+    np.testing.assert_array_equal(acc.host_gram(), gram)  # NumPy's assembly, the same matrix
     numpy_acc = _linalg.GramAccumulator(precision).update(X)
     packed = numpy_acc.triangle()
     np.testing.assert_allclose(acc.triangle().numpy(), packed, rtol=0,
@@ -586,3 +585,26 @@ def test_torch_on_one_thread_multiplies_through_numpys_blas_into_the_same_panels
     fac, expected = acc.factorize(), numpy_acc.factorize()
     k = min(fac.trusted_rank, 20)
     np.testing.assert_array_equal(fac.perm[:k], expected.perm[:k])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("m", [1, 70, 256, 300, 600])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_host_gram_is_the_gram_as_a_new_numpy_array(kind, m, threads):
+    """``host_gram`` is ``gram`` bit for bit, a new float64 NumPy array (one panel or several;
+    squares with both triangles, or, torch on two threads, with only G's), and the statistic
+    goes on accumulating after it."""
+    torch.set_num_threads(threads)  # the autouse fixture restores
+    X = data(120, m)
+    convert = torch.as_tensor if kind == "torch" else np.asarray
+    acc = _linalg.GramAccumulator("native")
+    for part in np.array_split(X, 3):
+        acc.update(convert(part.astype(np.float32)))
+    host = acc.host_gram()
+    assert type(host) is np.ndarray and host.dtype == np.float64 and host.flags.c_contiguous
+    np.testing.assert_array_equal(host, _array.to_numpy(acc.gram))
+    assert not any(np.shares_memory(host, _array.to_numpy(p)) for p in acc._panels)
+    host[:] = np.nan  # the caller's to overwrite
+    acc.update(convert(X[:5].astype(np.float32)))
+    np.testing.assert_array_equal(acc.host_gram(), _array.to_numpy(acc.gram))
+    assert _linalg.GramAccumulator().host_gram() is None

@@ -1,5 +1,7 @@
 """The statistics core: pivoted Cholesky of the Gram and pivoted QR of a streamed R factor."""
 
+import threading
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -538,3 +540,70 @@ def test_pinvh_solve_takes_cholesky_only_for_a_safely_definite_matrix(monkeypatc
     np.testing.assert_allclose(_psd.pinvh_solve(near, B), scipy.linalg.pinvh(near) @ B,
                                atol=1e-6 * np.abs(scipy.linalg.pinvh(near) @ B).max())
     assert calls == [(16, 16)]
+
+
+@pytest.mark.parametrize("n, rank", [(0, 0), (1, 1), (7, 7), (300, 300), (300, 120)])
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("tol", [-1.0, 1e-6])
+def test_gil_free_dpstrf_is_scipys_bit_for_bit(n, rank, lower, tol):
+    from scipy.linalg import lapack
+
+    from skid._linalg._nogil import dpstrf
+
+    rng = np.random.default_rng(n + rank)
+    X = rng.standard_normal((n, rank))
+    G = X @ X.T
+    tol = tol * np.trace(G) if tol > 0 else tol
+    theirs = lapack.dpstrf(np.asfortranarray(G), lower=int(lower), tol=tol)
+    a = np.asfortranarray(G)
+    ours = dpstrf(a, lower, tol)
+    assert ours[0] is a  # in place
+    triangle = np.tril if lower else np.triu
+    np.testing.assert_array_equal(triangle(ours[0]), triangle(theirs[0]))
+    np.testing.assert_array_equal(ours[1], theirs[1])
+    assert ours[2:] == tuple(theirs[2:])
+
+
+def test_gil_free_dpstrf_refuses_what_it_cannot_write_in_place():
+    from skid._linalg._nogil import dpstrf
+
+    for bad in (np.eye(3), np.eye(3, dtype=np.float32).T, np.ones((3, 2), order="F")):
+        with pytest.raises(ValueError, match="Fortran-ordered float64"):
+            dpstrf(bad, True, -1.0)
+    frozen = np.asfortranarray(np.eye(3))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        dpstrf(frozen, True, -1.0)
+
+
+def test_gil_free_dpstrf_lets_other_threads_run():
+    """While one worker factorizes, another goes on running Python through the middle half of
+    the call (SciPy's wrapper holds the GIL: the other could only run before and after)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skid._linalg._nogil import dpstrf
+
+    X = np.random.default_rng(0).standard_normal((2000, 2100))
+    a = np.asfortranarray(X @ X.T)
+    stamps, call = [], {}
+    counting, finished = threading.Event(), threading.Event()
+
+    def count():
+        while not finished.is_set():
+            stamps.append(time.perf_counter())
+            counting.set()
+
+    def factorize():
+        counting.wait()
+        call["start"] = time.perf_counter()
+        dpstrf(a, True, -1.0)
+        call["stop"] = time.perf_counter()
+        finished.set()
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(count), pool.submit(factorize)]:
+            future.result()
+    quarter = (call["stop"] - call["start"]) / 4
+    middle = [t for t in stamps if call["start"] + quarter < t < call["stop"] - quarter]
+    assert len(middle) > 10

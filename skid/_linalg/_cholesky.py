@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.linalg import blas, lapack
+from scipy.linalg import blas
 
 from . import _blocking
 from ._blocking import binary_exponent
 from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
 from ._leading import early_pivot_limit, leading_pivots
+from ._nogil import dpstrf
 from ._threads import small_step
 
 
@@ -87,16 +88,14 @@ def factorize_gram(
     if not writable:
         source = _lapack_matrix(source, 0, False, symmetric)
     with small_step(m):  # the C-ordered upper triangle: LAPACK's lower one of the transpose
-        factor, piv, rank, info = lapack.dpstrf(source.T, lower=1, tol=cutoff,
-                                                overwrite_a=True)
+        factor, piv, rank, info = dpstrf(source.T, lower=True, tol=cutoff)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     if n_samples is not None:
         rank = min(rank, int(n_samples))
     perm = piv[:m].astype(np.int64) - 1
     U = factor.T[:rank]
-    for i in range(1, rank):  # the upper factor in place (np.triu would copy m × m)
-        U[i, :i] = 0.0
+    _clear_below_diagonal(U)
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm
     sq_tail[1 : rank + 1] = sq_norm - np.cumsum(np.einsum("ij,ij->i", U, U))
@@ -104,6 +103,18 @@ def factorize_gram(
     errors = relative_errors(sq_tail, sq_norm)
     fac = PivotedFactorization(perm, U, sq_norm, errors, rank, n_samples)
     return _unscaled(fac, shift // 2 + scale_exp, product_eps)
+
+
+def _clear_below_diagonal(U: np.ndarray) -> None:
+    """Zeros below the diagonal of ``U`` (k × m, k ≤ m), in place (``np.triu`` would copy it):
+    by blocks of rows, a handful of array operations rather than one per row (each of which
+    lets another thread take the GIL, and waits to get it back)."""
+    step = _blocking.MIRROR_STEP
+    for start in range(0, U.shape[0], step):
+        rows = U[start : start + step]
+        rows[:, :start] = 0.0
+        square = rows[:, start : start + rows.shape[0]]
+        square[np.tril_indices(rows.shape[0], -1)] = 0.0
 
 
 EPSILON = float(np.finfo(np.float64).epsneg)  # LAPACK's DLAMCH('Epsilon')
@@ -135,7 +146,7 @@ def _lapack_matrix(gram, shift: int, overwrite: bool, symmetric: bool = False):
             a = gram
         else:
             if not symmetric:
-                _mirror_upper(gram)
+                mirror_upper(gram)
             a = gram.T  # the same symmetric matrix, C-ordered
         if shift:
             np.ldexp(a, -shift, out=a)
@@ -148,7 +159,7 @@ def _lapack_matrix(gram, shift: int, overwrite: bool, symmetric: bool = False):
     return a
 
 
-def _mirror_upper(a: np.ndarray) -> np.ndarray:
+def mirror_upper(a: np.ndarray) -> np.ndarray:
     """``a``'s upper triangle copied over its lower one, in place, in square blocks (a
     transpose across a whole m × m array reads a cache line per entry)."""
     m, step = a.shape[0], _blocking.MIRROR_STEP
@@ -231,7 +242,7 @@ def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorizati
         blas.dsyrk(-1.0, tail, beta=1.0, c=schur.T, trans=1, overwrite_c=1)
     if k == 0 or float(np.max(np.diagonal(schur), initial=0.0)) > cutoff:
         with small_step(m):
-            factor, piv, rank, info = lapack.dpstrf(schur.T, tol=cutoff, overwrite_a=True)
+            factor, piv, rank, info = dpstrf(schur.T, lower=False, tol=cutoff)
         if info < 0:
             raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
         order = piv[: m - k].astype(np.int64) - 1
@@ -245,8 +256,7 @@ def _continued(upper, perm, U, cutoff, sq_norm, n_samples) -> PivotedFactorizati
     full[k:, :k] = 0.0
     if rank:
         full[k:, k:] = factor[:rank]
-        for i in range(1, rank):  # the upper factor (np.triu would make two more copies)
-            full[k + i, k : k + i] = 0.0
+        _clear_below_diagonal(full[k:, k:])  # the upper factor (np.triu would copy twice)
     full = full[:trusted]
     sq_tail = np.empty(m + 1)
     sq_tail[0] = sq_norm

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg import lapack
 
 from ._factorization import PivotedFactorization, relative_errors
+from ._nogil import dpstrf
 from ._threads import small_step
 
 
@@ -63,7 +63,8 @@ def _pivots(gram):
     """Pivot order and rank of LAPACK's pivoted Cholesky."""
     m = gram.shape[0]
     with small_step(m):
-        _, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=-1.0)
+        _, piv, rank, info = dpstrf(np.array(gram, dtype=np.float64, order="F"), lower=False,
+                                    tol=-1.0)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected its argument {-info}.")
     return piv[:m].astype(np.int64) - 1, int(rank)

@@ -164,7 +164,7 @@ def _statistic_gram(accumulator) -> np.ndarray:
         R = _array.to_numpy(accumulator.R).astype(np.float64)
         gram = R.T @ R
     else:
-        gram = np.asarray(_array.to_numpy(accumulator.gram), dtype=np.float64)  # a new array
+        gram = accumulator.host_gram()  # a new array
     if not np.isfinite(gram).all():
         raise ValueError("The statistics hold NaN or infinite values.")
     return gram

@@ -126,7 +126,7 @@ class InterceptFactorization:
 
         if isinstance(accumulator, GramAccumulator):
             eps = float(np.finfo(np.float32).eps) if accumulator.float32_products else None
-            centred, mean, sq_norm = centred_gram(_array.to_numpy(accumulator.gram))
+            centred, mean, sq_norm = centred_gram(accumulator.host_gram())
             centred_sq = float(np.trace(centred))
             fac = factorize_gram(centred, accumulator.n_samples, eps)
         else:

@@ -193,7 +193,7 @@ def _roots(accumulators):
     factors, eps = [], float(np.finfo(np.float64).eps)
     for acc in accumulators:
         if hasattr(acc, "gram"):
-            factors.append(_gram_root(_array.to_numpy(acc.gram)))
+            factors.append(_gram_root(acc.host_gram()))
             eps = max(eps, float(np.sqrt(np.finfo(np.float64).eps)))
         else:
             factors.append(_array.to_numpy(acc.R))

@@ -1,8 +1,9 @@
 """Per-unit host work (factorizations, selections) on ``torch.get_num_threads()`` threads.
 
 Each unit's m × m LAPACK work runs on one BLAS thread (one ``dpstrf`` does not speed up with
-more) and releases the GIL, so units run side by side; the results are the sequential ones
-bit for bit, since every unit's arithmetic is unchanged.
+more) and releases the GIL (the pivoted Cholesky through :mod:`skid._linalg._nogil`: SciPy's
+wrapper holds it), so units run side by side; the results are the sequential ones bit for
+bit, since every unit's arithmetic is unchanged.
 """
 
 from __future__ import annotations
