@@ -1,7 +1,5 @@
 """Tests for skid.nn._flops: hand-computed FLOPs per sample and parameter counts."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -161,62 +159,3 @@ def test_hugging_face_attention_scores_are_counted_pruned_or_not():
     assert nc.flops_["after"] == compressed_total
     assert compressed_total - sum(compressed_modules.values()) == (
         2 * (2 * seq * seq * kept * head_dim))
-
-
-def _zoo():
-    """(name, model, args, kwargs, attention blocks) of every model family of the suite."""
-    from .models import make_cnn2d, make_mobilenetv2_block, make_resnet_bottleneck, make_vgg
-
-    yield "mlp", _mlp(), torch.randn(2, 8), None
-    yield "cnn", _cnn(), torch.randn(2, 3, 5, 5), None
-    yield "cnn2d", make_cnn2d(), torch.randn(2, 3, 8, 8), None
-    yield "vgg", make_vgg(), torch.randn(2, 3, 16, 16), None
-    yield "resnet", make_resnet_bottleneck(), torch.randn(2, 3, 16, 16), None
-    yield "mobilenet", make_mobilenetv2_block(), torch.randn(2, 3, 8, 8), None
-    yield "encoder", _encoder(), torch.randn(2, 7, 32), None
-    yield "bert", make_bert_layer(), (), make_text_input(n=2)
-    if importlib.util.find_spec("transformers") is None:
-        return
-    from .hf_models import HF_MODELS
-
-    for name, (factory, make_input) in HF_MODELS.items():
-        batch = make_input(n=2)  # a dict of tensors, or pixels
-        dict_batch = isinstance(batch, dict)
-        yield name, factory().eval(), () if dict_batch else batch, batch if dict_batch else None
-
-
-def test_the_count_is_flop_counter_modes_op_for_op(monkeypatch):
-    """skid's counter (no module tracker) gives FlopCounterMode's total and per-module FLOPs
-    (attention blocks' own FLOPs too) on every model family of the suite."""
-    from skid.nn import _flops
-
-    for name, model, args, kwargs in _zoo():
-        own = [n for n, m in model.named_modules()
-               if n and type(m).__name__.lower().endswith("attention")]
-        ours = count_flops(model, args, kwargs, own=own)
-        with monkeypatch.context() as patch:
-            patch.setattr(_flops, "_FlopCount", _flops._TorchCount)
-            theirs = count_flops(model, args, kwargs, own=own)
-        assert ours == theirs, name
-        assert ours[0] > 0 and (not own or set(own) <= set(ours[1])), name
-
-
-def test_a_model_with_a_higher_order_operator_is_counted_by_flop_counter_mode():
-    """``torch.cond`` (a higher-order operator) has its rule in FlopCounterMode only: such a
-    model is counted there (the larger branch's FLOPs), not refused."""
-
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x):
-            y = torch.cond(x.sum() > 0, lambda v: self.inner(v),
-                           lambda v: self.inner(self.inner(v)), (x,))
-            return self.head(y)
-
-    x = torch.ones(3, 4)
-    total, per_module = count_flops(Branchy(), x)
-    assert total == 2 * (2 * 4 * 4) + 2 * 4 * 2  # the two-call branch, and the head
-    assert per_module["head"] == 2 * 4 * 2
