@@ -2,7 +2,7 @@
 head's Gram), from its Cholesky factor wherever that gives the eigendecomposition's result.
 
 The head greedy and its least-squares folds solve with a few hundred 16- to 64-wide Gram
-blocks per fit, and LAPACK's eigendecomposition of such a block costs 10–30 times its Cholesky
+blocks per fit, and the eigendecomposition of such a block costs 17–25 times its Cholesky
 factorization (`benchmarks/README.md`). The pseudo-inverse drops the eigenvalues at or below a
 cutoff; where every eigenvalue is above it, it is the inverse, and a Cholesky factor gives the
 same products, to rounding. That is known without the eigenvalues: the factorization of
