@@ -564,6 +564,28 @@ def test_gil_free_dpstrf_is_scipys_bit_for_bit(n, rank, lower, tol):
     assert ours[2:] == tuple(theirs[2:])
 
 
+def test_gil_free_dpstrf_checks_scipys_signature_and_falls_back_to_its_wrapper(monkeypatch):
+    """This SciPy exports dpstrf with LAPACK's 32-bit integers (the GIL-free path is taken);
+    one exporting it otherwise gets SciPy's own wrapper, with the same result."""
+    from scipy.linalg import lapack
+
+    from skid._linalg import _nogil
+
+    X = np.random.default_rng(1).standard_normal((40, 30))
+    G = X @ X.T
+    ours = _nogil.dpstrf(np.asfortranarray(G), True, -1.0)
+    assert _nogil._routines["dpstrf"] is not None
+    monkeypatch.setattr(_nogil, "_routines", {})
+    monkeypatch.setattr(_nogil, "_DPSTRF_ARGS", ("char *", "long *"))  # not this SciPy's
+    fallback = _nogil.dpstrf(np.asfortranarray(G), True, -1.0)
+    assert _nogil._routines["dpstrf"] is None
+    theirs = lapack.dpstrf(np.asfortranarray(G), lower=1)
+    for result in (ours, fallback):
+        np.testing.assert_array_equal(np.tril(result[0]), np.tril(theirs[0]))
+        np.testing.assert_array_equal(result[1], theirs[1])
+        assert result[2:] == tuple(theirs[2:])
+
+
 def test_gil_free_dpstrf_refuses_what_it_cannot_write_in_place():
     from skid._linalg._nogil import dpstrf
 

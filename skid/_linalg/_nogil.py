@@ -7,7 +7,8 @@ waited for each other's ``dpstrf``: MiniLM's head selection (13 ms alone) took a
 FFN's factorization beside it. The same routine is called here through SciPy's Cython LAPACK
 API (``scipy.linalg.cython_lapack``: the C entry points SciPy exports for other extension
 modules) by ``ctypes``, which lets the GIL go for the call: the same LAPACK, the same
-arguments, the same result bit for bit.
+arguments, the same result bit for bit. A SciPy that exports it otherwise (the capsule's C
+signature is checked) gets SciPy's own wrapper.
 """
 
 from __future__ import annotations
@@ -23,20 +24,43 @@ _DOUBLE = ctypes.POINTER(ctypes.c_double)
 _routines = {}
 
 
-def _routine(name: str, *argtypes):
-    """The C function ``name`` of ``scipy.linalg.cython_lapack``, called without the GIL."""
-    if name not in _routines:
-        from scipy.linalg import cython_lapack
+#: ``dpstrf``'s C signature as Cython names it in the capsule: ``void (char *, int *, d *, int
+#: *, ...)``, ``d`` SciPy's typedef of double (LAPACK's 32-bit integers).
+_DPSTRF_ARGS = ("char *", "int *", "d *", "int *", "int *", "int *", "d *", "d *", "int *")
 
-        capsule = cython_lapack.__pyx_capi__[name]
+
+def _routine(name: str, expected: tuple, *argtypes):
+    """The C function ``name`` of ``scipy.linalg.cython_lapack``, called without the GIL; None
+    where SciPy does not export it with the ``expected`` argument types (another SciPy: its
+    f2py wrapper is used then)."""
+    if name not in _routines:
+        _routines[name] = None
+        try:
+            from scipy.linalg import cython_lapack
+
+            capsule = cython_lapack.__pyx_capi__[name]
+        except (ImportError, AttributeError, KeyError):
+            return None
         api = ctypes.pythonapi
         api.PyCapsule_GetName.restype = ctypes.c_char_p
         api.PyCapsule_GetName.argtypes = [ctypes.py_object]
         api.PyCapsule_GetPointer.restype = ctypes.c_void_p
         api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        pointer = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+        signature = api.PyCapsule_GetName(capsule)
+        if _arguments(signature) != expected:
+            return None
+        pointer = api.PyCapsule_GetPointer(capsule, signature)
         _routines[name] = ctypes.CFUNCTYPE(None, *argtypes)(pointer)
     return _routines[name]
+
+
+def _arguments(signature: bytes) -> tuple:
+    """The argument types of a capsule's C signature, SciPy's double typedef as ``d *``."""
+    text = signature.decode()
+    if not text.startswith("void (") or not text.endswith(")"):
+        return ()
+    arguments = text[len("void (") : -1].split(", ")
+    return tuple("d *" if a.endswith("_d *") else a for a in arguments)
 
 
 def dpstrf(a: np.ndarray, lower: bool, tol: float):
@@ -50,8 +74,12 @@ def dpstrf(a: np.ndarray, lower: bool, tol: float):
     ):
         raise ValueError("dpstrf needs a square, writeable, Fortran-ordered float64 array; "
                          f"got {a.dtype} of shape {a.shape}.")
-    function = _routine("dpstrf", ctypes.c_char_p, _INT, _DOUBLE, _INT, _INT, _INT, _DOUBLE,
-                        _DOUBLE, _INT)
+    function = _routine("dpstrf", _DPSTRF_ARGS, ctypes.c_char_p, _INT, _DOUBLE, _INT, _INT,
+                        _INT, _DOUBLE, _DOUBLE, _INT)
+    if function is None:  # as SciPy's wrapper has it (holding the GIL)
+        from scipy.linalg import lapack
+
+        return lapack.dpstrf(a, lower=int(lower), tol=tol, overwrite_a=True)
     piv = np.zeros(n, dtype=np.intc)
     work = np.empty(2 * max(n, 1))
     size, lda = ctypes.c_int(n), ctypes.c_int(max(n, 1))
