@@ -33,25 +33,27 @@ def _routine(name: str, expected: tuple, *argtypes):
     """The C function ``name`` of ``scipy.linalg.cython_lapack``, called without the GIL; None
     where SciPy does not export it with the ``expected`` argument types (another SciPy: its
     f2py wrapper is used then)."""
-    if name not in _routines:
-        _routines[name] = None
-        try:
-            from scipy.linalg import cython_lapack
-
-            capsule = cython_lapack.__pyx_capi__[name]
-        except (ImportError, AttributeError, KeyError):
-            return None
-        api = ctypes.pythonapi
-        api.PyCapsule_GetName.restype = ctypes.c_char_p
-        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        signature = api.PyCapsule_GetName(capsule)
-        if _arguments(signature) != expected:
-            return None
-        pointer = api.PyCapsule_GetPointer(capsule, signature)
-        _routines[name] = ctypes.CFUNCTYPE(None, *argtypes)(pointer)
+    if name not in _routines:  # found once (threads that race here find the same)
+        _routines[name] = _exported(name, expected, argtypes)
     return _routines[name]
+
+
+def _exported(name: str, expected: tuple, argtypes):
+    try:
+        from scipy.linalg import cython_lapack
+
+        capsule = cython_lapack.__pyx_capi__[name]
+    except (ImportError, AttributeError, KeyError):
+        return None
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    signature = api.PyCapsule_GetName(capsule)
+    if _arguments(signature) != expected:
+        return None
+    return ctypes.CFUNCTYPE(None, *argtypes)(api.PyCapsule_GetPointer(capsule, signature))
 
 
 def _arguments(signature: bytes) -> tuple:
