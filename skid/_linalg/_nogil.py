@@ -45,15 +45,15 @@ def _exported(name: str, expected: tuple, argtypes):
         capsule = cython_lapack.__pyx_capi__[name]
     except (ImportError, AttributeError, KeyError):
         return None
-    api = ctypes.pythonapi
-    api.PyCapsule_GetName.restype = ctypes.c_char_p
-    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    signature = api.PyCapsule_GetName(capsule)
+    # prototypes of our own: ctypes.pythonapi's shared attributes are left as they are
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+        ("PyCapsule_GetName", ctypes.pythonapi))
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
+    signature = get_name(capsule)
     if _arguments(signature) != expected:
         return None
-    return ctypes.CFUNCTYPE(None, *argtypes)(api.PyCapsule_GetPointer(capsule, signature))
+    return ctypes.CFUNCTYPE(None, *argtypes)(get_pointer(capsule, signature))
 
 
 def _arguments(signature: bytes) -> tuple:
