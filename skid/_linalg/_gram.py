@@ -350,14 +350,18 @@ class GramAccumulator:
         unit's LAPACK call, took 37 ms for MiniLM's 384-wide head statistic."""
         if self._panels is None:
             return None
-        m = self.n_features
-        gram = np.empty((m, m))
-        for panel in self._panels:
+        return mirror_upper(self._host_upper())
+
+    def _host_upper(self, consume: bool = False) -> np.ndarray:
+        """A new C-ordered m × m float64 host array whose upper triangle is the statistic
+        (zeros below; each panel's square read by its triangle that holds G). ``consume``:
+        each panel is released once copied (peak: the array and one panel)."""
+        gram = np.zeros((self.n_features,) * 2)
+        for p, panel in enumerate(self._panels):
             width, stop = panel.shape
-            # G's rows start..stop up to column stop: its lower triangle, the square's
-            # other triangle not always G's (see the class)
-            gram[stop - width : stop, :stop] = _array.to_numpy(panel)
-        mirror_upper(gram.T)  # the transpose's upper triangle is G's lower one
+            gram[:stop, stop - width : stop] = _array.to_numpy(panel).T
+            if consume:
+                self._panels[p] = None  # the loop's name holds it until the next panel
         return gram
 
     def triangle(self):
@@ -574,13 +578,7 @@ class GramAccumulator:
                                       overwrite=consume or copied, **rule)
             # C-ordered: LAPACK reads its upper triangle as the transpose's lower one, the
             # faster form (see _cholesky._lapack_matrix)
-            gram = np.zeros((self.n_features,) * 2)
-            for p, panel in enumerate(self._panels):
-                width, stop = panel.shape
-                gram[:stop, stop - width : stop] = _array.to_numpy(panel).T
-                if consume:
-                    self._panels[p] = None  # the loop's name holds it until the next panel
-            panel = None
+            gram = self._host_upper(consume)
             return factorize_gram(gram, self.n_samples, eps, overwrite=True, **rule)
         finally:
             if consume:
