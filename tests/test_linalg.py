@@ -598,16 +598,21 @@ def test_gil_free_dpstrf_refuses_what_it_cannot_write_in_place():
         dpstrf(frozen, True, -1.0)
 
 
-def test_gil_free_dpstrf_lets_other_threads_run():
-    """While one worker factorizes, another goes on running Python through the middle half of
-    the call (SciPy's wrapper holds the GIL: the other could only run before and after)."""
+@pytest.mark.parametrize("routine", ["dpstrf", "dtrsm"])
+def test_gil_free_lapack_lets_other_threads_run(routine):
+    """While one worker factorizes (or solves), another goes on running Python through the
+    middle half of the call (SciPy's wrappers hold the GIL: the other could only run before
+    and after)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from skid._linalg._nogil import dpstrf
+    from skid._linalg._nogil import dpstrf, dtrsm
 
     X = np.random.default_rng(0).standard_normal((2000, 2100))
     a = np.asfortranarray(X @ X.T)
+    b = np.asfortranarray(X[:, :1500])
+    run = {"dpstrf": lambda: dpstrf(a, True, -1.0),
+           "dtrsm": lambda: dtrsm(a, b, right=False, lower=True)}[routine]
     stamps, call = [], {}
     counting, finished = threading.Event(), threading.Event()
 
@@ -619,7 +624,7 @@ def test_gil_free_dpstrf_lets_other_threads_run():
     def factorize():
         counting.wait()
         call["start"] = time.perf_counter()
-        dpstrf(a, True, -1.0)
+        run()
         call["stop"] = time.perf_counter()
         finished.set()
 
@@ -629,3 +634,79 @@ def test_gil_free_dpstrf_lets_other_threads_run():
     quarter = (call["stop"] - call["start"]) / 4
     middle = [t for t in stamps if call["start"] + quarter < t < call["stop"] - quarter]
     assert len(middle) > 10
+
+
+def _triangular_case(n, rows, seed):
+    """A column-major upper triangle (QR's R) of a random n-column matrix, in both layouts."""
+    R = np.linalg.qr(np.random.default_rng(seed).standard_normal((2 * n + 1, n)), mode="r")
+    return np.ascontiguousarray(R), np.asfortranarray(R)
+
+
+@pytest.mark.parametrize("n, rows, k", [(1, 1, 0), (9, 9, 9), (40, 25, 25), (40, 10, 25),
+                                        (300, 200, 200), (300, 300, 150)])
+def test_interpolation_solves_read_the_triangle_in_place_with_scipys_result(n, rows, k):
+    """``U[:rows, :rows]⁻¹ U[:rows, k:]`` of a row-major factor (solved from the right on
+    ``Uᵀ``) and of a column-major one (from the left, as SciPy does): SciPy's result, to
+    rounding, and bit for bit where the solve is SciPy's own."""
+    from skid._linalg._factorization import _interpolation
+
+    for U in _triangular_case(n, rows, n + rows + k):
+        theirs = scipy.linalg.solve_triangular(U[:rows, :rows], U[:rows, k:])
+        ours = _interpolation(U, rows, k)
+        assert ours.shape == theirs.shape == (rows, n - k)
+        if U.flags.f_contiguous and U.ndim == 2 and n > 1:
+            np.testing.assert_array_equal(ours, theirs)
+        scale = max(np.abs(theirs).max(initial=0.0), 1.0)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * scale)
+
+
+def test_interpolation_solve_of_a_singular_triangle_raises_as_scipy_does():
+    from skid._linalg._factorization import _interpolation
+
+    U = np.triu(np.random.default_rng(3).standard_normal((6, 6)))
+    U[2, 2] = 0.0
+    with pytest.raises(np.linalg.LinAlgError):
+        _interpolation(U, 4, 4)
+
+
+@pytest.mark.parametrize("right", [True, False])
+@pytest.mark.parametrize("lower", [True, False])
+def test_gil_free_dtrsm_solves_views_in_place(right, lower):
+    """``b a⁻¹`` or ``a⁻¹ b`` with ``a`` a corner of a larger column-major array (its
+    leading dimension past its rows) and ``b`` a column-major view; ``b`` is overwritten."""
+    from skid._linalg._nogil import dtrsm
+
+    rng = np.random.default_rng(int(right) * 2 + int(lower))
+    big = np.asfortranarray(rng.standard_normal((50, 50)) + 50 * np.eye(50))
+    a = big[:30, :30]
+    tri = np.tril(a) if lower else np.triu(a)
+    b = np.asfortranarray(rng.standard_normal((20, 30) if right else (30, 20)))
+    expected = b @ np.linalg.inv(tri) if right else np.linalg.solve(tri, b)
+    out = dtrsm(a, b, right=right, lower=lower)
+    assert out is b
+    np.testing.assert_allclose(b, expected, rtol=1e-10, atol=1e-12)
+    assert np.array_equal(big[:30, :30], a)  # the triangle is only read
+
+
+def test_gil_free_dtrsm_falls_back_to_scipys_wrapper_and_refuses_other_layouts(monkeypatch):
+    from skid._linalg import _nogil
+
+    rng = np.random.default_rng(5)
+    a = np.asfortranarray(np.triu(rng.standard_normal((8, 8))) + 8 * np.eye(8))
+    b = np.asfortranarray(rng.standard_normal((8, 3)))
+    ours = _nogil.dtrsm(a, b.copy(order="F"), right=False, lower=False)
+    assert _nogil._routines["dtrsm"] is not None
+    monkeypatch.setattr(_nogil, "_routines", {})
+    monkeypatch.setattr(_nogil, "_DTRSM_ARGS", ("char *",))  # not this SciPy's signature
+    fallback = _nogil.dtrsm(a, b.copy(order="F"), right=False, lower=False)
+    assert _nogil._routines["dtrsm"] is None
+    np.testing.assert_array_equal(fallback, scipy.linalg.solve_triangular(a, b))
+    np.testing.assert_allclose(ours, fallback, rtol=1e-13)
+    for bad_a, bad_b in [(np.ascontiguousarray(a), b), (a, np.ascontiguousarray(b)),
+                         (a.astype(np.float32), b), (a[:, :7], b)]:
+        with pytest.raises(ValueError, match="column-major float64"):
+            _nogil.dtrsm(bad_a, bad_b, right=False, lower=False)
+    frozen = b.copy(order="F")
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        _nogil.dtrsm(a, frozen, right=False, lower=False)

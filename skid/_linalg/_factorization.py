@@ -8,6 +8,7 @@ import numpy as np
 import scipy.linalg
 
 from .. import _policy
+from ._nogil import dtrsm
 from ._threads import small_step
 
 
@@ -95,10 +96,27 @@ class PivotedFactorization:
         T[np.arange(k), self.perm[:k]] = 1.0
         if k_solve > 0 and k < m:
             with small_step(m):
-                T[:k_solve, self.perm[k:]] = scipy.linalg.solve_triangular(
-                    self.U[:k_solve, :k_solve], self.U[:k_solve, k:], check_finite=False
-                )
+                T[:k_solve, self.perm[k:]] = _interpolation(self.U, k_solve, k)
         return self.perm[:k].copy(), T
+
+
+def _interpolation(U: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """``U[:rows, :rows]⁻¹ U[:rows, k:]``, the triangle read where it is: a row-major ``U``
+    (the Cholesky routes' factor) is the column-major lower triangle ``Uᵀ``, and ``Xᵀ =
+    U[:rows, k:]ᵀ U[:rows, :rows]⁻ᵀ`` is solved from the right in a row-major copy of the
+    right-hand sides — no copy of the triangle (``solve_triangular`` makes Fortran copies of
+    both). A column-major ``U`` (QR's ``R``) is solved from the left; any other layout, or a
+    zero on the diagonal (singular), goes to SciPy."""
+    triangle = U[:rows, :rows]
+    if np.all(np.diagonal(triangle) != 0) and U.dtype == np.float64:
+        if U.strides[1] == U.itemsize:
+            X = np.array(U[:rows, k:], order="C")
+            dtrsm(triangle.T, X.T, right=True, lower=True)
+            return X
+        if U.strides[0] == U.itemsize:
+            return dtrsm(triangle, np.array(U[:rows, k:], order="F"), right=False,
+                         lower=False)
+    return scipy.linalg.solve_triangular(triangle, U[:rows, k:], check_finite=False)
 
 
 def relative_errors(sq_tail: np.ndarray, sq_norm: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""LAPACK's pivoted Cholesky without holding Python's GIL.
+"""LAPACK's pivoted Cholesky and BLAS's triangular solve without holding Python's GIL.
 
 SciPy's f2py wrapper ``scipy.linalg.lapack.dpstrf`` keeps the GIL for the whole call: any
 other Python thread, even one in NumPy's BLAS, waits for it to end (measured: 67 ms, a
@@ -9,6 +9,12 @@ API (``scipy.linalg.cython_lapack``: the C entry points SciPy exports for other 
 modules) by ``ctypes``, which lets the GIL go for the call: the same LAPACK, the same
 arguments, the same result bit for bit. A SciPy that exports it otherwise (the capsule's C
 signature is checked) gets SciPy's own wrapper.
+
+The triangular solve (``dtrsm``, from ``scipy.linalg.cython_blas``) is called the same way for
+another reason too: it reads a triangle and right-hand sides in place from any column-major
+views (a leading dimension larger than the rows), where ``solve_triangular`` first copies
+both into Fortran order — for the interpolation matrix of a 1,536-wide factor, a 15 MB copy
+of the kept pivots' triangle (:meth:`~skid._linalg.PivotedFactorization.select`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import ctypes
 
 import numpy as np
 
-__all__ = ["dpstrf"]
+__all__ = ["dpstrf", "dtrsm"]
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _DOUBLE = ctypes.POINTER(ctypes.c_double)
@@ -27,22 +33,24 @@ _routines = {}
 #: ``dpstrf``'s C signature as Cython names it in the capsule: ``void (char *, int *, d *, int
 #: *, ...)``, ``d`` SciPy's typedef of double (LAPACK's 32-bit integers).
 _DPSTRF_ARGS = ("char *", "int *", "d *", "int *", "int *", "int *", "d *", "d *", "int *")
+#: ``dtrsm``'s: side, uplo, transa, diag, m, n, alpha, a, lda, b, ldb.
+_DTRSM_ARGS = ("char *",) * 4 + ("int *", "int *", "d *", "d *", "int *", "d *", "int *")
 
 
-def _routine(name: str, expected: tuple, *argtypes):
-    """The C function ``name`` of ``scipy.linalg.cython_lapack``, called without the GIL; None
+def _routine(name: str, expected: tuple, *argtypes, library: str = "cython_lapack"):
+    """The C function ``name`` of ``scipy.linalg.<library>``, called without the GIL; None
     where SciPy does not export it with the ``expected`` argument types (another SciPy: its
     f2py wrapper is used then)."""
     if name not in _routines:  # found once (threads that race here find the same)
-        _routines[name] = _exported(name, expected, argtypes)
+        _routines[name] = _exported(name, expected, argtypes, library)
     return _routines[name]
 
 
-def _exported(name: str, expected: tuple, argtypes):
+def _exported(name: str, expected: tuple, argtypes, library: str):
     try:
-        from scipy.linalg import cython_lapack
+        import importlib
 
-        capsule = cython_lapack.__pyx_capi__[name]
+        capsule = importlib.import_module(f"scipy.linalg.{library}").__pyx_capi__[name]
     except (ImportError, AttributeError, KeyError):
         return None
     # prototypes of our own: ctypes.pythonapi's shared attributes are left as they are
@@ -90,3 +98,48 @@ def dpstrf(a: np.ndarray, lower: bool, tol: float):
              ctypes.byref(lda), piv.ctypes.data_as(_INT), ctypes.byref(rank),
              ctypes.byref(tolerance), work.ctypes.data_as(_DOUBLE), ctypes.byref(info))
     return a, piv, rank.value, info.value
+
+
+def _column_major(a: np.ndarray) -> int | None:
+    """The leading dimension of a float64 2-D array BLAS reads in place (unit row stride, a
+    column stride of whole elements at least the rows), else None."""
+    if a.dtype != np.float64 or a.ndim != 2:
+        return None
+    size, rows = a.itemsize, max(a.shape[0], 1)
+    if a.strides[0] != size and a.shape[0] > 1:
+        return None
+    lda = a.strides[1] // size if a.shape[1] > 1 else rows
+    return lda if a.strides[1] % size == 0 and lda >= rows else None
+
+
+def dtrsm(a: np.ndarray, b: np.ndarray, *, right: bool, lower: bool) -> np.ndarray:
+    """``b ← b a⁻¹`` (``right``) or ``a⁻¹ b``, ``a`` the lower or upper triangle of a square
+    float64 array (non-unit diagonal, not transposed), ``b`` solved in place and returned.
+
+    Both are read in place from column-major views (``a`` may be a corner of a larger
+    array: its leading dimension is its column stride); ``b`` must be writeable. A
+    triangle with a zero on its diagonal is the caller's to rule out (BLAS does not check).
+    """
+    m, n = b.shape
+    if m == 0 or n == 0:
+        return b
+    size = n if right else m
+    lda, ldb = _column_major(a), _column_major(b)
+    if a.shape != (size, size) or lda is None or ldb is None or not b.flags.writeable:
+        raise ValueError("dtrsm needs column-major float64 views (a square triangle and a "
+                         f"writeable right-hand side); got {a.dtype} {a.shape} strides "
+                         f"{a.strides} and {b.dtype} {b.shape} strides {b.strides}.")
+    function = _routine("dtrsm", _DTRSM_ARGS, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_char_p, ctypes.c_char_p, _INT, _INT, _DOUBLE, _DOUBLE, _INT,
+                        _DOUBLE, _INT, library="cython_blas")
+    if function is None:  # SciPy's wrapper: copies, and the GIL held
+        from scipy.linalg import blas
+
+        b[...] = blas.dtrsm(1.0, a, b, side=int(right), lower=int(lower))
+        return b
+    rows, columns, one = ctypes.c_int(m), ctypes.c_int(n), ctypes.c_double(1.0)
+    function(b"R" if right else b"L", b"L" if lower else b"U", b"N", b"N",
+             ctypes.byref(rows), ctypes.byref(columns), ctypes.byref(one),
+             a.ctypes.data_as(_DOUBLE), ctypes.byref(ctypes.c_int(lda)),
+             b.ctypes.data_as(_DOUBLE), ctypes.byref(ctypes.c_int(ldb)))
+    return b
