@@ -108,7 +108,8 @@ class BlockPivotedFactorization:
         """``S[b,b]^(-1/2) S[b, :]`` (up to an orthogonal factor on the left, from ``S[b,b]``'s
         Cholesky factor where it is safely definite): its squared norm is what keeping block
         ``b`` removes."""
-        return inverse_root_product(S[np.ix_(cols, cols)], S[cols], cutoff)
+        rows = S[cols]
+        return inverse_root_product(rows[:, cols], rows, cutoff)
 
     def select(self, k: int):
         """The first ``k`` blocks: ``(blocks, columns, T)``, ``T`` of shape (len(columns), m).
@@ -129,5 +130,6 @@ class BlockPivotedFactorization:
             T[np.arange(columns.size), columns] = 1.0
             return kept.copy(), columns, T
         with small_step(self.gram.shape[0]):
-            T = pinvh_solve(self.gram[np.ix_(columns, columns)], self.gram[columns])
+            rows = self.gram[columns]
+            T = pinvh_solve(rows[:, columns], rows)
         return kept.copy(), columns, T

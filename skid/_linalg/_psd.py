@@ -27,11 +27,12 @@ def definite_factor(A: np.ndarray, cutoff: float) -> np.ndarray | None:
     """The lower Cholesky factor of the symmetric ``A`` if every eigenvalue of ``A`` is provably
     above ``cutoff`` (see the module), else None."""
     n = A.shape[0]
-    trace = float(np.trace(A))
+    trace = float(A.trace())
     if n == 0 or not trace > 0:
         return None
     margin = cutoff + 2.0 * (n + 1) ** 2 * _EPS * trace
-    shifted = A - np.diag(np.full(n, margin))  # a new array, LAPACK's to overwrite
+    shifted = A.copy()  # LAPACK's to overwrite
+    shifted.flat[:: n + 1] -= margin  # the diagonal only (A - margin·I, entry for entry)
     _, info = lapack.dpotrf(shifted, lower=1, clean=0, overwrite_a=1)
     if info:
         return None
@@ -60,7 +61,7 @@ def pinvh_solve(A, B):
     QR-iteration ``syev`` (the same result to rounding, three times faster at 384 × 384), and
     from a Cholesky factor where no eigenvalue would be dropped (a PSD ``A`` whose eigenvalues
     are provably above ``len(A) · eps · tr(A) ≥`` the cutoff: see the module)."""
-    factor = definite_factor(A, len(A) * _EPS * float(np.trace(A)))
+    factor = definite_factor(A, len(A) * _EPS * float(A.trace()))
     if factor is not None:
         X, info = lapack.dpotrs(factor, B, lower=1)
         if info == 0:

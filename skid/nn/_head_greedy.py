@@ -85,8 +85,8 @@ class FixedHeads:
 
     def _fit(self, kept):
         columns = self._columns(kept)
-        T = pinvh_solve(self.gram[np.ix_(columns, columns)], self.gram[columns])
-        return columns, T
+        rows = self.gram[columns]
+        return columns, pinvh_solve(rows[:, columns], rows)
 
     def _energy(self, gram, columns) -> float:
         """``tr(G)`` or ``tr(W G Wᵀ)`` of a Gram (with weights, ``columns`` of W's input)."""
@@ -100,7 +100,7 @@ class FixedHeads:
         columns = self._columns(kept)
         G_K = self.gram[columns]  # (|K|, m)
         projected = G_K @ G_K.T if self.weight_gram is None else G_K @ self.weight_gram @ G_K.T
-        explained = float(np.trace(pinvh_solve(self.gram[np.ix_(columns, columns)], projected)))
+        explained = float(pinvh_solve(G_K[:, columns], projected).trace())
         total = self._total
         return float(np.sqrt(max(total - explained, 0.0) / total)) if total > 0 else 0.0
 
