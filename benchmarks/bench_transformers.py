@@ -133,7 +133,8 @@ def main() -> None:
     print_table("MiniLM and LLaMA, where fit's time goes (shares of the median fit, each "
                 "second counted once): the model's forward passes (hooks and Gram excluded), "
                 "the hooks' Gram products, the rest of the hooks, factorization (pivoted "
-                "Cholesky, head selection, T), surgery, finding the units, the rest",
+                "Cholesky, head selection, T), surgery, finding the units, the two FLOP "
+                "counts, the working copy and the block layout, the rest",
                 ["prune", *SPLIT_COLUMNS], splits, ["s"] + [".1%"] * len(SPLIT_COLUMNS))
 
 
@@ -247,6 +248,11 @@ _PARTS = {
                       ("skid.nn._planner", "Planner.resolved")],
     "surgery": [("skid.nn._planner", "apply")],
     "units": [("skid.nn._discovery", "find_all_units")],
+    # per fit, whatever the data: both FLOP counts (one sample each, every op through
+    # FlopCounterMode), and the working copy with the block layout's probe passes
+    "FLOP counts": [("skid.nn._flops", "count_flops")],
+    "copy, layout": [("skid.nn._compressor", "_working_copy"),
+                     ("skid.nn._discovery", "block_layout")],
 }
 SPLIT_COLUMNS = [*_PARTS, "other"]
 
