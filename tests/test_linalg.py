@@ -710,3 +710,18 @@ def test_gil_free_dtrsm_falls_back_to_scipys_wrapper_and_refuses_other_layouts(m
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         _nogil.dtrsm(a, frozen, right=False, lower=False)
+
+
+def test_leading_dimension_is_blas_column_major_reading_in_place():
+    """One rule for what BLAS reads without a copy (the Gram's blocks, dtrsm's operands)."""
+    from skid._linalg._blocking import leading_dimension
+
+    F = np.asfortranarray(np.ones((6, 4)))
+    C = np.ones((6, 4))
+    assert leading_dimension(F) == 6 and leading_dimension(F[:3, 1:]) == 6  # a corner
+    assert leading_dimension(C) is None and leading_dimension(C.T) == 4
+    assert leading_dimension(C[1:4].T) == 4  # row slices of a C-ordered array
+    assert leading_dimension(F[::2]) is None and leading_dimension(C[:, ::2].T) is None
+    assert leading_dimension(np.ones((6, 1))) is None  # strides (8, 8): read as its transpose
+    assert leading_dimension(np.ones((6, 1)).T) == 1
+    assert leading_dimension(np.broadcast_to(np.ones((6, 1)), (6, 3))) is None

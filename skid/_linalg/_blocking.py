@@ -1,7 +1,7 @@
 """How the core cuts its work, and keeps each piece in range: row blocks of the data, column
-steps of the m × m loops, exact power-of-two scaling, the shape check of a block and the error
-for non-finite data. The sizes are read through this module (``_blocking.NAME``), so a test
-can shrink them in one place."""
+steps of the m × m loops, exact power-of-two scaling, the shape check of a block, the error
+for non-finite data, and which layouts BLAS reads in place. The sizes are read through this
+module (``_blocking.NAME``), so a test can shrink them in one place."""
 
 from __future__ import annotations
 
@@ -40,6 +40,17 @@ def product_step(m: int) -> int:
     m = 256, 0.82× at 384 and 0.80× at 96 with 64-row steps; 0.87–0.97× at 512–1,536 with
     128-row steps (64 there: 0.90–1.03×)."""
     return 64 if m <= 512 else 128
+
+
+def leading_dimension(a) -> int | None:
+    """The leading dimension with which BLAS reads the 2-D NumPy array ``a`` in place as a
+    column-major matrix (unit row stride, a column stride of whole elements and at least the
+    rows), else None. ``a.T`` answers for the row-major reading."""
+    size = a.itemsize
+    rows_step, column_step = a.strides
+    if rows_step != size or column_step % size or column_step < a.shape[0] * size:
+        return None
+    return column_step // size
 
 
 def row_blocks(n_rows: int, n_cols: int, max_elements: int | None = None):

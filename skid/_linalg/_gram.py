@@ -49,10 +49,8 @@ def _blas_readable(a) -> bool:
     strides themselves."""
     if not isinstance(a, np.ndarray):
         return True
-    (s0, s1), (n, m), size = a.strides, a.shape, a.itemsize
-    return (s1 == size and s0 % size == 0 and s0 >= m * size) or (
-        s0 == size and s1 % size == 0 and s1 >= n * size
-    )
+    return (_blocking.leading_dimension(a) is not None
+            or _blocking.leading_dimension(a.T) is not None)
 
 
 def _gram_slices(X, dtype: str, exp: int) -> list:

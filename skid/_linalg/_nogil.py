@@ -23,6 +23,8 @@ import ctypes
 
 import numpy as np
 
+from ._blocking import leading_dimension
+
 __all__ = ["dpstrf", "dtrsm"]
 
 _INT = ctypes.POINTER(ctypes.c_int)
@@ -100,18 +102,6 @@ def dpstrf(a: np.ndarray, lower: bool, tol: float):
     return a, piv, rank.value, info.value
 
 
-def _column_major(a: np.ndarray) -> int | None:
-    """The leading dimension of a float64 2-D array BLAS reads in place (unit row stride, a
-    column stride of whole elements at least the rows), else None."""
-    if a.dtype != np.float64 or a.ndim != 2:
-        return None
-    size, rows = a.itemsize, max(a.shape[0], 1)
-    if a.strides[0] != size and a.shape[0] > 1:
-        return None
-    lda = a.strides[1] // size if a.shape[1] > 1 else rows
-    return lda if a.strides[1] % size == 0 and lda >= rows else None
-
-
 def dtrsm(a: np.ndarray, b: np.ndarray, *, right: bool, lower: bool) -> np.ndarray:
     """``b ← b a⁻¹`` (``right``) or ``a⁻¹ b``, ``a`` the lower or upper triangle of a square
     float64 array (non-unit diagonal, not transposed), ``b`` solved in place and returned.
@@ -124,7 +114,8 @@ def dtrsm(a: np.ndarray, b: np.ndarray, *, right: bool, lower: bool) -> np.ndarr
     if m == 0 or n == 0:
         return b
     size = n if right else m
-    lda, ldb = _column_major(a), _column_major(b)
+    lda, ldb = (leading_dimension(x) if x.dtype == np.float64 and x.ndim == 2 else None
+                for x in (a, b))
     if a.shape != (size, size) or lda is None or ldb is None or not b.flags.writeable:
         raise ValueError("dtrsm needs column-major float64 views (a square triangle and a "
                          f"writeable right-hand side); got {a.dtype} {a.shape} strides "
