@@ -82,3 +82,33 @@ def test_libraries_on_one_thread_already_are_left_alone(monkeypatch):
         with small_step(8), small_step(8):
             pass
     assert calls == []  # nothing to set, nothing to restore
+
+
+def test_head_selection_runs_its_small_solves_on_one_blas_thread(two_blas_threads,
+                                                                 monkeypatch):
+    # the head greedy and its judge solve with hundreds of small blocks: each call on two
+    # BLAS threads woke the other one (measured up to 18× the time of the selection)
+    import numpy as np
+
+    from skid.nn import _head_greedy
+    from skid.nn._head_judge import HeldOutGrams
+    from skid.nn._heads import AttentionLayout, HeadFactorization, HeadUnit
+
+    seen = []
+    solve = _head_greedy.pinvh_solve
+
+    def spy(A, B):
+        seen.append(tuple(_blas_threads()))
+        return solve(A, B)
+
+    monkeypatch.setattr(_head_greedy, "pinvh_solve", spy)
+    unit = HeadUnit("attn", AttentionLayout("q", "k", "v", "o", 4), 6, 2)  # 3 heads per group
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 24))
+    gram, rest = X.T @ X, X[20:].T @ X[20:]
+    fac = HeadFactorization(gram, unit, held_out=HeldOutGrams(gram - rest, rest))
+    built = len(seen)
+    fac.select(2)  # one head per group: a per-group candidate's fold
+    assert built and len(seen) > built
+    assert set(seen) == {(1,) * len(_blas_threads())}
+    assert set(_blas_threads()) == {2}  # and the limit is lifted after

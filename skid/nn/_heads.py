@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._linalg import BlockPivotedFactorization
+from .._linalg import BlockPivotedFactorization, small_step
 from . import _budget
 from ._attention_layouts import FORMS, AttentionLayout, attention_layout
 from ._head_greedy import FixedHeads, groupwise_candidates
@@ -409,6 +409,22 @@ class HeadFactorization:
     def __init__(self, gram, unit: HeadUnit, weight_gram=None, held_out=None):
         self.unit, self.gram, self.held_out = unit, gram, held_out
         H = unit.n_heads
+        # hundreds of products and solves of small blocks: on BLAS's own thread count each
+        # woke its other threads (up to 18× the time, torch on one thread, BLAS on two)
+        with small_step(len(gram)):
+            self._candidates(weight_gram)
+        errors = np.ones(H + 1)
+        for k in range(1, H + 1):
+            valid = [j for j in self._best if j <= k]
+            errors[k] = min(self._error(j) for j in valid) if valid else 1.0
+        errors[H] = 0.0
+        self.errors = errors
+        self.n_features = H
+
+    def _candidates(self, weight_gram) -> None:
+        """Every mode's factorization (``_modes``) and the best ``(mode, blocks)`` of each
+        valid head count (``_best``), judged on the held-out rows where modes compete."""
+        gram, unit, held_out, H = self.gram, self.unit, self.held_out, self.unit.n_heads
         self._modes = _modes(gram, unit, weight_gram)
         candidates = {}  # valid head count -> [(mode, number of blocks)], in the modes' order
         for mode, fac in self._modes.items():
@@ -431,13 +447,6 @@ class HeadFactorization:
                 judged.add(np.unique(columns // unit.head_dim))
                 self._best[k] = ("judged", k)
             self._modes["judged"] = judged
-        errors = np.ones(H + 1)
-        for k in range(1, H + 1):
-            valid = [j for j in self._best if j <= k]
-            errors[k] = min(self._error(j) for j in valid) if valid else 1.0
-        errors[H] = 0.0
-        self.errors = errors
-        self.n_features = H
 
     def for_outputs(self, weight_gram) -> HeadFactorization:
         """The same statistic, heads kept for the output projection's outputs."""
@@ -477,7 +486,8 @@ class HeadFactorization:
         """The selection of ``valid(k)`` heads."""
         k = self.valid(int(k))
         mode, blocks = self._best[k]
-        kept, columns, T = self._modes[mode].select(blocks)
+        with small_step(len(self.gram)):
+            kept, columns, T = self._modes[mode].select(blocks)
         order = np.argsort(columns, kind="stable")
         columns, T = columns[order], T[order]
         d, size = self.unit.head_dim, self.unit.group_size
@@ -532,7 +542,8 @@ class CorrectiveHeadFactorization(HeadFactorization):
                          weight_gram)
         self.stats = stats
         self._weights = None if weight_gram is None else np.diag(weight_gram).copy()
-        self._fits = {k: self._fit(k) for k in self.valid_counts}
+        with small_step(len(first)):
+            self._fits = {k: self._fit(k) for k in self.valid_counts}
         errors = np.ones(self.unit.n_heads + 1)
         for k in range(1, self.unit.n_heads + 1):
             valid = [j for j in self._fits if j <= k]
