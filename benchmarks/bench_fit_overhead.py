@@ -10,8 +10,18 @@ Each step's time is inclusive (a row indented under another is part of it); a st
 checkout does not have prints "-". To compare two checkouts, run the script from each (``git
 archive`` one into a folder and run it there with ``PYTHONPATH`` set to that folder).
 
+With ``--heads``, a second table: one head factorization (what fit builds per attention
+block: the greedy modes, the per-group candidates and, with more than one calibration batch,
+their rebuild without the first batch and the judge on it) at the attention shapes of larger
+models, on one BLAS thread as fit's workers run it, against LAPACK's pivoted Cholesky
+(``dpstrf``, what a channel unit of the same width costs) of the same Gram. The Grams are
+synthetic (random rows with a decaying spectrum, 2m of them; the judge's ``WᵀW`` of a random
+output projection): the time depends on the shape and on which blocks are safely definite,
+not on trained weights.
+
     python benchmarks/bench_fit_overhead.py            # about a minute with MiniLM
     python benchmarks/bench_fit_overhead.py --quick    # the LLaMA only, 3 rounds
+    python benchmarks/bench_fit_overhead.py --heads    # the head table only (about 3 minutes)
 """
 
 from __future__ import annotations
@@ -86,13 +96,68 @@ def minilm_fit(prune):
     return lambda: NetworkCompressor(model, tol=0.05, prune=prune).fit(calib)
 
 
+#: (label, query heads, key/value heads, head dim) of the head table.
+HEAD_SHAPES = [
+    ("bench LLaMA (_llm.py)", 6, 2, 16),
+    ("MiniLM / BERT-base-like", 12, 12, 64),
+    ("TinyLlama-1.1B-like", 32, 4, 64),
+    ("LLaMA-3-8B-like", 32, 8, 128),
+]
+
+
+def head_table() -> None:
+    """Head factorization ÷ ``dpstrf`` of the same Gram, one BLAS thread, one round each
+    (the largest shapes take a minute)."""
+    import numpy as np
+    from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
+
+    from skid.nn._head_judge import HeldOutGrams
+    from skid.nn._heads import AttentionLayout, HeadFactorization, HeadUnit
+
+    rows = []
+    for label, heads, kv_heads, dim in HEAD_SHAPES:
+        m = heads * dim
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((2 * m, m)) * np.arange(1, m + 1) ** -0.5  # decaying spectrum
+        X = X @ np.linalg.qr(rng.standard_normal((m, m)))[0]  # not aligned with the heads
+        held = X[: m // 8]
+        gram, held_gram = X.T @ X, held.T @ held
+        W = rng.standard_normal((m, m))
+        unit = HeadUnit("attn", AttentionLayout("q", "k", "v", "o", dim), heads, kv_heads)
+        with threadpool_limits(1):
+            start = time.perf_counter()
+            HeadFactorization(gram, unit)
+            one_batch = time.perf_counter() - start
+            start = time.perf_counter()
+            HeadFactorization(gram, unit,
+                              held_out=HeldOutGrams(gram - held_gram, held_gram, W.T @ W))
+            judged = time.perf_counter() - start
+            start = time.perf_counter()
+            lapack.dpstrf(np.asfortranarray(gram), lower=1)
+            pivoted = time.perf_counter() - start
+        rows.append((label, f"{heads}/{kv_heads} × {dim}", m, f"{one_batch:.3f}",
+                     f"{judged:.3f}", f"{pivoted:.3f}", f"{one_batch / pivoted:.0f}×",
+                     f"{judged / pivoted:.0f}×"))
+    print_table("One head factorization against dpstrf of the same m × m Gram (seconds, one "
+                "BLAS thread, one round; synthetic Grams)",
+                ["shape", "heads/kv × dim", "m", "one batch s", "held-out judge s",
+                 "dpstrf s", "one batch ÷ dpstrf", "judged ÷ dpstrf"], rows,
+                ["s", "s", "d", ">s", ">s", ">s", ">s", ">s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the LLaMA only, 3 rounds")
     parser.add_argument("--rounds", type=int, default=None,
                         help="fits per setting (default: 9 for the LLaMA, 3 for MiniLM)")
+    parser.add_argument("--heads", action="store_true",
+                        help="only the table of head factorizations at larger models' shapes")
     args = parser.parse_args()
     set_threads(1)
+    if args.heads:
+        head_table()
+        return
     seconds = {}
     instrument(seconds)
     columns, results = [], []

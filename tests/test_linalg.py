@@ -298,6 +298,38 @@ def test_block_pivoting_gains_as_norms_keep_the_trace_greedy(seed, rounds):
         assert fac.order.tolist().index(6) < fac.order.tolist().index(7)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("rounds", [False, True])
+def test_block_pivoting_on_the_columns_left_is_the_full_complements_greedy(rounds, weighted):
+    # the greedy downdates and searches only the columns not kept yet (the kept ones' rows of
+    # the complement are zero but for rounding): the order, and the errors of the m × m
+    # complement's greedy (each step's trace, weighted: tr(W S))
+    from skid._linalg._psd import inverse_root_product
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((400, 96)) * np.arange(1, 97) ** -0.7 @ rng.standard_normal((96, 96))
+    G, blocks = X.T @ X, _head_blocks(12, 8)
+    partition = [0, 1, 2] * 4 if rounds else None
+    A = rng.standard_normal((30, 96))
+    weights = A.T @ A if weighted else None
+    fac = _linalg.BlockPivotedFactorization(G, blocks, partition=partition,
+                                            weight_gram=weights)
+    energy = (np.trace if weights is None
+              else lambda S: float(np.einsum("ij,ji->", weights, S)))
+    S = G.copy()
+    cutoff = np.finfo(float).eps * 96 * float(np.trace(S))
+    tail = [energy(S)]
+    for b in fac.order:  # the full complement along the factorization's order
+        h = inverse_root_product(S[np.ix_(blocks[b], blocks[b])], S[blocks[b]], cutoff)
+        S -= h.T @ h
+        tail.append(energy(S))
+    np.testing.assert_allclose(fac.errors[:-1], np.sqrt(np.maximum(tail[:-1], 0) / tail[0]),
+                               rtol=1e-9, atol=1e-12)
+    if not weighted:
+        order, _ = _greedy_by_trace(G, blocks, partition)
+        assert list(fac.order) == order
+
+
 @pytest.mark.parametrize("rank", [24, 10, 0])
 def test_block_pivoting_t_solve_is_scipys_pinvh(rank):
     # T from syevd, as scipy.linalg.pinvh (syev) gives it: full rank, dependent columns, zeros

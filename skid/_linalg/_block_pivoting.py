@@ -62,8 +62,13 @@ class BlockPivotedFactorization:
         return len(self.blocks)
 
     def _greedy(self, labels, rounds: bool):
+        # S is the Schur complement on the columns not kept yet (``alive``): the kept ones'
+        # rows and columns are zero in exact arithmetic, so each step downdates and searches
+        # only what is left (about a third of the flops of the m × m complement over a fit)
         S = self.gram.copy()
-        sq_norm = self._energy(S)
+        alive = np.arange(S.shape[0])
+        where = alive.copy()  # each column's position in S (where it is alive)
+        sq_norm = self._energy(S, alive)
         scale = max(float(np.trace(S)), np.finfo(float).tiny)
         cutoff = np.finfo(np.float64).eps * S.shape[0] * scale
         remaining = list(range(self.n_blocks))
@@ -74,34 +79,43 @@ class BlockPivotedFactorization:
                 if rounds and served >= {labels[b] for b in remaining}:
                     served = set()  # every group has had its turn this round
                 eligible = [b for b in remaining if not rounds or labels[b] not in served]
-                halves = [self._half(S, self.blocks[b], cutoff) for b in eligible]
-                gains = [self._gain(h) for h in halves]
+                halves = [self._half(S, where[self.blocks[b]], cutoff) for b in eligible]
+                gains = [self._gain(h, alive) for h in halves]
                 best_at = int(np.argmax(gains))
                 best = eligible[best_at]
-                S -= halves[best_at].T @ halves[best_at]
+                left = np.ones(alive.size, dtype=bool)
+                left[where[self.blocks[best]]] = False
+                h = halves[best_at][:, left]
+                S = S[np.ix_(left, left)]
+                S -= h.T @ h
+                alive = alive[left]
+                where[alive] = np.arange(alive.size)
                 order.append(best)
                 remaining.remove(best)
                 served.add(labels[best])
-                sq_tail.append(self._energy(S))
+                sq_tail.append(self._energy(S, alive))
         sq_tail = np.asarray(sq_tail)
         sq_tail[-1] = 0.0  # every column kept: nothing left, whatever the rounding says
         return np.asarray(order, dtype=np.int64), relative_errors(sq_tail, sq_norm)
 
-    def _energy(self, S) -> float:
-        """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights."""
+    def _energy(self, S, alive=None) -> float:
+        """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights (``S`` on the columns ``alive``,
+        by default all)."""
         if self.weight_gram is None:
             return float(np.trace(S))
-        return float(np.einsum("ij,ji->", self.weight_gram, S))
+        weights = self.weight_gram if alive is None else self.weight_gram[np.ix_(alive, alive)]
+        return float(np.einsum("ij,ji->", weights, S))
 
-    def _gain(self, h) -> float:
-        """``tr(hᵀh)`` (or ``tr(W hᵀh Wᵀ)``), what keeping the block of ``h`` removes.
+    def _gain(self, h, alive=None) -> float:
+        """``tr(hᵀh)`` (or ``tr(W hᵀh Wᵀ)``), what keeping the block of ``h`` removes
+        (``h`` on the columns ``alive``, by default all).
 
         Without weights it is ``‖h‖_F²``, summed column by column as the trace of the product
         sums it, without the m × m product: r·m operations instead of r·m².
         """
         if self.weight_gram is None:
             return float(np.einsum("ij,ij->j", h, h).sum())
-        return self._energy(h.T @ h)
+        return self._energy(h.T @ h, alive)
 
     @staticmethod
     def _half(S, cols, cutoff):

@@ -51,8 +51,9 @@ def held_out_error(gram, columns, T, weight_gram=None) -> float:
         left = total - 2.0 * float(np.vdot(T, G_K)) + float(np.vdot(T, G_KK @ T))
     else:
         total = float(np.vdot(weight_gram, gram))
-        left = (total - 2.0 * float(np.vdot(T @ weight_gram, G_K))
-                + float(np.vdot(T @ weight_gram, G_KK @ T)))
+        weighted = T @ weight_gram  # |K| m² of the error's |K| m² + |K|² m: made once
+        left = (total - 2.0 * float(np.vdot(weighted, G_K))
+                + float(np.vdot(weighted, G_KK @ T)))
     return float(np.sqrt(max(left, 0.0) / total)) if total > 0 else 0.0
 
 
