@@ -13,7 +13,8 @@ archive`` one into a folder and run it there with ``PYTHONPATH`` set to that fol
 With ``--heads``, a second table: one head factorization (what fit builds per attention
 block: the greedy modes, the per-group candidates and, with more than one calibration batch,
 their rebuild without the first batch and the judge on it) at the attention shapes of larger
-models, on one BLAS thread as fit's workers run it, against LAPACK's pivoted Cholesky
+models, on one BLAS thread as fit's workers run it (a wide Gram's independent parts side by
+side on torch's threads), against LAPACK's pivoted Cholesky
 (``dpstrf``, what a channel unit of the same width costs) of the same Gram. The Grams are
 synthetic (random rows with a decaying spectrum, 2m of them; the judge's ``WᵀW`` of a random
 output projection): the time depends on the shape and on which blocks are safely definite,
@@ -31,6 +32,7 @@ import functools
 import statistics
 import time
 
+import torch
 from _models import print_table, replace_everywhere, set_threads
 
 from skid import NetworkCompressor
@@ -106,8 +108,9 @@ HEAD_SHAPES = [
 
 
 def head_table() -> None:
-    """Head factorization ÷ ``dpstrf`` of the same Gram, one BLAS thread, one round each
-    (the largest shapes take a minute)."""
+    """Head factorization ÷ ``dpstrf`` of the same Gram, one BLAS thread (as fit's workers),
+    torch's threads for the parts a wide Gram runs side by side; one round each (the largest
+    shapes take a minute)."""
     import numpy as np
     from scipy.linalg import lapack
     from threadpoolctl import threadpool_limits
@@ -125,7 +128,7 @@ def head_table() -> None:
         gram, held_gram = X.T @ X, held.T @ held
         W = rng.standard_normal((m, m))
         unit = HeadUnit("attn", AttentionLayout("q", "k", "v", "o", dim), heads, kv_heads)
-        with threadpool_limits(1):
+        with threadpool_limits(1, user_api="blas"):  # not torch's OpenMP threads
             start = time.perf_counter()
             HeadFactorization(gram, unit)
             one_batch = time.perf_counter() - start
@@ -140,7 +143,8 @@ def head_table() -> None:
                      f"{judged:.3f}", f"{pivoted:.3f}", f"{one_batch / pivoted:.0f}×",
                      f"{judged / pivoted:.0f}×"))
     print_table("One head factorization against dpstrf of the same m × m Gram (seconds, one "
-                "BLAS thread, one round; synthetic Grams)",
+                f"BLAS thread, {torch.get_num_threads()} torch thread(s) for the parts of a "
+                "wide Gram, one round; synthetic Grams)",
                 ["shape", "heads/kv × dim", "m", "one batch s", "held-out judge s",
                  "dpstrf s", "one batch ÷ dpstrf", "judged ÷ dpstrf"], rows,
                 ["s", "s", "d", ">s", ">s", ">s", ">s", ">s"])
@@ -154,10 +158,10 @@ def main() -> None:
     parser.add_argument("--heads", action="store_true",
                         help="only the table of head factorizations at larger models' shapes")
     args = parser.parse_args()
-    set_threads(1)
     if args.heads:
         head_table()
         return
+    set_threads(1)
     seconds = {}
     instrument(seconds)
     columns, results = [], []

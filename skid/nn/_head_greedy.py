@@ -14,18 +14,21 @@ fold.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .._linalg import BlockPivotedFactorization, pinvh_solve
 
-__all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_candidates"]
+__all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_builders"]
 
 #: Heads per key/value group up to which the per-group candidates are tried.
 SMALL_PER_GROUP = 2
 
 
-def groupwise_candidates(gram, heads, labels, weight_gram=None) -> dict:
-    """``{mode name: GroupwiseGreedy}`` for the small per-group counts (none without groups).
+def groupwise_builders(gram, heads, labels, weight_gram=None) -> dict:
+    """``{mode name: a function building its GroupwiseGreedy}`` for the small per-group counts
+    (none without groups); the caller builds them, side by side for wide Grams.
 
     Parameters
     ----------
@@ -44,8 +47,8 @@ def groupwise_candidates(gram, heads, labels, weight_gram=None) -> dict:
     if len(groups) < 2 or size < 2:
         return {}
     counts = range(1, min(SMALL_PER_GROUP, size - 1) + 1)
-    return {f"per_group_{scope}": GroupwiseGreedy(gram, heads, labels, counts, scope,
-                                                  weight_gram)
+    return {f"per_group_{scope}": functools.partial(GroupwiseGreedy, gram, heads, labels, counts,
+                                                    scope, weight_gram)
             for scope in ("own", "all")}
 
 
@@ -117,7 +120,7 @@ class GroupwiseGreedy(FixedHeads):
     Parameters
     ----------
     gram, heads, labels, weight_gram
-        As :func:`groupwise_candidates`.
+        As :func:`groupwise_builders`.
     counts : iterable of int
         Heads per group to build.
     scope : {"own", "all"}

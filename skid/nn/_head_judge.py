@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._parallel import map_for_width
+
 __all__ = ["HeldOutGrams", "held_out_error", "judged_on_held_out"]
 
 
@@ -73,14 +75,16 @@ def judged_on_held_out(candidates, rest_modes, held_out: HeldOutGrams) -> dict:
         ``held_out.rest``.
     held_out : HeldOutGrams
     """
+    width = len(held_out.held)
     chosen = {}
-    for count, options in candidates.items():
+    for count, options in candidates.items():  # one count's folds at a time (|K| × m each)
         if len(options) < 2:
             continue
-        fits = [rest_modes[mode].select(blocks)[1:] for mode, blocks in options]
+        fits = map_for_width(lambda option: rest_modes[option[0]].select(option[1])[1:],
+                             options, width)
         if len({tuple(np.sort(columns)) for columns, _ in fits}) < 2:
             continue
-        errors = [held_out_error(held_out.held, columns, T, held_out.weights)
-                  for columns, T in fits]
+        errors = map_for_width(
+            lambda fit: held_out_error(held_out.held, *fit, held_out.weights), fits, width)
         chosen[count] = np.sort(fits[int(np.argmin(errors))][0])
     return chosen

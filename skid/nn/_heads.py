@@ -23,6 +23,7 @@ tensors follow its heads; the table of families is :mod:`skid.nn._attention_layo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -32,8 +33,9 @@ from torch import nn
 from .._linalg import BlockPivotedFactorization, small_step
 from . import _budget
 from ._attention_layouts import FORMS, AttentionLayout, attention_layout
-from ._head_greedy import FixedHeads, groupwise_candidates
+from ._head_greedy import FixedHeads, groupwise_builders
 from ._head_judge import judged_on_held_out
+from ._parallel import map_for_width
 from ._plan import Consumer, Skipped
 from ._surgery import fold_in, sharing_copy, slice_out, surgery_for
 
@@ -504,21 +506,23 @@ def _head_columns(unit) -> list:
 
 def _modes(gram, unit, weight_gram, wanted=None) -> dict:
     """``{mode: factorization}`` of the selections the model can run, from one Gram (only the
-    modes named in ``wanted``, if given)."""
+    modes named in ``wanted``, if given); built side by side for a wide Gram."""
     H, size = unit.n_heads, unit.group_size
     heads = _head_columns(unit)
     if size == 1 or unit.n_kv_heads == 1:
         return {"heads": BlockPivotedFactorization(gram, heads, None, weight_gram)}
     labels = np.arange(H) // size
     groups = [np.concatenate(heads[g * size:(g + 1) * size]) for g in range(unit.n_kv_heads)]
-    modes = {}
+    build = functools.partial(BlockPivotedFactorization, gram, weight_gram=weight_gram)
+    builders = {}
     if wanted is None or "per_group" in wanted:
-        modes["per_group"] = BlockPivotedFactorization(gram, heads, labels, weight_gram)
+        builders["per_group"] = functools.partial(build, heads, labels)
     if wanted is None or "groups" in wanted:
-        modes["groups"] = BlockPivotedFactorization(gram, groups, None, weight_gram)
+        builders["groups"] = functools.partial(build, groups, None)
     if wanted is None or any(mode.startswith("per_group_") for mode in wanted):
-        modes.update(groupwise_candidates(gram, heads, labels, weight_gram))
-    return modes
+        builders.update(groupwise_builders(gram, heads, labels, weight_gram))
+    built = map_for_width(lambda builder: builder(), builders.values(), len(gram))
+    return dict(zip(builders, built, strict=True))
 
 
 class CorrectiveHeadFactorization(HeadFactorization):

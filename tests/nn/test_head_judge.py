@@ -199,3 +199,44 @@ def test_blockwise_equals_one_pass(calibration):
     one, other = (f.compressed_model_.state_dict() for f in fits)
     for key, tensor in one.items():
         torch.testing.assert_close(tensor, other[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_wide_grams_build_their_modes_and_judge_side_by_side_bit_for_bit(monkeypatch):
+    # from SIDE_BY_SIDE_WIDTH the modes, the judged folds and their held-out errors run on
+    # worker threads: the same arithmetic, so the same choice, errors and T to the last bit
+    import threading
+
+    from skid.nn import _parallel
+
+    rest, held = _split()
+    W = np.random.default_rng(4).standard_normal((9, 6 * D))
+    gram, held_out = HeldOutGrams.combined(rest.T @ rest, 0, held.T @ held, 0, W.T @ W)
+
+    def fitted():
+        fac = HeadFactorization(gram, UNIT, held_out=held_out)
+        return fac.errors, [fac.select(k) for k in (2, 4, 6)]
+
+    monkeypatch.setattr(_parallel, "SIDE_BY_SIDE_WIDTH", 10**9)
+    errors, selections = fitted()
+    workers, run = set(), _parallel.map_in_threads
+
+    def spied(function, jobs):
+        def job_in_a_worker(job):
+            workers.add(threading.get_ident())
+            return function(job)
+        return run(job_in_a_worker, jobs)
+
+    monkeypatch.setattr(_parallel, "map_in_threads", spied)
+    monkeypatch.setattr(_parallel, "SIDE_BY_SIDE_WIDTH", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side_errors, side_selections = fitted()
+    finally:
+        torch.set_num_threads(threads)
+    assert workers - {threading.get_ident()}  # the parts ran on the pool's threads
+    np.testing.assert_array_equal(side_errors, errors)
+    for found, expected in zip(side_selections, selections, strict=True):
+        np.testing.assert_array_equal(found.heads, expected.heads)
+        np.testing.assert_array_equal(found.interpolation, expected.interpolation)
+        assert found.error == expected.error

@@ -33,6 +33,31 @@ def _fit(name, threads, **params):
                                     dict(tol=0.05, fit_intercept=True)])
 def test_two_workers_give_the_sequential_plan_bit_for_bit(name, params):
     one, two = (_fit(name, threads, **params) for threads in (1, 2))
+    _assert_same_plan(one, two)
+
+
+@pytest.mark.parametrize("prune", ["heads", ("channels", "heads")])
+def test_head_parts_side_by_side_give_the_sequential_plan(monkeypatch, prune):
+    # every Gram counts as wide: a head unit's greedy modes and judged candidates run in a
+    # pool of their own (with channels too, inside the worker that factorizes the head unit
+    # beside the MLP's); grouped-query heads, two batches: the first held out and judged on
+    from skid.nn import _parallel
+
+    monkeypatch.setattr(_parallel, "SIDE_BY_SIDE_WIDTH", 10**9)
+    one = _fit("llama", 1, rank=0.5, prune=prune)
+    pools, run = [], _parallel.map_in_threads
+
+    def counted(function, jobs):
+        pools.append(len(jobs))
+        return run(function, jobs)
+
+    monkeypatch.setattr(_parallel, "map_in_threads", counted)  # map_for_width's calls only
+    monkeypatch.setattr(_parallel, "SIDE_BY_SIDE_WIDTH", 0)
+    _assert_same_plan(one, _fit("llama", 2, rank=0.5, prune=prune))
+    assert pools and max(pools) >= 2
+
+
+def _assert_same_plan(one, two):
     assert [r["error"] for r in one.layers_] == [r["error"] for r in two.layers_]
     for a, b in zip(one.plan_.selections, two.plan_.selections, strict=True):
         assert a.unit == b.unit
