@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import time
 from unittest import mock
 
@@ -212,10 +213,10 @@ def heads_rows(steps, n_calib, n_test, cache, seed=1) -> list:
     per_group = HEADS // KV_HEADS
     no_judge = ("skid.nn._heads.judged_on_held_out", lambda *a, **k: {})
     variants = (  # (label, patches)
-        ("rounds only", [("skid.nn._heads.groupwise_candidates", lambda *a, **k: {}), no_judge]),
+        ("rounds only", [("skid.nn._heads.groupwise_builders", lambda *a, **k: {}), no_judge]),
         ("smallest exact error (before)", [no_judge]),
         ("skid: judged on held-out rows", []),
-        ("per-group greedy alone", [("skid.nn._heads.groupwise_candidates", _forced_groupwise),
+        ("per-group greedy alone", [("skid.nn._heads.groupwise_builders", _forced_groupwise),
                                     no_judge]),
     )
     for count in (1, 2):
@@ -260,12 +261,15 @@ def heads_cost(steps, n_calib, cache, rounds) -> list:
 
 def _forced_groupwise(*args, **kwargs):
     """The per-group greedy (own columns) made to win at its counts (its errors read 0)."""
-    from skid.nn._head_greedy import groupwise_candidates
+    from skid.nn._head_greedy import groupwise_builders
 
-    found = groupwise_candidates(*args, **kwargs)
-    for fac in found.values():
+    def forced(build):
+        fac = build()
         fac.errors = np.where(np.isfinite(fac.errors), 0.0, fac.errors)
-    return found
+        return fac
+
+    return {name: functools.partial(forced, build)
+            for name, build in groupwise_builders(*args, **kwargs).items()}
 
 
 # ------------------------------------------------------------------------------ digits CNN
