@@ -68,7 +68,8 @@ class BlockPivotedFactorization:
         S = self.gram.copy()
         alive = np.arange(S.shape[0])
         where = alive.copy()  # each column's position in S (where it is alive)
-        sq_norm = self._energy(S, alive)
+        weights = self.weight_gram  # WᵀW on S's columns
+        sq_norm = self._energy(S, weights)
         scale = max(float(np.trace(S)), np.finfo(float).tiny)
         cutoff = np.finfo(np.float64).eps * S.shape[0] * scale
         remaining = list(range(self.n_blocks))
@@ -80,7 +81,7 @@ class BlockPivotedFactorization:
                     served = set()  # every group has had its turn this round
                 eligible = [b for b in remaining if not rounds or labels[b] not in served]
                 halves = [self._half(S, where[self.blocks[b]], cutoff) for b in eligible]
-                gains = [self._gain(h, alive) for h in halves]
+                gains = [self._gain(h, weights) for h in halves]
                 best_at = int(np.argmax(gains))
                 best = eligible[best_at]
                 left = np.ones(alive.size, dtype=bool)
@@ -88,34 +89,35 @@ class BlockPivotedFactorization:
                 h = halves[best_at][:, left]
                 S = S[np.ix_(left, left)]
                 S -= h.T @ h
+                if weights is not None:
+                    weights = weights[np.ix_(left, left)]
                 alive = alive[left]
                 where[alive] = np.arange(alive.size)
                 order.append(best)
                 remaining.remove(best)
                 served.add(labels[best])
-                sq_tail.append(self._energy(S, alive))
+                sq_tail.append(self._energy(S, weights))
         sq_tail = np.asarray(sq_tail)
         sq_tail[-1] = 0.0  # every column kept: nothing left, whatever the rounding says
         return np.asarray(order, dtype=np.int64), relative_errors(sq_tail, sq_norm)
 
-    def _energy(self, S, alive=None) -> float:
-        """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights (``S`` on the columns ``alive``,
-        by default all)."""
+    def _energy(self, S, weights=None) -> float:
+        """``tr(S)``, or ``tr(W S Wᵀ)`` with consumer weights (``weights``: ``WᵀW`` on the
+        columns of ``S``, by default all of it)."""
         if self.weight_gram is None:
             return float(np.trace(S))
-        weights = self.weight_gram if alive is None else self.weight_gram[np.ix_(alive, alive)]
-        return float(np.einsum("ij,ji->", weights, S))
+        return float(np.einsum("ij,ji->", self.weight_gram if weights is None else weights, S))
 
-    def _gain(self, h, alive=None) -> float:
+    def _gain(self, h, weights=None) -> float:
         """``tr(hᵀh)`` (or ``tr(W hᵀh Wᵀ)``), what keeping the block of ``h`` removes
-        (``h`` on the columns ``alive``, by default all).
+        (``weights`` as for :meth:`_energy`).
 
         Without weights it is ``‖h‖_F²``, summed column by column as the trace of the product
         sums it, without the m × m product: r·m operations instead of r·m².
         """
         if self.weight_gram is None:
             return float(np.einsum("ij,ij->j", h, h).sum())
-        return self._energy(h.T @ h, alive)
+        return self._energy(h.T @ h, weights)
 
     @staticmethod
     def _half(S, cols, cutoff):

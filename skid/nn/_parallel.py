@@ -1,9 +1,12 @@
-"""Per-unit host work (factorizations, selections) on ``torch.get_num_threads()`` threads.
+"""Host work on ``torch.get_num_threads()`` threads: the units' factorizations and selections
+side by side, and a wide head unit's independent parts (:func:`map_for_width`).
 
-Each unit's m × m LAPACK work runs on one BLAS thread (one ``dpstrf`` does not speed up with
-more) and releases the GIL (the pivoted Cholesky through :mod:`skid._linalg._nogil`: SciPy's
-wrapper holds it), so units run side by side; the results are the sequential ones bit for
-bit, since every unit's arithmetic is unchanged.
+Each job's LAPACK work runs on one BLAS thread and releases the GIL (the pivoted Cholesky
+through :mod:`skid._linalg._nogil`: SciPy's wrapper holds it), so jobs run side by side; the
+results are the sequential ones bit for bit, since every job's arithmetic is unchanged. One
+BLAS thread per job suits the widths of MiniLM-sized models (a 1,536-wide ``dpstrf`` is only
+1.2× faster on two threads); at 8,192 columns two threads make it 1.55× faster, so the widest
+units of large models leave cores idle here (``benchmarks/README.md``, issue 20's fourth pass).
 """
 
 from __future__ import annotations
