@@ -19,6 +19,7 @@ import functools
 import numpy as np
 
 from .._linalg import BlockPivotedFactorization, pinvh_solve
+from ._parallel import map_for_width
 
 __all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_builders"]
 
@@ -77,11 +78,14 @@ class FixedHeads:
         self._kept = {}
         self._total = self._energy(self.gram, slice(None))
 
-    def add(self, kept) -> None:
-        """Offer the heads ``kept`` at their count."""
-        kept = np.sort(np.asarray(kept, dtype=np.int64))
-        self._kept[kept.size] = kept
-        self.errors[kept.size] = self._error(kept)
+    def add(self, *kept_sets) -> None:
+        """Offer the heads of each set at its count (their errors side by side for a wide
+        Gram)."""
+        kept_sets = [np.sort(np.asarray(kept, dtype=np.int64)) for kept in kept_sets]
+        errors = map_for_width(self._error, kept_sets, len(self.gram))
+        for kept, error in zip(kept_sets, errors, strict=True):
+            self._kept[kept.size] = kept
+            self.errors[kept.size] = error
 
     def _columns(self, kept) -> np.ndarray:
         return np.concatenate([self.heads[h] for h in kept])
@@ -134,8 +138,7 @@ class GroupwiseGreedy(FixedHeads):
         counts = list(counts)
         orders = {g: self._group_order(np.flatnonzero(labels == g), scope, max(counts))
                   for g in groups}
-        for count in counts:
-            self.add(np.concatenate([orders[g][:count] for g in groups]))
+        self.add(*(np.concatenate([orders[g][:count] for g in groups]) for count in counts))
 
     def _group_order(self, members, scope, steps: int) -> np.ndarray:
         """The group's first ``steps`` heads in the order of its own greedy block ID."""

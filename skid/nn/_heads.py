@@ -445,9 +445,9 @@ class HeadFactorization:
             wanted = {mode for options in contested.values() for mode, _ in options}
             rest_modes = _modes(held_out.rest, unit, weight_gram, wanted)
             judged = FixedHeads(gram, _head_columns(unit), weight_gram)
-            for k, columns in judged_on_held_out(contested, rest_modes, held_out).items():
-                judged.add(np.unique(columns // unit.head_dim))
-                self._best[k] = ("judged", k)
+            winners = judged_on_held_out(contested, rest_modes, held_out)
+            judged.add(*(np.unique(columns // unit.head_dim) for columns in winners.values()))
+            self._best.update({k: ("judged", k) for k in winners})
             self._modes["judged"] = judged
 
     def for_outputs(self, weight_gram) -> HeadFactorization:
