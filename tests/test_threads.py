@@ -90,18 +90,20 @@ def test_head_selection_runs_its_small_solves_on_one_blas_thread(two_blas_thread
     # BLAS threads woke the other one (measured up to 18× the time of the selection)
     import numpy as np
 
+    from skid._linalg import _psd
     from skid.nn import _head_greedy
     from skid.nn._head_judge import HeldOutGrams
     from skid.nn._heads import AttentionLayout, HeadFactorization, HeadUnit
 
     seen = []
-    solve = _head_greedy.pinvh_solve
+    solve = _psd.pinvh_solve
 
     def spy(A, B):
         seen.append(tuple(_blas_threads()))
         return solve(A, B)
 
-    monkeypatch.setattr(_head_greedy, "pinvh_solve", spy)
+    monkeypatch.setattr(_psd, "pinvh_solve", spy)  # the folds' (least_squares_fold)
+    monkeypatch.setattr(_head_greedy, "pinvh_solve", spy)  # the exact errors'
     unit = HeadUnit("attn", AttentionLayout("q", "k", "v", "o", 4), 6, 2)  # 3 heads per group
     rng = np.random.default_rng(0)
     X = rng.standard_normal((300, 24))

@@ -59,7 +59,7 @@ from ._cholesky import factorize_gram
 from ._factorization import PivotedFactorization, ldexp_inf, relative_errors
 from ._gram import GramAccumulator, triangle_size
 from ._outputs import factorize_for_outputs
-from ._psd import pinvh_solve
+from ._psd import least_squares_fold, pinvh_solve
 from ._randomized import randomized_factorization
 from ._threads import one_blas_thread, small_step
 from ._tsqr import QRAccumulator, factorize_triangular
@@ -75,6 +75,7 @@ __all__ = [
     "factorize_for_outputs",
     "factorize_gram",
     "factorize_triangular",
+    "least_squares_fold",
     "pinvh_solve",
     "randomized_factorization",
     "row_blocks",

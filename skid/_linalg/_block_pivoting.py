@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._factorization import relative_errors
-from ._psd import inverse_root_product, pinvh_solve
+from ._psd import inverse_root_product, least_squares_fold
 from ._threads import small_step
 
 
@@ -146,6 +146,5 @@ class BlockPivotedFactorization:
             T[np.arange(columns.size), columns] = 1.0
             return kept.copy(), columns, T
         with small_step(self.gram.shape[0]):
-            rows = self.gram[columns]
-            T = pinvh_solve(rows[:, columns], rows)
+            T = least_squares_fold(self.gram, columns)
         return kept.copy(), columns, T

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import lapack
 
-__all__ = ["inverse_root_product", "pinvh_solve"]
+__all__ = ["inverse_root_product", "least_squares_fold", "pinvh_solve"]
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -70,3 +70,10 @@ def pinvh_solve(A, B):
     above = np.abs(s) > len(A) * _EPS * np.max(np.abs(s), initial=0.0)
     u = u[:, above]
     return ((u / s[above]) @ u.T) @ B
+
+
+def least_squares_fold(gram, columns) -> np.ndarray:
+    """``T`` minimizing ``‖X − X[:, columns] T‖_F``, from ``G = XᵀX`` alone: ``G_KK⁺ G_K:``
+    (the minimum-norm one where the kept columns are linearly dependent)."""
+    rows = gram[columns]
+    return pinvh_solve(rows[:, columns], rows)

@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from .._linalg import BlockPivotedFactorization, pinvh_solve
+from .._linalg import BlockPivotedFactorization, least_squares_fold, pinvh_solve
 from ._parallel import map_for_width
 
 __all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_builders"]
@@ -92,8 +92,7 @@ class FixedHeads:
 
     def _fit(self, kept):
         columns = self._columns(kept)
-        rows = self.gram[columns]
-        return columns, pinvh_solve(rows[:, columns], rows)
+        return columns, least_squares_fold(self.gram, columns)
 
     def _energy(self, gram, columns) -> float:
         """``tr(G)`` or ``tr(W G Wᵀ)`` of a Gram (with weights, ``columns`` of W's input)."""
