@@ -18,9 +18,9 @@ from torch import nn
 from . import _distributed, _sensitivity
 from ._batches import model_device_dtype
 from ._blocks import Runner
-from ._calibration import fingerprint
+from ._calibration import fingerprint, statistic_width
 from ._outputs import batch_outputs, output_distance
-from ._parallel import map_in_threads
+from ._parallel import map_units
 from ._planner import (
     Plan,
     Planner,
@@ -291,9 +291,9 @@ class _Walk:
             unit_key = None if step_key is None else fingerprint(step_key, i)
             ks = None if self.widths is None else [c[i] for c in self.widths]
             resolved.append((i, *planner.resolved(self.source, units[i], fac, ks, unit_key)))
-        # the selections (T solves, head greedy) of the units side by side
-        chosen = map_in_threads(
-            lambda job: [select(units[job[0]], job[1], k) for k in job[2]], resolved)
+        # the selections (T solves, head greedy) of the units, side by side where wide enough
+        chosen = map_units(lambda job: [select(units[job[0]], job[1], k) for k in job[2]],
+                           resolved, [statistic_width(units[i]) for i, _, _ in resolved])
         for (i, _, _), selections in zip(resolved, chosen, strict=True):
             for results, selection in zip(self.results, selections, strict=True):
                 results[i] = selection

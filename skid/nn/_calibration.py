@@ -36,7 +36,7 @@ from ._batches import (
 from ._fingerprint import describe_execution
 from ._head_judge import HeldOutGrams
 from ._joint import BlockFactorization, JointFactorization
-from ._parallel import map_in_threads
+from ._parallel import map_units
 from ._surgery import as_samples, offset_of
 from ._trace import module_kind
 from ._unit_kinds import consumer_weight_gram, unit_kind
@@ -47,6 +47,7 @@ __all__ = [
     "count_calibration_pass",
     "corrective_statistics",
     "model_fingerprint",
+    "statistic_width",
     "unit_statistics",
 ]
 
@@ -140,21 +141,23 @@ def unit_statistics(model, units, batches, *, method="gram", precision="float64"
         for handle in handles:
             handle.remove()
     flat = [acc for unit_accs in accumulators for acc in unit_accs]
-    widths = [_statistic_width(u)
+    widths = [statistic_width(u)
               for u, unit_accs in zip(units, accumulators, strict=True) for _ in unit_accs]
     # the held-out rows are judged by what the output projection makes of them
     weights = [consumer_weight_gram(model, u, reading_consumers(u)[0]) if h is not None
                else None for u, h in zip(units, held, strict=True)]
     flat += [h for h in held if h is not None]
-    widths += [_statistic_width(u) for u, h in zip(units, held, strict=True) if h is not None]
+    widths += [statistic_width(u) for u, h in zip(units, held, strict=True) if h is not None]
     n_samples = _distributed.reduce_statistics(flat, widths, n_samples)
     jobs = list(zip(units, accumulators, held, weights, strict=True))
     return _factorize_all(jobs), n_samples
 
 
 def _factorize_all(jobs) -> list:
-    """``_factorize`` of each job, in order, the units side by side (:mod:`._parallel`)."""
-    return map_in_threads(lambda job: _factorize(*job), jobs)
+    """``_factorize`` of each job, in order, the units side by side where they are wide enough
+    (:func:`._parallel.map_units`)."""
+    return map_units(lambda job: _factorize(*job), jobs,
+                     [statistic_width(unit) for unit, *_ in jobs])
 
 
 def _statistic_gram(accumulator) -> np.ndarray:
@@ -170,7 +173,7 @@ def _statistic_gram(accumulator) -> np.ndarray:
     return gram
 
 
-def _statistic_width(unit) -> int:
+def statistic_width(unit) -> int:
     """Columns of a unit's statistic: what its kind reads (and the constant column of
     ``fit_intercept``)."""
     return unit_kind(unit).statistic_width(unit) + _intercept.applies(unit)
@@ -313,7 +316,7 @@ def corrective_statistics(model, reference, unit, batches, *, method="gram",
                     f"The inputs of {unit.consumer!r} in the compressed and the original "
                     f"model do not pair up row for row ({exc}); corrective calibration "
                     "needs the consumer to see the same rows in both.") from exc
-    width = _statistic_width(unit)
+    width = statistic_width(unit)
     n_samples = _distributed.reduce_cross(accumulator, width, n_samples)
     if getattr(accumulator, "n_samples", None) == 0:
         raise ValueError(_no_rows_message(unit, unit.consumer))
