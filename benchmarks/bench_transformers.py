@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 from _baselines import heads_sliced, magnitude_heads
-from _models import print_table, replace_everywhere, set_threads
+from _models import minor_faults, print_table, replace_everywhere, set_threads, steady_allocator
 
 from skid import NetworkCompressor
 from skid.nn import OutputsObjective
@@ -98,9 +98,15 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="cost tables in process CPU time (with --threads 1, on a shared "
                              "machine)")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="glibc keeps freed memory (no page faults for memory it gave "
+                             "back): steadier rounds, for comparing two versions")
     args = parser.parse_args()
     if args.cpu_time:
         CLOCK[0] = time.process_time
+    allocator = "glibc's defaults"
+    if args.steady_malloc:
+        allocator = "freed memory kept" if steady_allocator() else "(not glibc: defaults)"
     # a smoke run on one thread: idle threads spinning on a loaded machine cost it minutes
     set_threads((1 if args.quick else 0) if args.threads is None else args.threads)
     loaded = load_minilm()
@@ -128,8 +134,10 @@ def main() -> None:
     print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
                 f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s); medians "
                 f"of {rounds} rounds, {rounds if args.quick else 9} for the LLaMA, the ratio "
-                "the median of each round's)",
-                ["prune", "forward s", "fit s", "fit ÷ forward"], rows, ["s", ".2f", ".2f", ".2f"])
+                "the median of each round's; the minor page faults of each, in thousands: "
+                f"memory the allocator gave back and took again; allocator: {allocator})",
+                ["prune", "forward s", "fit s", "fit ÷ forward", "faults k: forward",
+                 "fit"], rows, ["s", ".2f", ".2f", ".2f", ".0f", ".0f"])
     print_table("MiniLM and LLaMA, where fit's time goes (shares of the median fit, each "
                 "second counted once): the model's forward passes (hooks and Gram excluded), "
                 "the hooks' Gram products, the rest of the hooks, factorization (pivoted "
@@ -213,25 +221,26 @@ def cost_rows(rows, splits, label, forward, fit, rounds) -> None:
             split.total = CLOCK[0]() - start
         fits.append(split)
 
-    times = interleaved({"forward": forward, "fit": timed_fit}, rounds)
+    times, faults = interleaved({"forward": forward, "fit": timed_fit}, rounds)
     median = sorted(fits, key=lambda s: s.total)[len(fits) // 2]
     ratio = statistics.median(f / b for f, b in zip(times["fit"], times["forward"],
                                                     strict=True))
     rows.append((label, statistics.median(times["forward"]), statistics.median(times["fit"]),
-                 ratio))
+                 ratio, *(statistics.median(faults[way]) / 1000 for way in ("forward", "fit"))))
     splits.append((label, *median.shares()))
 
 
-def interleaved(ways: dict, rounds: int) -> dict:
-    """Each way's times (seconds, on ``CLOCK``), one per round, the ways run one after the
-    other each round."""
-    times = {name: [] for name in ways}
+def interleaved(ways: dict, rounds: int) -> tuple[dict, dict]:
+    """Each way's times (seconds, on ``CLOCK``) and minor page faults, one per round, the ways
+    run one after the other each round."""
+    times, faults = {name: [] for name in ways}, {name: [] for name in ways}
     for _ in range(rounds):
         for name, fn in ways.items():
-            start = CLOCK[0]()
+            before, start = minor_faults(), CLOCK[0]()
             fn()
             times[name].append(CLOCK[0]() - start)
-    return times
+            faults[name].append(minor_faults() - before)
+    return times, faults
 
 
 #: The parts of fit's time: (module, attribute) of the functions whose calls are timed as each
@@ -241,9 +250,11 @@ _PARTS = {
     "forward": [("skid.nn._batches", "run_model")],
     "Gram": [("skid._linalg._gram", "GramAccumulator.update")],
     "hooks, rest": [("skid.nn._calibration", "_accumulating_hook")],
-    # the units' factorizations and selections, side by side on torch's threads: timed as a
-    # whole from the calling thread (the timers' stack is not shared across threads)
-    "factorization": [("skid.nn._parallel", "map_in_threads"),
+    # the units' factorizations and selections, in turn or side by side on torch's threads:
+    # timed as a whole from the calling thread (the timers' stack is not shared across
+    # threads)
+    "factorization": [("skid.nn._parallel", "map_units"),
+                      ("skid.nn._parallel", "map_in_threads"),
                       ("skid.nn._planner", "Planner.selections_from"),
                       ("skid.nn._planner", "Planner.resolved")],
     "surgery": [("skid.nn._planner", "apply")],
