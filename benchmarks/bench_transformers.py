@@ -133,7 +133,8 @@ def main() -> None:
     llama_rows(rows, splits, 64 if args.quick else 512, rounds if args.quick else 9)
     print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
                 f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s); medians "
-                f"of {rounds} rounds, {rounds if args.quick else 9} for the LLaMA, the ratio "
+                f"of {rounds} rounds, {rounds if args.quick else 9} for the LLaMA (a third on "
+                "4× the windows), the ratio "
                 "the median of each round's; the minor page faults of each, in thousands: "
                 f"memory the allocator gave back and took again; allocator: {allocator})",
                 ["prune", "forward s", "fit s", "fit ÷ forward", "faults k: forward",
@@ -190,22 +191,28 @@ def quality_tables(model, calib, test, n) -> None:
 
 def llama_rows(rows, splits, n, rounds) -> None:
     """The cost rows of the LLaMA-shaped LM of ``_llm.py`` (its shape, random weights: the
-    cost does not need the training), ``n`` windows of its 64 tokens in batches of 32."""
+    cost does not need the training), ``n`` windows of its 64 tokens in batches of 32; then
+    channels and heads on 4n windows (a third of the rounds), where the per-fit fixed costs
+    (finding the units, FLOP counts, copies) weigh a quarter as much."""
     from _llm import make_llama, stdlib_tokens, windows
 
     model = make_llama(0).eval()
-    ids = windows(stdlib_tokens(300_000)[0], n, seed=1)[:, :-1]
+    tokens = stdlib_tokens(300_000)[0]
+    both = ("channels", "heads")
+    for label, prune, size, turns in (("LLaMA channels", "channels", n, rounds),
+                                      ("LLaMA channels + heads", both, n, rounds),
+                                      (f"LLaMA channels + heads, {4 * n:,} windows", both,
+                                       4 * n, max(1, rounds // 3))):
+        ids = windows(tokens, size, seed=1)[:, :-1]
 
-    def forward():
-        with torch.no_grad():
-            for start in range(0, n, 32):
-                model(input_ids=ids[start : start + 32])
+        def forward(ids=ids):
+            with torch.no_grad():
+                for start in range(0, len(ids), 32):
+                    model(input_ids=ids[start : start + 32])
 
-    for label, prune in (("LLaMA channels", "channels"),
-                         ("LLaMA channels + heads", ("channels", "heads"))):
-        fit = lambda p=prune: NetworkCompressor(  # noqa: E731
+        fit = lambda p=prune, ids=ids: NetworkCompressor(  # noqa: E731
             model, tol=0.05, prune=p, batch_size=32).fit({"input_ids": ids})
-        cost_rows(rows, splits, label, forward, fit, rounds)
+        cost_rows(rows, splits, label, forward, fit, turns)
 
 
 def cost_rows(rows, splits, label, forward, fit, rounds) -> None:
