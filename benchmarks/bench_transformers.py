@@ -19,8 +19,7 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
    surgery, finding the units: shares of the median fit, each second counted once). Each
    way's minor page faults are printed beside its time: glibc's allocator gives freed memory
    back or keeps it depending on what else the process holds, which moved single rounds by
-   up to 30 %; ``--steady-malloc``
-   keeps it (see :func:`_models.steady_allocator`).
+   up to 30 %; ``--steady-malloc`` keeps it (see :func:`_models.steady_allocator`).
 
     python benchmarks/bench_transformers.py            # about five minutes on 2 cores
     python benchmarks/bench_transformers.py --quick    # 64 sentences, 2 layers, one round
