@@ -754,6 +754,26 @@ def test_leading_dimension_is_blas_column_major_reading_in_place():
     assert leading_dimension(C) is None and leading_dimension(C.T) == 4
     assert leading_dimension(C[1:4].T) == 4  # row slices of a C-ordered array
     assert leading_dimension(F[::2]) is None and leading_dimension(C[:, ::2].T) is None
-    assert leading_dimension(np.ones((6, 1))) is None  # strides (8, 8): read as its transpose
-    assert leading_dimension(np.ones((6, 1)).T) == 1
+    # an axis of length one has no stride BLAS follows: a C-ordered column (strides (8, 8)) is
+    # column-major with the rows as leading dimension, a row cut from C-ordered rows too
+    assert leading_dimension(np.ones((6, 1))) == 6 and leading_dimension(np.ones((6, 1)).T) == 1
+    assert leading_dimension(C[2:3]) == 1 and leading_dimension(C[:, 1:2]) is None
     assert leading_dimension(np.broadcast_to(np.ones((6, 1)), (6, 3))) is None
+    assert leading_dimension(np.broadcast_to(np.ones((1, 1)), (6, 1))) is None
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_gil_free_dtrsm_solves_a_single_right_hand_side_in_any_contiguous_order(right):
+    # one kept column's T, or one right-hand side: NumPy calls a C-ordered column (and a row
+    # cut from C-ordered rows) contiguous in both orders, and BLAS reads it in place
+    from skid._linalg import _nogil
+
+    rng = np.random.default_rng(3)
+    a = np.asfortranarray(np.triu(rng.standard_normal((4, 4))) + 4 * np.eye(4))
+    # a row of C-ordered rows, strides (32, 8); a C-ordered column, strides (8, 8)
+    b = rng.standard_normal((3, 4))[1:2] if right else rng.standard_normal((4, 1))
+    expected = (scipy.linalg.solve_triangular(a, b.T, trans=1, lower=False).T if right
+                else scipy.linalg.solve_triangular(a, b, lower=False))
+    got = _nogil.dtrsm(a, b, right=right, lower=False)
+    assert got is b  # solved in place, not refused
+    np.testing.assert_allclose(got, expected, rtol=1e-12)

@@ -45,10 +45,17 @@ def product_step(m: int) -> int:
 def leading_dimension(a) -> int | None:
     """The leading dimension with which BLAS reads the 2-D NumPy array ``a`` in place as a
     column-major matrix (unit row stride, a column stride of whole elements and at least the
-    rows), else None. ``a.T`` answers for the row-major reading."""
-    size = a.itemsize
+    rows), else None. ``a.T`` answers for the row-major reading. The stride of an axis of
+    length one is never followed, so it does not count (as for NumPy's contiguity flags): a
+    single column is read with the rows as its leading dimension, a single row with any
+    row stride."""
+    size, (rows, columns) = a.itemsize, a.shape
     rows_step, column_step = a.strides
-    if rows_step != size or column_step % size or column_step < a.shape[0] * size:
+    if rows > 1 and rows_step != size:
+        return None
+    if columns <= 1:
+        return max(rows, 1)
+    if column_step % size or column_step < max(rows, 1) * size:
         return None
     return column_step // size
 
