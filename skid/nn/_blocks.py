@@ -477,7 +477,7 @@ class Runner:
         _move_trunk(model, self.list, device)
 
     def turn(self, i: int):
-        """Move member ``i`` to the device and let it run; every other member replays."""
+        """Move member ``i`` to the device and let it run; every member not turned replays."""
         _move(self.members[i], self.device)
         _replay(self.members[i], None)
 

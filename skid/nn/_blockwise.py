@@ -2,9 +2,11 @@
 
 :mod:`skid.nn._blocks` provides the tapes and runners (every member but the current one
 replays its cached outputs); this module walks a :class:`skid.nn._blocks.BlockLayout` with
-them and asks the :class:`skid.nn._planner.Planner` for every selection, through a statistics
-source that rewinds the tapes before each pass — so each calibration mode is written once, in
-the planner and its :class:`skid.nn._objectives.Calibration`, for one pass and block-wise.
+them (consecutive blocks with small statistics in one pass where the walk allows it:
+:func:`shared_passes`) and asks the :class:`skid.nn._planner.Planner` for every selection,
+through a statistics source that rewinds the tapes before each pass — so each calibration
+mode is written once, in the planner and its :class:`skid.nn._objectives.Calibration`, for
+one pass and block-wise.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from . import _distributed, _sensitivity
 from ._batches import model_device_dtype
 from ._blocks import Runner
-from ._calibration import fingerprint, statistic_width
+from ._calibration import fingerprint, reading_consumers, statistic_width
 from ._outputs import batch_outputs, output_distance
 from ._parallel import map_units
 from ._planner import (
@@ -33,7 +35,7 @@ from ._planner import (
 from ._surgery import sharing_copy
 from ._tapes import TapeStore
 
-__all__ = ["ErrorCurve", "blockwise_plan"]
+__all__ = ["SHARED_PASS_BYTES", "ErrorCurve", "blockwise_plan", "shared_passes"]
 
 
 class ErrorCurve:
@@ -160,6 +162,32 @@ def _transplant(target: nn.Module, source: nn.Module) -> None:
         setattr(target, name, child)
 
 
+#: Statistics (their Grams, float64) that consecutive blocks may hold together in one pass
+#: when the walk's selections come from one pass per block anyway (``"original"`` and the
+#: FLOP budget's walks, no ``device`` or ``memory``): their statistics are the one pass's
+#: whatever the grouping, and a pass that replays the finished blocks costs the code around
+#: the blocks again (the benchmark LLaMA's second pass: 18 ms of a 0.3 s fit, two threads).
+#: Blocks as wide as an LLM's (an 8B model's MLP Gram alone is 1.6 GiB) keep a pass each.
+SHARED_PASS_BYTES = 64 << 20
+
+
+def shared_passes(layout, units) -> list:
+    """The blocks of ``layout`` in consecutive groups that share a statistics pass: each as
+    many blocks as hold at most :data:`SHARED_PASS_BYTES` of statistics together (a block
+    over it alone)."""
+    groups, held = [], 0
+    for b, indices in enumerate(layout.inside):
+        size = sum(8 * statistic_width(units[i]) ** 2 * len(reading_consumers(units[i]))
+                   for i in indices)
+        if groups and held + size <= SHARED_PASS_BYTES:
+            groups[-1].append(b)
+            held += size
+        else:
+            groups.append([b])
+            held = size
+    return [tuple(group) for group in groups]
+
+
 #: Walk modes besides a calibration: every unit's error curve (for a global width rule), and
 #: candidate widths side by side on the original model's statistics.
 _COLLECT, _ORIGINAL = "collect", "original"
@@ -222,9 +250,16 @@ class _Walk:
             if with_reference:
                 self.runners.append(Runner(self.reference, layout, device, home, store))
             self.calibrate(layout.before, "before", mode, batched)
-            for b, indices in enumerate(layout.inside):
-                for r in self.runners:
-                    r.turn(b)
+            # blocks share passes unless they are moved in one at a time (device=) or
+            # their statistics and tapes are kept per block (memory=)
+            shared = batched and self.key is None and self.planner.settings.device is None
+            for group in shared_passes(layout, self.units) if shared else (
+                    (b,) for b in range(layout.size)):
+                b = group[-1]  # the group's last block: its outputs are the next tape
+                indices = tuple(i for g in group for i in layout.inside[g])
+                for g in group:
+                    for r in self.runners:
+                        r.turn(g)
                 try:
                     needed = b + 1 < layout.size or layout.after
                     # one pass: the statistics, and the block's outputs for the blocks after it
@@ -239,8 +274,9 @@ class _Walk:
                     if batched and mode != _COLLECT:
                         self.fold(indices)  # its outputs are recorded: fold, free the T's
                 finally:
-                    for r in self.runners:
-                        r.end_turn(b)
+                    for g in group:
+                        for r in self.runners:
+                            r.end_turn(g)
             self.calibrate(layout.after, "after", mode, batched)
         finally:
             for r in self.runners:

@@ -182,7 +182,10 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         for every calibration batch (on the host, or as files under ``memory``), only the
         current block's statistics are held, and with ``device`` set only the current block
         (and the code around the blocks) is moved there, so a model larger than the device can
-        be compressed. Every ``calibration`` gives its one-pass result (``"corrective"`` walks
+        be compressed. (Without ``device`` and ``memory``, the ``"original"`` calibration and
+        the FLOP budget's walks run consecutive blocks whose statistics stay under 64 MiB
+        together in one pass: a small model's blocks then cost one pass, the same
+        statistics.) Every ``calibration`` gives its one-pass result (``"corrective"`` walks
         a copy of the original blocks beside them). With ``"original"`` a block runs once per
         batch; ``"sequential"``/``"corrective"`` add their per-unit passes, each up to that
         unit. ``target_flops`` walks the blocks twice (three times unless ``"original"``): once
