@@ -19,6 +19,7 @@ product cast to float64 and added, against skid's panels on torch's threads.
     python benchmarks/bench_gram.py --quick    # 1024×512
     python benchmarks/bench_gram.py --torch-products   # torch's steps or NumPy's BLAS
     python benchmarks/bench_gram.py --dpstrf-forms     # LAPACK's upper or lower form
+    python benchmarks/bench_gram.py --left-rows --threads 2   # torch's steps: left rows
 """
 
 from __future__ import annotations
@@ -198,11 +199,14 @@ def bench_torch(n, m, batch, rounds):
     )
 
 
-def alternated_medians(ways: dict, rounds: int) -> dict:
-    """Median wall time of each way, the ways run one after the other each round."""
+def alternated_medians(ways: dict, rounds: int, before_each=None) -> dict:
+    """Median wall time of each way, the ways run one after the other each round (each after
+    ``before_each()``, untimed, if given)."""
     times = {name: [] for name in ways}
     for _ in range(rounds):
         for name, fn in ways.items():
+            if before_each is not None:
+                before_each()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -252,6 +256,65 @@ def _torch_products_row(n, m, rounds) -> tuple:
             med["numpy"] / med["steps"], med["numpy"] / med["floor"])
 
 
+def _all_steps(block, buffer, m):
+    """The panel products as the accumulator made them before: every step of rows up to its
+    own last column from the first column, the rows left of each square included."""
+    import torch
+
+    from skid._linalg import _blocking, _gram
+
+    step, offset = _blocking.product_step(m), 0
+    for start, stop in _gram._panel_bounds(m):
+        part = buffer[offset : offset + (stop - start) * stop].view(stop - start, stop)
+        for low in range(start, stop, step):
+            high = min(low + step, stop)
+            torch.mm(block[:, low:high].T, block[:, :high],
+                     out=part[low - start : high - start, :high])
+        offset += (stop - start) * stop
+
+
+def bench_left_rows(rounds):
+    """One torch block's panel products in torch's steps (what several threads use): the rows
+    left of each panel's square in one product (now) against in the square's steps (before),
+    alternated, with torch's whole ``XᵀX`` of the block beside them; every product follows a
+    torch product of the block (torch's threads just ran, as in a calibration pass), and
+    whether the two ways gave the same entries (MKL's GEMM does: each entry's sum is
+    computed alike, however the rows are split)."""
+    import torch
+
+    rows = [_left_rows_row(n, m, rounds)
+            for n, m in ((1553, 384), (1553, 768), (1553, 1024), (1553, 1536), (4096, 1536))]
+    print_table(
+        "torch's steps with each panel's left rows in one product or in steps, a float32 "
+        f"block, {torch.get_num_threads()} torch thread(s) (median of {rounds} alternated "
+        "rounds): the rows left of each square in one product (now) or in the square's "
+        "steps (before), and torch's whole XᵀX",
+        ["block", "before ms", "now ms", "now ÷ before", "now ÷ XᵀX", "same entries"],
+        rows, ["s", ".2f", ".2f", ".2f", ".2f", "s"])
+
+
+def _left_rows_row(n, m, rounds) -> tuple:
+    import torch
+
+    from skid._linalg import _blocking, _gram
+
+    block = torch.as_tensor(data(n, m))
+    weight = torch.as_tensor(data(m, 384))
+    size = _gram._whole_entries(m, "torch")
+    before, now = torch.zeros(size), torch.zeros(size)
+    original = _gram._product_step
+    _gram._product_step = lambda b: _blocking.product_step(m)
+    try:
+        med = alternated_medians({"before": lambda: _all_steps(block, before, m),
+                                  "now": lambda: _gram._whole_product(block, now),
+                                  "floor": lambda: block.T @ block},
+                                 rounds, before_each=lambda: block @ weight)
+    finally:
+        _gram._product_step = original
+    return (f"{n}×{m}", med["before"] * 1e3, med["now"] * 1e3, med["now"] / med["before"],
+            med["now"] / med["floor"], "yes" if torch.equal(before, now) else "no (rounding)")
+
+
 def bench_dpstrf_forms(rounds):
     """LAPACK's pivoted Cholesky given a Fortran-ordered upper triangle (the form skid
     passed before) against the lower one (a C-ordered upper triangle's transpose: what
@@ -282,9 +345,14 @@ def main():
                         help="only the table of torch's panel products on one thread")
     parser.add_argument("--dpstrf-forms", action="store_true",
                         help="only the table of LAPACK's two triangle forms")
+    parser.add_argument("--left-rows", action="store_true",
+                        help="only the table of torch's steps with each panel's left rows in "
+                             "one product or in steps (on --threads torch threads)")
     args = parser.parse_args()
     set_threads(args.threads)
-    if args.torch_products or args.dpstrf_forms:
+    if args.torch_products or args.dpstrf_forms or args.left_rows:
+        if args.left_rows:
+            bench_left_rows(5 if args.quick else 15)
         if args.torch_products:
             bench_torch_products(7 if args.quick else 15)
         if args.dpstrf_forms:

@@ -138,7 +138,14 @@ def test_bench_gram_torch_products_and_dpstrf_forms_quick():
     out = run_quick("bench_gram.py", "--torch-products", "--dpstrf-forms")
     assert len(table_rows(out, "one float32 torch block's panel products")) == 5
     assert len(table_rows(out, "dpstrf of an m × m Gram")) == 3
-    assert "accumulating" not in out  # only the tables asked for
+    assert "accumulating" not in out and "left rows" not in out  # only the tables asked for
+
+
+def test_bench_gram_left_rows_quick():
+    """Both ways of torch's steps run and give the same entries (the script checks)."""
+    out = run_quick("bench_gram.py", "--left-rows")
+    assert len(table_rows(out, "torch's steps with each panel's left rows")) == 5
+    assert "accumulating" not in out
 
 
 def test_bench_peers_quick():

@@ -501,13 +501,15 @@ def test_float32_read_in_place_takes_longer_equal_blocks(monkeypatch):
     np.testing.assert_array_equal(_linalg.GramAccumulator("native").update(X).gram, expected)
 
 
-@pytest.mark.parametrize("m, steps", [(200, None), (300, None), (40, 3), (40, 16)])
+@pytest.mark.parametrize("m, steps", [(200, None), (300, None), (40, 3), (40, 16),
+                                      (600, 16)])
 @pytest.mark.parametrize("precision", ["float64", "native"])
 def test_torch_cpu_products_in_short_steps_leave_out_the_squares_other_triangle(
         monkeypatch, m, steps, precision):
-    """Torch on the CPU multiplies each panel's rows in steps, each only up to its own last
-    column: the squares' other triangle is left out (zeros), never read; the Gram, the
-    packed triangle and the factorization are the panel products' ones."""
+    """Torch on the CPU multiplies each panel's square in steps of rows, each only up to its
+    own last column (the rows left of it in one product): the squares' other triangle is
+    left out (zeros), never read; the Gram, the packed triangle and the factorization are
+    the panel products' ones."""
     torch.set_num_threads(2)  # one thread takes NumPy's BLAS (the autouse fixture restores)
     if steps is not None:
         monkeypatch.setattr(_blocking, "product_step", lambda m: steps)

@@ -32,13 +32,17 @@ MIRROR_STEP = 128
 
 
 def product_step(m: int) -> int:
-    """Rows of G per product where torch multiplies an m-wide triangle on the CPU (on
-    several threads; one thread goes through NumPy's BLAS, see ``_gram._product_step``): each
-    step's rows only up to their own last column (written in place into the 256-wide panel),
-    so less of each panel's square is multiplied than in one product per panel. Measured
-    (torch 2.13, float32, one thread, 1,460–2,048 rows): 0.71× the panel products' time at
-    m = 256, 0.82× at 384 and 0.80× at 96 with 64-row steps; 0.87–0.97× at 512–1,536 with
-    128-row steps (64 there: 0.90–1.03×)."""
+    """Rows of G per product where torch multiplies the square of an m-wide triangle's
+    256-wide panel on the CPU (on several threads; one thread goes through NumPy's BLAS, see
+    ``_gram._product_step``): each step's rows only up to their own last column (written in
+    place into the panel), so less of the square is multiplied than in one product per
+    panel; the panel's rows left of its square are one product. Measured (torch 2.13,
+    float32, one thread, 1,460–2,048 rows, the left rows in steps too): 0.71× the panel
+    products' time at m = 256, 0.82× at 384 and 0.80× at 96 with 64-row steps; 0.87–0.97× at
+    512–1,536 with 128-row steps (64 there: 0.90–1.03×). The left rows in one product instead
+    of steps (the same entries): 0.91–0.97× the products' time at m = 1,536, 0.95–1.03× at
+    384–1,024 (two threads, 1,553 and 4,096 rows, three runs of ``benchmarks/bench_gram.py
+    --left-rows --threads 2``); 0.85–0.88× at 1,024–1,536 while the shared machine ran slow."""
     return 64 if m <= 512 else 128
 
 

@@ -164,8 +164,9 @@ def _whole_product(block, buffer):
     ``buffer`` (flat, of the block's dtype and library; None: a new one). NumPy computes G in
     one ``?syrk`` (half a GEMM's flops: the call of the floor ``XᵀX`` itself); torch and CuPy,
     which have no ``syrk``, multiply panel by panel (the triangle's flops, not a full GEMM's),
-    and torch on the CPU in shorter steps of rows (:func:`._blocking.product_step`), each only
-    up to its own last column, or, on one thread, through NumPy's BLAS into the same panels
+    and torch on the CPU the rows left of each panel's square in one product and the square in
+    shorter steps of rows (:func:`._blocking.product_step`), each only up to its own last
+    column, or, on one thread, through NumPy's BLAS into the same panels
     (:func:`_product_step`). Returns ``(buffer, rows, symmetric)``: ``symmetric`` False
     when the squares' other triangles were left out (zeros there: only each square's lower
     triangle, G's upper one, holds G)."""
@@ -193,10 +194,12 @@ def _whole_product(block, buffer):
         else:  # written in place: BLAS's leading dimension is the panel's row length
             import torch
 
-            for low in range(start, stop, step):
+            if start:  # the rows left of the square in one product, as NumPy's route does
+                torch.mm(block[:, start:stop].T, block[:, :start], out=part[:, :start])
+            for low in range(start, stop, step):  # the square's lower triangle, in steps
                 high = min(low + step, stop)
-                torch.mm(block[:, low:high].T, block[:, :high],
-                         out=part[low - start : high - start, :high])
+                torch.mm(block[:, low:high].T, block[:, start:high],
+                         out=part[low - start : high - start, start:high])
             symmetric = False
         rows.append(part)
         offset += (stop - start) * stop
