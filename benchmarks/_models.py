@@ -37,6 +37,7 @@ __all__ = [
     "print_table",
     "status_mib",
     "set_threads",
+    "skid_modules",
     "steady_allocator",
     "stopwatch",
     "train_digits_cnn",
@@ -187,11 +188,18 @@ def stopwatch(store: dict, key: str):
 # --------------------------------------------------------------------------------- tables
 
 
-def replace_everywhere(module_name: str, attribute: str, wrap) -> list:
+def skid_modules() -> list:
+    """skid's modules loaded in this process."""
+    return [m for n, m in list(sys.modules.items()) if n.startswith("skid") and m is not None]
+
+
+def replace_everywhere(module_name: str, attribute: str, wrap, modules=None) -> list:
     """Replace skid's ``module_name.attribute`` (a dotted path: ``Class.method`` too) by
-    ``wrap(original)`` in its module and in every skid module that imported it by name;
-    returns ``[(place, name, original)]`` to put back. None where the attribute is missing
-    (a checkout without that step): nothing replaced, ``[]``."""
+    ``wrap(original)`` in its module and in every skid module that imported it by name
+    (``modules``: :func:`skid_modules`, found here if not given: with transformers loaded,
+    a scan of 3,750 modules, ≈ 0.7 ms); returns ``[(place, name, original)]`` to put back.
+    None where the attribute is missing (a checkout without that step): nothing replaced,
+    ``[]``."""
     import importlib
 
     owner = importlib.import_module(module_name)
@@ -202,9 +210,8 @@ def replace_everywhere(module_name: str, attribute: str, wrap) -> list:
     if original is None:
         return []
     wrapped = wrap(original)
-    places = [owner] + [m for n, m in list(sys.modules.items()) if n.startswith("skid")
-                        and m is not None and m is not owner
-                        and getattr(m, name, None) is original]
+    places = [owner] + [m for m in (skid_modules() if modules is None else modules)
+                        if m is not owner and getattr(m, name, None) is original]
     for place in places:
         setattr(place, name, wrapped)
     return [(place, name, original) for place in places]
