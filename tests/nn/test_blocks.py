@@ -502,3 +502,28 @@ def test_shared_passes_group_consecutive_blocks_up_to_the_budget(monkeypatch):
     assert _blockwise.shared_passes(layout, list(range(6))) == [(0, 1), (2,), (3, 4), (5,)]
     monkeypatch.setattr(_blockwise, "SHARED_PASS_BYTES", 8 * 300)
     assert _blockwise.shared_passes(layout, list(range(6))) == [(0, 1), (2,), (3, 4, 5)]
+
+
+def test_a_route_recheck_inside_a_shared_pass_reruns_the_group(monkeypatch):
+    """A width whose error float32 products cannot resolve is recomputed on a finer route: in
+    a shared pass that is a second pass of the group from its input tape, with the result
+    of a block a pass and of one pass over the model."""
+    from skid.nn import _blockwise
+
+    torch.manual_seed(0)
+    model = Stack(3).eval()
+    with torch.no_grad():  # every block's hidden activations: rank 3 plus a floor at 1e-5
+        for layer in model.layers:
+            layer.act = nn.Identity()
+            layer.up.weight.copy_(torch.randn(24, 3) @ torch.randn(3, 12)
+                                  + 1e-5 * torch.randn(24, 12))
+            layer.up.bias.zero_()
+    before = calibration_passes()
+    shared = fit(model, X, rank=0.25)
+    passes = calibration_passes() - before
+    inside = [r for r in shared.layers_ if r["consumer"].startswith("layers.")]
+    assert len(inside) == 3 and all(0 < r["error"] < 1e-3 for r in inside)
+    assert passes > 3 * 4  # the re-check's passes on top of the stem's, blocks' and head's
+    assert_same_models(shared, fit(model, X, rank=0.25, blocks=None), atol=0)
+    monkeypatch.setattr(_blockwise, "SHARED_PASS_BYTES", 0)
+    assert_same_models(shared, fit(model, X, rank=0.25), atol=0)
