@@ -9,6 +9,9 @@ Three tables, every peer measured in the same run:
    Peak resident memory above the start of the call, one fresh subprocess per cell (torch's
    CPU allocations are invisible to tracemalloc), also less the fit's working copy of the
    model; time as a median of rounds, and ÷ one plain forward pass over the same data.
+   The stack stands in for a model whose blocks each hold more statistics than
+   ``skid.nn._blockwise.SHARED_PASS_BYTES`` (an LLM's): its small blocks would otherwise share
+   passes, all eight in one, so the budget is set to 0 here and each block has a pass.
 2. Statistics traffic per rank of data-parallel calibration (2 Gloo ranks on localhost, each
    on half the data): bytes all-reduced/gathered per rank against the calibration size, and
    the prediction Σ 4·m(m+1) (the upper triangle of one float64 Gram per unit) + the counts;
@@ -93,6 +96,9 @@ def blocks_child(args):
     n_blocks, mode = args.blocks_child
     model, X = make_stack(int(n_blocks), args.width, args.hidden, args.rows)
     blocks, calibration, request, _ = MODES[mode]
+    from skid.nn import _blockwise
+
+    _blockwise.SHARED_PASS_BYTES = 0  # a block a pass, as an LLM's blocks (see the docstring)
 
     def fit():
         NetworkCompressor(model, blocks=blocks, calibration=calibration,
