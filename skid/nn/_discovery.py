@@ -23,10 +23,24 @@ __all__ = ["block_layout", "find_all_units", "require_units"]
 
 
 def find_all_units(work, example, settings) -> tuple[list, list]:
-    """``(units, skipped)`` of the work copy for ``settings.prune``, in the planner's order."""
+    """``(units, skipped)`` of the work copy for ``settings.prune``, in the planner's order.
+
+    The finders run the model on ``example`` themselves; where one fails, a plain pass tells
+    whether the model runs on that input at all, and if it does not, that is the error raised
+    (the input is the caller's to fix). A pass of its own up front would cost every fit a
+    forward pass.
+    """
+    try:
+        return _find_all_units(work, example, settings)
+    except Exception:
+        args, kwargs = example
+        with torch.no_grad():
+            run_model(work, args, kwargs, what="first samples of the calibration data")
+        raise
+
+
+def _find_all_units(work, example, settings) -> tuple[list, list]:
     args, kwargs = example
-    with torch.no_grad():
-        run_model(work, args, kwargs, what="first samples of the calibration data")
     prune = settings.prune
     units, skipped = [], []
     if prune & {"channels", "residual"}:

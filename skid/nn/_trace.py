@@ -211,17 +211,31 @@ class Graph:
 
 def _tensor_leaves(obj) -> list[torch.Tensor]:
     """Tensors inside nested tuples, lists, dicts (HF ModelOutput included) and dataclasses."""
+    leaves = []
+    _add_leaves(obj, leaves)
+    return leaves
+
+
+#: Argument types that hold no tensor: answered before the container checks (an ABC's
+#: ``isinstance`` costs a microsecond, and the trace asks for every argument of every op).
+_NO_TENSORS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size,
+               slice, type(Ellipsis))
+
+
+def _add_leaves(obj, leaves: list) -> None:
     if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        items = list(obj.values())
+        leaves.append(obj)
+    elif isinstance(obj, _NO_TENSORS):
+        return
     elif isinstance(obj, (list, tuple)):
-        items = list(obj)
+        for item in obj:
+            _add_leaves(item, leaves)
+    elif isinstance(obj, Mapping):
+        for item in list(obj.values()):
+            _add_leaves(item, leaves)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    else:
-        return []
-    return [t for item in items for t in _tensor_leaves(item)]
+        for f in dataclasses.fields(obj):
+            _add_leaves(getattr(obj, f.name), leaves)
 
 
 class _Recorder(TorchFunctionMode):

@@ -73,12 +73,44 @@ def test_units_in_the_order_of_their_own_pass(name, layers):
 
 
 @pytest.mark.parametrize("name", ["transformer_encoder", "timm_vit", "vgg"])
-def test_finding_channels_and_heads_runs_the_model_three_times(name):
-    """A check that it runs on the example, the channel trace, and the pass that probes every
-    attention block with fewer heads while it records the forward order."""
+def test_finding_channels_and_heads_runs_the_model_twice(name):
+    """The channel trace, and the pass that probes every attention block with fewer heads
+    while it records the forward order: no pass of its own to check that the model runs."""
     factory, make = _MODELS[name]
     model = factory().eval()
     calls = []
     model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
     find_all_units(model, _inputs(make), _settings())
-    assert len(calls) == 3
+    assert len(calls) == 2
+
+
+def test_a_finders_own_error_is_raised_after_a_plain_pass_runs(monkeypatch):
+    """Where a finder fails on an input the model runs, a plain pass shows the input is not
+    the cause and the finder's own error is raised, unchanged."""
+    import skid.nn._discovery as discovery
+
+    factory, make = _MODELS["vgg"]
+    model = factory().eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the finder broke")
+
+    monkeypatch.setattr(discovery, "find_channel_groups", broken)
+    with pytest.raises(RuntimeError, match="the finder broke"):
+        find_all_units(model, _inputs(make), _settings())
+    assert len(calls) == 1  # the plain pass
+
+
+def test_an_input_the_model_cannot_run_is_named_as_such():
+    """The finders fail on an input of the wrong width; the error is the calibration data's,
+    from the plain pass, not the trace's."""
+    factory, make = _MODELS["vgg"]
+    model = factory().eval()
+    args, kwargs = _inputs(make)
+    wrong = tuple(a[:, :1] if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(ValueError, match="could not run on the first samples of the "
+                                         "calibration data") as info:
+        find_all_units(model, (wrong, kwargs), _settings())
+    assert "forward pass on the example input failed" not in str(info.value)
