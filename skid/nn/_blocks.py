@@ -42,7 +42,7 @@ from ._outputs import first_tensor
 from ._tapes import Recorder, Tape, TapeStore, flatten
 from ._trace import map_tensors
 
-__all__ = ["BlockLayout", "Runner", "find_blocks"]
+__all__ = ["BlockLayout", "ExamplePass", "Runner", "find_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class BlockLayout:
 # --------------------------------------------------------------------------------- detection
 
 
-def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
+def find_blocks(model: nn.Module, example, spec, units, calls=None) -> BlockLayout | None:
     """The block layout of ``model`` for ``blocks=spec``; None when blocks are not used.
 
     ``spec`` is None (off), ``"auto"`` (the longest ``ModuleList`` that runs in sequence and
@@ -88,21 +88,22 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
     through the next block: a head over several blocks' states, a hook that edits outputs), or
     the model cannot run that way, ``"auto"`` warns with the reason and returns None (one pass)
     and a named list raises it.
+
+    ``calls``: what an :class:`ExamplePass` recorded of a pass on ``example`` (None: a pass of
+    its own records it).
     """
     if spec is None:
         return None
     modules = dict(model.named_modules())
-    if spec == "auto":
-        candidates = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    else:
-        if not isinstance(modules.get(spec), nn.ModuleList):
-            what = "is not an nn.ModuleList" if spec in modules else "does not exist"
-            hint = "" if spec in modules else suggest(spec, modules)
-            raise ValueError(f"blocks={spec!r}: that module {what}{hint}.")
-        candidates = [spec]
+    if spec != "auto" and not isinstance(modules.get(spec), nn.ModuleList):
+        what = "is not an nn.ModuleList" if spec in modules else "does not exist"
+        hint = "" if spec in modules else suggest(spec, modules)
+        raise ValueError(f"blocks={spec!r}: that module {what}{hint}.")
+    candidates = _candidates(modules, spec)
     if not candidates:
         return None
-    calls = _record_calls(model, example, [modules[n] for n in candidates], units)
+    if calls is None:
+        calls = _record_calls(model, example, [modules[n] for n in candidates])
     layouts, reasons = [], {}
     for name in candidates:
         layout, reason = _layout(name, modules[name], calls, units)
@@ -132,39 +133,112 @@ def find_blocks(model: nn.Module, example, spec, units) -> BlockLayout | None:
     return None
 
 
-def _record_calls(model, example, lists, units):
-    """One forward pass on ``example`` recording every member's input/output, in call order.
+def _candidates(modules: dict, spec) -> list:
+    """Names of the ``nn.ModuleList`` s that ``spec`` lets :func:`find_blocks` try."""
+    if spec == "auto":
+        return [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    return [spec] if isinstance(modules.get(spec), nn.ModuleList) else []
 
-    Returns ``(order, members)``: the call index of each module named by a unit (its first
-    call) and, per ModuleList member (by identity), its list of ``(index, input, output)``.
-    """
-    names = {n for u in units for n in _unit_modules(u)}
-    modules = dict(model.named_modules())
-    counter = itertools.count()
-    order, members, handles = {}, {}, []
 
-    def on_call(name):
-        def hook(module, args):
-            order.setdefault(name, next(counter))
-
-        return hook
-
-    def on_member(module, args, kwargs, output):
-        members.setdefault(id(module), []).append((next(counter), _first_input(args, kwargs),
-                                                   output))
-
-    try:
-        for name in names:
-            handles.append(modules[name].register_forward_pre_hook(on_call(name)))
-        for member in (m for module_list in lists for m in module_list):
-            handles.append(member.register_forward_hook(on_member, with_kwargs=True))
-        args, kwargs = example
+def _record_calls(model, example, lists):
+    """One forward pass on ``example`` recording what :func:`_layout` reads (see
+    :class:`ExamplePass`)."""
+    with ExamplePass(model, lists) as recorded:
         with torch.no_grad():
-            run_model(model, args, kwargs, what="first samples of the calibration data")
-    finally:
-        for handle in handles:
+            run_model(model, *example, what="first samples of the calibration data")
+    return recorded.calls()
+
+
+class ExamplePass:
+    """Records, during a forward pass of ``model`` on the example, what :func:`_layout` reads:
+    the call index of every module's first call (by qualified name) and, per member of the
+    ``lists`` (by identity), its ``(index, first input, output)`` calls, indices from one
+    counter. Used around the unit finders, whose passes run the model anyway, it spares the
+    block layout a pass of its own.
+
+    Each call of the whole model starts a new record; the last that completed is kept.
+    :meth:`calls` gives it only while every module still has the class it had then (the
+    finders give a pruned attention form back its own class, whose code may differ). Calls of
+    copies of the modules (a probe's, which copy their hooks) are not counted.
+
+    Parameters
+    ----------
+    model : nn.Module
+    lists : str, None or list of nn.ModuleList
+        The members' lists: ``blocks=`` as the estimator takes it (None: nothing to record),
+        or the lists themselves.
+    """
+
+    def __init__(self, model: nn.Module, lists):
+        self.model = model
+        if lists is None or isinstance(lists, str):
+            modules = dict(model.named_modules())
+            lists = [] if lists is None else [modules[n] for n in _candidates(modules, lists)]
+        self.lists = lists
+        self._handles = []
+        self._current = None  # (order, members, counter) of the pass under way
+        self._complete = None  # (order, members, module classes) of the last finished pass
+
+    def __enter__(self) -> ExamplePass:
+        if not self.lists:
+            return self
+        model = self.model
+
+        def start(module, args):
+            if module is model:
+                self._current = ({}, {}, itertools.count())
+
+        def finish(module, args, output):
+            if module is model and self._current is not None:
+                order, members, _ = self._current
+                self._complete = (order, members, _classes(model))
+                self._current = None
+
+        def on_call(name, owner):
+            def hook(module, args):
+                if module is owner and self._current is not None:
+                    order, _, counter = self._current
+                    order.setdefault(name, next(counter))
+            return hook
+
+        def on_member(owner):
+            def hook(module, args, kwargs, output):
+                if module is owner and self._current is not None:
+                    _, members, counter = self._current
+                    members.setdefault(id(module), []).append(
+                        (next(counter), _first_input(args, kwargs), output))
+            return hook
+
+        handles = self._handles
+        try:
+            handles.append(model.register_forward_pre_hook(start))
+            for name, module in model.named_modules():
+                handles.append(module.register_forward_pre_hook(on_call(name, module)))
+            for member in (m for module_list in self.lists for m in module_list):
+                handles.append(member.register_forward_hook(on_member(member), with_kwargs=True))
+            handles.append(model.register_forward_hook(finish))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
             handle.remove()
-    return order, members
+        self._handles = []
+        self._current = None
+
+    def calls(self):
+        """``(order, members)`` of the last complete pass, or None (no pass, or a module's
+        class changed since)."""
+        if self._complete is None:
+            return None
+        order, members, classes = self._complete
+        return (order, members) if classes == _classes(self.model) else None
+
+
+def _classes(model: nn.Module) -> tuple:
+    return tuple(type(m) for m in model.modules())
 
 
 def _layout(name, module_list, calls, units):

@@ -24,6 +24,7 @@ from .._report import format_units_report
 from .._validation import Interval, Options, SubsetOf, check_params
 from . import _distributed, _hf_config, _intercept, _residual
 from ._batches import Batches, example_inputs, model_device_dtype
+from ._blocks import ExamplePass
 from ._blockwise import blockwise_plan
 from ._calibration import StatisticsCache, calibration_passes, fingerprint, model_fingerprint
 from ._discovery import block_layout, find_all_units, require_units
@@ -420,10 +421,12 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         stage = home if settings.blocks is not None else device
         work = _working_copy(model, stage)
         example = example_inputs(batches.first, stage, dtype)
-        units, skipped = find_all_units(work, example, settings)
+        # the finders' passes on the example also record what the block layout reads
+        with ExamplePass(work, settings.blocks) as example_pass:
+            units, skipped = find_all_units(work, example, settings)
         self.skipped_ = [{"producer": s.producer, "reason": s.reason} for s in skipped]
         require_units(work, units, skipped, self.prune, settings.verbose)
-        layout = block_layout(work, example, settings, units)
+        layout = block_layout(work, example, settings, units, example_pass.calls())
         self.blocks_ = None if layout is None else layout.name
         if layout is not None:
             batches.make_reusable()  # several passes over the data

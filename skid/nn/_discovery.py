@@ -85,9 +85,11 @@ def require_units(work, units, skipped, prune, verbose: bool) -> None:
         )
 
 
-def block_layout(work, example, settings, units):
+def block_layout(work, example, settings, units, calls=None):
     """The block layout of the units (the stream aside), or None for one pass: with a
-    stream, ``target_flops`` budgets it with the other units in one pass."""
+    stream, ``target_flops`` budgets it with the other units in one pass. ``calls``: what an
+    :class:`~skid.nn._blocks.ExamplePass` recorded around :func:`find_all_units` (None: the
+    layout records a pass of its own)."""
     others = [u for u in units if not _residual.is_residual(u)]
     if len(others) < len(units) and settings.blocks is not None and (
             settings.target_flops is not None or not others):
@@ -98,4 +100,4 @@ def block_layout(work, example, settings, units):
                 "budgeted with the other units in one pass over the model; use "
                 "blocks='auto' or None.")
         return None
-    return find_blocks(work, example, settings.blocks, others)
+    return find_blocks(work, example, settings.blocks, others, calls)

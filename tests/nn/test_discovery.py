@@ -114,3 +114,111 @@ def test_an_input_the_model_cannot_run_is_named_as_such():
                                          "calibration data") as info:
         find_all_units(model, (wrong, kwargs), _settings())
     assert "forward pass on the example input failed" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+def test_the_finders_pass_gives_the_block_layout_its_own_pass_would(name):
+    """The calls recorded during the finders' passes give the layout (units inside, before
+    and after the blocks, the blocks' output types) that a pass of the layout's own gives."""
+    import warnings
+
+    from skid.nn._blocks import ExamplePass
+    from skid.nn._discovery import block_layout
+
+    factory, make = _MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    example = _inputs(make)
+    settings = _settings(prune=("channels", "heads"), blocks="auto")
+    with ExamplePass(model, "auto") as recorded:
+        units, _ = find_all_units(model, example, settings)
+    calls = recorded.calls()
+    with warnings.catch_warnings(record=True) as seen_recorded:
+        warnings.simplefilter("always")
+        from_finders = block_layout(model, example, settings, units, calls)
+    with warnings.catch_warnings(record=True) as seen_own:
+        warnings.simplefilter("always")
+        own = block_layout(model, example, settings, units)
+    assert from_finders == own
+    assert (from_finders is None) or from_finders.types == own.types
+    assert [str(w.message) for w in seen_recorded] == [str(w.message) for w in seen_own]
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    assert (calls is not None) == bool(lists)
+
+
+def test_the_block_layout_reads_the_finders_pass_instead_of_its_own():
+    """Given the finders' record, finding the blocks runs only the replay check's passes:
+    one model call fewer than recording a pass of its own."""
+    from skid.nn._blocks import ExamplePass
+    from skid.nn._discovery import block_layout
+
+    factory, make = _MODELS["bert"]
+    model = factory().eval()
+    example = _inputs(make)
+    settings = _settings(blocks="auto")
+    with ExamplePass(model, "auto") as recorded:
+        units, _ = find_all_units(model, example, settings)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    assert block_layout(model, example, settings, units, recorded.calls()) is not None
+    with_record = len(calls)
+    calls.clear()
+    assert block_layout(model, example, settings, units) is not None
+    handle.remove()
+    assert len(calls) == with_record + 1
+
+
+def test_a_record_is_dropped_once_a_module_changes_class():
+    """The finders give a pruned attention form its own class back after their passes; the
+    record of a pass made with the other class is not used (the layout records its own)."""
+    from skid.nn._blocks import ExamplePass
+
+    factory, make = _MODELS["bert"]
+    model = factory().eval()
+    args, kwargs = _inputs(make)
+    with ExamplePass(model, "auto") as recorded:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    assert recorded.calls() is not None
+    some = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    some.__class__ = type("OtherLinear", (torch.nn.Linear,), {})
+    assert recorded.calls() is None
+
+
+def test_a_record_keeps_the_last_complete_pass_and_skips_copies():
+    """A pass that stops half-way leaves the last complete one in place; a module's copy run
+    during a pass (it copies the module's hooks, as a probe's copy does) is not counted."""
+    import copy
+
+    from skid.nn._batches import StopForward
+    from skid.nn._blocks import ExamplePass
+
+    factory, make = _MODELS["bert"]
+    model = factory().eval()
+    args, kwargs = _inputs(make)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    member = layers[0][0]
+    with ExamplePass(model, "auto") as recorded, torch.no_grad():
+        probed = []
+
+        def run_a_copy(module, inputs, output):
+            if not probed:  # the copy's own call runs this hook too
+                probed.append(1)
+                copy.deepcopy(module)(*inputs)
+
+        probe = member.register_forward_hook(run_a_copy)
+        model(*args, **kwargs)
+        assert probed
+        probe.remove()
+        order, members = recorded.calls()
+        assert len(members[id(member)]) == 1  # the copy's call is not the member's
+        assert set(members) == {id(m) for module_list in layers for m in module_list}
+
+        def stop(module, inputs, output):
+            raise StopForward
+
+        handle = member.register_forward_hook(stop)
+        with pytest.raises(StopForward):
+            model(*args, **kwargs)
+        handle.remove()
+    assert recorded.calls()[1] is members
