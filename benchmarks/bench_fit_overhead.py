@@ -7,7 +7,9 @@ For the cost rows of ``bench_transformers.py`` (the LLaMA of ``_llm.py`` with ra
 more calibration data (the working copy, finding the units and the block layout on the
 example, the two FLOP counts, the head factorizations), median of the rounds, one thread.
 Each step's time is inclusive (a row indented under another is part of it); a step this
-checkout does not have prints "-". To compare two checkouts, run the script from each (``git
+checkout does not have, or that the fit did not take, prints "-" (the heads' probes ride on
+the channel trace's pass: a pass of their own only for blocks that take a pruning form, an
+``nn.MultiheadAttention``). To compare two checkouts, run the script from each (``git
 archive`` one into a folder and run it there with ``PYTHONPATH`` set to that folder).
 
 With ``--heads``, a second table: one head factorization (what fit builds per attention
@@ -42,8 +44,8 @@ STEPS = [
     ("working copy", "skid.nn._compressor", "_working_copy"),
     ("finding the units", "skid.nn._discovery", "find_all_units"),
     ("  channel trace", "skid.nn._trace", "record"),
-    ("  heads' probing pass", "skid.nn._heads", "_probed_pass"),
-    ("    fewer-heads probes", "skid.nn._heads", "_try_fewer_heads"),
+    ("  heads' pass of their own", "skid.nn._heads", "_run_once"),
+    ("  fewer-heads probes (in either pass)", "skid.nn._heads", "_try_fewer_heads"),
     ("  heads' call order (own passes)", "skid.nn._heads", "_call_order"),
     ("block layout", "skid.nn._discovery", "block_layout"),
     ("  its replay check", "skid.nn._blocks", "_replay_check"),

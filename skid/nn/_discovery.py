@@ -9,13 +9,15 @@ the planner narrows them with every skip record; :func:`require_units` raises
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..exceptions import NotPrunableError
 from . import _residual
 from ._batches import run_model
 from ._blocks import find_blocks
-from ._heads import find_heads, in_forward_order, release_heads
+from ._heads import HeadProbes, find_heads, in_forward_order, needs_forms, release_heads
 from ._residual_stages import find_channel_groups
 from ._unit_kinds import unit_kind
 
@@ -43,14 +45,24 @@ def _find_all_units(work, example, settings) -> tuple[list, list]:
     args, kwargs = example
     prune = settings.prune
     units, skipped = [], []
-    if prune & {"channels", "residual"}:
-        units, skipped = find_channel_groups(
-            work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
-            channels="channels" in prune, residual="residual" in prune)
+    traced = bool(prune & {"channels", "residual"})
+    order = {}  # the probing pass's call order: no pass of its own to sort the units
+    # the heads' probes ride on the channel trace's pass, unless a block would take a
+    # pruning form first (the trace must see an nn.MultiheadAttention as it is)
+    probes = None
+    if "heads" in prune and traced and not needs_forms(work):
+        probes = HeadProbes(work, exclude=settings.exclude, call_order=order)
+    if traced:
+        with probes if probes is not None else contextlib.nullcontext():
+            units, skipped = find_channel_groups(
+                work, args, kwargs, layers=settings.layers, exclude=settings.exclude,
+                channels="channels" in prune, residual="residual" in prune)
     if "heads" in prune:
-        order = {}  # the probing pass's call order: no pass of its own to sort the units
-        heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude,
-                                          call_order=order)
+        if probes is None:
+            heads, skipped_heads = find_heads(work, args, kwargs, exclude=settings.exclude,
+                                              call_order=order)
+        else:
+            heads, skipped_heads = probes.result()
         if settings.layers != "auto":  # heads are named by their attention block
             wanted = {n if isinstance(n, str) else n[0] for n in settings.layers}
             dropped = [h for h in heads if h.attention not in wanted

@@ -38,6 +38,7 @@ from ._head_judge import judged_on_held_out
 from ._parallel import map_for_width
 from ._plan import Consumer, Skipped
 from ._surgery import fold_in, sharing_copy, slice_out, surgery_for
+from ._trace import paused_trace
 
 __all__ = [
     "AttentionLayout",
@@ -164,9 +165,9 @@ def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(
     A block counts only if the forward pass on the example calls its output projection, and
     only if its forward runs with one head (or key/value group) fewer: a block whose code fixes
     its width another way (a reshape to the input width) is skipped with the error it raised.
-    Both are seen in one forward pass. ``model`` must be the compressor's working copy: a block
-    with a ``form`` (an ``nn.MultiheadAttention``) takes that class in place, with all its
-    heads.
+    Both are seen in one forward pass (:class:`HeadProbes`, which can ride on another
+    finder's pass instead). ``model`` must be the compressor's working copy: a block with a
+    ``form`` (an ``nn.MultiheadAttention``) takes that class in place, with all its heads.
 
     Parameters
     ----------
@@ -179,41 +180,112 @@ def find_heads(model: nn.Module, example_args, example_kwargs=None, *, exclude=(
     units : list of HeadUnit, in forward order
     skipped : list of Skipped
     """
-    example_kwargs = example_kwargs or {}
-    found, skipped = [], []
-    for name, module in model.named_modules():
-        layout = attention_layout(module)
-        if layout is None:
-            continue
-        if isinstance(layout, str):
-            skipped.append(Skipped(name, f"attention heads: {layout}"))
-            continue
-        if any(name == e or name.startswith(e + ".") for e in exclude if e):
-            skipped.append(Skipped(name, "attention heads: excluded"))
-            continue
-        if layout.form:
-            FORMS[layout.form][0](module)
-        unit, reason = _head_unit(model, name, layout)
-        if unit is None:
-            _restore(module, layout)
-            skipped.append(Skipped(name, f"attention heads: {reason}"))
-        else:
-            found.append(unit)
-    order = {} if call_order is None else call_order
-    failures = {}
-    if found or call_order is not None:
-        failures = _probed_pass(model, found, example_args, example_kwargs, order)
-    units = []
-    for unit in found:
-        reason = ("never called on the data" if unit.consumer not in order
-                  else failures.get(unit.attention))
-        if reason is None:
-            units.append(unit)
-        else:
-            _restore(model.get_submodule(unit.attention), unit.layout)
-            skipped.append(Skipped(unit.attention, f"attention heads: {reason}"))
-    units.sort(key=lambda u: order[u.consumer])
-    return units, skipped
+    probes = HeadProbes(model, exclude=exclude, call_order=call_order)
+    if probes.found or call_order is not None:
+        with probes:
+            _run_once(model, example_args, example_kwargs or {})
+    return probes.result()
+
+
+def needs_forms(model: nn.Module) -> bool:
+    """Whether an attention block of ``model`` would take a pruning form (an
+    ``nn.MultiheadAttention``): :class:`HeadProbes` gives it that class when it is made."""
+    return any(isinstance(layout := attention_layout(m), AttentionLayout) and layout.form
+               for m in model.modules())
+
+
+class HeadProbes:
+    """The attention blocks that can lose heads, seen during one forward pass on the example.
+
+    Made, it holds the blocks whose layout and widths allow pruning heads (``found``, giving
+    a block with a ``form`` that class in place) and the skip records so far. Entered, its
+    hooks record the position of every module's first call (by each of its names) and run each
+    found block, on its first call, as a copy (sharing the tensors, which the surgery replaces)
+    with one head, or key/value group, fewer: a block fails if that raises or gives an output
+    of another shape. Any forward pass of the model inside serves, the channel trace's too
+    (the probes are not traced). :meth:`result` then gives the units and skip records.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The compressor's working copy.
+    exclude : iterable of str
+        Blocks (and the modules under them) not to prune.
+    call_order : dict, optional
+        Filled with the first calls' positions (a new dict if None).
+    """
+
+    def __init__(self, model: nn.Module, *, exclude=(), call_order=None):
+        self.model = model
+        self.order = {} if call_order is None else call_order
+        self.failures = {}
+        self.found, self.skipped = [], []
+        for name, module in model.named_modules():
+            layout = attention_layout(module)
+            if layout is None:
+                continue
+            if isinstance(layout, str):
+                self.skipped.append(Skipped(name, f"attention heads: {layout}"))
+                continue
+            if any(name == e or name.startswith(e + ".") for e in exclude if e):
+                self.skipped.append(Skipped(name, "attention heads: excluded"))
+                continue
+            if layout.form:
+                FORMS[layout.form][0](module)
+            unit, reason = _head_unit(model, name, layout)
+            if unit is None:
+                _restore(module, layout)
+                self.skipped.append(Skipped(name, f"attention heads: {reason}"))
+            else:
+                self.found.append(unit)
+        self._handles = []
+
+    def __enter__(self) -> HeadProbes:
+        order, tried = self.order, set()
+        try:
+            for name, module in self.model.named_modules(remove_duplicate=False):
+                def called(block, inputs, name=name, module=module):
+                    if block is module:  # not a probe's copy, which copies this hook
+                        order.setdefault(name, len(order))
+                self._handles.append(module.register_forward_pre_hook(called))
+            for unit in self.found:
+                def probe(block, inputs, kw, output, unit=unit):
+                    if unit.attention in tried:
+                        return  # later calls, and the copy's own call (it copies this hook)
+                    tried.add(unit.attention)
+                    with paused_trace():  # the copy's ops are not the model's
+                        reason = _try_fewer_heads(block, unit, inputs, kw, output)
+                    if reason:
+                        self.failures[unit.attention] = reason
+                block = self.model.get_submodule(unit.attention)
+                self._handles.append(block.register_forward_hook(probe, with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def result(self) -> tuple[list, list]:
+        """``(units, skipped)``: the found blocks called and probed successfully, in forward
+        order; the others give their ``form`` back and are skipped with the reason."""
+        if self.found and "" not in self.order:  # the model's own call is recorded first
+            raise RuntimeError("Internal error: no forward pass of the model ran while the "
+                               "attention blocks' probes were in place.")
+        units, skipped = [], list(self.skipped)
+        for unit in self.found:
+            reason = ("never called on the data" if unit.consumer not in self.order
+                      else self.failures.get(unit.attention))
+            if reason is None:
+                units.append(unit)
+            else:
+                _restore(self.model.get_submodule(unit.attention), unit.layout)
+                skipped.append(Skipped(unit.attention, f"attention heads: {reason}"))
+        units.sort(key=lambda u: self.order[u.consumer])
+        return units, skipped
 
 
 def _restore(module, layout):
@@ -274,36 +346,6 @@ def _per_head_target(block, spec):
 _CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
-def _probed_pass(model, units, args, kwargs, order: dict) -> dict:
-    """One forward pass on the example: fills ``order`` (the position of every module's
-    first call, by each of its names) and returns ``attention -> reason`` for the blocks whose
-    forward does not run with fewer heads.
-
-    Each block, on its first call, is copied (sharing the tensors, which the surgery replaces)
-    and run on the same inputs with one head, or key/value group, fewer; a block fails if that
-    raises or gives an output of another shape. (A block whose output projection is never
-    called is probed too; :func:`find_heads` skips it for that reason first.)
-    """
-    failures, tried, handles = {}, set(), []
-    for name, module in model.named_modules(remove_duplicate=False):
-        def called(block, inputs, name=name, module=module):
-            if block is module:  # not a probe's copy, which copies this hook
-                order.setdefault(name, len(order))
-        handles.append(module.register_forward_pre_hook(called))
-    for unit in units:
-        def probe(block, inputs, kw, output, unit=unit):
-            if unit.attention in tried:
-                return  # later calls, and the copy's own call (it copies this hook)
-            tried.add(unit.attention)
-            reason = _try_fewer_heads(block, unit, inputs, kw, output)
-            if reason:
-                failures[unit.attention] = reason
-        block = model.get_submodule(unit.attention)
-        handles.append(block.register_forward_hook(probe, with_kwargs=True))
-    _run_once(model, handles, args, kwargs)
-    return failures
-
-
 def _try_fewer_heads(block, unit, args, kwargs, output):
     H, n_kv, size, d = unit.n_heads, unit.n_kv_heads, unit.group_size, unit.head_dim
     local = replace(unit, attention="")
@@ -361,14 +403,10 @@ def in_forward_order(model, units, args, kwargs, order=None) -> list:
     return sorted(units, key=lambda u: order.get(u.producer, len(order)))
 
 
-def _run_once(model, handles, args, kwargs) -> None:
-    """One forward pass without gradients; the hooks in ``handles`` are removed after it."""
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+def _run_once(model, args, kwargs) -> None:
+    """One forward pass without gradients."""
+    with torch.no_grad():
+        model(*args, **kwargs)
 
 
 def _call_order(model, names, args, kwargs) -> dict:
@@ -378,7 +416,11 @@ def _call_order(model, names, args, kwargs) -> dict:
         def hook(module, inputs, name=name):
             order.setdefault(name, len(order))
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    _run_once(model, handles, args, kwargs)
+    try:
+        _run_once(model, args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
     return order
 
 

@@ -14,6 +14,8 @@ pass so ids are not reused; an in-place op makes a new value for the same tensor
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from ._surgery import registered
 __all__ = [
     "CONCAT_OPS", "ELEMENTWISE_OPS", "METADATA_OPS", "MODULE_KINDS", "NORM_OPS", "REDUCE_OPS",
     "RESHAPE_OPS", "TRANSPOSE_OPS", "Graph", "Node", "Value", "module_kind", "op_name",
-    "pool_dims", "record",
+    "paused_trace", "pool_dims", "record",
 ]
 
 # ----------------------------------------------------------------------------------------
@@ -278,16 +280,41 @@ class _Recorder(TorchFunctionMode):
         return post_hook
 
 
+#: The recorder of the pass under way (its hooks see other code run inside the pass).
+_ACTIVE = contextvars.ContextVar("skid_trace_recorder", default=None)
+
+
+@contextlib.contextmanager
+def paused_trace():
+    """Nothing run inside is recorded by the trace under way, if any: e.g. a copy of a block
+    that another finder's hook runs during the trace's pass (its modules carry copies of the
+    trace's hooks, which see the recorder inside an atomic module and record nothing)."""
+    recorder = _ACTIVE.get()
+    if recorder is None:
+        yield
+        return
+    recorder.depth += 1
+    try:
+        yield
+    finally:
+        recorder.depth -= 1
+
+
 def record(model: nn.Module, args: tuple, kwargs: dict) -> Graph:
     """Run ``model(*args, **kwargs)`` once (eval, no_grad) and return the recorded graph."""
     graph = Graph(dict(model.named_modules()))
     recorder = _Recorder(graph)
     handles, modes = [], {m: m.training for m in model.modules()}
+
+    def pre_hook(module, args, kwargs):  # a function, not a bound method: a deep copy of a
+        recorder.pre_hook(module, args, kwargs)  # module (a probe's) keeps the same recorder
+
     for name, module in graph.modules.items():
         if module_kind(module) is not None:
-            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(
                 recorder.make_post_hook(name), with_kwargs=True, always_call=True))
+    active = _ACTIVE.set(recorder)
     try:
         model.eval()
         with torch.no_grad(), recorder:
@@ -298,6 +325,7 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> Graph:
             f"the forward pass on the example input failed ({type(error).__name__}: {error}); "
             "pass an input the model accepts") from error
     finally:
+        _ACTIVE.reset(active)
         for handle in handles:
             handle.remove()
         for module, training in modes.items():

@@ -1,4 +1,5 @@
-"""Finding the units: one probing pass serves the heads' checks and the forward order."""
+"""Finding the units: one pass on the example serves the channel trace, the heads' checks and
+the forward order (and records what the block layout reads)."""
 
 import pytest
 import torch
@@ -72,16 +73,19 @@ def test_units_in_the_order_of_their_own_pass(name, layers):
     assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
 
 
-@pytest.mark.parametrize("name", ["transformer_encoder", "timm_vit", "vgg"])
-def test_finding_channels_and_heads_runs_the_model_twice(name):
-    """The channel trace, and the pass that probes every attention block with fewer heads
-    while it records the forward order: no pass of its own to check that the model runs."""
+@pytest.mark.parametrize(("name", "passes"),
+                         [("transformer_encoder", 2), ("timm_vit", 1), ("vgg", 1)])
+def test_finding_channels_and_heads_runs_the_model_once(name, passes):
+    """The channel trace's pass also probes every attention block with fewer heads and
+    records the forward order; no pass checks on its own that the model runs. Blocks that take
+    a pruning form (``nn.MultiheadAttention``) are probed in a pass of their own after the
+    trace, which must see them as they are."""
     factory, make = _MODELS[name]
     model = factory().eval()
     calls = []
     model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
     find_all_units(model, _inputs(make), _settings())
-    assert len(calls) == 2
+    assert len(calls) == passes
 
 
 def test_a_finders_own_error_is_raised_after_a_plain_pass_runs(monkeypatch):
@@ -222,3 +226,18 @@ def test_a_record_keeps_the_last_complete_pass_and_skips_copies():
             model(*args, **kwargs)
         handle.remove()
     assert recorded.calls()[1] is members
+
+
+def test_head_probes_without_a_pass_refuse_to_answer():
+    """Every found block would read "never called on the data" if no pass ran while the
+    probes were in place: an internal error, not a silent skip of every head."""
+    from skid.nn._heads import HeadProbes
+
+    factory, make = _MODELS["timm_vit"]
+    model = factory().eval()
+    probes = HeadProbes(model)
+    assert probes.found
+    with probes:
+        pass
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        probes.result()
