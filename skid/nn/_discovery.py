@@ -17,7 +17,13 @@ from ..exceptions import NotPrunableError
 from . import _residual
 from ._batches import run_model
 from ._blocks import find_blocks
-from ._heads import HeadProbes, find_heads, in_forward_order, needs_forms, release_heads
+from ._head_discovery import (
+    HeadProbes,
+    find_heads,
+    in_forward_order,
+    needs_forms,
+    release_heads,
+)
 from ._residual_stages import find_channel_groups
 from ._unit_kinds import unit_kind
 

@@ -6,7 +6,7 @@ import torch
 
 from skid.nn import NetworkCompressor
 from skid.nn._discovery import find_all_units
-from skid.nn._heads import find_heads, in_forward_order, release_heads
+from skid.nn._head_discovery import find_heads, in_forward_order, release_heads
 from skid.nn._residual_stages import find_channel_groups
 
 from .blocks import ATTENTION_BLOCKS, BLOCKS, make_block
@@ -231,7 +231,7 @@ def test_a_record_keeps_the_last_complete_pass_and_skips_copies():
 def test_head_probes_without_a_pass_refuse_to_answer():
     """Every found block would read "never called on the data" if no pass ran while the
     probes were in place: an internal error, not a silent skip of every head."""
-    from skid.nn._heads import HeadProbes
+    from skid.nn._head_discovery import HeadProbes
 
     factory, make = _MODELS["timm_vit"]
     model = factory().eval()

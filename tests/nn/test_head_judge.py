@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from skid.nn import NetworkCompressor
+from skid.nn._head_discovery import find_heads
 from skid.nn._head_judge import HeldOutGrams, held_out_error
-from skid.nn._heads import AttentionLayout, HeadFactorization, HeadUnit, _modes, find_heads
+from skid.nn._heads import AttentionLayout, HeadFactorization, HeadUnit, _modes
 
 D = 4
 UNIT = HeadUnit("attn", AttentionLayout("q", "k", "v", "o", D), 6, 2)  # 3 heads per group

@@ -9,12 +9,12 @@ from torch import nn
 
 from skid.exceptions import InvalidParameterError
 from skid.nn import NetworkCompressor
+from skid.nn._head_discovery import find_heads
 from skid.nn._heads import (
     HeadFactorization,
     HeadSelection,
     apply_head_selection,
     attention_layout,
-    find_heads,
 )
 
 transformers = pytest.importorskip("transformers")

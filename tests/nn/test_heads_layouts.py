@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skid.nn import NetworkCompressor
-from skid.nn._heads import find_heads
+from skid.nn._head_discovery import find_heads
 from skid.nn._mha import PrunedMultiheadAttention
 
 from .blocks import ATTENTION_BLOCKS, make_block
