@@ -38,6 +38,7 @@ from torch import nn
 from .._validation import suggest
 from ._batches import StopForward, run_model, to_inputs
 from ._calibration import running_to_the_end
+from ._hooks import HookSet
 from ._outputs import first_tensor
 from ._tapes import Recorder, Tape, TapeStore, flatten
 from ._trace import map_tensors
@@ -149,7 +150,7 @@ def _record_calls(model, example, lists):
     return recorded.calls()
 
 
-class ExamplePass:
+class ExamplePass(HookSet):
     """Records, during a forward pass of ``model`` on the example, what :func:`_layout` reads:
     the call index of every module's first call (by qualified name) and, per member of the
     ``lists`` (by identity), its ``(index, first input, output)`` calls, indices from one
@@ -170,18 +171,18 @@ class ExamplePass:
     """
 
     def __init__(self, model: nn.Module, lists):
+        super().__init__()
         self.model = model
         if lists is None or isinstance(lists, str):
             modules = dict(model.named_modules())
             lists = [] if lists is None else [modules[n] for n in _candidates(modules, lists)]
         self.lists = lists
-        self._handles = []
         self._current = None  # (order, members, counter) of the pass under way
         self._complete = None  # (order, members, module classes) of the last finished pass
 
-    def __enter__(self) -> ExamplePass:
+    def register(self) -> None:
         if not self.lists:
-            return self
+            return
         model = self.model
 
         def start(module, args):
@@ -209,23 +210,15 @@ class ExamplePass:
                         (next(counter), _first_input(args, kwargs), output))
             return hook
 
-        handles = self._handles
-        try:
-            handles.append(model.register_forward_pre_hook(start))
-            for name, module in model.named_modules():
-                handles.append(module.register_forward_pre_hook(on_call(name, module)))
-            for member in (m for module_list in self.lists for m in module_list):
-                handles.append(member.register_forward_hook(on_member(member), with_kwargs=True))
-            handles.append(model.register_forward_hook(finish))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        self.keep(model.register_forward_pre_hook(start))
+        for name, module in model.named_modules():
+            self.keep(module.register_forward_pre_hook(on_call(name, module)))
+        for member in (m for module_list in self.lists for m in module_list):
+            self.keep(member.register_forward_hook(on_member(member), with_kwargs=True))
+        self.keep(model.register_forward_hook(finish))
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        super().__exit__(*exc)
         self._current = None
 
     def calls(self):

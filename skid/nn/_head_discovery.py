@@ -26,6 +26,7 @@ from ._heads import (
     per_head_target,
     restore_form,
 )
+from ._hooks import HookSet
 from ._plan import Skipped
 from ._surgery import sharing_copy, surgery_for
 from ._trace import paused_trace
@@ -69,7 +70,7 @@ def needs_forms(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-class HeadProbes:
+class HeadProbes(HookSet):
     """The attention blocks that can lose heads, seen during one forward pass on the example.
 
     Made, it holds the blocks whose layout and widths allow pruning heads (``found``, giving
@@ -91,6 +92,7 @@ class HeadProbes:
     """
 
     def __init__(self, model: nn.Module, *, exclude=(), call_order=None):
+        super().__init__()
         self.model = model
         self.order = {} if call_order is None else call_order
         self.failures = {}
@@ -113,36 +115,25 @@ class HeadProbes:
                 self.skipped.append(Skipped(name, f"attention heads: {reason}"))
             else:
                 self.found.append(unit)
-        self._handles = []
 
-    def __enter__(self) -> HeadProbes:
+    def register(self) -> None:
         order, tried = self.order, set()
-        try:
-            for name, module in self.model.named_modules(remove_duplicate=False):
-                def called(block, inputs, name=name, module=module):
-                    if block is module:  # not a probe's copy, which copies this hook
-                        order.setdefault(name, len(order))
-                self._handles.append(module.register_forward_pre_hook(called))
-            for unit in self.found:
-                def probe(block, inputs, kw, output, unit=unit):
-                    if unit.attention in tried:
-                        return  # later calls, and the copy's own call (it copies this hook)
-                    tried.add(unit.attention)
-                    with paused_trace():  # the copy's ops are not the model's
-                        reason = _try_fewer_heads(block, unit, inputs, kw, output)
-                    if reason:
-                        self.failures[unit.attention] = reason
-                block = self.model.get_submodule(unit.attention)
-                self._handles.append(block.register_forward_hook(probe, with_kwargs=True))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            def called(block, inputs, name=name, module=module):
+                if block is module:  # not a probe's copy, which copies this hook
+                    order.setdefault(name, len(order))
+            self.keep(module.register_forward_pre_hook(called))
+        for unit in self.found:
+            def probe(block, inputs, kw, output, unit=unit):
+                if unit.attention in tried:
+                    return  # later calls, and the copy's own call (it copies this hook)
+                tried.add(unit.attention)
+                with paused_trace():  # the copy's ops are not the model's
+                    reason = _try_fewer_heads(block, unit, inputs, kw, output)
+                if reason:
+                    self.failures[unit.attention] = reason
+            block = self.model.get_submodule(unit.attention)
+            self.keep(block.register_forward_hook(probe, with_kwargs=True))
 
     def result(self) -> tuple[list, list]:
         """``(units, skipped)``: the found blocks called and probed successfully, in forward
