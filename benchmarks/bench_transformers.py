@@ -280,7 +280,7 @@ _PARTS = {
     "surgery": [("skid.nn._planner", "apply")],
     "units": [("skid.nn._discovery", "find_all_units")],
     # per fit, whatever the data: both FLOP counts (one sample each, every op through
-    # FlopCounterMode), and the working copy with the block layout's probe passes
+    # FlopCounterMode), and the working copy with the block layout's replay check
     "FLOP counts": [("skid.nn._flops", "count_flops")],
     "copy, layout": [("skid.nn._compressor", "_working_copy"),
                      ("skid.nn._discovery", "block_layout")],

@@ -104,7 +104,7 @@ def find_blocks(model: nn.Module, example, spec, units, calls=None) -> BlockLayo
     if not candidates:
         return None
     if calls is None:
-        calls = _record_calls(model, example, [modules[n] for n in candidates])
+        calls = _record_calls(model, example, spec)
     layouts, reasons = [], {}
     for name in candidates:
         layout, reason = _layout(name, modules[name], calls, units)
@@ -141,10 +141,10 @@ def _candidates(modules: dict, spec) -> list:
     return [spec] if isinstance(modules.get(spec), nn.ModuleList) else []
 
 
-def _record_calls(model, example, lists):
+def _record_calls(model, example, spec):
     """One forward pass on ``example`` recording what :func:`_layout` reads (see
     :class:`ExamplePass`)."""
-    with ExamplePass(model, lists) as recorded:
+    with ExamplePass(model, spec) as recorded:
         with torch.no_grad():
             run_model(model, *example, what="first samples of the calibration data")
     return recorded.calls()
@@ -165,18 +165,16 @@ class ExamplePass(HookSet):
     Parameters
     ----------
     model : nn.Module
-    lists : str, None or list of nn.ModuleList
-        The members' lists: ``blocks=`` as the estimator takes it (None: nothing to record),
-        or the lists themselves.
+    spec : str or None
+        ``blocks=`` as the estimator takes it: the members are those of the lists
+        :func:`find_blocks` would try (None: nothing to record).
     """
 
-    def __init__(self, model: nn.Module, lists):
+    def __init__(self, model: nn.Module, spec):
         super().__init__()
         self.model = model
-        if lists is None or isinstance(lists, str):
-            modules = dict(model.named_modules())
-            lists = [] if lists is None else [modules[n] for n in _candidates(modules, lists)]
-        self.lists = lists
+        modules = dict(model.named_modules())
+        self.lists = [] if spec is None else [modules[n] for n in _candidates(modules, spec)]
         self._current = None  # (order, members, counter) of the pass under way
         self._complete = None  # (order, members, module classes) of the last finished pass
 
