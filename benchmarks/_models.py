@@ -34,6 +34,7 @@ __all__ = [
     "median_time",
     "minor_faults",
     "peak_above_start",
+    "peak_ratio",
     "print_table",
     "status_mib",
     "set_threads",
@@ -254,3 +255,13 @@ def peak_above_start(fn) -> float:
     start = status_mib("VmRSS")
     fn()
     return status_mib("VmHWM") - start
+
+
+# A call whose working memory fits in heap the process already holds (a smoke run's small
+# model) raises no resident peak: 0 MiB, or a few pages. A ratio to such a peak says nothing.
+PEAK_RESOLUTION_MIB = 1.0
+
+
+def peak_ratio(peak: float, base: float):
+    """``peak / base``, or ``"-"`` where the base peak is below ``PEAK_RESOLUTION_MIB``."""
+    return peak / base if base >= PEAK_RESOLUTION_MIB else "-"

@@ -42,6 +42,7 @@ from _models import (
     make_vgg32,
     median_time,
     peak_above_start,
+    peak_ratio,
     print_table,
     set_threads,
     status_mib,
@@ -190,8 +191,8 @@ def bench_memory(sizes, channels, threads):
         out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         first = r["fit"] if first is None else first
-        rows.append((n, r["data"], r["rss"], r["forward"], r["fit"], r["fit"] / r["forward"],
-                     r["fit"] / first, r["heap"]))
+        rows.append((n, r["data"], r["rss"], r["forward"], r["fit"],
+                     peak_ratio(r["fit"], r["forward"]), peak_ratio(r["fit"], first), r["heap"]))
     print_table(
         f"peak memory vs calibration size, VGG {'-'.join(map(str, channels))} 3×32×32, batches "
         f"of {BATCH_SIZE}, one fresh process per size (resident set above its value at the "

@@ -37,7 +37,14 @@ import tempfile
 import time
 
 import torch
-from _models import forward_pass, median_time, peak_above_start, print_table, set_threads
+from _models import (
+    forward_pass,
+    median_time,
+    peak_above_start,
+    peak_ratio,
+    print_table,
+    set_threads,
+)
 from torch import nn
 
 from skid import InterpolativeDecomposition, NetworkCompressor, _linalg
@@ -130,8 +137,9 @@ def bench_blocks(args, block_counts):
             r = done[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             b = done[base]
             grams = gram_mib * (n_blocks if mode.startswith("one pass") else 1)
-            rows.append((n_blocks, mode, grams, r["peak"], r["peak"] / b["peak"],
-                         r["peak"] - r["copy"], (r["peak"] - r["copy"]) / (b["peak"] - b["copy"]),
+            rows.append((n_blocks, mode, grams, r["peak"], peak_ratio(r["peak"], b["peak"]),
+                         r["peak"] - r["copy"],
+                         peak_ratio(r["peak"] - r["copy"], b["peak"] - b["copy"]),
                          r["time"], r["time"] / r["forward"], r["time"] / b["time"]))
     print_table(
         f"peak memory and time vs number of blocks: residual MLP stack, W={args.width}, "

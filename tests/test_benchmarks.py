@@ -184,3 +184,14 @@ def test_bench_fit_overhead_quick():
     heads = {row.split("|")[1].strip(): row.split("|")[3].strip() for row in rows}
     assert heads["fewer-heads probes (in either pass)"] != "-"
     assert heads["head factorizations"] != "-"
+
+
+def test_a_peak_too_small_to_divide_by_gives_no_ratio(monkeypatch):
+    # a smoke run's fit can fit in heap its process already holds: a peak of 0 MiB (CI saw one)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _models import PEAK_RESOLUTION_MIB, peak_ratio
+
+    assert peak_ratio(0.4, 0.0) == "-"
+    assert peak_ratio(0.4, PEAK_RESOLUTION_MIB / 2) == "-"
+    assert peak_ratio(-0.1, -0.2) == "-"  # a peak less the model's copy can be negative
+    assert peak_ratio(3.0, 2.0) == 1.5
