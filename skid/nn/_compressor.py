@@ -420,6 +420,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         # Block-wise, the model waits on its own device and each block moves for its turn.
         stage = home if settings.blocks is not None else device
         work = _working_copy(model, stage)
+        caches = _hf_config.switch_off_kv_cache(work)  # no pass of fit reads one
         example = example_inputs(batches.first, stage, dtype)
         # the finders' passes on the example also record what the block layout reads
         with ExamplePass(work, settings.blocks) as example_pass:
@@ -460,6 +461,7 @@ class NetworkCompressor(TransformerMixin, BaseEstimator):
         self.n_calibration_passes_ = calibration_passes() - passes_before
         self.flops_ = {"before": int(flops_before), "after": int(count_flops(work, *example)[0])}
         self.params_ = {"before": int(params_before), "after": int(count_params(work))}
+        _hf_config.switch_on_kv_cache(caches)
         self.layers_ = plan.layers
         self.compressed_model_ = work.to(home).eval()
         self._original_model = model
