@@ -32,13 +32,19 @@ _MLP_FIELD = {"gpt2": "n_inner"}
 
 
 def switch_off_kv_cache(model) -> list:
-    """Set ``use_cache=False`` in every config of ``model``'s modules that has it on; returns
-    those configs."""
+    """Set ``use_cache=False`` in every config of ``model``'s modules that has it on (a config
+    that refuses the change, e.g. a frozen dataclass, is left as it is); returns the configs
+    it changed."""
     configs = {id(c): c for module in model.modules()
                if getattr(c := getattr(module, "config", None), "use_cache", None) is True}
+    changed = []
     for config in configs.values():
-        config.use_cache = False
-    return list(configs.values())
+        try:
+            config.use_cache = False
+        except (AttributeError, TypeError):
+            continue
+        changed.append(config)
+    return changed
 
 
 def switch_on_kv_cache(configs) -> None:

@@ -66,3 +66,17 @@ def test_a_fit_without_the_cache_selects_what_it_did_with_it(name, monkeypatch):
     kept, other = without.compressed_model_.state_dict(), with_cache.compressed_model_.state_dict()
     assert kept.keys() == other.keys()
     assert all(torch.equal(kept[k], other[k]) for k in kept)
+
+
+def test_a_config_that_refuses_the_change_is_left_as_it_is():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        use_cache: bool = True
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model.config = Frozen()
+    nc = NetworkCompressor(model, rank=0.5).fit(torch.randn(64, 8))
+    assert nc.compressed_model_.config.use_cache is True
+    assert _hf_config.switch_off_kv_cache(model) == []
