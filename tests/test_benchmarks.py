@@ -1,5 +1,6 @@
 """Smoke runs of the benchmarks' ``--quick`` modes: each must finish and print its tables."""
 
+import json
 import platform
 import subprocess
 import sys
@@ -195,3 +196,30 @@ def test_a_peak_too_small_to_divide_by_gives_no_ratio(monkeypatch):
     assert peak_ratio(0.4, PEAK_RESOLUTION_MIB / 2) == "-"
     assert peak_ratio(-0.1, -0.2) == "-"  # a peak less the model's copy can be negative
     assert peak_ratio(3.0, 2.0) == 1.5
+
+
+def test_selections_dump_and_compare(tmp_path):
+    pytest.importorskip("transformers")
+    dump = tmp_path / "before.json"
+    run_quick("selections.py", "--out", str(dump))
+    before = json.loads(dump.read_text())
+    assert len(before["fits"]) == 20  # the suite's tiny HF models: 7 × 2 requests + 6
+    llama = before["fits"]["llama {'rank': 0.5}"]
+    assert llama["layers"] and llama["flops"]["after"] < llama["flops"]["before"]
+
+    def compare(after) -> subprocess.CompletedProcess:
+        changed = tmp_path / "after.json"
+        changed.write_text(json.dumps(after))
+        return subprocess.run([sys.executable, str(BENCHMARKS / "selections.py"), "--compare",
+                               str(dump), str(changed)], capture_output=True, text=True)
+
+    same = compare(before)
+    assert same.returncode == 0 and "same: 20 of 20 fits" in same.stdout
+    after = json.loads(dump.read_text())
+    after["fits"]["llama {'rank': 0.5}"]["layers"][0]["width_after"] += 1
+    differs = compare(after)
+    assert differs.returncode == 1
+    assert "differs: llama {'rank': 0.5}: layers" in differs.stdout
+    after = json.loads(dump.read_text())
+    after["threads"] = 1
+    assert compare(after).returncode == 1
