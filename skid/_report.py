@@ -1,9 +1,15 @@
 """Plain-text tables: the per-unit report of a fitted compressor (``NetworkCompressor.report()``
-and ``skid compress`` print the same one) and the aligned-table layout they share."""
+and ``skid compress`` print the same one) and the aligned-table layout they share; a
+``layers_`` row as plain Python values (for JSON)."""
 
 from __future__ import annotations
 
-__all__ = ["format_table", "format_units_report"]
+__all__ = ["format_table", "format_units_report", "plain_layer"]
+
+
+def plain_layer(layer: dict) -> dict:
+    """A ``layers_`` entry with NumPy/torch scalars turned into Python numbers."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in layer.items()}
 
 
 def format_units_report(layers, flops, params) -> str:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._report import format_table, format_units_report
+from ._report import format_table, format_units_report, plain_layer
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the compression itself failed (e.g. the model rejects the data)
@@ -492,13 +492,8 @@ def compression_report(compressor, args):
         "n_calibration_samples": int(compressor.n_calibration_samples_),
         "flops": {k: int(v) for k, v in compressor.flops_.items()},
         "params": {k: int(v) for k, v in compressor.params_.items()},
-        "layers": [_plain(layer) for layer in compressor.layers_],
+        "layers": [plain_layer(layer) for layer in compressor.layers_],
     }
-
-
-def _plain(layer):
-    """A ``layers_`` entry with NumPy/torch scalars turned into Python numbers."""
-    return {k: v.item() if hasattr(v, "item") else v for k, v in layer.items()}
 
 
 def format_compress_report(report):

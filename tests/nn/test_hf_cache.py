@@ -56,8 +56,8 @@ def test_a_fit_without_the_cache_selects_what_it_did_with_it(name, monkeypatch):
     for cache in (False, True):
         if cache:
             monkeypatch.setattr(_hf_config, "switch_off_kv_cache", lambda model: [])
-        fits[cache] = NetworkCompressor(_model(name), rank=0.5, prune=("channels", "heads"),
-                                        target_flops=None).fit(data)
+        fits[cache] = NetworkCompressor(_model(name), rank=0.5,
+                                        prune=("channels", "heads")).fit(data)
     without, with_cache = fits[False], fits[True]
     assert without.flops_ == with_cache.flops_ and without.params_ == with_cache.params_
     for a, b in zip(without.layers_, with_cache.layers_, strict=True):
