@@ -263,8 +263,8 @@ def _forced_groupwise(*args, **kwargs):
     """The per-group greedy (own columns) made to win at its counts (its errors read 0)."""
     from skid.nn._head_greedy import groupwise_builders
 
-    def forced(build):
-        fac = build()
+    def forced(build, gram):
+        fac = build(gram)
         fac.errors = np.where(np.isfinite(fac.errors), 0.0, fac.errors)
         return fac
 

@@ -77,6 +77,10 @@ class BlockPivotedFactorization:
         served = set()
         with small_step(S.shape[0]):
             while remaining:
+                if len(remaining) == 1:  # the last block: every column kept, its error 0
+                    order.append(remaining.pop())  # (below), with nothing to downdate
+                    sq_tail.append(0.0)
+                    break
                 if rounds and served >= {labels[b] for b in remaining}:
                     served = set()  # every group has had its turn this round
                 eligible = [b for b in remaining if not rounds or labels[b] not in served]

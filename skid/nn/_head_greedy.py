@@ -27,14 +27,13 @@ __all__ = ["SMALL_PER_GROUP", "FixedHeads", "GroupwiseGreedy", "groupwise_builde
 SMALL_PER_GROUP = 2
 
 
-def groupwise_builders(gram, heads, labels, weight_gram=None) -> dict:
-    """``{mode name: a function building its GroupwiseGreedy}`` for the small per-group counts
-    (none without groups); the caller builds them, side by side for wide Grams.
+def groupwise_builders(heads, labels, weight_gram=None) -> dict:
+    """``{mode name: a function of the Gram building its GroupwiseGreedy}`` for the small
+    per-group counts (none without groups); the caller builds them, side by side for wide
+    Grams.
 
     Parameters
     ----------
-    gram : ndarray of shape (m, m)
-        Gram of the output projection's input.
     heads : list of int arrays
         Columns of each head.
     labels : ndarray of int
@@ -48,9 +47,14 @@ def groupwise_builders(gram, heads, labels, weight_gram=None) -> dict:
     if len(groups) < 2 or size < 2:
         return {}
     counts = range(1, min(SMALL_PER_GROUP, size - 1) + 1)
-    return {f"per_group_{scope}": functools.partial(GroupwiseGreedy, gram, heads, labels, counts,
-                                                    scope, weight_gram)
+    return {f"per_group_{scope}": functools.partial(_built, heads=heads, labels=labels,
+                                                    counts=counts, scope=scope,
+                                                    weight_gram=weight_gram)
             for scope in ("own", "all")}
+
+
+def _built(gram, *, heads, labels, counts, scope, weight_gram):
+    return GroupwiseGreedy(gram, heads, labels, counts, scope, weight_gram)
 
 
 class FixedHeads:

@@ -218,28 +218,39 @@ class HeadFactorization:
         self.n_features = H
 
     def _candidates(self, weight_gram) -> None:
-        """Every mode's factorization (``_modes``) and the best ``(mode, blocks)`` of each
-        valid head count (``_best``), judged on the held-out rows where modes compete."""
+        """Each mode's factorization that a count's choice reads (``_modes``) and the best
+        ``(mode, blocks)`` of each valid head count (``_best``), judged on the held-out rows
+        where modes compete.
+
+        Where they compete, every mode is built first without the held-out rows (which also
+        says what counts each offers), and on all rows only the modes that offer a count the
+        judge left open: the candidates it decides are never read on all rows."""
         gram, unit, held_out, H = self.gram, self.unit, self.held_out, self.unit.n_heads
-        self._modes = _modes(gram, unit, weight_gram)
+        judging = held_out is not None and len(_mode_builders(unit, weight_gram)) > 1
+        first = _modes(held_out.rest if judging else gram, unit, weight_gram)
         candidates = {}  # valid head count -> [(mode, number of blocks)], in the modes' order
-        for mode, fac in self._modes.items():
+        for mode, fac in first.items():
             for blocks in range(1, fac.n_blocks + 1):
                 k = self._heads_of(mode, blocks)
                 # not mid-round (the groups would keep unequal counts), not a count the mode
                 # has no candidate for (infinite error)
                 if k > 0 and np.isfinite(fac.errors[blocks]):
                     candidates.setdefault(k, []).append((mode, blocks))
+        # every candidate of all H heads keeps them all (T the identity, whichever mode)
+        below = {k: o for k, o in candidates.items() if k < H}
+        contested = {k: o for k, o in below.items() if len(o) > 1}
+        winners = judged_on_held_out(contested, first, held_out) if judging and contested else {}
+        left = {k: o for k, o in below.items() if k not in winners}
+        if judging:
+            first = _modes(gram, unit, weight_gram, {m for o in left.values() for m, _ in o})
+        self._modes = first
         self._best = {k: min(options, key=lambda o: self._modes[o[0]].errors[o[1]])
-                      for k, options in candidates.items()}  # the first on a tie
-        # every candidate of all H heads keeps them all: only the counts below H are judged,
-        # and only the modes they offer are built again without the held-out rows
-        contested = {k: o for k, o in candidates.items() if len(o) > 1 and k < H}
-        if held_out is not None and contested:
-            wanted = {mode for options in contested.values() for mode, _ in options}
-            rest_modes = _modes(held_out.rest, unit, weight_gram, wanted)
+                      for k, options in left.items()}  # the first on a tie
+        if H in candidates:
+            self._modes["all"] = AllHeads(H, len(gram))
+            self._best[H] = ("all", H)
+        if winners:
             judged = FixedHeads(gram, _head_columns(unit), weight_gram)
-            winners = judged_on_held_out(contested, rest_modes, held_out)
             judged.add(*(np.unique(columns // unit.head_dim) for columns in winners.values()))
             self._best.update({k: ("judged", k) for k in winners})
             self._modes["judged"] = judged
@@ -298,25 +309,43 @@ def _head_columns(unit) -> list:
     return [np.arange(h * d, (h + 1) * d) for h in range(unit.n_heads)]
 
 
+def _mode_builders(unit, weight_gram) -> dict:
+    """``{mode: function of a Gram building its factorization}``: the selections the model
+    can run."""
+    H, size = unit.n_heads, unit.group_size
+    heads = _head_columns(unit)
+    build = functools.partial(BlockPivotedFactorization, weight_gram=weight_gram)
+    if size == 1 or unit.n_kv_heads == 1:
+        return {"heads": lambda gram: build(gram, heads, None)}
+    labels = np.arange(H) // size
+    groups = [np.concatenate(heads[g * size:(g + 1) * size]) for g in range(unit.n_kv_heads)]
+    builders = {"per_group": lambda gram: build(gram, heads, labels),
+                "groups": lambda gram: build(gram, groups, None)}
+    return builders | groupwise_builders(heads, labels, weight_gram)
+
+
 def _modes(gram, unit, weight_gram, wanted=None) -> dict:
     """``{mode: factorization}`` of the selections the model can run, from one Gram (only the
     modes named in ``wanted``, if given); built side by side for a wide Gram."""
-    H, size = unit.n_heads, unit.group_size
-    heads = _head_columns(unit)
-    if size == 1 or unit.n_kv_heads == 1:
-        return {"heads": BlockPivotedFactorization(gram, heads, None, weight_gram)}
-    labels = np.arange(H) // size
-    groups = [np.concatenate(heads[g * size:(g + 1) * size]) for g in range(unit.n_kv_heads)]
-    build = functools.partial(BlockPivotedFactorization, gram, weight_gram=weight_gram)
-    builders = {}
-    if wanted is None or "per_group" in wanted:
-        builders["per_group"] = functools.partial(build, heads, labels)
-    if wanted is None or "groups" in wanted:
-        builders["groups"] = functools.partial(build, groups, None)
-    if wanted is None or any(mode.startswith("per_group_") for mode in wanted):
-        builders.update(groupwise_builders(gram, heads, labels, weight_gram))
-    built = map_for_width(lambda builder: builder(), builders.values(), len(gram))
+    builders = {mode: build for mode, build in _mode_builders(unit, weight_gram).items()
+                if wanted is None or mode in wanted}
+    built = map_for_width(lambda build: build(gram), builders.values(), len(gram))
     return dict(zip(builders, built, strict=True))
+
+
+class AllHeads:
+    """The selection of every head, whichever mode offers it: ``T`` the identity, the error 0
+    (what :meth:`BlockPivotedFactorization.select` gives keeping every block, in head order)."""
+
+    def __init__(self, n_heads: int, width: int):
+        self.n_blocks, self.width = n_heads, width
+        self.errors = np.full(n_heads + 1, np.inf)
+        self.errors[n_heads] = 0.0
+
+    def select(self, blocks: int):
+        if blocks != self.n_blocks:
+            raise ValueError(f"Only all {self.n_blocks} heads; got {blocks}.")
+        return np.arange(self.n_blocks), np.arange(self.width), np.eye(self.width)
 
 
 class CorrectiveHeadFactorization(HeadFactorization):

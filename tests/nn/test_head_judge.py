@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from skid._linalg import BlockPivotedFactorization
 from skid.nn import NetworkCompressor
 from skid.nn._head_discovery import find_heads
-from skid.nn._head_judge import HeldOutGrams, held_out_error
+from skid.nn._head_judge import HeldOutGrams, held_out_error, judged_on_held_out
 from skid.nn._heads import AttentionLayout, HeadFactorization, HeadUnit, _modes
 
 D = 4
@@ -84,10 +85,11 @@ def test_held_out_rows_like_the_rest_keep_the_in_sample_choice():
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_only_the_contested_modes_are_built_again_without_the_held_out_rows(
+def test_on_all_rows_only_the_modes_of_counts_the_judge_left_open_are_built(
         monkeypatch, seed, weighted):
-    """Building without the held-out rows only the modes that compete below all heads gives
-    every count the selection, T and error that building every mode again gives."""
+    """Every mode is built without the held-out rows, and on all rows only those offering a
+    count below all heads that the judge did not decide; every count gets the selection, T
+    and error that building every mode on both gives."""
     from skid.nn import _heads
 
     rest, held = _split(seed)
@@ -95,26 +97,69 @@ def test_only_the_contested_modes_are_built_again_without_the_held_out_rows(
     gram, held_out = HeldOutGrams.combined(rest.T @ rest, 0, held.T @ held, 0,
                                            None if W is None else W.T @ W)
     weight_gram = None if W is None else W.T @ W
-    built = []
+    built, decided = [], []
 
     def recording(gram, unit, weight_gram, wanted=None):
         modes = _modes(gram, unit, weight_gram, wanted)
         built.append(sorted(modes))
         return modes
 
+    def judging(*args):
+        winners = judged_on_held_out(*args)
+        decided.append(set(winners))
+        return winners
+
     monkeypatch.setattr(_heads, "_modes", recording)
+    monkeypatch.setattr(_heads, "judged_on_held_out", judging)
     fac = HeadFactorization(gram, UNIT, weight_gram, held_out)
     monkeypatch.setattr(_heads, "_modes", lambda gram, unit, weight_gram, wanted=None: _modes(
         gram, unit, weight_gram))
     every = HeadFactorization(gram, UNIT, weight_gram, held_out)
-    assert "groups" in built[0] and "groups" not in built[1]  # its counts: 3 alone, and 6
+    # 3 heads per group: 2 and 4 heads offered by the rounds and both per-group greedies,
+    # 3 by whole groups alone, all 6 by any (the identity, from no mode)
+    offering = {2: {"per_group", "per_group_own", "per_group_all"}, 3: {"groups"}}
+    offering[4] = offering[2]
+    assert built[0] == ["groups", "per_group", "per_group_all", "per_group_own"]
+    assert decided[0] <= {2, 4}
+    assert set(built[1]) == set().union(*(m for k, m in offering.items() if k not in decided[0]))
     np.testing.assert_array_equal(fac.errors, every.errors)
-    assert fac.valid_counts == every.valid_counts
+    assert fac.valid_counts == every.valid_counts == [2, 3, 4, 6]
     for k in range(1, 7):
         a, b = fac.select(k), every.select(k)
         np.testing.assert_array_equal(a.heads, b.heads)
         np.testing.assert_array_equal(a.interpolation, b.interpolation)
         assert a.error == b.error
+
+
+def test_the_judge_deciding_every_contested_count_leaves_whole_groups_alone_to_build():
+    """Where the held-out batch picks the heads at both contested counts, the per-group
+    candidates and the rounds are never built on all rows (the seeds above: some do)."""
+    from skid.nn import _heads
+
+    built = []
+    for seed in (1, 2, 3, 4):
+        rest, held = _split(seed)
+        gram, held_out = HeldOutGrams.combined(rest.T @ rest, 0, held.T @ held, 0)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_heads, "_modes", lambda *a, _m=_modes: built.append(sorted(_m(*a)))
+                       or _m(*a))
+            HeadFactorization(gram, UNIT, held_out=held_out)
+    assert ["groups"] in built[1::2]
+
+
+def test_all_heads_keep_the_identity_whatever_mode_offered_them():
+    rest, held = _split()
+    gram, held_out = HeldOutGrams.combined(rest.T @ rest, 0, held.T @ held, 0)
+    for fac in (HeadFactorization(gram, UNIT), HeadFactorization(gram, UNIT, held_out=held_out)):
+        selection = fac.select(6)
+        np.testing.assert_array_equal(selection.heads, np.arange(6))
+        np.testing.assert_array_equal(selection.kv_heads, [0, 1])
+        np.testing.assert_array_equal(selection.interpolation, np.eye(6 * D))
+        assert selection.error == 0.0 and fac.errors[6] == 0.0
+        # what the rounds' factorization gives keeping every block, columns in order
+        _, columns, T = BlockPivotedFactorization(gram, [_columns([h]) for h in range(6)]
+                                                  ).select(6)
+        np.testing.assert_array_equal(T[np.argsort(columns)], selection.interpolation)
 
 
 # ------------------------------------------------------------------ through the compressor
