@@ -251,8 +251,10 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.depth:  # inside a module recorded as one node (most calls): nothing to name
+            return func(*args, **kwargs)
         name = op_name(func)
-        if self.depth or name in METADATA_OPS:
+        if name in METADATA_OPS:
             return func(*args, **kwargs)
         inputs = self.graph.resolve(_tensor_leaves((args, kwargs)))  # before in-place ops run
         output = func(*args, **kwargs)
