@@ -9,7 +9,8 @@ does for widths, the first calibration batch is held out: every candidate is bui
 Gram of the other rows, and the heads of the one whose fold best reconstructs what the output
 projection makes of the held-out rows are kept, with ``T`` fitted on all rows. The first
 batch's Gram is gathered apart in the same statistics pass (Grams add up:
-``G = G_rest + G_held``), so judging costs no forward pass.
+``G = G_rest + G_held``), so judging costs no forward pass; and the candidates it decides are
+not built again on all rows, only the winners' folds.
 """
 
 from __future__ import annotations

@@ -227,9 +227,9 @@ class HeadFactorization:
         judge left open: the candidates it decides are never read on all rows."""
         gram, unit, held_out, H = self.gram, self.unit, self.held_out, self.unit.n_heads
         judging = held_out is not None and len(_mode_builders(unit, weight_gram)) > 1
-        first = _modes(held_out.rest if judging else gram, unit, weight_gram)
+        built = _modes(held_out.rest if judging else gram, unit, weight_gram)
         candidates = {}  # valid head count -> [(mode, number of blocks)], in the modes' order
-        for mode, fac in first.items():
+        for mode, fac in built.items():
             for blocks in range(1, fac.n_blocks + 1):
                 k = self._heads_of(mode, blocks)
                 # not mid-round (the groups would keep unequal counts), not a count the mode
@@ -239,11 +239,10 @@ class HeadFactorization:
         # every candidate of all H heads keeps them all (T the identity, whichever mode)
         below = {k: o for k, o in candidates.items() if k < H}
         contested = {k: o for k, o in below.items() if len(o) > 1}
-        winners = judged_on_held_out(contested, first, held_out) if judging and contested else {}
+        winners = judged_on_held_out(contested, built, held_out) if judging and contested else {}
         left = {k: o for k, o in below.items() if k not in winners}
-        if judging:
-            first = _modes(gram, unit, weight_gram, {m for o in left.values() for m, _ in o})
-        self._modes = first
+        self._modes = (_modes(gram, unit, weight_gram, {m for o in left.values() for m, _ in o})
+                       if judging else built)
         self._best = {k: min(options, key=lambda o: self._modes[o[0]].errors[o[1]])
                       for k, options in left.items()}  # the first on a tie
         if H in candidates:
