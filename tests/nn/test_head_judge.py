@@ -131,19 +131,25 @@ def test_on_all_rows_only_the_modes_of_counts_the_judge_left_open_are_built(
         assert a.error == b.error
 
 
-def test_the_judge_deciding_every_contested_count_leaves_whole_groups_alone_to_build():
-    """Where the held-out batch picks the heads at both contested counts, the per-group
-    candidates and the rounds are never built on all rows (the seeds above: some do)."""
+def test_the_judge_deciding_every_contested_count_leaves_whole_groups_alone_to_build(
+        monkeypatch):
+    """Where the held-out batch picks the heads at both contested counts (for some of the
+    seeds above), the per-group candidates and the rounds are never built on all rows."""
     from skid.nn import _heads
 
     built = []
+
+    def recording(*args):
+        modes = _modes(*args)
+        built.append(sorted(modes))
+        return modes
+
+    monkeypatch.setattr(_heads, "_modes", recording)
     for seed in (1, 2, 3, 4):
         rest, held = _split(seed)
         gram, held_out = HeldOutGrams.combined(rest.T @ rest, 0, held.T @ held, 0)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_heads, "_modes", lambda *a, _m=_modes: built.append(sorted(_m(*a)))
-                       or _m(*a))
-            HeadFactorization(gram, UNIT, held_out=held_out)
+        HeadFactorization(gram, UNIT, held_out=held_out)
+    assert len(built) == 8  # without the held-out rows, then on all rows, for each seed
     assert ["groups"] in built[1::2]
 
 
