@@ -17,13 +17,19 @@ mean-pooled, normalised sentence embeddings (1.0 = unchanged), no fine-tuning.
    each round's ratio, the two run back to back: a shared machine's speed drifts between
    rounds, less within one), and where fit's time goes (forward, Gram, hooks, factorization,
    surgery, finding the units: shares of the median fit, each second counted once). Each
-   way's minor page faults are printed beside its time: glibc's allocator gives freed memory
-   back or keeps it depending on what else the process holds, which moved single rounds by
-   up to 30 %; ``--steady-malloc`` keeps it (see :func:`_models.steady_allocator`).
+   way's minor page faults are printed beside its time. The cost tables come twice: with
+   glibc's allocator as the process starts, then keeping freed memory
+   (:func:`_models.steady_allocator`). Under the defaults glibc gives a pass's freed memory
+   back to the system or keeps it depending on what else the process holds, and the next
+   pass pays a page fault per 4 KiB it takes again: 0–0.1 of a MiniLM forward, in the plain
+   forward as in the fit's, which moved single rounds by up to 30 %. The second table is the
+   cost of the passes' own work, and the one the fit ÷ forward targets of
+   ``benchmarks/README.md`` are read on.
 
-    python benchmarks/bench_transformers.py            # about five minutes on 2 cores
+    python benchmarks/bench_transformers.py            # about eight minutes on 2 cores
     python benchmarks/bench_transformers.py --quick    # 64 sentences, 2 layers, one round
-    python benchmarks/bench_transformers.py --cost-only --threads 2 --steady-malloc
+    python benchmarks/bench_transformers.py --cost-only --threads 2
+    python benchmarks/bench_transformers.py --cost-only --threads 1 --allocator kept
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import platform
 import re
 import statistics
 import time
@@ -109,15 +116,19 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="cost tables in process CPU time (with --threads 1, on a shared "
                              "machine)")
+    parser.add_argument("--allocator", choices=("both", "defaults", "kept"), default="both",
+                        help="cost tables with glibc's allocator as the process starts "
+                             "(defaults), keeping freed memory (kept: see "
+                             "_models.steady_allocator), or both, defaults first (default)")
     parser.add_argument("--steady-malloc", action="store_true",
-                        help="glibc keeps freed memory (no page faults for memory it gave "
-                             "back): steadier rounds, for comparing two versions")
+                        help="--allocator kept, from the start (the quality tables too)")
     args = parser.parse_args()
     if args.cpu_time:
         CLOCK[0] = time.process_time
-    allocator = "glibc's defaults"
-    if args.steady_malloc:
-        allocator = "freed memory kept" if steady_allocator() else "(not glibc: defaults)"
+    allocators = ["kept"] if args.steady_malloc else {
+        "both": ["defaults", "kept"], "defaults": ["defaults"], "kept": ["kept"]}[args.allocator]
+    if allocators == ["kept"]:
+        steady_allocator()
     # a smoke run on one thread: idle threads spinning on a loaded machine cost it minutes
     set_threads((1 if args.quick else 0) if args.threads is None else args.threads)
     loaded = load_minilm()
@@ -135,26 +146,38 @@ def main() -> None:
     if not args.cost_only:
         quality_tables(model, calib, test, n)
 
-    rounds = 1 if args.quick else 3
+    for allocator in allocators:
+        if allocator == "kept" and not steady_allocator():
+            print("(not glibc: no tables with freed memory kept)")
+            break
+        cost_tables(model, calib, args.quick, "freed memory kept" if allocator == "kept" else
+                    "glibc's defaults" if platform.libc_ver()[0] == "glibc" else "defaults")
+
+
+def cost_tables(model, calib, quick: bool, allocator: str) -> None:
+    """The cost table (MiniLM and the LLaMA) and the time split, under ``allocator``."""
+    rounds = 1 if quick else 5
+    # a LLaMA round costs half a second: more of them steady its medians
+    llama_rounds = rounds if quick else 15
     rows, splits = [], []
     for label, prune in (("channels", "channels"), ("channels + heads", ("channels", "heads"))):
         fit = lambda p=prune: NetworkCompressor(model, tol=0.05, prune=p).fit(calib)  # noqa: E731
         cost_rows(rows, splits, label, lambda: embed(model, calib), fit, rounds)
-    # the LLaMA's rounds cost a second each: more of them steady its medians
-    llama_rows(rows, splits, 64 if args.quick else 512, rounds if args.quick else 9)
+    llama_rows(rows, splits, 64 if quick else 512, llama_rounds)
     print_table("MiniLM, cost of fit (tol=0.05) ÷ one forward pass over the calibration batches "
                 f"(and the LLaMA of _llm.py; {torch.get_num_threads()} torch thread(s); medians "
-                f"of {rounds} rounds, {rounds if args.quick else 9} for the LLaMA (a third on "
-                "4× the windows), the ratio "
-                "the median of each round's; the minor page faults of each, in thousands: "
-                f"memory the allocator gave back and took again; allocator: {allocator})",
+                f"of {rounds} rounds, {llama_rounds} for the LLaMA ({max(1, llama_rounds // 3)} "
+                "on 4× the windows), the ratio the median of each round's; the minor page faults "
+                "of each, in thousands: memory the allocator gave back and took again; "
+                f"allocator: {allocator})",
                 ["prune", "forward s", "fit s", "fit ÷ forward", "faults k: forward",
                  "fit"], rows, ["s", ".2f", ".2f", ".2f", ".0f", ".0f"])
     print_table("MiniLM and LLaMA, where fit's time goes (shares of the median fit, each "
                 "second counted once): the model's forward passes (hooks and Gram excluded), "
                 "the hooks' Gram products, the rest of the hooks, factorization (pivoted "
                 "Cholesky, head selection, T), surgery, finding the units, the two FLOP "
-                "counts, the working copy and the block layout, the rest",
+                "counts, the working copy and the block layout, the rest; allocator: "
+                f"{allocator}",
                 ["prune", *SPLIT_COLUMNS], splits, ["s"] + [".1%"] * len(SPLIT_COLUMNS))
 
 
