@@ -208,7 +208,7 @@ FORMS = {"mha": (_mha.to_pruned, _mha.to_plain)}
 def attention_layout(module: nn.Module):
     """The module's :class:`AttentionLayout`, a reason string if it is an attention block whose
     heads cannot be pruned, or None when it is not an attention block."""
-    if not module._modules:  # the other layouts read projections that are child modules
+    if next(module.children(), None) is None:  # the others read projections that are children
         return _unsupported(module)
     for recognise in LAYOUTS:
         found = recognise(module)

@@ -14,8 +14,6 @@ fold.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from .._linalg import BlockPivotedFactorization, least_squares_fold, pinvh_solve
@@ -47,14 +45,9 @@ def groupwise_builders(heads, labels, weight_gram=None) -> dict:
     if len(groups) < 2 or size < 2:
         return {}
     counts = range(1, min(SMALL_PER_GROUP, size - 1) + 1)
-    return {f"per_group_{scope}": functools.partial(_built, heads=heads, labels=labels,
-                                                    counts=counts, scope=scope,
-                                                    weight_gram=weight_gram)
+    return {f"per_group_{scope}": lambda gram, scope=scope: GroupwiseGreedy(
+                gram, heads, labels, counts, scope, weight_gram)
             for scope in ("own", "all")}
-
-
-def _built(gram, *, heads, labels, counts, scope, weight_gram):
-    return GroupwiseGreedy(gram, heads, labels, counts, scope, weight_gram)
 
 
 class FixedHeads:
